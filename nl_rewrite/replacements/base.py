@@ -1,0 +1,89 @@
+"""The Replacement API: a module that computes the activation at one hook site from the activation at another.
+
+A replacement *writes* ``write_site`` and *reads* ``read_site`` (by default the same site). While
+attached, a hook on ``read_site`` stores the activation and a hook on ``write_site`` returns
+``replacement(stored, batch)`` in place of the model's own activation. ``batch`` tells the
+replacement which windows it is looking at, so precomputed per-window data (e.g. LLM simulations)
+can be looked up.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from ..errors import ShapeMismatchError
+from ..sites import Site, resolve
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    """What is being run: the token ids and each row's index in its ``TokenWindows``."""
+
+    tokens: Int[Tensor, "batch pos"]
+    window_ids: Int[Tensor, " batch"]
+
+
+class Replacement(nn.Module):
+    """Base class. Subclasses set ``write_site`` (and optionally ``read_site``) and implement ``forward``."""
+
+    name: str = "replacement"
+
+    def __init__(self, write_site: "str | Site", read_site: "str | Site | None" = None, name: str | None = None):
+        super().__init__()
+        self.write_site = Site.parse(write_site)
+        self.read_site = Site.parse(read_site) if read_site is not None else self.write_site
+        if name is not None:
+            self.name = name
+
+    def forward(self, x: Float[Tensor, "batch pos d_read"], batch: BatchInfo) -> Float[Tensor, "batch pos d_write"]:
+        raise NotImplementedError
+
+    @contextmanager
+    def attached(self, model, batch: BatchInfo) -> Iterator[None]:
+        """Patch ``model`` for the duration of the block; hooks are removed even if the block raises."""
+        read_hook, write_hook = resolve(model, self.read_site), resolve(model, self.write_site)
+        stored: dict[str, Tensor] = {}
+
+        def read(act: Tensor, hook=None) -> Tensor:
+            stored["x"] = act
+            return act
+
+        def write(act: Tensor, hook=None) -> Tensor:
+            source = stored.pop("x") if read_hook != write_hook else act
+            out = self(source, batch)
+            if not isinstance(out, Tensor) or out.shape != act.shape:
+                got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+                raise ShapeMismatchError(
+                    f"replacement {self.name!r} returned shape {got} for site {self.write_site} "
+                    f"({write_hook}), which has shape {tuple(act.shape)}"
+                )
+            return out.to(act.dtype)
+
+        hooks = [(write_hook, write)] if read_hook == write_hook else [(read_hook, read), (write_hook, write)]
+        with model.hooks(fwd_hooks=hooks):
+            yield
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, read={self.read_site}, write={self.write_site}"
+
+
+def replacement_names(replacements: "list[Replacement]") -> list[str]:
+    """Condition names, checked to be unique (they key the results)."""
+    names = [r.name for r in replacements]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"replacement names must be unique; repeated: {dupes}")
+    return names
+
+
+def expected_device(module: nn.Module) -> torch.device:
+    """The device of a module's first parameter or buffer (CPU if it has none)."""
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
