@@ -1,0 +1,152 @@
+import logging
+import re
+
+import pytest
+import torch
+
+from nl_rewrite.errors import LLMError
+from nl_rewrite.llm.base import ScoreRequest
+from nl_rewrite.simulate import (
+    SimulationItem,
+    Simulator,
+    expected_digits,
+    mark_last,
+    render_token,
+)
+
+
+def token_digit(token: str) -> int:
+    """The fake model's 'activation' for a token: its stripped length, mod 10 (distinct per test token)."""
+    return len(token.strip()) % 10
+
+
+class TokenReadingBackend:
+    """Answers each read point with a sharp distribution on ``token_digit`` of the token being asked about.
+
+    It recovers that token from the prompt text alone, so a read point misaligned with its token gives
+    a wrong digit. ``blank`` read points (by token text) get no digit logprobs at all (-inf)."""
+
+    backend_id = "fake:token-reader"
+
+    def __init__(self, blank: frozenset[str] = frozenset()):
+        self.blank = blank
+        self.requests: list[ScoreRequest] = []
+
+    def chat(self, requests):
+        raise AssertionError("the simulator never chats")
+
+    def score(self, requests):
+        self.requests.extend(requests)
+        return [torch.stack([self._read(r, i) for i in r.read_after]) for r in requests]
+
+    def _read(self, request: ScoreRequest, index: int) -> torch.Tensor:
+        text = request.prefix + "".join(request.segments[: index + 1])
+        marked = re.findall(r"<<(.*?)>>", request.segments[index])
+        token = marked[0] if marked else text.rsplit("\n", 1)[-1].rstrip("\t")
+        if token.strip() in self.blank:
+            return torch.full((10,), float("-inf"))
+        logits = torch.full((10,), -8.0)
+        logits[token_digit(token)] = 0.0
+        return logits.log_softmax(-1) - 0.5  # not normalised over digits: mass elsewhere, as in real models
+
+
+TOKENS = ("The", " cat", " sat", " on", " a", " windowsill", ".")
+
+
+@pytest.mark.parametrize("mode", ["all_at_once", "paper"])
+def test_scores_align_with_tokens(mode):
+    backend = TokenReadingBackend()
+    scores = Simulator(backend, mode).simulate("cats", list(TOKENS))
+    assert scores.shape == (len(TOKENS),)
+    expected = torch.tensor([float(token_digit(t)) for t in TOKENS])
+    torch.testing.assert_close(scores, expected, atol=0.05, rtol=0)
+
+
+def test_all_at_once_is_one_request_per_window_with_one_read_per_token():
+    backend = TokenReadingBackend()
+    sim = Simulator(backend, "all_at_once")
+    sim.simulate_many([SimulationItem("cats", TOKENS), SimulationItem("cats", TOKENS[:3])])
+    assert [len(r.read_after) for r in backend.requests] == [len(TOKENS), 3]
+    assert backend.requests[0].prefix == backend.requests[1].prefix, "the explanation prefix is shared"
+    assert "cats" in backend.requests[0].prefix
+    assert all(s.endswith("\t") for s in backend.requests[0].segments)
+    assert sim.stats.requests == 2 and sim.stats.predictions == len(TOKENS) + 3
+
+
+def test_paper_mode_is_one_request_per_token_marking_the_last():
+    backend = TokenReadingBackend()
+    Simulator(backend, "paper").simulate("cats", list(TOKENS))
+    assert len(backend.requests) == len(TOKENS)
+    third = backend.requests[2].segments[0]
+    assert third.startswith("The cat <<sat>>") and "windowsill" not in third
+    assert len({r.prefix for r in backend.requests}) == 1 and "cats" in backend.requests[0].prefix
+
+
+def test_expected_value_is_renormalised_over_digits():
+    logprobs = torch.log(torch.tensor([[0.1, 0, 0, 0, 0, 0, 0, 0, 0, 0.1]]))  # 80% of the mass elsewhere
+    assert expected_digits(logprobs).item() == pytest.approx(4.5)
+
+
+def test_missing_logprobs_give_counted_nan(caplog):
+    backend = TokenReadingBackend(blank=frozenset({"sat"}))
+    sim = Simulator(backend, "all_at_once")
+    with caplog.at_level(logging.WARNING, logger="nl_rewrite.simulate"):
+        scores = sim.simulate("cats", list(TOKENS))
+    assert torch.isnan(scores[2]) and torch.isfinite(scores[[0, 1, 3, 4, 5, 6]]).all()
+    assert sim.stats.nan_predictions == 1
+    assert "1 of 7 tokens" in caplog.text
+
+
+class NoLogprobsBackend(TokenReadingBackend):
+    def score(self, requests):
+        raise LLMError("server returned no logprobs")
+
+
+class WrongShapeBackend(TokenReadingBackend):
+    def score(self, requests):
+        return [torch.zeros(1, 10) for _ in requests]
+
+
+def test_backend_failures_are_clear_errors():
+    with pytest.raises(LLMError, match="no logprobs"):
+        Simulator(NoLogprobsBackend()).simulate("cats", list(TOKENS))
+    with pytest.raises(LLMError, match="shape"):
+        Simulator(WrongShapeBackend()).simulate("cats", list(TOKENS))
+
+
+def test_bad_inputs_are_clear_errors():
+    with pytest.raises(ValueError, match="mode"):
+        Simulator(TokenReadingBackend(), "token_by_token")
+    with pytest.raises(ValueError, match="explanation"):
+        Simulator(TokenReadingBackend()).simulate("  ", list(TOKENS))
+    with pytest.raises(ValueError, match="empty window"):
+        Simulator(TokenReadingBackend()).simulate("cats", [])
+
+
+def test_rendering_keeps_one_line_per_token():
+    assert render_token("a\nb\tc") == "a\\nb\\tc"
+    assert render_token("") == "∅"
+    assert mark_last(["Hello", " world"]) == "Hello <<world>>"
+    backend = TokenReadingBackend()
+    Simulator(backend, "all_at_once").simulate("newlines", ["a", "\n", "b"])
+    assert "".join(backend.requests[0].segments).count("\n") == 2  # only the line breaks between tokens
+
+
+def test_identity_changes_with_mode_and_backend():
+    a = Simulator(TokenReadingBackend(), "all_at_once").identity
+    b = Simulator(TokenReadingBackend(), "paper").identity
+    assert a != b and a.startswith("fake:token-reader|all_at_once")
+    assert a == Simulator(TokenReadingBackend(), "all_at_once").identity
+
+
+@pytest.mark.slow
+def test_embedded_backend_gives_finite_scores_for_every_token(tmp_cache):
+    from nl_rewrite.llm.embedded import EmbeddedBackend
+
+    backend = EmbeddedBackend("smollm2-135m")
+    tokens = ["The", " tax", " was", " raised", " in", " 1990", "."]
+    scores = Simulator(backend, "all_at_once").simulate("numbers and years", tokens)
+    assert scores.shape == (len(tokens),)
+    assert torch.isfinite(scores).all() and ((scores >= 0) & (scores <= 9)).all()
+    paper = Simulator(backend, "paper").simulate("numbers and years", tokens[:3])
+    assert torch.isfinite(paper).all() and ((paper >= 0) & (paper <= 9)).all()
