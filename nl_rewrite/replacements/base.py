@@ -45,8 +45,12 @@ class Replacement(nn.Module):
         raise NotImplementedError
 
     @contextmanager
-    def attached(self, model, batch: BatchInfo) -> Iterator[None]:
-        """Patch ``model`` for the duration of the block; hooks are removed even if the block raises."""
+    def attached(self, model, batch: BatchInfo, positions: Tensor | None = None) -> Iterator[None]:
+        """Patch ``model`` for the duration of the block; hooks are removed even if the block raises.
+
+        ``positions`` (optional sequence positions) restricts the patch to those positions; elsewhere the
+        model keeps its own activation. The paper patched only the last token of each window.
+        """
         read_hook, write_hook = resolve(model, self.read_site), resolve(model, self.write_site)
         stored: dict[str, Tensor] = {}
 
@@ -63,7 +67,12 @@ class Replacement(nn.Module):
                     f"replacement {self.name!r} returned shape {got} for site {self.write_site} "
                     f"({write_hook}), which has shape {tuple(act.shape)}"
                 )
-            return out.to(act.dtype)
+            out = out.to(act.dtype)
+            if positions is not None:
+                keep = torch.ones(act.shape[1], dtype=torch.bool, device=act.device)
+                keep[positions] = False
+                out = torch.where(keep[None, :, None], act, out)
+            return out
 
         hooks = [(write_hook, write)] if read_hook == write_hook else [(read_hook, read), (write_hook, write)]
         with model.hooks(fwd_hooks=hooks):
