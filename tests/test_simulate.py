@@ -150,3 +150,76 @@ def test_embedded_backend_gives_finite_scores_for_every_token(tmp_cache):
     assert torch.isfinite(scores).all() and ((scores >= 0) & (scores <= 9)).all()
     paper = Simulator(backend, "paper").simulate("numbers and years", tokens[:3])
     assert torch.isfinite(paper).all() and ((paper >= 0) & (paper <= 9)).all()
+
+
+# ---- the on-disk store ------------------------------------------------------------------------------------------
+
+from nl_rewrite.calibrate import LinearCalibrator  # noqa: E402
+from nl_rewrite.simulation_store import (  # noqa: E402
+    MissingSimulationError,
+    SimulationStore,
+    quality_ranking,
+    simulate_into_store,
+    simulation_quality,
+)
+
+WINDOWS = {0: TOKENS, 1: TOKENS[::-1], 2: TOKENS[:3] + TOKENS[:4]}
+
+
+def test_store_simulates_once_and_resumes(tmp_path):
+    backend = TokenReadingBackend()
+    sim = Simulator(backend, "all_at_once")
+    store = SimulationStore(tmp_path, sim.identity)
+    first = simulate_into_store(sim, store, {4: "cats", 9: "dogs"}, {0: WINDOWS[0]}, progress=False)
+    assert (first.windows_simulated, first.windows_reused) == (2, 0)
+    again = SimulationStore(tmp_path, sim.identity)  # a new process, same folder
+    second = simulate_into_store(sim, again, {4: "cats", 9: "dogs"}, WINDOWS, chunk=1, progress=False)
+    assert (second.windows_simulated, second.windows_reused) == (4, 2)
+    assert len(backend.requests) == 6, "each (latent, window) was sent exactly once"
+    got = again.get(4, "cats", [2, 0])
+    expected = torch.tensor([[float(token_digit(t)) for t in WINDOWS[w]] for w in (2, 0)])
+    torch.testing.assert_close(got, expected, atol=0.05, rtol=0)
+    assert set(again.load(9, "dogs")) == {0, 1, 2}
+
+
+def test_store_changed_explanation_or_simulator_is_not_reused(tmp_path):
+    sim = Simulator(TokenReadingBackend(), "all_at_once")
+    store = SimulationStore(tmp_path, sim.identity)
+    simulate_into_store(sim, store, {4: "cats"}, WINDOWS, progress=False)
+    assert store.missing(4, "felines", WINDOWS) == [0, 1, 2]
+    with pytest.raises(MissingSimulationError, match="latent 4: no stored simulation for 3 of 3"):
+        store.get(4, "felines", [0, 1, 2])
+    paper = SimulationStore(tmp_path, Simulator(TokenReadingBackend(), "paper").identity)
+    assert paper.load(4, "cats") == {}
+    with pytest.raises(ValueError, match="store is for simulator"):
+        simulate_into_store(sim, paper, {4: "cats"}, WINDOWS, progress=False)
+    assert not list(store.folder.glob("*.tmp")), "atomic writes leave no temporary files"
+
+
+def test_quality_correlations_and_fire_precision_recall(tmp_path):
+    true = torch.tensor([0.0, 0.0, 1.0, 2.0, 0.0, 3.0])
+    scores = torch.tensor([0.1, 0.5, 3.0, 5.0, float("nan"), 4.0])
+    calibrated = torch.tensor([0.0, 0.2, 1.0, 2.0, float("nan"), 0.0])
+    q = simulation_quality(7, scores, true, calibrated)
+    assert q.n == 6 and q.n_nan == 1
+    from scipy.stats import pearsonr, spearmanr
+
+    keep = [0, 1, 2, 3, 5]
+    assert q.spearman == pytest.approx(spearmanr(scores[keep], true[keep])[0])
+    assert q.pearson == pytest.approx(pearsonr(scores[keep], true[keep])[0])
+    assert q.precision == pytest.approx(2 / 3) and q.recall == pytest.approx(2 / 3)
+    flat = simulation_quality(8, torch.zeros(6), true)
+    assert flat.pearson != flat.pearson, "a constant prediction has undefined (NaN) correlation"
+    store = SimulationStore(tmp_path, "x")
+    store.save_quality("linear", [q, flat])
+    loaded = store.load_quality("linear")
+    assert loaded[7] == q and set(quality_ranking(loaded, "spearman")) == {7, 8}
+
+
+def test_stored_simulations_feed_the_calibrators(tmp_path):
+    sim = Simulator(TokenReadingBackend(), "all_at_once")
+    store = SimulationStore(tmp_path, sim.identity)
+    simulate_into_store(sim, store, {4: "cats"}, WINDOWS, progress=False)
+    scores = store.get(4, "cats", list(WINDOWS))
+    cal = LinearCalibrator().fit(scores.reshape(-1), scores.reshape(-1) / 3)
+    assert cal(torch.tensor([9.0])).item() == pytest.approx(scores.max().item() / 3, rel=1e-5)

@@ -1,0 +1,180 @@
+"""The NL-simulator replacement: a transcoder whose chosen latents are predicted by an LLM from explanations.
+
+For the chosen latents, the values come from stored simulations (looked up by window id and position)
+mapped through each latent's calibrator; every other latent keeps its real encoder value; TopK is
+re-applied over all latents, then decode + skip (``SparseCoder.forward(..., retopk=True)``, the paper's
+protocol). Calibration is applied once, at construction, so a forward pass is a table lookup.
+
+A window that has no simulation for a chosen latent is a clear error, never a silent zero. A NaN
+simulated value (the simulator got no usable logprobs there) becomes 0 — counted and logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from ..calibrate import Calibrator
+from ..errors import ShapeMismatchError
+from ..sparse_coder import SparseCoder
+from .base import BatchInfo
+from .coders import CoderReplacement
+
+log = logging.getLogger(__name__)
+
+ORDERS = ("explanation_score", "simulation_score", "random")
+
+
+class MissingSimulationsError(ShapeMismatchError, KeyError):
+    """A window asked for by the evaluator that was not simulated for every chosen latent."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class NLSimulatorReplacement(CoderReplacement):
+    """See the module docstring.
+
+    ``simulations``: latent → window id → raw simulated scores ``[pos]`` (as ``SimulationStore.load`` gives).
+    ``calibrators``: latent → fitted calibrator. ``latents``: the chosen latent ids (may be empty: then
+    this is the plain transcoder)."""
+
+    def __init__(self, transcoder: SparseCoder, simulations: Mapping[int, Mapping[int, Tensor]],
+                 calibrators: Mapping[int, Calibrator], latents: Sequence[int], name: str = "nl_simulated"):
+        if transcoder.cfg.kind != "transcoder":
+            raise ValueError(f"NLSimulatorReplacement needs a transcoder, got a coder of kind {transcoder.cfg.kind!r}")
+        super().__init__(transcoder, name)
+        self.latents = [int(latent) for latent in latents]
+        _check_inputs(self.latents, simulations, calibrators, transcoder.cfg.n_latents)
+        self.register_buffer("overwrite_ids", torch.tensor(self.latents, dtype=torch.long), persistent=False)
+        self.nan_values = 0
+        self._table, self._incomplete = self._build_table(simulations, calibrators)
+
+    def _build_table(self, simulations, calibrators) -> tuple[dict[int, Tensor], dict[int, list[int]]]:
+        """window id → calibrated values ``[pos, m]`` for windows simulated for every chosen latent."""
+        per_latent = [self._calibrated(latent, simulations[latent], calibrators[latent]) for latent in self.latents]
+        windows = set().union(*(d.keys() for d in per_latent)) if per_latent else set()
+        table, incomplete = {}, {}
+        for w in sorted(windows):
+            missing = [lat for lat, d in zip(self.latents, per_latent) if w not in d]
+            if missing:
+                incomplete[w] = missing
+            else:
+                table[w] = torch.stack([d[w] for d in per_latent], dim=-1)
+        if self.nan_values:
+            log.warning("%s: %d simulated values were NaN (no usable logprobs) and are set to 0",
+                        self.name, self.nan_values)
+        return table, incomplete
+
+    def _calibrated(self, latent: int, windows: Mapping[int, Tensor], calibrator: Calibrator) -> dict[int, Tensor]:
+        out = {}
+        for w, scores in windows.items():
+            values = calibrator(scores.reshape(-1).to(torch.float32))
+            nan = torch.isnan(values)
+            self.nan_values += int(nan.sum())
+            out[int(w)] = torch.where(nan, torch.zeros_like(values), values)
+        return out
+
+    @property
+    def window_ids(self) -> list[int]:
+        """Windows this replacement can run on (all of them when no latent is chosen)."""
+        return sorted(self._table)
+
+    def _values_for(self, window_ids: Tensor, n_pos: int) -> Float[Tensor, "batch pos m"]:
+        rows = []
+        for w in window_ids.tolist():
+            if w not in self._table:
+                missing = self._incomplete.get(w, self.latents)
+                raise MissingSimulationsError(
+                    f"{self.name}: window {w} has no simulation for {len(missing)} chosen latent(s) "
+                    f"(first: {missing[:5]}); simulate it before evaluating")
+            rows.append(self._table[w])
+        values = torch.stack(rows)
+        if values.shape[1] != n_pos:
+            raise ShapeMismatchError(f"{self.name}: simulations cover {values.shape[1]} positions per window, "
+                                     f"the model runs {n_pos} (simulated with or without BOS?)")
+        return values
+
+    @torch.no_grad()
+    def forward(self, x: Float[Tensor, "batch pos d_in"], batch: BatchInfo) -> Float[Tensor, "batch pos d_out"]:
+        x = self._input(x)
+        if not self.latents:
+            return self.coder(x)
+        values = self._values_for(batch.window_ids, x.shape[1]).to(device=x.device, dtype=x.dtype)
+        return self.coder(x, overwrite_ids=self.overwrite_ids, overwrite_values=values, retopk=True)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, latents={len(self.latents)}, windows={len(self._table)}"
+
+
+def _check_inputs(latents: list[int], simulations, calibrators, n_latents: int) -> None:
+    bad = [lat for lat in latents if not 0 <= lat < n_latents]
+    if bad:
+        raise ValueError(f"latent ids {bad[:5]} out of range for a transcoder with {n_latents} latents")
+    if len(set(latents)) != len(latents):
+        raise ValueError("chosen latents contain repeats")
+    for what, table in (("simulations", simulations), ("calibrator", calibrators)):
+        absent = [lat for lat in latents if lat not in table]
+        if absent:
+            raise MissingSimulationsError(f"{len(absent)} chosen latent(s) have no {what} "
+                                          f"(first: {absent[:5]}); simulate and calibrate them first")
+
+
+def usable_pool(explanations: Iterable) -> tuple[list[int], int]:
+    """Latent ids whose explanation is usable (``ok`` and non-empty text), and how many were excluded.
+
+    Accepts records with ``latent``, ``ok`` and ``text`` attributes (``explain.Explanation``)."""
+    pool, excluded = [], 0
+    for record in explanations:
+        if getattr(record, "ok", False) and (getattr(record, "text", "") or "").strip():
+            pool.append(int(record.latent))
+        else:
+            excluded += 1
+    if excluded:
+        log.warning("%d latent(s) without a usable explanation are excluded from simulation", excluded)
+    return pool, excluded
+
+
+def choose_latents(fraction: float, order: str, scores: Mapping[int, float] | None = None, seed: int = 0,
+                   pool: Sequence[int] | None = None) -> list[int]:
+    """The first ``fraction`` of ``pool`` (default: the scored latents), best first.
+
+    ``order``: ``explanation_score`` or ``simulation_score`` (highest ``scores`` first; latents of the
+    pool without a finite score go last, counted and logged) or ``random`` (seeded). A fraction above 0
+    chooses at least one latent, so tiny fractions of small pools are not silently empty."""
+    if not 0.0 <= fraction <= 1.0 or math.isnan(fraction):
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    if order not in ORDERS:
+        raise ValueError(f"unknown latent order {order!r}; valid: {', '.join(ORDERS)}")
+    if order != "random" and scores is None:
+        raise ValueError(f"order {order!r} needs scores")
+    candidates = sorted(int(x) for x in (pool if pool is not None else (scores or {})))
+    if order == "random":
+        ranked = candidates[:]
+        random.Random(seed).shuffle(ranked)
+    else:
+        ranked = _by_score(candidates, scores or {}, order)
+    n = 0 if fraction == 0 or not ranked else max(1, round(fraction * len(ranked)))
+    return ranked[:n]
+
+
+def _score_of(scores: Mapping[int, float], latent: int) -> float | None:
+    value = scores.get(latent)
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+def _by_score(candidates: list[int], scores: Mapping[int, float], order: str) -> list[int]:
+    def key(latent: int) -> tuple[bool, float, int]:
+        value = _score_of(scores, latent)
+        return (value is None, -value if value is not None else 0.0, latent)  # ties broken by id
+
+    unscored = sum(1 for lat in candidates if _score_of(scores, lat) is None)
+    if unscored:
+        log.warning("%d of %d latents have no finite %s; they are ranked last", unscored, len(candidates), order)
+    return sorted(candidates, key=key)

@@ -1,0 +1,208 @@
+"""Simulations on disk: computed once per (latent, window), reused across fractions and calibrations.
+
+Layout: ``folder/<key>/identity.json`` names the simulator (backend, mode, prompt version and a digest
+of its prompts); ``folder/<key>/latent_<id>.safetensors`` holds ``window_ids [n]`` and raw simulated
+``scores [n, pos]`` (expected digits, NaN where the backend gave nothing), with the explanation's hash
+in the file's metadata. A changed explanation makes that latent's file stale: it is recomputed, never
+mixed. Every write is atomic (tmp file, then ``os.replace``), and ``simulate_into_store`` writes after
+each chunk of windows, so a killed run resumes where it stopped.
+
+Per-latent quality (Pearson/Spearman with the true activations, precision/recall of "fires" after
+calibration) is stored as JSON beside the simulations and serves as a latent ranking.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from .errors import NLRewriteError
+from .simulate import SimulationItem, Simulator
+
+log = logging.getLogger(__name__)
+
+
+class MissingSimulationError(NLRewriteError, KeyError):
+    """A (latent, window) that was never simulated with this explanation and simulator."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+def text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class SimulationStore:
+    """Raw simulated scores of one simulator, one file per latent."""
+
+    def __init__(self, folder: "str | Path", simulator_identity: str) -> None:
+        self.identity = simulator_identity
+        self.folder = Path(folder) / text_hash(simulator_identity)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        marker = self.folder / "identity.json"
+        if not marker.exists():
+            _write_text_atomic(marker, json.dumps({"simulator": simulator_identity}))
+
+    def _path(self, latent: int) -> Path:
+        return self.folder / f"latent_{int(latent)}.safetensors"
+
+    def load(self, latent: int, explanation: str) -> dict[int, Float[Tensor, " pos"]]:
+        """window id → scores for this latent, empty if none are stored for this explanation."""
+        path = self._path(latent)
+        if not path.exists():
+            return {}
+        with safe_open(str(path), framework="pt") as fh:
+            if (fh.metadata() or {}).get("explanation_hash") != text_hash(explanation):
+                return {}
+            ids, scores = fh.get_tensor("window_ids"), fh.get_tensor("scores")
+        return {int(w): s for w, s in zip(ids.tolist(), scores)}
+
+    def missing(self, latent: int, explanation: str, window_ids: Iterable[int]) -> list[int]:
+        have = self.load(latent, explanation)
+        return [int(w) for w in window_ids if int(w) not in have]
+
+    def put(self, latent: int, explanation: str, window_ids: Sequence[int],
+            scores: Float[Tensor, "n pos"]) -> None:
+        """Add (or replace) windows of one latent; stale windows of an older explanation are dropped."""
+        if len(window_ids) != len(scores):
+            raise ValueError(f"{len(window_ids)} window ids for {len(scores)} score rows")
+        merged = self.load(latent, explanation)
+        merged.update({int(w): s.to(torch.float32) for w, s in zip(window_ids, scores)})
+        widths = {s.shape[-1] for s in merged.values()}
+        if len(widths) > 1:
+            raise ValueError(f"latent {latent}: windows of different lengths {sorted(widths)} in one store")
+        order = sorted(merged)
+        tensors = {"window_ids": torch.tensor(order, dtype=torch.int64),
+                   "scores": torch.stack([merged[w] for w in order]).contiguous()}
+        path = self._path(latent)
+        tmp = path.with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata={"explanation_hash": text_hash(explanation), "latent": str(latent)})
+        os.replace(tmp, path)
+
+    def get(self, latent: int, explanation: str, window_ids: Sequence[int]) -> Float[Tensor, "n pos"]:
+        """Scores for exactly these windows, or a ``MissingSimulationError`` naming what is missing."""
+        have = self.load(latent, explanation)
+        absent = [int(w) for w in window_ids if int(w) not in have]
+        if absent:
+            raise MissingSimulationError(
+                f"latent {latent}: no stored simulation for {len(absent)} of {len(window_ids)} windows "
+                f"(first: {absent[:5]}) with this explanation and simulator {self.identity!r}")
+        return torch.stack([have[int(w)] for w in window_ids])
+
+    # ---- quality ------------------------------------------------------------------------------
+
+    def save_quality(self, name: str, records: Iterable["SimulationQuality"]) -> Path:
+        path = self.folder / f"quality_{name}.json"
+        _write_text_atomic(path, json.dumps([asdict(r) for r in records], indent=1))
+        return path
+
+    def load_quality(self, name: str) -> dict[int, "SimulationQuality"]:
+        path = self.folder / f"quality_{name}.json"
+        if not path.exists():
+            return {}
+        return {r["latent"]: SimulationQuality(**r) for r in json.loads(path.read_text())}
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class SimulationRun:
+    """What ``simulate_into_store`` did."""
+
+    latents: int
+    windows_simulated: int
+    windows_reused: int
+    nan_predictions: int
+
+
+def simulate_into_store(simulator: Simulator, store: SimulationStore, explanations: Mapping[int, str],
+                        windows: Mapping[int, Sequence[str]], *, chunk: int = 16,
+                        progress: bool = True) -> SimulationRun:
+    """Simulate every (latent, window) not yet stored. ``windows``: window id → token strings.
+
+    Writes after each chunk of one latent's windows (the backend shares that latent's prefix within it)."""
+    from tqdm import tqdm
+
+    if simulator.identity != store.identity:
+        raise ValueError(f"store is for simulator {store.identity!r}, not {simulator.identity!r}")
+    simulated = reused = 0
+    nan_before = simulator.stats.nan_predictions
+    for latent, explanation in tqdm(explanations.items(), desc="simulate latents", unit="latent",
+                                    disable=not progress):
+        todo = store.missing(latent, explanation, windows)
+        reused += len(windows) - len(todo)
+        for start in range(0, len(todo), chunk):
+            ids = todo[start:start + chunk]
+            items = [SimulationItem(explanation, tuple(windows[w]), (("latent", str(latent)), ("window", str(w))))
+                     for w in ids]
+            store.put(latent, explanation, ids, torch.stack(simulator.simulate_many(items)))
+            simulated += len(ids)
+    return SimulationRun(len(explanations), simulated, reused, simulator.stats.nan_predictions - nan_before)
+
+
+@dataclass(frozen=True)
+class SimulationQuality:
+    """How well one latent's simulation tracks its true activations (NaN where undefined)."""
+
+    latent: int
+    n: int
+    n_nan: int
+    pearson: float
+    spearman: float
+    precision: float
+    recall: float
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    if a.size < 2 or a.std() == 0 or b.std() == 0:
+        return math.nan  # a constant prediction or a latent that never varies: correlation undefined
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    from scipy.stats import rankdata
+
+    return rankdata(values)
+
+
+def simulation_quality(latent: int, scores: Float[Tensor, " n"], true_acts: Float[Tensor, " n"],
+                       calibrated: Float[Tensor, " n"] | None = None) -> SimulationQuality:
+    """Correlations of raw scores with true activations; precision/recall of ``calibrated > 0`` vs ``true > 0``."""
+    s, t = scores.double().reshape(-1).numpy(), true_acts.double().reshape(-1).numpy()
+    if s.shape != t.shape:
+        raise ValueError(f"{s.size} scores for {t.size} true activations")
+    keep = np.isfinite(s)
+    s_k, t_k = s[keep], t[keep]
+    precision = recall = math.nan
+    if calibrated is not None:
+        fires = np.nan_to_num(calibrated.double().reshape(-1).numpy()[keep]) > 0
+        truly = t_k > 0
+        precision = float((fires & truly).sum() / fires.sum()) if fires.any() else math.nan
+        recall = float((fires & truly).sum() / truly.sum()) if truly.any() else math.nan
+    return SimulationQuality(int(latent), int(s.size), int((~keep).sum()), _pearson(s_k, t_k),
+                             _pearson(_ranks(s_k), _ranks(t_k)) if s_k.size else math.nan, precision, recall)
+
+
+def quality_ranking(quality: Mapping[int, SimulationQuality], metric: str = "pearson") -> dict[int, float]:
+    """latent → score usable by ``choose_latents(order="simulation_score")``."""
+    if metric not in ("pearson", "spearman", "precision", "recall"):
+        raise ValueError(f"unknown quality metric {metric!r}")
+    return {latent: getattr(q, metric) for latent, q in quality.items()}

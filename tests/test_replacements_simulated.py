@@ -1,0 +1,182 @@
+import logging
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from nl_rewrite.calibrate import LinearCalibrator, QuantileCalibrator
+from nl_rewrite.replacements.base import BatchInfo
+from nl_rewrite.replacements.coders import TranscoderReplacement
+from nl_rewrite.replacements.simulated import (
+    MissingSimulationsError,
+    NLSimulatorReplacement,
+    choose_latents,
+    usable_pool,
+)
+from nl_rewrite.sparse_coder import CoderConfig, SparseCoder
+
+N_LATENTS, K, POS = 48, 4, 6
+
+
+@pytest.fixture(scope="module")
+def coder(tiny):
+    cfg = CoderConfig(d_in=32, d_out=32, n_latents=N_LATENTS, k=K, read_site="mlp_in.1", write_site="mlp_out.1",
+                      model="tiny")
+    return SparseCoder(cfg, seed=0)
+
+
+def identity_calibrator() -> LinearCalibrator:
+    """Maps a score s in [0, 9] to s itself, so simulated scores can be set to exact activations."""
+    return LinearCalibrator().fit_max(9.0)
+
+
+def real_mlp_input(model, tokens):
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n == "blocks.1.mlp.hook_in")
+    return cache["blocks.1.mlp.hook_in"]
+
+
+def tokens_and_batch(n_windows=3, seed=0):
+    tokens = torch.randint(1, 90, (n_windows, POS), generator=torch.Generator().manual_seed(seed))
+    return tokens, BatchInfo(tokens=tokens, window_ids=torch.arange(10, 10 + n_windows))
+
+
+def simulations_from(values_by_window: dict[int, torch.Tensor], latents) -> dict[int, dict[int, torch.Tensor]]:
+    """latent → window → scores, from window → [pos, n_latents] dense tensors."""
+    return {lat: {w: v[:, lat] for w, v in values_by_window.items()} for lat in latents}
+
+
+def test_true_activations_as_simulations_reproduce_the_transcoder(tiny, coder):
+    tokens, batch = tokens_and_batch()
+    x = real_mlp_input(tiny, tokens)
+    dense = coder.pre_acts(x).clamp(max=9.0).detach()
+    chosen = [0, 5, 17, 40]
+    assert dense[..., chosen].max() < 9.0, "the identity calibrator must not clip in this test"
+    sims = simulations_from({int(w): dense[i] for i, w in enumerate(batch.window_ids)}, chosen)
+    rep = NLSimulatorReplacement(coder, sims, {lat: identity_calibrator() for lat in chosen}, chosen)
+    with torch.no_grad():
+        with rep.attached(tiny, batch):
+            patched = tiny(tokens)
+        with TranscoderReplacement(coder).attached(tiny, batch):
+            reference = tiny(tokens)
+    torch.testing.assert_close(patched, reference)
+
+
+def test_only_the_chosen_latents_are_overwritten_then_topk_again(tiny, coder, monkeypatch):
+    tokens, batch = tokens_and_batch(seed=1)
+    x = real_mlp_input(tiny, tokens)
+    chosen = [3, 11]
+    sims = {lat: {int(w): torch.full((POS,), 9.0) for w in batch.window_ids} for lat in chosen}
+    big = LinearCalibrator().fit_max(1000.0)  # 9 → 1000: far above any real latent, so both must be kept
+    rep = NLSimulatorReplacement(coder, sims, {lat: big for lat in chosen}, chosen)
+    seen = {}
+    original_topk = coder.topk
+
+    def spy(dense):
+        seen["dense"] = dense.clone()
+        return original_topk(dense)
+
+    monkeypatch.setattr(coder, "topk", spy)
+    out = rep(x, batch)
+    real = coder.pre_acts(x)
+    others = [i for i in range(N_LATENTS) if i not in chosen]
+    assert (seen["dense"][..., chosen] == 1000.0).all()
+    torch.testing.assert_close(seen["dense"][..., others], real[..., others])
+    top = original_topk(seen["dense"])
+    assert top.indices.shape[-1] == K and set(chosen) <= set(top.indices[0, 0].tolist())
+    assert out.shape == (3, POS, 32)
+
+
+def test_no_chosen_latents_is_the_transcoder(tiny, coder):
+    tokens, batch = tokens_and_batch()
+    x = real_mlp_input(tiny, tokens)
+    rep = NLSimulatorReplacement(coder, {}, {}, [])
+    torch.testing.assert_close(rep(x, batch), coder(x))
+
+
+def test_missing_simulations_are_clear_errors(tiny, coder):
+    tokens, batch = tokens_and_batch()
+    x = real_mlp_input(tiny, tokens)
+    only_two = {7: {10: torch.zeros(POS), 11: torch.zeros(POS)}, 8: {10: torch.zeros(POS)}}
+    rep = NLSimulatorReplacement(coder, only_two, {7: identity_calibrator(), 8: identity_calibrator()}, [7, 8])
+    assert rep.window_ids == [10]
+    with pytest.raises(MissingSimulationsError, match="window 11 .*latent"):
+        rep(x, batch)
+    with pytest.raises(MissingSimulationsError, match="no simulations"):
+        NLSimulatorReplacement(coder, only_two, {9: identity_calibrator()}, [9])
+    with pytest.raises(MissingSimulationsError, match="no calibrator"):
+        NLSimulatorReplacement(coder, only_two, {7: identity_calibrator()}, [7, 8])
+    with pytest.raises(ValueError, match="out of range"):
+        NLSimulatorReplacement(coder, only_two, {}, [N_LATENTS + 1])
+
+
+def test_wrong_window_length_is_a_shape_error(tiny, coder):
+    tokens, batch = tokens_and_batch(n_windows=1)
+    x = real_mlp_input(tiny, tokens)
+    rep = NLSimulatorReplacement(coder, {2: {10: torch.zeros(POS + 1)}}, {2: identity_calibrator()}, [2])
+    with pytest.raises(Exception, match="positions per window"):
+        rep(x, batch)
+
+
+def test_nan_simulations_become_zero_counted_and_logged(tiny, coder, caplog):
+    scores = torch.tensor([1.0, float("nan"), 2.0, float("nan"), 0.0, 0.0])
+    with caplog.at_level(logging.WARNING, logger="nl_rewrite.replacements.simulated"):
+        rep = NLSimulatorReplacement(coder, {2: {10: scores}}, {2: identity_calibrator()}, [2])
+    assert rep.nan_values == 2 and "2 simulated values were NaN" in caplog.text
+    assert torch.isfinite(rep._table[10]).all()
+
+
+def test_quantile_calibrated_simulations_run_end_to_end(tiny, coder):
+    tokens, batch = tokens_and_batch()
+    gen = torch.Generator().manual_seed(0)
+    sims = {lat: {int(w): torch.rand(POS, generator=gen) * 9 for w in batch.window_ids} for lat in (1, 2)}
+    cal = QuantileCalibrator().fit_distribution(torch.rand(500, generator=gen) * 9, torch.rand(50) + 0.5, 0.2)
+    rep = NLSimulatorReplacement(coder, sims, {1: cal, 2: cal}, [1, 2])
+    with torch.no_grad(), rep.attached(tiny, batch):
+        logits = tiny(tokens)
+    assert torch.isfinite(logits).all()
+
+
+# ---- choosing latents ---------------------------------------------------------------------------------------
+
+SCORES = {0: 0.9, 1: 0.5, 2: 0.7, 3: float("nan"), 4: 0.6, 5: 0.0}
+
+
+def test_choose_by_score_best_first_unscored_last():
+    assert choose_latents(1.0, "explanation_score", SCORES) == [0, 2, 4, 1, 5, 3]
+    assert choose_latents(0.5, "simulation_score", SCORES) == [0, 2, 4]
+    assert choose_latents(0.5, "explanation_score", SCORES, pool=[1, 5, 9]) == [1, 5], "9 is unscored: last"
+
+
+def test_choose_fraction_edges_and_random_is_seeded():
+    assert choose_latents(0.0, "random", SCORES) == []
+    assert len(choose_latents(0.01, "random", SCORES)) == 1, "a positive fraction chooses at least one"
+    a, b = choose_latents(0.5, "random", SCORES, seed=1), choose_latents(0.5, "random", SCORES, seed=1)
+    assert a == b and len(a) == 3 and set(a) <= set(SCORES)
+    assert {tuple(choose_latents(0.5, "random", SCORES, seed=s)) for s in range(10)} != {tuple(a)}
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 1.5, float("nan")])
+def test_fraction_outside_unit_interval_is_rejected(fraction):
+    with pytest.raises(ValueError, match="fraction"):
+        choose_latents(fraction, "random", SCORES)
+
+
+def test_bad_order_or_missing_scores_rejected():
+    with pytest.raises(ValueError, match="order"):
+        choose_latents(0.5, "alphabetical", SCORES)
+    with pytest.raises(ValueError, match="needs scores"):
+        choose_latents(0.5, "explanation_score", None, pool=[1, 2])
+
+
+@dataclass
+class Record:
+    latent: int
+    text: str
+    ok: bool
+
+
+def test_usable_pool_excludes_failed_and_empty_explanations(caplog):
+    records = [Record(0, "years", True), Record(1, "", True), Record(2, "money", False), Record(3, "not", True)]
+    with caplog.at_level(logging.WARNING, logger="nl_rewrite.replacements.simulated"):
+        pool, excluded = usable_pool(records)
+    assert pool == [0, 3] and excluded == 2 and "2 latent(s)" in caplog.text
