@@ -18,10 +18,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Generic, Sequence, TypeVar
 
 from tqdm import tqdm
 
@@ -31,6 +32,7 @@ from .llm.base import ChatRequest, LLMBackend
 from .sampling import Example, LatentExamples, SamplingConfig, SamplingError, sample_latent
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 
 VARIANTS = ("default", "contrastive")
 EXPLANATION_TAG = "[EXPLANATION]:"
@@ -205,42 +207,48 @@ def _clip(text: str, max_chars: int) -> str:
 
 # ---- storage -------------------------------------------------------------------------------------------------
 
-class ExplanationStore:
-    """Append-only JSONL of explanations made with one settings key; tolerates a half-written last line."""
+class RecordStore(Generic[R]):
+    """Append-only JSONL of per-latent records made with one settings key; tolerates a half-written last line.
 
-    def __init__(self, path: "str | Path", settings: str):
+    Records need ``latent`` and ``settings`` attributes and ``to_dict``; ``decode`` turns a dict back into one.
+    """
+
+    def __init__(self, path: "str | Path", settings: str, decode: Callable[[dict], R]):
         self.path = Path(path)
         self.settings = settings
-        self.records: dict[int, Explanation] = {}
+        self.decode = decode
+        self.records: dict[int, R] = {}
         if self.path.is_file():
             self._load()
 
     def _load(self) -> None:
         text = self.path.read_text()
         lines = text.split("\n")
-        complete = lines[:-1] if not text.endswith("\n") else lines  # a kill can leave a partial last line
+        complete = lines[:-1]  # the piece after the last newline is empty, or what a kill left half-written
         for line in filter(None, complete):
-            record = Explanation.from_dict(json.loads(line))
-            if record.settings != self.settings:
-                raise NLRewriteError(f"{self.path} holds explanations made with other settings "
-                                     f"({record.settings} ≠ {self.settings}); use another output file")
-            self.records[record.latent] = record
-        if not text.endswith("\n") and lines[-1]:
+            record = self.decode(json.loads(line))
+            if record.settings != self.settings:  # type: ignore[attr-defined]
+                raise NLRewriteError(f"{self.path} holds records made with other settings "
+                                     f"({record.settings} ≠ {self.settings}); use another output file")  # type: ignore[attr-defined]
+            self.records[record.latent] = record  # type: ignore[attr-defined]
+        if lines[-1]:
+            log.warning("%s: dropping a half-written last line (an interrupted run)", self.path)
             self.path.write_text("".join(line + "\n" for line in filter(None, complete)))
 
-    def add(self, records: Sequence[Explanation]) -> None:
+    def add(self, records: Sequence[R]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as fh:
             for record in records:
-                fh.write(json.dumps(record.to_dict()) + "\n")
-                self.records[record.latent] = record
+                fh.write(json.dumps(record.to_dict()) + "\n")  # type: ignore[attr-defined]
+                self.records[record.latent] = record  # type: ignore[attr-defined]
             fh.flush()
+            os.fsync(fh.fileno())
 
 
 def load_explanations(path: "str | Path") -> list[Explanation]:
     """All records of a JSONL file (ok and failed), in file order."""
-    lines = Path(path).read_text().splitlines()
-    return [Explanation.from_dict(json.loads(line)) for line in lines if line.strip() and line.endswith("}")]
+    lines = Path(path).read_text().split("\n")[:-1]  # skip a half-written last line
+    return [Explanation.from_dict(json.loads(line)) for line in lines if line.strip()]
 
 
 # ---- running -------------------------------------------------------------------------------------------------
@@ -306,7 +314,7 @@ def explain_latents(backend: LLMBackend, cache: LatentCache, latents: Sequence[i
     and new ones are appended batch by batch."""
     sampling = sampling or SamplingConfig()
     settings = cfg.settings_key(sampling, backend.backend_id)
-    store = ExplanationStore(path, settings) if path is not None else None
+    store = RecordStore(path, settings, Explanation.from_dict) if path is not None else None
     have = store.records if store else {}
     todo = [latent for latent in dict.fromkeys(latents) if latent not in have]
     made: dict[int, Explanation] = {}

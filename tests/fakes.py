@@ -3,7 +3,7 @@
 ``FakeBackend`` implements ``nl_rewrite.llm.base.LLMBackend`` without a model:
 - ``chat``: scripted replies first (to test garbage handling), then ``reply_fn(request)``; by default it
   names the words the prompt marks with ``<< >>`` (so a good explanation really depends on the prompt).
-- ``score``: for yes/no-style choices, favours the first choice when a word of the explanation (the text
+- ``score``: ``score_fn(request, read_index)`` if given; else, for yes/no-style choices, favours the first choice when a word of the explanation (the text
   after the last ``Explanation:`` in the prefix) occurs in the segment read; digit choices get a
   deterministic pseudo-random distribution from a hash of the prompt.
 It records every request, so tests can count calls.
@@ -40,8 +40,10 @@ class FakeBackend:
     """See the module docstring."""
 
     def __init__(self, scripted: Sequence[str] = (), reply_fn: Callable[[ChatRequest], str] = default_reply,
-                 backend_id: str = "fake:0") -> None:
+                 backend_id: str = "fake:0",
+                 score_fn: Callable[[ScoreRequest, int], torch.Tensor] | None = None) -> None:
         self.backend_id = backend_id
+        self.score_fn = score_fn
         self.scripted = list(scripted)
         self.reply_fn = reply_fn
         self.chat_requests: list[ChatRequest] = []
@@ -62,6 +64,8 @@ class FakeBackend:
         return out
 
     def _score_point(self, request: ScoreRequest, i: int) -> torch.Tensor:
+        if self.score_fn is not None:
+            return self.score_fn(request, i)
         if len(request.choices) == 2:
             explanation = request.prefix.rsplit("Explanation:", 1)[-1].lower()
             words = set(re.findall(r"[a-z0-9]+", explanation))
