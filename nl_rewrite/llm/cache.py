@@ -1,0 +1,122 @@
+"""An on-disk cache of LLM calls, so a rerun or a resume never repeats a finished call.
+
+One sqlite row per (backend_id, request key): chat replies as text, score results as safetensors
+bytes (``-inf`` survives the round trip). The database runs in WAL mode and commits after every
+chunk the inner backend answers, so a kill -9 loses at most the chunk in flight.
+
+Sampled chat requests (temperature > 0) are cached too: a rerun gets the same reply, which is what
+resuming needs.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Callable, Sequence, TypeVar
+
+from jaxtyping import Float
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+from torch import Tensor
+
+from .base import ChatRequest, LLMBackend, ScoreRequest
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R", ChatRequest, ScoreRequest)
+V = TypeVar("V")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS calls (
+    backend_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    value BLOB NOT NULL,
+    PRIMARY KEY (backend_id, key)
+)
+"""
+
+
+class CachedBackend:
+    """Wraps any ``LLMBackend``; answers repeated requests from ``path`` (a sqlite file).
+
+    ``new_calls`` counts requests sent to the inner backend, ``hits`` those answered from disk.
+    ``chunk_size`` requests are sent to the inner backend at a time and committed together.
+    """
+
+    def __init__(self, inner: LLMBackend, path: Path | str, chunk_size: int = 32) -> None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.inner = inner
+        self.backend_id = inner.backend_id
+        self.path = Path(path)
+        self.chunk_size = chunk_size
+        self.new_calls = 0
+        self.hits = 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=60)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(_SCHEMA)
+        self._db.commit()
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"CachedBackend({self.inner!r}, path={str(self.path)!r})"
+
+    def close(self) -> None:
+        self._db.close()
+
+    def chat(self, requests: Sequence[ChatRequest]) -> list[str]:
+        return self._cached(requests, "chat", self.inner.chat, _encode_text, _decode_text)
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[Float[Tensor, "n_read n_choices"]]:
+        return self._cached(requests, "score", self.inner.score, _encode_tensor, _decode_tensor)
+
+    def _cached(self, requests: Sequence[R], kind: str, call: Callable[[list[R]], list[V]],
+                encode: Callable[[V], bytes], decode: Callable[[bytes], V]) -> list[V]:
+        keys = [r.key() for r in requests]
+        found = {k: decode(v) for k, v in self._lookup(keys).items()}
+        self.hits += sum(k in found for k in keys)
+        missing = list({k: r for k, r in zip(keys, requests) if k not in found}.items())  # dedupe repeats
+        for start in range(0, len(missing), self.chunk_size):
+            chunk = missing[start:start + self.chunk_size]
+            answers = call([r for _, r in chunk])
+            self.new_calls += len(chunk)
+            self._store(kind, [(k, encode(a)) for (k, _), a in zip(chunk, answers)])
+            found.update((k, a) for (k, _), a in zip(chunk, answers))
+        return [found[k] for k in keys]
+
+    def _lookup(self, keys: list[str]) -> dict[str, bytes]:
+        out: dict[str, bytes] = {}
+        unique = list(dict.fromkeys(keys))
+        with self._lock:
+            for start in range(0, len(unique), 500):  # stay under sqlite's bound-variable limit
+                part = unique[start:start + 500]
+                marks = ",".join("?" * len(part))
+                rows = self._db.execute(f"SELECT key, value FROM calls WHERE backend_id = ? AND key IN ({marks})",
+                                        [self.backend_id, *part])
+                out.update(rows.fetchall())
+        return out
+
+    def _store(self, kind: str, rows: list[tuple[str, bytes]]) -> None:
+        with self._lock, self._db:  # one transaction per chunk: committed, or not there at all
+            self._db.executemany("INSERT OR REPLACE INTO calls (backend_id, key, kind, value) VALUES (?, ?, ?, ?)",
+                                 [(self.backend_id, k, kind, v) for k, v in rows])
+
+
+def _encode_text(text: str) -> bytes:
+    return text.encode("utf-8")
+
+
+def _decode_text(blob: bytes) -> str:
+    return bytes(blob).decode("utf-8")
+
+
+def _encode_tensor(tensor: Tensor) -> bytes:
+    return save_tensors({"logprobs": tensor.detach().cpu().contiguous()})
+
+
+def _decode_tensor(blob: bytes) -> Tensor:
+    return load_tensors(bytes(blob))["logprobs"]

@@ -1,0 +1,36 @@
+"""Build a backend from a short spec string (the CLI's ``--backend``).
+
+- ``embedded`` or ``embedded:<model>``: :class:`EmbeddedBackend` (default model ``smollm2-135m``)
+- ``openai``: :class:`OpenAIBackend` from the environment (``NL_REWRITE_BASE_URL``, ``NL_REWRITE_MODEL``, ``OPENAI_API_KEY``)
+- ``openai:<model>`` or ``openai:<model>@<base_url>`` (either part may be empty: ``openai:@http://localhost:8000/v1``)
+
+With ``cache`` given, the backend is wrapped in :class:`CachedBackend` on that sqlite file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import LLMError
+from .base import LLMBackend
+from .cache import CachedBackend
+
+DEFAULT_EMBEDDED = "smollm2-135m"
+
+
+def make_backend(spec: str, cache: Path | str | None = None, **options: Any) -> LLMBackend:
+    """The backend ``spec`` names; ``options`` go to its constructor (e.g. ``concurrency``, ``reuse_prefix``)."""
+    kind, _, rest = spec.strip().partition(":")
+    if kind == "embedded":
+        from .embedded import EmbeddedBackend
+
+        backend: LLMBackend = EmbeddedBackend(rest or DEFAULT_EMBEDDED, **options)
+    elif kind == "openai":
+        from .openai_backend import OpenAIBackend
+
+        model, _, base_url = rest.partition("@")
+        backend = OpenAIBackend(base_url=base_url or None, model=model or None, **options)
+    else:
+        raise LLMError(f"unknown backend {spec!r}: use 'embedded[:<model>]' or 'openai[:<model>[@<base_url>]]'")
+    return CachedBackend(backend, cache) if cache is not None else backend
