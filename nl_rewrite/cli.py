@@ -14,7 +14,12 @@ from .errors import NLRewriteError
 
 # module path for each subcommand, in the order shown by --help
 COMMANDS = [
+    "nl_rewrite.commands.run",
     "nl_rewrite.commands.evaluate",
+    "nl_rewrite.commands.cache",
+    "nl_rewrite.commands.explain",
+    "nl_rewrite.commands.score",
+    "nl_rewrite.commands.serve",
 ]
 
 

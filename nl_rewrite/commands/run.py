@@ -1,0 +1,27 @@
+"""``nl-rewrite run``: the whole experiment (see :mod:`nl_rewrite.experiment`); rerun the same --out to resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..cli_config import add_dataclass_args, dataclass_from_args
+from ..run_config import RunConfig
+
+
+def run(args) -> int:
+    from ..experiment import run_experiment
+    from ..report import summary_text, write_outputs
+
+    cfg = dataclass_from_args(RunConfig, args)
+    artifacts = run_experiment(cfg)
+    data = write_outputs(artifacts, Path(cfg.out))
+    print(data["modes"]["all"] and summary_text(data))
+    print(f"outputs in {cfg.out}: results.json results.csv ce_vs_fraction.png kl_vs_fraction.png report.html "
+          "manifest.json")
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("run", help="the full rewrite experiment: explain, simulate, patch, evaluate")
+    add_dataclass_args(parser, RunConfig)
+    parser.set_defaults(func=run)
