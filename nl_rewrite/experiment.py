@@ -187,15 +187,18 @@ def simulated_conditions(cfg: RunConfig, transcoder: SparseCoder, sims: dict[int
             for kind in cfg.calibrations for f in cfg.fractions]
 
 
-def evaluate_modes(cfg: RunConfig, model, windows: TokenWindows, conditions: list[Replacement], out: Path,
+def evaluate_modes(cfg: RunConfig, model, windows: TokenWindows, build: Callable[[], list[Replacement]], out: Path,
                    fingerprint: str, stages: Stage) -> dict[str, EvalResults]:
-    """One Evaluator run per position mode; a finished mode with the same fingerprint is reused."""
-    results = {}
+    """One Evaluator run per position mode; a finished mode with the same fingerprint is reused, and the
+    conditions are only built (mean ablation needs a pass over train windows) when something is left to run."""
+    results: dict[str, EvalResults] = {}
+    conditions: list[Replacement] = []
     for mode in POSITION_MODES:
         path = out / f"eval_{mode}.json"
         if path.is_file() and json.loads(path.read_text()).get("fingerprint") == fingerprint:
             results[mode] = EvalResults.from_json(json.loads(path.read_text())["results"])
             continue
+        conditions = conditions or build()
         res = stages.timed(f"evaluate_{mode}", Evaluator(model, windows, cfg.batch_size, mode, seed=cfg.seed).run,
                            conditions)
         _write_json(path, {"fingerprint": fingerprint, "results": res.to_json()})
@@ -253,11 +256,13 @@ def run_experiment(cfg: RunConfig) -> Artifacts:
     calibrators, quality = stages.timed("calibrate", calibrate, cfg, cache, calib_store, texts, calib_ids)
     chosen = fraction_choices(cfg, list(texts), scores, quality)
     eval_sims = {lat: eval_store.load(lat, text) for lat, text in texts.items()}
-    coder_loader = lambda: transcoder  # noqa: E731  (build_condition asks lazily)
-    baselines = [build_condition(name, model, cfg.layer, coder_loader, cfg.seed) for name in BASELINES]
-    conditions = baselines + simulated_conditions(cfg, transcoder, eval_sims, calibrators, chosen)
+
+    def build() -> list[Replacement]:
+        baselines = [build_condition(name, model, cfg.layer, lambda: transcoder, cfg.seed) for name in BASELINES]
+        return baselines + simulated_conditions(cfg, transcoder, eval_sims, calibrators, chosen)
+
     fingerprint = json.dumps([cfg.to_dict(), simulator.identity, sorted(texts.items())], default=str)
-    results = evaluate_modes(cfg, model, eval_windows, conditions, out, fingerprint, stages)
+    results = evaluate_modes(cfg, model, eval_windows, build, out, fingerprint, stages)
     backend_counts = {k: getattr(backend, k) for k in ("new_calls", "hits") if hasattr(backend, k)}
     counts = {"pool": len(pool), "explained_ok": len(texts), "explanations_failed": len(explanations) - len(texts),
               "simulated_nan_predictions": simulator.stats.nan_predictions, **backend_counts}

@@ -1,0 +1,54 @@
+"""End to end: `nl-rewrite run --preset smoke` on the real embedded model (a few minutes on 2 cores)."""
+
+import json
+import time
+
+import pytest
+
+from nl_rewrite.cli import main
+from nl_rewrite.report import validate_results
+from nl_rewrite.run_config import DEFAULT_FRACTIONS, RunConfig
+
+OUTPUTS = ("results.json", "results.csv", "ce_vs_fraction.png", "kl_vs_fraction.png", "report.html", "manifest.json")
+
+
+def test_run_config_rejects_bad_fraction():
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        RunConfig(preset="smoke", fractions=(0.5, 1.5))
+
+
+def test_run_config_rejects_unknown_preset():
+    with pytest.raises(ValueError, match="smoke"):
+        RunConfig(preset="huge")
+
+
+def test_cli_reports_bad_fraction_without_traceback(capsys):
+    assert main(["run", "--preset", "smoke", "--fractions", "2.0"]) == 2
+    assert "fractions must lie in [0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_smoke_run_end_to_end_and_cached_rerun(tmp_cache, tmp_path):
+    out = tmp_path / "run"
+    assert main(["run", "--preset", "smoke", "--out", str(out)]) == 0
+    for name in OUTPUTS:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    data = json.loads((out / "results.json").read_text())
+    validate_results(data)
+    for mode in ("all", "last"):
+        conds = data["modes"][mode]["conditions"]
+        for kind in ("linear", "quantile", "isotonic"):
+            for f in DEFAULT_FRACTIONS:
+                assert f"sim_{kind}_f{f:g}" in conds
+    all_pos = data["modes"]["all"]["conditions"]
+    assert all_pos["transcoder"]["mean_ce"] < all_pos["zero_mlp"]["mean_ce"]
+    assert data["counts"]["explained_ok"] + data["counts"]["explanations_failed"] == data["counts"]["pool"]
+
+    start = time.perf_counter()
+    assert main(["run", "--preset", "smoke", "--out", str(out)]) == 0
+    rerun_s = time.perf_counter() - start
+    again = json.loads((out / "results.json").read_text())
+    assert again["counts"]["new_calls"] == 0, "a cached rerun must not call the LLM again"
+    assert again["modes"]["all"]["conditions"] == data["modes"]["all"]["conditions"]
+    print(f"cached rerun took {rerun_s:.1f}s")
+    assert rerun_s < 120
