@@ -117,7 +117,8 @@ def plot_metric(payload: dict, metric: str, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     conds = payload["conditions"]
-    value, ci = ("mean_ce", "ce_ci") if metric == "ce" else ("kl_mean", "kl_ci")
+    # CE is shown as the paired delta against clean: the spread of CE across windows would swamp the bands.
+    value, ci = ("ce_delta", "ce_delta_ci") if metric == "ce" else ("kl_mean", "kl_ci")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for kind, by_fraction in payload["simulated"].items():
         fracs = sorted(by_fraction, key=float)
@@ -130,11 +131,11 @@ def plot_metric(payload: dict, metric: str, path: Path, title: str) -> None:
     styles = {"clean": "k-", "transcoder": "g--", "zero_latents": "r--", "zero_mlp": "m:", "mean_mlp": "c:",
               "random_latents": "y-."}
     for name, style in styles.items():
-        if name in conds and not (metric == "kl" and name == "clean"):
+        if name in conds:
             ax.axhline(conds[name][value], linestyle=style[1:], color=style[0], label=name, linewidth=1.2)
     ax.set_xscale("log")
     ax.set_xlabel("fraction of pool latents simulated")
-    ax.set_ylabel("mean CE (nats)" if metric == "ce" else "mean KL(clean ‖ patched) (nats)")
+    ax.set_ylabel("mean CE − clean CE (nats)" if metric == "ce" else "mean KL(clean ‖ patched) (nats)")
     ax.set_title(title)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
