@@ -120,3 +120,43 @@ def test_end_to_end_with_fake_explainer_resumes_and_ranks(cache, tmp_path):
     ranked = rank_latents(scores)
     assert sorted(ranked) == sorted(latents[1:])
     assert scores[[s.latent for s in scores].index(ranked[0])].balanced_accuracy == max(s.balanced_accuracy for s in scores)
+
+
+@pytest.mark.slow
+def test_real_embedded_explain_and_score_then_cached_rerun(smol, tmp_cache):
+    """Two latents of a (random) coder on SmolLM2, explained and scored by the embedded SmolLM2."""
+    from nl_rewrite.data import token_windows
+    from nl_rewrite.llm.cache import CachedBackend
+    from nl_rewrite.llm.embedded import EmbeddedBackend
+    from nl_rewrite.sampling import window_peaks
+    from nl_rewrite.sparse_coder import CoderConfig, SparseCoder
+
+    coder = SparseCoder(CoderConfig(d_in=576, d_out=576, n_latents=2048, k=8, read_site="mlp_in.6",
+                                    write_site="mlp_out.6"), seed=0)
+    windows = token_windows(smol, "explain", window=32, max_windows=48)
+    cache = LatentCache.build(smol, coder, windows, tmp_cache / "latents", shard_windows=16, progress=False)
+    sampling = SamplingConfig(n_train=4, n_heldout=2, n_negatives=2, n_bins=2)
+    cfg = ExplainConfig(batch_size=2, max_tokens=24)
+    # latents that fire in some windows but not most, so there are held-out positives and negatives
+    candidates = (l for l in select_latents(cache, 2048, "random") if 6 <= len(window_peaks(cache, l)[0]) <= 30)
+    latents = [next(candidates), next(candidates)]
+    inner = EmbeddedBackend("smollm2-135m")
+
+    def run() -> tuple[CachedBackend, list, list]:
+        backend = CachedBackend(inner, tmp_cache / "llm.sqlite")
+        records = explain_latents(backend, cache, latents, cfg, sampling, progress=False)
+        scores = score_explanations(backend, cache, records, ScoreConfig(), sampling, progress=False)
+        return backend, records, scores
+
+    first, records, scores = run()
+    assert first.new_calls > 0
+    ok = [r for r in records if r.ok]
+    assert ok, f"every explanation failed: {[r.error for r in records]}"
+    assert all(r.text.strip() and "<<" not in r.text for r in ok)
+    assert len(scores) == len(ok)
+    assert all(0.0 <= s.balanced_accuracy <= 1.0 and 0.0 <= s.auroc <= 1.0 for s in scores)
+    assert all((s.n_pos, s.n_neg, s.n_unusable) == (2, 2, 0) for s in scores)
+    second, records2, scores2 = run()
+    assert second.new_calls == 0 and second.hits > 0
+    assert [r.text for r in records2] == [r.text for r in records]
+    assert [s.to_dict() for s in scores2] == [s.to_dict() for s in scores]
