@@ -160,3 +160,26 @@ def test_real_embedded_explain_and_score_then_cached_rerun(smol, tmp_cache):
     assert second.new_calls == 0 and second.hits > 0
     assert [r.text for r in records2] == [r.text for r in records]
     assert [s.to_dict() for s in scores2] == [s.to_dict() for s in scores]
+
+
+@pytest.mark.slow
+def test_cli_cache_explain_score(tmp_cache, capsys):
+    """`nl-rewrite cache`, `explain` and `score` chained on SmolLM2 with a small saved coder."""
+    from nl_rewrite.cli import main
+    from nl_rewrite.sparse_coder import CoderConfig, SparseCoder
+
+    SparseCoder(CoderConfig(d_in=576, d_out=576, n_latents=1024, k=8, read_site="mlp_in.6", write_site="mlp_out.6"),
+                seed=0).save(tmp_cache / "coder")
+    folder = tmp_cache / "latents"
+    assert main(["cache", "--coder", str(tmp_cache / "coder"), "--max-windows", "40", "--out", str(folder),
+                 "--shard-windows", "16"]) == 0
+    assert "3 shards (3 computed now)" in capsys.readouterr().out
+    small = ["--n-train", "4", "--n-heldout", "2", "--n-negatives", "2", "--n-bins", "2",
+             "--llm-cache", str(tmp_cache / "llm.sqlite")]
+    assert main(["explain", "--cache", str(folder), "--latents", "1", "--select", "random", "--max-tokens", "16",
+                 *small]) == 0
+    assert "explanations" in capsys.readouterr().out and (folder / "explanations.jsonl").is_file()
+    assert main(["score", "--cache", str(folder), *small]) == 0
+    out = capsys.readouterr().out
+    assert "balanced accuracy" in out or "scored 0 latents" in out
+    assert main(["explain", "--cache", str(tmp_cache / "nowhere")]) == 2  # a clear error, not a traceback

@@ -15,9 +15,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class CacheConfig:
-    coder: str = field(default="", metadata={"help": "coder folder (sparsify layout); default: the default "
+    coder: str = field(default="", metadata={"help": "coder folder (sparsify layout); empty = the default "
                                                      "transcoder (trained first if absent)"})
-    model: str = field(default="", metadata={"help": "model name; default: the one the coder was trained on"})
+    model: str = field(default="", metadata={"help": "model name; empty = the one the coder was trained on"})
     split: str = field(default="explain", metadata={"help": "corpus split to encode"})
     corpus: str = field(default="default", metadata={"help": "corpus name or folder of .txt files"})
     window: int = field(default=32, metadata={"help": "tokens per window (paper: 32)"})
@@ -25,7 +25,7 @@ class CacheConfig:
     shard_windows: int = field(default=512, metadata={"help": "windows per shard (the unit of resumption)"})
     batch_size: int = field(default=16, metadata={"help": "windows per forward pass"})
     sample_cap: int = field(default=256, metadata={"help": "sorted activation values kept per latent"})
-    out: str = field(default="", metadata={"help": "cache folder; default: <user cache>/latents/<coder id>-<split>"})
+    out: str = field(default="", metadata={"help": "cache folder; empty = <user cache>/latents/<coder id>-<split>-w<window>"})
 
     def __post_init__(self) -> None:
         if self.window < 2 or self.shard_windows < 1 or self.batch_size < 1 or self.max_windows < 0:

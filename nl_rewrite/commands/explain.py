@@ -20,10 +20,10 @@ DEFAULT_BACKEND = "embedded:smollm2-135m"
 
 @dataclass
 class LLMOptions:
-    backend: str = field(default=DEFAULT_BACKEND, metadata={"help": "LLM backend spec, e.g. embedded:smollm2-135m "
-                                                                    "or an OpenAI-compatible spec"})
-    llm_cache: str = field(default="", metadata={"help": "sqlite cache of LLM calls (default: <user cache>/"
-                                                         "llm_calls.sqlite); 'none' disables it"})
+    backend: str = field(default=DEFAULT_BACKEND, metadata={"help": "LLM backend: embedded[:<model>] or "
+                                                                    "openai[:<model>[@<base_url>]]"})
+    llm_cache: str = field(default="", metadata={"help": "sqlite cache of LLM calls; empty = <user cache>/"
+                                                         "llm_calls.sqlite; 'none' disables it"})
 
 
 @dataclass
@@ -31,8 +31,8 @@ class ExplainRun:
     latents: int = field(default=20, metadata={"help": "how many latents to explain"})
     select: str = field(default="frequent", metadata={"help": "frequent (most frequent alive latents) or random"})
     select_seed: int = field(default=0, metadata={"help": "seed for --select random"})
-    cache: str = field(default="", metadata={"help": "latent cache folder (default: the default transcoder's)"})
-    out: str = field(default="", metadata={"help": "explanations JSONL (default: <cache>/explanations.jsonl)"})
+    cache: str = field(default="", metadata={"help": "latent cache folder; empty = the default transcoder's"})
+    out: str = field(default="", metadata={"help": "explanations JSONL; empty = <cache>/explanations.jsonl"})
 
     def __post_init__(self) -> None:
         if self.latents < 1:
@@ -50,23 +50,10 @@ def open_cache(folder: str):
 
 def make_llm(opts: LLMOptions):
     """The backend named by ``opts.backend``, wrapped in the on-disk call cache."""
-    try:
-        from ..llm.factory import make_backend
-    except ImportError:  # the factory is not there yet: the embedded backend is the only one we can build
-        make_backend = _embedded_only
+    from ..llm.factory import make_backend
+
     path = None if opts.llm_cache == "none" else Path(opts.llm_cache or cache_dir() / "llm_calls.sqlite")
     return make_backend(opts.backend, path)
-
-
-def _embedded_only(spec: str, path: Path | None):
-    from ..llm.cache import CachedBackend
-    from ..llm.embedded import EmbeddedBackend
-
-    kind, _, name = spec.partition(":")
-    if kind != "embedded":
-        raise ValueError(f"backend {spec!r} needs nl_rewrite.llm.factory; only embedded:<model> is available")
-    backend = EmbeddedBackend(name or "smollm2-135m")
-    return CachedBackend(backend, path) if path is not None else backend
 
 
 def run(args: argparse.Namespace) -> int:

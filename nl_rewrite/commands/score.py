@@ -18,9 +18,9 @@ from .explain import LLMOptions, make_llm, open_cache
 
 @dataclass
 class ScoreRun:
-    cache: str = field(default="", metadata={"help": "latent cache folder (default: the default transcoder's)"})
-    explanations: str = field(default="", metadata={"help": "explanations JSONL (default: <cache>/explanations.jsonl)"})
-    out: str = field(default="", metadata={"help": "scores JSONL (default: <cache>/detection.jsonl)"})
+    cache: str = field(default="", metadata={"help": "latent cache folder; empty = the default transcoder's"})
+    explanations: str = field(default="", metadata={"help": "explanations JSONL; empty = <cache>/explanations.jsonl"})
+    out: str = field(default="", metadata={"help": "scores JSONL; empty = <cache>/detection.jsonl"})
 
 
 def run(args: argparse.Namespace) -> int:
