@@ -1,0 +1,111 @@
+"""Simulator throughput: (latent, token) predictions per second, three ways, in one run.
+
+Same explanations ("latents"), same 32-token windows from the explain split, same embedded model:
+  1. paper mode: one request per (latent, token), the few-shot+explanation prefix KV reused
+     (the strongest version of the baseline);
+  2. all-at-once, prefix recomputed for every window (``EmbeddedBackend(reuse_prefix=False)``);
+  3. all-at-once, prefix KV computed once per latent and reused across its windows.
+Backends are warmed up on an unrelated prompt; each timing starts with an empty prefix cache, so prefix
+costs are counted; all-at-once modes take the best of ``--repeats``. Peak memory is the process's max RSS after each mode (monotone).
+The last line of stdout is one JSON object.
+
+    python benchmarks/simulator_throughput.py [--latents 2] [--windows 2] [--paper-windows 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+import torch
+
+EXPLANATIONS = (
+    "numbers, years and dates",
+    "words about government, law and the state",
+    "the word \"the\" and other articles",
+    "punctuation that ends a sentence",
+)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def windows_as_strings(tokenizer, n: int, window: int) -> list[tuple[str, ...]]:
+    from nl_rewrite.data import token_windows
+
+    windows = token_windows(tokenizer, "explain", window=window, max_windows=n, seed=0)
+    return [tuple(tokenizer.decode([t]) for t in row.tolist()) for row in windows.tokens]
+
+
+def make_backend(reuse: bool):
+    """A backend warmed up on an unrelated prompt, so one-time start-up costs are not timed."""
+    from nl_rewrite.llm.embedded import EmbeddedBackend
+    from nl_rewrite.simulate import SimulationItem, Simulator
+
+    backend = EmbeddedBackend("smollm2-135m", reuse_prefix=reuse)
+    Simulator(backend, "all_at_once").simulate_many([SimulationItem("warm-up", ("a", " b"))])
+    return backend
+
+
+def time_mode(backend, mode: str, explanations, windows) -> tuple[float, int]:
+    """Seconds and predictions for simulating every (explanation, window), prefix cache empty at the start."""
+    from nl_rewrite.simulate import SimulationItem, Simulator
+
+    backend._prefixes.clear()  # benchmark only: each repeat must pay for its prefixes, as a fresh run would
+    sim = Simulator(backend, mode)
+    items = [SimulationItem(e, w) for e in explanations for w in windows]
+    start = time.perf_counter()
+    scores = sim.simulate_many(items)
+    elapsed = time.perf_counter() - start
+    n = sum(s.numel() for s in scores)
+    assert n == sum(len(w) for w in windows) * len(explanations)
+    assert sim.stats.nan_predictions == 0, "the embedded backend always gives digit logprobs"
+    return elapsed, n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--latents", type=int, default=2)
+    parser.add_argument("--windows", type=int, default=2)
+    parser.add_argument("--window", type=int, default=32)
+    parser.add_argument("--paper-windows", type=int, default=2, help="windows for paper mode (the slow one)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from nl_rewrite.models import load_hf
+
+    _, tokenizer = load_hf("smollm2-135m")
+    explanations = EXPLANATIONS[: args.latents]
+    windows = windows_as_strings(tokenizer, max(args.windows, args.paper_windows), args.window)
+    results: dict[str, dict[str, float]] = {}
+    runs = (("paper", "paper", True, windows[: args.paper_windows], 1),
+            ("all_at_once_no_reuse", "all_at_once", False, windows[: args.windows], args.repeats),
+            ("all_at_once_reuse", "all_at_once", True, windows[: args.windows], args.repeats))
+    backends = {True: make_backend(True), False: make_backend(False)}
+    for name, mode, reuse, wins, repeats in runs:
+        timings = [time_mode(backends[reuse], mode, explanations, wins) for _ in range(repeats)]
+        seconds, n = min(timings)
+        results[name] = {"predictions": n, "seconds": round(seconds, 3),
+                         "predictions_per_s": round(n / seconds, 2), "peak_rss_mb_after": round(peak_rss_mb(), 1)}
+        print(f"{name}: {n} predictions in {seconds:.2f} s = {n / seconds:.1f}/s", flush=True)
+    paper = results["paper"]["predictions_per_s"]
+    summary = {
+        "benchmark": "simulator_throughput", "model": "smollm2-135m", "threads": args.threads,
+        "latents": len(explanations), "windows": args.windows, "paper_windows": args.paper_windows,
+        "window": args.window, "modes": results,
+        "ratio_all_at_once_no_reuse_vs_paper": round(results["all_at_once_no_reuse"]["predictions_per_s"] / paper, 2),
+        "ratio_all_at_once_reuse_vs_paper": round(results["all_at_once_reuse"]["predictions_per_s"] / paper, 2),
+        "ratio_reuse_vs_no_reuse": round(results["all_at_once_reuse"]["predictions_per_s"]
+                                         / results["all_at_once_no_reuse"]["predictions_per_s"], 2),
+        "target_reuse_vs_paper": 20, "peak_rss_mb": round(peak_rss_mb(), 1),
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
