@@ -20,6 +20,7 @@ COMMANDS = [
     "nl_rewrite.commands.explain",
     "nl_rewrite.commands.score",
     "nl_rewrite.commands.serve",
+    "nl_rewrite.commands.train",
 ]
 
 

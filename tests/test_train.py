@@ -93,3 +93,14 @@ def test_short_real_training_run(smol, tmp_cache):
     assert last < first and last < 1.0
     assert coder.cfg.read_site == "mlp_in.15" and coder.cfg.d_in == 576
     assert (tmp_cache / "coders" / "smollm2-135m" / "mlp_in.15-w512-k16" / DONE_FILE).is_file()
+
+
+def test_cli_parses_train_command():
+    from nl_rewrite.cli import build_parser
+    from nl_rewrite.cli_config import dataclass_from_args
+
+    args = build_parser().parse_args(["train", "--model", "smollm2-135m", "--layer", "12", "--kind", "transcoder",
+                                      "--width", "4096", "--k", "32", "--tokens", "2M"])
+    cfg = dataclass_from_args(TrainConfig, args)
+    assert (cfg.layer, cfg.width, cfg.k, cfg.tokens, cfg.kind) == (12, 4096, 32, 2_000_000, "transcoder")
+    assert cfg.output_folder().name == "mlp_in.12-w4096-k32"
