@@ -96,12 +96,16 @@ class SparseCoder(nn.Module):
                 f"sparse coder for {self.cfg.read_site} expects inputs of width d_in={self.cfg.d_in}, "
                 f"got shape {tuple(x.shape)}")
 
-    def pre_acts(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... n_latents"]:
-        """ReLU of the encoder, before TopK."""
+    def encoder_out(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... n_latents"]:
+        """The encoder's affine output, before ReLU (training's AuxK loss needs it for latents that never fire)."""
         self._check_input(x)
         if self.cfg.kind == "sae":
             x = x - self.b_dec
-        return F.relu(self.encoder(x.to(self.encoder.weight.dtype)))
+        return self.encoder(x.to(self.encoder.weight.dtype))
+
+    def pre_acts(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... n_latents"]:
+        """ReLU of the encoder, before TopK."""
+        return F.relu(self.encoder_out(x))
 
     def topk(self, dense: Float[Tensor, "... n_latents"]) -> SparseLatents:
         values, indices = dense.topk(self.cfg.k, dim=-1, sorted=True)

@@ -256,27 +256,31 @@ class StepMetrics:
     dead_fraction: float
 
 
-def auxk_loss(coder: SparseCoder, pre: Tensor, error: Tensor, dead: Tensor, total_variance: Tensor) -> Tensor:
-    """The top dead latents' reconstruction of the (detached) error, as in Gao et al. 2024 appendix B.1."""
+def auxk_loss(coder: SparseCoder, raw: Tensor, error: Tensor, dead: Tensor, total_variance: Tensor) -> Tensor:
+    """The top dead latents' reconstruction of the (detached) error, as in Gao et al. 2024 appendix B.1.
+
+    It uses the encoder output *before* ReLU: a dead latent's ReLU output is zero on every token, so a loss on
+    it would have no gradient and could never revive the latent.
+    """
     n_dead = int(dead.sum())
     if n_dead == 0:
-        return pre.new_zeros(())
+        return raw.new_zeros(())
     k_aux = min(coder.cfg.d_out // 2, n_dead)
     scale = min(n_dead / (coder.cfg.d_out // 2), 1.0)
-    values, indices = torch.where(dead, pre, pre.new_tensor(-torch.inf)).topk(k_aux, dim=-1, sorted=False)
-    error_hat = coder._decode_sparse(values.clamp_min(0), indices)
+    values, indices = torch.where(dead, raw, raw.new_tensor(-torch.inf)).topk(k_aux, dim=-1, sorted=False)
+    error_hat = coder._decode_sparse(values, indices)
     return scale * (error_hat - error.detach()).pow(2).sum() / total_variance
 
 
 def train_step(state: TrainState, cfg: TrainConfig, x: Tensor, y: Tensor) -> StepMetrics:
     coder = state.coder
-    pre = coder.pre_acts(x)
-    top = coder.topk(pre)
+    raw = coder.encoder_out(x)
+    top = coder.topk(torch.relu(raw))
     error = y - (coder.decode(top) + coder.skip(x))
     total_variance = (y - y.mean(0)).pow(2).sum().clamp_min(1e-12)
     fvu = error.pow(2).sum() / total_variance
     dead = state.since_fired >= cfg.dead_tokens
-    aux = auxk_loss(coder, pre, error, dead, total_variance) if cfg.auxk_alpha > 0 else fvu.new_zeros(())
+    aux = auxk_loss(coder, raw, error, dead, total_variance) if cfg.auxk_alpha > 0 else fvu.new_zeros(())
     loss = fvu + cfg.auxk_alpha * aux
     for group in state.optimizer.param_groups:
         group["lr"] = cfg.lr * min(1.0, (state.step + 1) / max(1, cfg.lr_warmup))

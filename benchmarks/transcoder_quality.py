@@ -1,0 +1,78 @@
+"""How well does the default transcoder stand in for its MLP? (issue 3's target: ≥ 0.85 of the CE increase
+of zero-ablating the MLP recovered on the held-out ``eval`` split, all positions.)
+
+Loads the cached default transcoder (training it first if absent), then for ``eval`` and ``eval_ood``:
+- CE of clean, zero-ablated MLP, transcoder, and skip+bias only ("zero_latents"), via the Evaluator;
+- FVU of the transcoder's mlp_out prediction, mean L0, and the fraction of latents that never fire.
+
+Usage: python benchmarks/transcoder_quality.py [--windows 96] [--layer 15]
+Last line of stdout: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+import torch
+
+from nl_rewrite.data import token_windows
+from nl_rewrite.evaluator import Evaluator
+from nl_rewrite.models import load_model, prepend_bos_for
+from nl_rewrite.replacements.baselines import ZeroReplacement
+from nl_rewrite.replacements.coders import TranscoderReplacement, ZeroLatentsReplacement
+from nl_rewrite.sparse_coder import SparseCoder
+from nl_rewrite.train import DEFAULT_LAYER, default_transcoder, site_activations
+
+
+@torch.no_grad()
+def reconstruction_stats(model, coder: SparseCoder, tokens: torch.Tensor) -> dict:
+    x, y = site_activations(model, tokens, coder.cfg.read_site, coder.cfg.write_site)
+    latents = coder.encode(x)
+    pred = coder.decode(latents) + coder.skip(x)
+    fired = torch.zeros(coder.cfg.n_latents, dtype=torch.bool)
+    fired[latents.indices[latents.values > 0]] = True
+    return {"fvu": float((y - pred).pow(2).sum() / (y - y.mean(0)).pow(2).sum()),
+            "l0": float((latents.values > 0).sum(-1).float().mean()),
+            "dead_fraction": float(1 - fired.float().mean()), "n_tokens": int(x.shape[0])}
+
+
+def evaluate_split(model, coder: SparseCoder, split: str, n_windows: int, model_name: str) -> dict:
+    windows = token_windows(model, split, window=64, max_windows=n_windows, prepend_bos=prepend_bos_for(model_name))
+    conditions = [ZeroReplacement(coder.cfg.write_site), TranscoderReplacement(coder), ZeroLatentsReplacement(coder)]
+    results = Evaluator(model, windows, batch_size=8, progress=False).run(conditions)
+    ce = {name: sum(v) / len(v) for name, v in results.ce.items()}
+    frac, ci = results.fraction_recovered("transcoder", worse="zero")
+    frac_skip, _ = results.fraction_recovered("zero_latents", worse="zero")
+    return {"fraction_ce_recovered": frac, "fraction_ce_recovered_ci": list(ci),
+            "fraction_ce_recovered_zero_latents": frac_skip, "ce": ce, "n_windows": len(windows),
+            **reconstruction_stats(model, coder, windows.tokens)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--layer", type=int, default=DEFAULT_LAYER)
+    parser.add_argument("--windows", type=int, default=96, help="evaluation windows (64 tokens each) per split")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    model = load_model(args.model)
+    start = time.perf_counter()
+    coder = default_transcoder(args.model, args.layer, model=model)
+    train_seconds = time.perf_counter() - start
+    out = {"model": args.model, "site": coder.cfg.write_site, "width": coder.cfg.n_latents, "k": coder.cfg.k,
+           "seconds_to_get_coder": round(train_seconds, 1)}
+    for split in ("eval", "eval_ood"):
+        t = time.perf_counter()
+        out[split] = evaluate_split(model, coder, split, args.windows, args.model)
+        out[split]["seconds"] = round(time.perf_counter() - t, 1)
+        print(split, json.dumps(out[split]), flush=True)
+    out["target_met"] = out["eval"]["fraction_ce_recovered"] >= 0.85
+    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
