@@ -100,3 +100,16 @@ def test_real_model_zero_mean_identity(smol, tmp_cache):
     assert abs(s["identity"].ce_delta) < 1e-5
     assert s["zero"].ce_delta > 0.02
     assert s["clean"].mean_ce < s["mean"].mean_ce < s["zero"].mean_ce
+
+
+@pytest.mark.slow
+def test_evaluate_cli_writes_results_and_split_manifest(tmp_cache, tmp_path):
+    from nl_rewrite.cli import main
+
+    out = tmp_path / "ev"
+    assert main(["evaluate", "--layer", "6", "--replacement", "zero", "--max-windows", "4", "--window", "16",
+                 "--out", str(out)]) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert data["summaries"]["zero_mlp"]["kl_mean"] > 0
+    splits = json.loads((out / "splits.json").read_text())["splits"]
+    assert not set(splits["eval"]) & set(splits["explain"])

@@ -38,7 +38,7 @@ class EvaluateConfig:
 
 def evaluate(cfg: EvaluateConfig) -> dict:
     from ..conditions import build_condition, default_coder_loader
-    from ..data import token_windows
+    from ..data import split_manifest, token_windows
     from ..evaluator import Evaluator
     from ..models import load_model, prepend_bos_for
 
@@ -53,6 +53,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     payload = {"config": asdict(cfg), **results.to_json()}
     (out / "results.json").write_text(json.dumps(payload, indent=1))
+    # which documents were in which split, so the evaluation set can be audited
+    (out / "splits.json").write_text(json.dumps(split_manifest(cfg.corpus, cfg.seed), indent=1))
     print(f"wrote {out / 'results.json'}")
     return payload
 
