@@ -62,4 +62,9 @@ def evaluate(cfg: EvaluateConfig) -> dict:
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("evaluate", help="CE/KL deltas of replacements of one MLP")
     add_dataclass_args(parser, EvaluateConfig)
-    parser.set_defaults(func=lambda args: evaluate(dataclass_from_args(EvaluateConfig, args)) and 0)
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    evaluate(dataclass_from_args(EvaluateConfig, args))
+    return 0
