@@ -21,7 +21,13 @@ from .base import BatchInfo, Replacement
 class CoderReplacement(Replacement):
     """A replacement that reads the coder's read site and writes its write site."""
 
+    required_kind: str | None = None
+    """Coder kind (``cfg.kind``) this replacement needs; None accepts any."""
+
     def __init__(self, coder: SparseCoder, name: str):
+        if self.required_kind is not None and coder.cfg.kind != self.required_kind:
+            raise ValueError(f"{type(self).__name__} needs a coder of kind {self.required_kind!r}, "
+                             f"got {coder.cfg.kind!r}")
         super().__init__(write_site=coder.cfg.write_site, read_site=coder.cfg.read_site, name=name)
         self.coder = coder
 
@@ -30,9 +36,9 @@ class CoderReplacement(Replacement):
 
 
 class TranscoderReplacement(CoderReplacement):
+    required_kind = "transcoder"
+
     def __init__(self, coder: SparseCoder, name: str = "transcoder"):
-        if coder.cfg.kind != "transcoder":
-            raise ValueError(f"TranscoderReplacement needs a transcoder, got a coder of kind {coder.cfg.kind!r}")
         super().__init__(coder, name)
 
     @torch.no_grad()
@@ -41,9 +47,9 @@ class TranscoderReplacement(CoderReplacement):
 
 
 class SAEReplacement(CoderReplacement):
+    required_kind = "sae"
+
     def __init__(self, coder: SparseCoder, name: str = "sae"):
-        if coder.cfg.kind != "sae":
-            raise ValueError(f"SAEReplacement needs an SAE, got a coder of kind {coder.cfg.kind!r}")
         super().__init__(coder, name)
 
     @torch.no_grad()

@@ -45,10 +45,10 @@ class NLSimulatorReplacement(CoderReplacement):
     ``calibrators``: latent → fitted calibrator. ``latents``: the chosen latent ids (may be empty: then
     this is the plain transcoder)."""
 
+    required_kind = "transcoder"
+
     def __init__(self, transcoder: SparseCoder, simulations: Mapping[int, Mapping[int, Tensor]],
                  calibrators: Mapping[int, Calibrator], latents: Sequence[int], name: str = "nl_simulated"):
-        if transcoder.cfg.kind != "transcoder":
-            raise ValueError(f"NLSimulatorReplacement needs a transcoder, got a coder of kind {transcoder.cfg.kind!r}")
         super().__init__(transcoder, name)
         self.latents = [int(latent) for latent in latents]
         _check_inputs(self.latents, simulations, calibrators, transcoder.cfg.n_latents)
