@@ -231,7 +231,6 @@ def run_experiment(cfg: RunConfig) -> Artifacts:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     stages = Stage()
-    random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model = stages.timed("load_model", load_model, cfg.model)
     if cfg.layer < 0:
