@@ -16,6 +16,7 @@ from .errors import NLRewriteError
 COMMANDS = [
     "nl_rewrite.commands.run",
     "nl_rewrite.commands.evaluate",
+    "nl_rewrite.commands.layers",
     "nl_rewrite.commands.cache",
     "nl_rewrite.commands.explain",
     "nl_rewrite.commands.score",

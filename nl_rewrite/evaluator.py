@@ -25,6 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .data import TokenWindows
+from .prefix import capture_block_inputs, first_layer, resumed_at
 from .replacements.base import BatchInfo, Replacement, replacement_names
 from .stats import bootstrap_indices, mean_ci, paired_wilcoxon, ratio_ci
 
@@ -142,13 +143,15 @@ class Evaluator:
     """Measures how far each replacement moves the model's next-token predictions on ``windows``."""
 
     def __init__(self, model, windows: TokenWindows, batch_size: int = 8, positions: str = "all",
-                 n_bootstrap: int = 1000, seed: int = 0, progress: bool = True):
+                 n_bootstrap: int = 1000, seed: int = 0, progress: bool = True, reuse_prefix: bool = True):
         if positions not in POSITION_MODES:
             raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.model, self.windows, self.batch_size = model, windows, batch_size
         self.positions, self.n_bootstrap, self.seed, self.progress = positions, n_bootstrap, seed, progress
+        self.reuse_prefix = reuse_prefix
+        """Start each patched run at its first patched block from the clean pass's residual (same numbers, less work)."""
 
     def _scored(self, tokens: Tensor) -> tuple[slice, Tensor | None]:
         """Which logits are scored, and which positions get patched (None: all)."""
@@ -157,19 +160,32 @@ class Evaluator:
         last = tokens.shape[1] - 2
         return slice(last, last + 1), torch.tensor([last])
 
+    def _start_layer(self, rep: Replacement) -> int:
+        return first_layer([rep.read_site, rep.write_site]) if self.reuse_prefix else 0
+
     @torch.no_grad()
     def _batch(self, ids: Tensor, tokens: Tensor, replacements: Sequence[Replacement]) -> dict[str, tuple[Tensor, Tensor]]:
         scored, patch_positions = self._scored(tokens)
         targets = tokens[:, 1:][:, scored]
-        clean_logits = self.model(tokens)[:, scored]
+        starts = {self._start_layer(rep) for rep in replacements} - {0}
+        with capture_block_inputs(self.model, starts) as resid:
+            clean_logits = self.model(tokens)[:, scored]
         clean_logprobs = F.log_softmax(clean_logits.float(), dim=-1)
         out = {CLEAN: token_ce_and_kl(clean_logits, clean_logprobs, targets)}
         batch = BatchInfo(tokens=tokens, window_ids=ids)
         for rep in replacements:
-            with rep.attached(self.model, batch, positions=patch_positions):
-                logits = self.model(tokens)[:, scored]
-            out[rep.name] = token_ce_and_kl(logits, clean_logprobs, targets)
+            out[rep.name] = token_ce_and_kl(self._patched_logits(rep, tokens, batch, patch_positions, resid)[:, scored],
+                                            clean_logprobs, targets)
         return out
+
+    def _patched_logits(self, rep: Replacement, tokens: Tensor, batch: BatchInfo, positions: Tensor | None,
+                        resid: dict[int, Tensor]) -> Tensor:
+        start = self._start_layer(rep)
+        with rep.attached(self.model, batch, positions=positions):
+            if start == 0:
+                return self.model(tokens)
+            with resumed_at(self.model, start, resid[start]):
+                return self.model(tokens)
 
     def run(self, replacements: Sequence[Replacement] = ()) -> EvalResults:
         """Evaluate the clean model and every replacement on all windows; returns per-window means and summaries."""

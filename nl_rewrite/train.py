@@ -37,8 +37,13 @@ from .sparse_coder import KINDS, CoderConfig, SparseCoder
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LAYER = 15
-DEFAULT_TOKENS = 400_000  # ≈ 10 min of CPU for SmolLM2 layer 15 on 2 uncontended cores (see benchmarks)
+DEFAULT_LAYER = 10
+"""SmolLM2's MLP chosen by ``nl-rewrite layers`` (docs/results.md): nearest the middle among layers whose zero
+ablation costs 0.15-1 nats on eval (+0.30 [0.23, 0.38])."""
+DEFAULT_TOKENS = 400_000  # see benchmarks/train_throughput.py and docs/results.md for the measured minutes
+DEFAULT_BUFFER_PASSES = 2
+"""The default transcoder takes two optimiser passes over each activation buffer: the model forward dominates
+training on CPU, so a second pass costs ~15% more time and lowers FVU."""
 STATE_FILE, LOG_FILE, DONE_FILE = "train_state.pt", "train_log.jsonl", "training.json"
 # fields that may differ between an interrupted run and its resumption without changing the result
 _RESUMABLE_CHANGES = ("tokens", "checkpoint_every", "out")
@@ -478,5 +483,6 @@ def _finish(state: TrainState, cfg: TrainConfig, folder: Path) -> None:
 
 def default_transcoder(model_name: str = "smollm2-135m", layer: int = DEFAULT_LAYER, model=None) -> SparseCoder:
     """The cached default transcoder (width 4096, k 32) for ``model_name``'s MLP ``layer``; trains it if absent."""
-    cfg = TrainConfig(model=model_name, layer=layer, kind="transcoder", width=4096, k=32)
+    cfg = TrainConfig(model=model_name, layer=layer, kind="transcoder", width=4096, k=32,
+                      buffer_passes=DEFAULT_BUFFER_PASSES)
     return train(cfg, model=model)
