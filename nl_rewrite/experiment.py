@@ -1,23 +1,23 @@
 """``nl-rewrite run``: the whole rewrite experiment, stage by stage, each stage resumable.
 
-1. transcoder (cached in the user cache) → 2. latent cache on the ``explain`` split → 3. a pool of latents →
-4. explanations → 5. detection scores (the ranking) → 6. simulations of every (pool latent, window) on
-explain-split calibration windows and eval-split windows, stored once → 7. calibrators fitted on the explain
-split only → 8. the Evaluator on the document-disjoint ``eval`` split, in all-positions and last-token modes,
-for the baselines and every (fraction, calibration) → 9. results.json/csv, plots, report.html, manifest.
+1. transcoder (cached in the user cache) → 2. latent cache on the ``explain`` split → 3. lexical explanations
+of every latent, simulated, calibrated on held-out ``explain`` windows (one arm per length budget) and the
+oracle ladder's noise levels → 4. the LLM pool (the latents carrying the most output mass): explanations,
+detection scores, simulations, calibrators (explain split only) → 5. the Evaluator on the document-disjoint
+``eval`` split: baselines, oracles, lexical arms and fraction sweeps over all latents on every eval window;
+the LLM pool's conditions on the first ``llm_eval_windows`` of them (a separate run with its own references)
+→ 6. results.json/csv, plots, report.html, manifest.
 
-``fractions`` are fractions of the *pool* (the latents explained and simulated); the pool's share of all
-latents is reported. With ``pool=0`` (the paper preset) the pool is every alive latent.
+``fractions`` are fractions of the LLM *pool*; ``sweep_fractions`` are fractions of *all* latents.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -25,16 +25,21 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .checkpoint import atomic_write_text
 from .calibrate import Calibrator, count_fallbacks, make_calibrator
 from .conditions import build_condition
 from .data import TokenWindows, token_windows
 from .evaluator import EvalResults, Evaluator
 from .explain import ExplainConfig, Explanation, explain_latents
+from .ladder import (LexicalArm, fit_noise, lexical_arm, lexical_condition, eval_pearson, oracle_conditions,
+                     zeroed_condition)
 from .latents import LatentCache
+from .lexical import candidate_items
 from .llm.factory import make_backend
 from .models import load_model, model_name, prepend_bos_for
 from .paths import cache_dir
 from .replacements.base import Replacement
+from .replacements.oracles import OracleReplacement
 from .replacements.simulated import NLSimulatorReplacement, choose_latents, usable_pool
 from .run_config import RunConfig
 from .sampling import SamplingConfig, select_latents
@@ -45,7 +50,7 @@ from .sparse_coder import SparseCoder
 
 log = logging.getLogger(__name__)
 BASELINES = ("transcoder", "zero_latents", "zero", "mean", "random_latents")
-POSITION_MODES = ("all", "last")
+HEADLINE_LEXICAL = "lexical"
 
 
 def condition_name(calibration: str, fraction: float) -> str:
@@ -67,12 +72,30 @@ class Stage:
         return result
 
 
+@dataclass(frozen=True)
+class ConditionInfo:
+    """What a condition is, for tables, plots and the answer: its family and how much it simulates."""
+
+    family: str
+    """baseline, oracle, lexical or llm."""
+    fraction_of_latents: float
+    pearson: float
+    """Mean per-latent Pearson r of the written values with the true activations on the evaluated windows."""
+    label: str = ""
+
+
 @dataclass
 class Artifacts:
     """Everything the report needs, produced by :func:`run_experiment`."""
 
     cfg: RunConfig
     results: dict[str, EvalResults]
+    """position mode → every condition on all eval windows."""
+    pool_results: EvalResults
+    """The LLM pool's conditions (and references) on the first ``llm_eval_windows`` eval windows."""
+    info: dict[str, ConditionInfo]
+    lexical: dict[int, LexicalArm]
+    pool_mass_share: float
     explanations: list[Explanation]
     scores: list[DetectionScore]
     quality: dict[str, dict[int, SimulationQuality]]
@@ -106,9 +129,19 @@ def windows_for(cfg: RunConfig, model, split: str, n: int) -> TokenWindows:
                          prepend_bos=prepend_bos_for(cfg.model))
 
 
-def choose_pool(cfg: RunConfig, cache: LatentCache, min_count: int) -> list[int]:
+def output_mass(cache: LatentCache, coder: SparseCoder) -> Float[Tensor, " n_latents"]:
+    """Each latent's share of what the transcoder writes on the explain split: Σ activation × ‖decoder row‖."""
+    mass = cache.stats.count.double() * torch.nan_to_num(cache.stats.mean.double()) * coder.W_dec.detach().norm(dim=-1).double()
+    return mass / mass.sum()
+
+
+def choose_pool(cfg: RunConfig, cache: LatentCache, coder: SparseCoder, min_count: int) -> list[int]:
     n = cfg.pool if cfg.pool > 0 else cache.n_latents
-    return select_latents(cache, n, how=cfg.pool_selection, seed=cfg.seed, min_count=min_count)
+    if cfg.pool_selection != "mass":
+        return select_latents(cache, n, how=cfg.pool_selection, seed=cfg.seed, min_count=min_count)
+    eligible = cache.stats.count >= min_count
+    mass = torch.where(eligible, output_mass(cache, coder), torch.zeros(()))
+    return torch.argsort(mass, descending=True, stable=True)[:min(n, int(eligible.sum()))].tolist()
 
 
 # ---- stages 4-5: explanations and scores --------------------------------------------------------------------
@@ -187,29 +220,15 @@ def simulated_conditions(cfg: RunConfig, transcoder: SparseCoder, sims: dict[int
             for kind in cfg.calibrations for f in cfg.fractions]
 
 
-def evaluate_modes(cfg: RunConfig, model, windows: TokenWindows, build: Callable[[], list[Replacement]], out: Path,
-                   fingerprint: str, stages: Stage) -> dict[str, EvalResults]:
-    """One Evaluator run per position mode; a finished mode with the same fingerprint is reused, and the
-    conditions are only built (mean ablation needs a pass over train windows) when something is left to run."""
-    results: dict[str, EvalResults] = {}
-    conditions: list[Replacement] = []
-    for mode in POSITION_MODES:
-        path = out / f"eval_{mode}.json"
-        if path.is_file() and json.loads(path.read_text()).get("fingerprint") == fingerprint:
-            results[mode] = EvalResults.from_json(json.loads(path.read_text())["results"])
-            continue
-        conditions = conditions or build()
-        res = stages.timed(f"evaluate_{mode}", Evaluator(model, windows, cfg.batch_size, mode, seed=cfg.seed).run,
-                           conditions)
-        _write_json(path, {"fingerprint": fingerprint, "results": res.to_json()})
-        results[mode] = res
-    return results
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
+def evaluate_cached(model, windows: TokenWindows, build: Callable[[], list[Replacement]], path: Path, mode: str,
+                    cfg: RunConfig, fingerprint: str, stages: Stage) -> EvalResults:
+    """One Evaluator run, reused from ``path`` when its fingerprint matches (conditions are then never built)."""
+    if path.is_file() and json.loads(path.read_text()).get("fingerprint") == fingerprint:
+        return EvalResults.from_json(json.loads(path.read_text())["results"])
+    res = stages.timed(f"evaluate_{path.stem}", Evaluator(model, windows, cfg.batch_size, mode, seed=cfg.seed).run,
+                       build())
+    atomic_write_json(path, {"fingerprint": fingerprint, "results": res.to_json()})
+    return res
 
 
 def fraction_choices(cfg: RunConfig, pool: list[int], scores: list[DetectionScore],
@@ -224,7 +243,149 @@ def fraction_choices(cfg: RunConfig, pool: list[int], scores: list[DetectionScor
     return {f: choose_latents(f, cfg.order, ranking, cfg.seed, pool) for f in cfg.fractions}
 
 
+def atomic_write_json(path: Path, data: dict) -> None:
+    atomic_write_text(path, json.dumps(data, indent=1, default=str))
+
+
 # ---- the driver -----------------------------------------------------------------------------------------------
+
+@dataclass
+class Context:
+    """What every stage reads: the config, the model, the transcoder, the explain-split cache, the output folder."""
+
+    cfg: RunConfig
+    model: object
+    transcoder: SparseCoder
+    cache: LatentCache
+    out: Path
+    stages: Stage
+
+
+def lexical_stage(ctx: Context, eval_strings: dict[int, list[str]]) -> dict[int, LexicalArm]:
+    """One lexical arm per budget; statistics from explain windows not held out for calibration."""
+    cfg, cache = ctx.cfg, ctx.cache
+    calib_ids = heldout_windows(cfg, len(cache))
+    stat_ids = sorted(set(range(len(cache))) - set(calib_ids))
+    budgets = sorted({cfg.lexical_budget, *cfg.lexical_budgets})
+    candidates = candidate_items(cache, stat_ids, max_per_latent=max(budgets))
+    return {b: lexical_arm(cache, stat_ids, calib_ids, candidates, b, eval_strings, ctx.out) for b in budgets}
+
+
+def heldout_windows(cfg: RunConfig, n: int) -> list[int]:
+    return sorted(random.Random(cfg.seed + 1).sample(range(n), min(cfg.lexical_calib_windows, n - 1)))
+
+
+@dataclass
+class PoolArm:
+    """The LLM's part: pool, explanations, scores, calibrators, simulations of the first eval windows."""
+
+    pool: list[int]
+    explanations: list[Explanation]
+    scores: list[DetectionScore]
+    texts: dict[int, str]
+    calibrators: dict[str, dict[int, Calibrator]]
+    quality: dict[str, dict[int, SimulationQuality]]
+    chosen: dict[float, list[int]]
+    eval_sims: dict[int, dict[int, Tensor]]
+    simulator_identity: str
+    nan_predictions: int
+
+
+def llm_stage(ctx: Context, backend, eval_strings: dict[int, list[str]]) -> PoolArm:
+    cfg, cache, stages = ctx.cfg, ctx.cache, ctx.stages
+    pool = choose_pool(cfg, cache, ctx.transcoder, min_count=max(2, cfg.n_heldout))
+    explanations, scores = explain_and_score(cfg, backend, cache, pool, ctx.out, stages)
+    usable, _ = usable_pool(explanations)
+    texts = {r.latent: r.text for r in explanations if r.latent in set(usable)}
+    simulator = Simulator(backend, cfg.simulator_mode)
+    calib_ids = sorted(random.Random(cfg.seed).sample(range(len(cache)), min(cfg.calib_windows, len(cache))))
+    calib_store = stages.timed("simulate_explain", simulate_split, simulator, ctx.out / "simulations" / "explain",
+                               texts, {w: cache.token_strings(cache.window_tokens(w)) for w in calib_ids})
+    llm_windows = {w: eval_strings[w] for w in range(cfg.llm_eval_windows)}
+    eval_store = stages.timed("simulate_eval", simulate_split, simulator, ctx.out / "simulations" / "eval", texts,
+                              llm_windows)
+    calibrators, quality = stages.timed("calibrate", calibrate, cfg, cache, calib_store, texts, calib_ids)
+    chosen = fraction_choices(cfg, list(texts), scores, quality)
+    eval_sims = {lat: eval_store.load(lat, text) for lat, text in texts.items()}
+    return PoolArm(pool, explanations, scores, texts, calibrators, quality, chosen, eval_sims, simulator.identity,
+                   simulator.stats.nan_predictions)
+
+
+def main_conditions(ctx: Context, arms: dict[int, LexicalArm]) -> tuple[Callable[[], list[Replacement]], dict]:
+    """Builder of every all-latent condition, and each one's (family, fraction, label) before measuring r."""
+    cfg, tc, cache = ctx.cfg, ctx.transcoder, ctx.cache
+    n = cache.n_latents
+    headline = arms[cfg.lexical_budget]
+    ranking = sorted(headline.texts, key=lambda lat: -_finite_or(headline.ranking().get(lat), -2.0))
+    ranking += sorted(set(range(n)) - set(ranking))  # latents without an explanation (never fired) go last
+    noise = fit_noise(cache, heldout_windows(cfg, len(cache)), cfg.noise_targets, cfg.seed)
+    plan = {"transcoder": ("baseline", 1.0, "transcoder"), "zero_latents": ("baseline", 0.0, "no active latents"),
+            "zero_mlp": ("baseline", 0.0, "MLP zero-ablated"), "mean_mlp": ("baseline", 0.0, "MLP mean-ablated"),
+            "random_latents": ("baseline", 1.0, "random active latents"),
+            "oracle": ("oracle", 1.0, "true activations"), "binary_oracle": ("oracle", 1.0, "binary oracle"),
+            **{f"noisy_r{r:g}": ("oracle", 1.0, f"noisy oracle, target r={r:g}") for r in cfg.noise_targets},
+            HEADLINE_LEXICAL: ("lexical", 1.0, f"lexical, ≤{cfg.lexical_budget} items"),
+            **{f"lexical_b{b}": ("lexical", 1.0, f"lexical, ≤{b} items") for b in cfg.lexical_budgets
+               if b != cfg.lexical_budget}}
+    for f in cfg.sweep_fractions:
+        plan[f"lexical_f{f:g}"] = ("lexical", f, f"lexical, {100 * f:g}% of latents")
+        plan[f"binary_oracle_f{f:g}"] = ("oracle", f, f"binary oracle, {100 * f:g}% of latents")
+
+    def top(f: float) -> list[int]:
+        return ranking[:max(1, round(f * n))]
+
+    def build() -> list[Replacement]:
+        baselines = [build_condition(name, ctx.model, cfg.layer, lambda: tc, cfg.seed) for name in BASELINES]
+        lexical = [lexical_condition(tc, headline, range(n), HEADLINE_LEXICAL)]
+        lexical += [lexical_condition(tc, arm, range(n), f"lexical_b{b}") for b, arm in arms.items()
+                    if b != cfg.lexical_budget]
+        sweeps = []
+        for f in cfg.sweep_fractions:
+            sweeps.append(lexical_condition(tc, headline, top(f), f"lexical_f{f:g}"))
+            sweeps += oracle_conditions(tc, cache, noise, cfg.seed, top(f), suffix=f"_f{f:g}")[1:2]
+        return baselines + oracle_conditions(tc, cache, noise, cfg.seed) + lexical + sweeps
+
+    return build, plan
+
+
+def pool_conditions(ctx: Context, arm: PoolArm, lexical: LexicalArm) -> tuple[Callable[[], list[Replacement]], dict]:
+    cfg, tc = ctx.cfg, ctx.transcoder
+    pool = sorted(arm.texts)
+    share = len(pool) / ctx.cache.n_latents
+    plan = {"transcoder": ("baseline", 1.0, "transcoder"), "zero_latents": ("baseline", 0.0, "no active latents"),
+            "pool_zeroed": ("baseline", share, "pool latents set to 0"),
+            "lexical_pool": ("lexical", share, f"lexical on the pool, ≤{lexical.budget} items"),
+            "binary_oracle_pool": ("oracle", share, "binary oracle on the pool"),
+            **{condition_name(k, f): ("llm", share * f, f"LLM simulator, {k} calibration, {100 * f:g}% of pool")
+               for k in cfg.calibrations for f in cfg.fractions}}
+
+    def build() -> list[Replacement]:
+        refs = [build_condition(name, ctx.model, cfg.layer, lambda: tc, cfg.seed) for name in ("transcoder", "zero_latents")]
+        mean_active = torch.nan_to_num(ctx.cache.stats.mean.float(), nan=0.0)
+        return refs + [zeroed_condition(tc, pool, "pool_zeroed"), lexical_condition(tc, lexical, pool, "lexical_pool"),
+                       OracleReplacement(tc, "binary", pool, mean_active=mean_active, name="binary_oracle_pool")
+                       ] + simulated_conditions(cfg, tc, arm.eval_sims, arm.calibrators, arm.chosen)
+
+    return build, plan
+
+
+def _finite_or(value: float | None, default: float) -> float:
+    return value if value is not None and value == value else default
+
+
+def measured_info(plan: dict, conditions: Callable[[], list[Replacement]], eval_cache: LatentCache,
+                  window_ids: list[int], path: Path, fingerprint: str) -> dict[str, ConditionInfo]:
+    """Each planned condition's info with its Pearson r measured on the evaluated windows (cached by fingerprint)."""
+    if path.is_file() and json.loads(path.read_text()).get("fingerprint") == fingerprint:
+        return {k: ConditionInfo(**v) for k, v in json.loads(path.read_text())["info"].items()}
+    info = {}
+    for rep in conditions():
+        family, fraction, label = plan.get(rep.name, ("baseline", 0.0, rep.name))
+        r = eval_pearson(rep, eval_cache, window_ids) if family != "baseline" else float("nan")
+        info[rep.name] = ConditionInfo(family, fraction, r, label)
+    atomic_write_json(path, {"fingerprint": fingerprint, "info": {k: asdict(v) for k, v in info.items()}})
+    return info
+
 
 def run_experiment(cfg: RunConfig) -> Artifacts:
     """Run (or resume) the experiment ``cfg`` describes; writes into ``cfg.out`` and returns the artifacts."""
@@ -240,31 +401,39 @@ def run_experiment(cfg: RunConfig) -> Artifacts:
     transcoder = stages.timed("transcoder", load_transcoder, cfg, model)
     explain_windows = windows_for(cfg, model, "explain", cfg.explain_windows)
     cache = stages.timed("latent_cache", LatentCache.build, model, transcoder, explain_windows, out / "latents")
-    pool = choose_pool(cfg, cache, min_count=max(2, cfg.n_heldout))
-    backend = make_backend(cfg.llm, cache=cache_dir() / "llm_calls.sqlite")
-    explanations, scores = explain_and_score(cfg, backend, cache, pool, out, stages)
-    usable, _ = usable_pool(explanations)
-    texts = {r.latent: r.text for r in explanations if r.latent in set(usable)}
-    simulator = Simulator(backend, cfg.simulator_mode)
-    calib_ids = sorted(random.Random(cfg.seed).sample(range(len(cache)), min(cfg.calib_windows, len(cache))))
-    calib_store = stages.timed("simulate_explain", simulate_split, simulator, out / "simulations" / "explain", texts,
-                               {w: cache.token_strings(cache.window_tokens(w)) for w in calib_ids})
+    ctx = Context(cfg, model, transcoder, cache, out, stages)
     eval_windows = windows_for(cfg, model, "eval", cfg.eval_windows)
-    eval_store = stages.timed("simulate_eval", simulate_split, simulator, out / "simulations" / "eval", texts,
-                              window_strings(cache, eval_windows))
-    calibrators, quality = stages.timed("calibrate", calibrate, cfg, cache, calib_store, texts, calib_ids)
-    chosen = fraction_choices(cfg, list(texts), scores, quality)
-    eval_sims = {lat: eval_store.load(lat, text) for lat, text in texts.items()}
+    eval_cache = stages.timed("latent_cache_eval", LatentCache.build, model, transcoder, eval_windows,
+                              out / "latents_eval", progress=False)
+    eval_strings = window_strings(cache, eval_windows)
+    arms = stages.timed("lexical", lexical_stage, ctx, eval_strings)
+    backend = make_backend(cfg.llm, cache=cache_dir() / "llm_calls.sqlite")
+    pool = llm_stage(ctx, backend, eval_strings)
 
-    def build() -> list[Replacement]:
-        baselines = [build_condition(name, model, cfg.layer, lambda: transcoder, cfg.seed) for name in BASELINES]
-        return baselines + simulated_conditions(cfg, transcoder, eval_sims, calibrators, chosen)
+    base_fp = [cfg.to_dict(), eval_windows.fingerprint(), cache.meta.coder_fingerprint]
+    build, plan = main_conditions(ctx, arms)
+    main_fp = json.dumps(base_fp + [{b: sorted(a.texts.items()) for b, a in arms.items()}], default=str)
+    results = {mode: evaluate_cached(model, eval_windows, build, out / f"eval_{mode}.json", mode, cfg, main_fp, stages)
+               for mode in cfg.position_modes}
+    ids = list(range(len(eval_windows)))
+    info = stages.timed("measure_pearson", measured_info, plan, build, eval_cache, ids, out / "conditions.json", main_fp)
 
-    fingerprint = json.dumps([cfg.to_dict(), simulator.identity, sorted(texts.items())], default=str)
-    results = evaluate_modes(cfg, model, eval_windows, build, out, fingerprint, stages)
+    llm_windows = eval_windows.subset(list(range(cfg.llm_eval_windows)))
+    build_pool, pool_plan = pool_conditions(ctx, pool, arms[cfg.lexical_budget])
+    pool_fp = json.dumps(base_fp + [pool.simulator_identity, sorted(pool.texts.items()), main_fp], default=str)
+    pool_results = evaluate_cached(model, llm_windows, build_pool, out / "eval_pool.json", "all", cfg, pool_fp, stages)
+    pool_info = measured_info(pool_plan, build_pool, eval_cache, list(range(cfg.llm_eval_windows)),
+                              out / "conditions_pool.json", pool_fp)
+
+    mass = output_mass(cache, transcoder)
     backend_counts = {k: getattr(backend, k) for k in ("new_calls", "hits") if hasattr(backend, k)}
-    counts = {"pool": len(pool), "explained_ok": len(texts), "explanations_failed": len(explanations) - len(texts),
-              "simulated_nan_predictions": simulator.stats.nan_predictions, **backend_counts}
-    return Artifacts(cfg, results, explanations, scores, quality, list(texts), cache.n_latents, chosen,
-                     {k: count_fallbacks(v.values()) for k, v in calibrators.items()}, counts, stages.seconds,
+    counts = {"pool": len(pool.pool), "explained_ok": len(pool.texts),
+              "explanations_failed": len(pool.explanations) - len(pool.texts),
+              "simulated_nan_predictions": pool.nan_predictions,
+              "lexical_explained": len(arms[cfg.lexical_budget].texts),
+              "lexical_parse_fallbacks": sum(a.fallbacks for a in arms.values()), **backend_counts}
+    return Artifacts(cfg, results, pool_results, {**info, **{f"pool:{k}": v for k, v in pool_info.items()}}, arms,
+                     float(mass[sorted(pool.texts)].sum()) if pool.texts else 0.0,
+                     pool.explanations, pool.scores, pool.quality, sorted(pool.texts), cache.n_latents, pool.chosen,
+                     {k: count_fallbacks(v.values()) for k, v in pool.calibrators.items()}, counts, stages.seconds,
                      cache.token_strings)

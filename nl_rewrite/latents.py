@@ -22,6 +22,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -323,6 +324,28 @@ class LatentCache:
                 self._loaded.pop(next(iter(self._loaded)))
             self._loaded[i] = load_file(str(_shard_path(self.folder, i)))
         return self._loaded[i]
+
+    def rows(self, window_ids: "Sequence[int] | None" = None) -> dict[str, Tensor]:
+        """All active (window, position, latent, value) rows, optionally only of ``window_ids``."""
+        wanted = None if window_ids is None else torch.zeros(self.meta.n_windows, dtype=torch.bool)
+        if wanted is not None:
+            wanted[torch.as_tensor(list(window_ids), dtype=torch.long)] = True
+        parts = []
+        for i in range(self.meta.n_shards):
+            shard = self._shard(i)
+            mask = wanted[shard["window_ids"].long()] if wanted is not None else slice(None)
+            parts.append({k: shard[k][mask] for k in ROW_FIELDS})
+        return {k: torch.cat([p[k] for p in parts]) for k in ROW_FIELDS}
+
+    def dense_windows(self, window_ids: "Sequence[int]") -> Float[Tensor, "n pos n_latents"]:
+        """``dense_window`` of many windows at once (one pass over the rows)."""
+        ids = torch.as_tensor(list(window_ids), dtype=torch.long)
+        slot = torch.full((self.meta.n_windows,), -1, dtype=torch.long)
+        slot[ids] = torch.arange(len(ids))
+        rows = self.rows(window_ids)
+        dense = torch.zeros(len(ids), self.meta.window, self.n_latents)
+        dense[slot[rows["window_ids"].long()], rows["positions"].long(), rows["latent_ids"].long()] = rows["values"]
+        return dense
 
     def dense_window(self, window_id: int) -> Float[Tensor, "pos n_latents"]:
         """All latent activations of one window as a dense matrix (zeros where a latent is not active)."""

@@ -1,20 +1,22 @@
-"""Outputs of ``nl-rewrite run``: results.json/csv, CE/KL-vs-fraction plots, report.html, run manifest.
+"""Outputs of ``nl-rewrite run``: results.json/csv, plots, report.html (opening with the answer), manifest.
 
-results.json schema (version 1):
+results.json schema (version 2):
 {
-  "schema": "nl_rewrite.run/1",
+  "schema": "nl_rewrite.run/2",
   "config": {...RunConfig...},
-  "pool": {"size": int, "n_latents": int, "share_of_latents": float, "chosen": {fraction: [latent ids]}},
-  "modes": {"all" | "last": {
-      "conditions": {name: {"mean_ce", "ce_ci", "ce_delta", "ce_delta_ci", "kl_mean", "kl_ci", "n_tokens", "n_windows"}},
-      "simulated": {calibration: {fraction: condition name}},
-      "gap_recovered": {calibration: {"fraction_recovered", "ci", "wilcoxon_p_vs_zero_latents"}}
-  }},
-  "latents": [{"latent", "explanation", "ok", "detection_balanced_accuracy", "detection_auroc",
-               "simulation": {calibration: {"pearson", "spearman", "precision", "recall"}}}],
-  "counts": {...}, "calibration_fallbacks": {...}, "stage_seconds": {...}
+  "answer": [sentences],
+  "n_tokens": int, "gap": {"ce" | "kl": [mean, lo, hi]}     (zero_latents − transcoder, all positions)
+  "pool": {"size", "n_latents", "share_of_latents", "mass_share", "chosen": {fraction: [ids]}},
+  "modes": {"all" | "last": {"conditions": {name: summary}, "per_window_ce", "per_window_kl"}},
+  "recovery": {condition: {"ce" | "kl": {"fraction": [v, lo, hi] | null, "reason", "nonpositive_denominators",
+                                          "n_resamples", "p_vs_worse", "p_vs_better"}}},     (all positions)
+  "conditions_info": {condition: {"family", "fraction_of_latents", "pearson", "label"}},
+  "pool_run": {"n_windows", "llm_condition", "conditions", "conditions_info", "gap", "recovery",
+               "gap_vs_pool_zeroed", "recovery_vs_pool_zeroed"},   (pool_zeroed: only the pool's latents set to 0)
+  "lexical": {budget: {"explained", "mean_pearson_explain", "parse_fallbacks"}},
+  "latents": [...LLM pool latents...], "counts": {...}, "calibration_fallbacks": {...}, "stage_seconds": {...}
 }
-KL is KL(clean || patched), per token, averaged; CE in nats; CIs are 95% window-bootstrap intervals.
+KL is KL(clean || patched) per token, averaged; CE in nats; CIs are 95% paired window-bootstrap intervals.
 """
 
 from __future__ import annotations
@@ -29,26 +31,41 @@ import subprocess
 from dataclasses import asdict
 from pathlib import Path
 
+from .answer import answer_lines
 from .evaluator import EvalResults
-from .experiment import Artifacts, condition_name
+from .experiment import Artifacts
+from .recovery import format_p, gap, recovered_json, recovery_table
+from .report_plots import PLOTS
 
-SCHEMA = "nl_rewrite.run/1"
+SCHEMA = "nl_rewrite.run/2"
 REFERENCE = ("transcoder", "zero_latents")
-"""The summary's gap: CE_zero_latents − CE_transcoder, recovered by simulated latents."""
+"""The gap: M(zero_latents) − M(transcoder), which simulated latents should recover."""
 
 
-def gap_recovered(res: EvalResults, name: str) -> dict:
-    value, ci = res.fraction_recovered(name, worse="zero_latents", better="transcoder")
-    return {"fraction_recovered": value, "ci": list(ci), "wilcoxon_p_vs_zero_latents": res.wilcoxon(name, "zero_latents")}
+def _gap_json(res: EvalResults, worse: str = "zero_latents") -> dict:
+    return {m: gap(res, m, worse=worse).as_list() for m in ("ce", "kl")}
 
 
-def mode_payload(art: Artifacts, res: EvalResults) -> dict:
-    cfg = art.cfg
-    simulated = {k: {str(f): condition_name(k, f) for f in cfg.fractions} for k in cfg.calibrations}
-    return {"conditions": {n: asdict(s) for n, s in res.summaries.items()},
-            "simulated": simulated,
-            "gap_recovered": {k: gap_recovered(res, condition_name(k, max(cfg.fractions))) for k in cfg.calibrations},
-            "per_window_ce": res.ce, "per_window_kl": res.kl}
+def _recovery_json(res: EvalResults, names: list[str], worse: str = "zero_latents") -> dict:
+    return {name: {m: recovered_json(r) for m, r in by_metric.items()}
+            for name, by_metric in recovery_table(res, names, worse=worse).items()}
+
+
+def _default_llm_condition(art: Artifacts) -> str:
+    names = [n for n in art.pool_results.conditions if n.startswith("sim_")]
+    preferred = [n for n in names if n.startswith("sim_isotonic_f1")]
+    return (preferred or names or [""])[0]
+
+
+def pool_payload(art: Artifacts) -> dict:
+    res = art.pool_results
+    simulated = [n for n in res.conditions if n not in ("clean", *REFERENCE)]
+    info = {k.split(":", 1)[1]: asdict(v) for k, v in art.info.items() if k.startswith("pool:")}
+    return {"n_windows": len(res.window_ids), "llm_condition": _default_llm_condition(art),
+            "conditions": {n: asdict(s) for n, s in res.summaries.items()}, "conditions_info": info,
+            "gap": _gap_json(res), "recovery": _recovery_json(res, simulated),
+            "gap_vs_pool_zeroed": _gap_json(res, worse="pool_zeroed"),
+            "recovery_vs_pool_zeroed": _recovery_json(res, [n for n in simulated if n != "pool_zeroed"], "pool_zeroed")}
 
 
 def latent_rows(art: Artifacts) -> list[dict]:
@@ -58,26 +75,46 @@ def latent_rows(art: Artifacts) -> list[dict]:
         s = scores.get(rec.latent)
         sim = {k: {m: getattr(q[rec.latent], m) for m in ("pearson", "spearman", "precision", "recall")}
                for k, q in art.quality.items() if rec.latent in q}
-        rows.append({"latent": rec.latent, "explanation": rec.text, "ok": rec.ok, "error": rec.error,
-                     "detection_balanced_accuracy": s.balanced_accuracy if s else None,
+        lexical = art.lexical[art.cfg.lexical_budget].texts.get(rec.latent, "")
+        rows.append({"latent": rec.latent, "explanation": rec.text, "lexical_explanation": lexical, "ok": rec.ok,
+                     "error": rec.error, "detection_balanced_accuracy": s.balanced_accuracy if s else None,
                      "detection_auroc": s.auroc if s else None, "simulation": sim})
     return rows
 
 
+def _lexical_summary(art: Artifacts) -> dict:
+    out = {}
+    for budget, arm in art.lexical.items():
+        rs = [q.pearson for q in arm.quality.values() if math.isfinite(q.pearson)]
+        out[str(budget)] = {"explained": len(arm.texts), "mean_pearson_explain": sum(rs) / len(rs) if rs else None,
+                            "parse_fallbacks": arm.fallbacks}
+    return out
+
+
 def results_payload(art: Artifacts) -> dict:
-    return {
+    main = art.results["all"]
+    names = [n for n in main.conditions if n not in ("clean", *REFERENCE)]
+    data = {
         "schema": SCHEMA, "config": art.cfg.to_dict(),
+        "n_tokens": len(main.window_ids) * main.tokens_per_window, "gap": _gap_json(main),
         "pool": {"size": len(art.pool), "n_latents": art.n_latents, "share_of_latents": len(art.pool) / art.n_latents,
-                 "chosen": {str(f): ids for f, ids in art.chosen.items()}},
-        "modes": {mode: mode_payload(art, res) for mode, res in art.results.items()},
+                 "mass_share": art.pool_mass_share, "chosen": {str(f): ids for f, ids in art.chosen.items()}},
+        "modes": {mode: {"conditions": {n: asdict(s) for n, s in res.summaries.items()},
+                         "per_window_ce": res.ce, "per_window_kl": res.kl} for mode, res in art.results.items()},
+        "recovery": _recovery_json(main, names),
+        "conditions_info": {k: asdict(v) for k, v in art.info.items() if not k.startswith("pool:")},
+        "pool_run": pool_payload(art), "lexical": _lexical_summary(art),
         "latents": latent_rows(art), "counts": art.counts, "calibration_fallbacks": art.fallbacks,
         "stage_seconds": art.stages,
     }
+    data["answer"] = answer_lines(data)
+    return data
 
 
 def validate_results(data: dict) -> None:
     """Raise ValueError naming the first missing piece of a results.json payload."""
-    for key in ("schema", "config", "pool", "modes", "latents", "counts"):
+    for key in ("schema", "config", "answer", "gap", "pool", "modes", "recovery", "conditions_info", "pool_run",
+                "latents", "counts"):
         if key not in data:
             raise ValueError(f"results.json lacks {key!r}")
     if data["schema"] != SCHEMA:
@@ -87,60 +124,38 @@ def validate_results(data: dict) -> None:
         for name in ("clean", *REFERENCE):
             if name not in conds:
                 raise ValueError(f"mode {mode}: condition {name!r} missing")
-        for kind, by_fraction in payload["simulated"].items():
-            absent = [n for n in by_fraction.values() if n not in conds]
-            if absent:
-                raise ValueError(f"mode {mode}: simulated conditions missing: {absent}")
         for name, summary in conds.items():
             if not all(math.isfinite(summary[k]) for k in ("mean_ce", "kl_mean")):
                 raise ValueError(f"mode {mode}: condition {name} has a non-finite mean")
+    missing = [n for n in data["recovery"] if n not in data["modes"]["all"]["conditions"]]
+    if missing:
+        raise ValueError(f"recovery given for conditions that were not evaluated: {missing}")
+
+
+def _fraction_cells(entry: dict | None) -> list:
+    if not entry or not entry["fraction"]:
+        return ["", "", ""]
+    return entry["fraction"]
 
 
 def write_csv(data: dict, path: Path) -> None:
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["mode", "condition", "calibration", "fraction", "mean_ce", "ce_delta", "ce_delta_lo",
-                         "ce_delta_hi", "kl_mean", "kl_lo", "kl_hi", "n_tokens"])
-        for mode, payload in data["modes"].items():
-            lookup = {n: (k, f) for k, by_f in payload["simulated"].items() for f, n in by_f.items()}
-            for name, s in payload["conditions"].items():
-                kind, frac = lookup.get(name, ("", ""))
-                writer.writerow([mode, name, kind, frac, s["mean_ce"], s["ce_delta"], *s["ce_delta_ci"],
-                                 s["kl_mean"], *s["kl_ci"], s["n_tokens"]])
-
-
-def plot_metric(payload: dict, metric: str, path: Path, title: str) -> None:
-    """One line (with CI band) per calibration over the fraction simulated; baselines as horizontal lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    conds = payload["conditions"]
-    # CE is shown as the paired delta against clean: the spread of CE across windows would swamp the bands.
-    value, ci = ("ce_delta", "ce_delta_ci") if metric == "ce" else ("kl_mean", "kl_ci")
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for kind, by_fraction in payload["simulated"].items():
-        fracs = sorted(by_fraction, key=float)
-        xs = [float(f) for f in fracs]
-        ys = [conds[by_fraction[f]][value] for f in fracs]
-        lo = [conds[by_fraction[f]][ci][0] for f in fracs]
-        hi = [conds[by_fraction[f]][ci][1] for f in fracs]
-        ax.plot(xs, ys, marker="o", label=f"simulated ({kind})")
-        ax.fill_between(xs, lo, hi, alpha=0.2)
-    styles = {"clean": "k-", "transcoder": "g--", "zero_latents": "r--", "zero_mlp": "m:", "mean_mlp": "c:",
-              "random_latents": "y-."}
-    for name, style in styles.items():
-        if name in conds:
-            ax.axhline(conds[name][value], linestyle=style[1:], color=style[0], label=name, linewidth=1.2)
-    ax.set_xscale("log")
-    ax.set_xlabel("fraction of pool latents simulated")
-    ax.set_ylabel("mean CE − clean CE (nats)" if metric == "ce" else "mean KL(clean ‖ patched) (nats)")
-    ax.set_title(title)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        writer.writerow(["run", "condition", "family", "fraction_of_latents", "pearson", "mean_ce", "ce_delta",
+                         "ce_delta_lo", "ce_delta_hi", "kl_mean", "kl_lo", "kl_hi", "recovered_kl", "recovered_kl_lo",
+                         "recovered_kl_hi", "recovered_ce", "recovered_ce_lo", "recovered_ce_hi", "n_tokens"])
+        runs = [(f"eval_{mode}", p["conditions"], data["recovery"] if mode == "all" else {}, data["conditions_info"])
+                for mode, p in data["modes"].items()]
+        pool = data["pool_run"]
+        runs.append(("eval_pool", pool["conditions"], pool["recovery"], pool["conditions_info"]))
+        for run, conds, rec, info in runs:
+            for name, s in conds.items():
+                meta = info.get(name, {})
+                r = rec.get(name, {})
+                writer.writerow([run, name, meta.get("family", "clean"), meta.get("fraction_of_latents", ""),
+                                 meta.get("pearson", ""), s["mean_ce"], s["ce_delta"], *s["ce_delta_ci"], s["kl_mean"],
+                                 *s["kl_ci"], *_fraction_cells(r.get("kl")), *_fraction_cells(r.get("ce")),
+                                 s["n_tokens"]])
 
 
 def _example_html(decode, example) -> str:
@@ -167,48 +182,80 @@ def _ranked(rows: list[dict]) -> list[dict]:
     return sorted(scored, key=lambda r: -r["detection_balanced_accuracy"])
 
 
-def _summary_table(payload: dict) -> str:
-    head = "<tr><th>condition</th><th>mean CE</th><th>ΔCE [95% CI]</th><th>KL(clean‖patched) [95% CI]</th></tr>"
-    rows = [f"<tr><td>{html.escape(n)}</td><td>{s['mean_ce']:.4f}</td>"
-            f"<td>{s['ce_delta']:+.4f} [{s['ce_delta_ci'][0]:+.4f}, {s['ce_delta_ci'][1]:+.4f}]</td>"
-            f"<td>{s['kl_mean']:.4f} [{s['kl_ci'][0]:.4f}, {s['kl_ci'][1]:.4f}]</td></tr>"
-            for n, s in payload["conditions"].items()]
+def _recovery_cell(entry: dict | None) -> str:
+    if not entry:
+        return ""
+    frac = entry["fraction"]
+    if not frac:
+        return f"<i>undefined</i> ({html.escape(entry['reason'])})"
+    return f"{frac[0]:.3f} [{frac[1]:.3f}, {frac[2]:.3f}]"
+
+
+def _summary_table(conds: dict, rec: dict, info: dict) -> str:
+    head = ("<tr><th>condition</th><th>what</th><th>latents</th><th>r (eval)</th><th>mean CE</th>"
+            "<th>ΔCE vs clean [95% CI]</th><th>KL(clean‖patched) [95% CI]</th><th>KL gap recovered</th>"
+            "<th>CE gap recovered</th><th>p vs zero-latents (CE / KL)</th><th>p vs transcoder (CE / KL)</th></tr>")
+    rows = []
+    for n, s in conds.items():
+        meta, r = info.get(n, {}), rec.get(n, {})
+        pr = "" if not meta or not math.isfinite(meta["pearson"]) else f"{meta['pearson']:.2f}"
+        frac = "" if not meta else f"{100 * meta['fraction_of_latents']:.3g}%"
+        p_w = f"{format_p(r['ce']['p_vs_worse'])} / {format_p(r['kl']['p_vs_worse'])}" if r else ""
+        p_b = f"{format_p(r['ce']['p_vs_better'])} / {format_p(r['kl']['p_vs_better'])}" if r else ""
+        rows.append(f"<tr><td>{html.escape(n)}</td><td>{html.escape(meta.get('label', ''))}</td><td>{frac}</td>"
+                    f"<td>{pr}</td><td>{s['mean_ce']:.4f}</td>"
+                    f"<td>{s['ce_delta']:+.4f} [{s['ce_delta_ci'][0]:+.4f}, {s['ce_delta_ci'][1]:+.4f}]</td>"
+                    f"<td>{s['kl_mean']:.4f} [{s['kl_ci'][0]:.4f}, {s['kl_ci'][1]:.4f}]</td>"
+                    f"<td>{_recovery_cell(r.get('kl'))}</td><td>{_recovery_cell(r.get('ce'))}</td>"
+                    f"<td>{p_w}</td><td>{p_b}</td></tr>")
     return "<table>" + head + "".join(rows) + "</table>"
+
+
+def _generations_html(data: dict) -> str:
+    gens = data.get("generations") or []
+    if not gens:
+        return ""
+    blocks = []
+    for g in gens:
+        rows = "".join(f"<tr><td>{html.escape(name)}</td><td class=ex>{html.escape(text)}</td></tr>"
+                       for name, text in g["continuations"].items())
+        blocks.append(f"<p class=ex>{html.escape(g['prompt'])}</p><table>{rows}</table>")
+    return "<h2>Greedy continuations of eval prompts</h2>" + "".join(blocks)
 
 
 def write_html(data: dict, art: Artifacts, path: Path, decode) -> None:
     records = {r.latent: r for r in art.explanations}
     ranked = _ranked(data["latents"])
     best = "".join(_latent_html(r, records.get(r["latent"]), decode) for r in ranked[:10])
-    worst = "".join(_latent_html(r, records.get(r["latent"]), decode) for r in ranked[::-1][:10])
-    summary = html.escape(summary_text(data))
+    answer = "".join(f"<li>{html.escape(line)}</li>" for line in data["answer"])
+    pool = data["pool_run"]
+    modes = "".join(f"<h2>All conditions, positions: {mode} ({data['modes'][mode]['conditions']['clean']['n_tokens']} "
+                    f"tokens)</h2>" + _summary_table(p["conditions"], data["recovery"] if mode == "all" else {},
+                                                      data["conditions_info"])
+                    for mode, p in data["modes"].items())
     body = f"""<html><head><meta charset="utf-8"><title>nl_rewrite report</title><style>
-body {{font-family: sans-serif; max-width: 1100px; margin: auto}} table {{border-collapse: collapse; font-size: 13px}}
+body {{font-family: sans-serif; max-width: 1200px; margin: auto}} table {{border-collapse: collapse; font-size: 12px}}
 td, th {{border: 1px solid #ccc; padding: 3px 6px}} .ex {{font-family: monospace; font-size: 12px; margin: 4px 0;
-white-space: pre-wrap; background: #f7f7f7; padding: 4px}}</style></head><body>
+white-space: pre-wrap; background: #f7f7f7; padding: 4px}} .answer li {{margin: 6px 0}}</style></head><body>
 <h1>Partially rewriting {html.escape(art.cfg.model)} MLP {art.cfg.layer} in natural language</h1>
-<pre>{summary}</pre>
-<img src="ce_vs_fraction.png"><img src="kl_vs_fraction.png">
-<h2>All positions</h2>{_summary_table(data['modes']['all'])}
-<h2>Last token per window (paper protocol)</h2>{_summary_table(data['modes']['last'])}
-<h2>10 best-explained latents</h2>{best}<h2>10 worst-explained latents</h2>{worst}
+<h2>The answer</h2><ul class=answer>{answer}</ul>
+<h2>What quality a simulator needs</h2><img src="ladder.png" width="100%">
+<h2>Fraction of latents simulated</h2><img src="fractions.png" width="100%">
+<h2>Explanation length</h2><img src="budgets.png">
+{modes}
+<h2>LLM pool run: first {pool['n_windows']} eval windows</h2>
+<p>Recovery here is of the gap between zeroing only the pool's latents and the transcoder (every other latent
+keeps its true value, so the gap to zero-latents is trivially almost fully recovered).</p>
+{_summary_table(pool['conditions'], pool['recovery_vs_pool_zeroed'], pool['conditions_info'])}
+{_generations_html(data)}
+<h2>LLM pool latents, best detection score first</h2>{best}
 </body></html>"""
     path.write_text(body)
 
 
 def summary_text(data: dict) -> str:
-    payload = data["modes"]["all"]
-    conds = payload["conditions"]
-    pool = data["pool"]
-    lines = [f"pool: {pool['size']} latents of {pool['n_latents']} ({100 * pool['share_of_latents']:.2f}%); "
-             f"fractions are of the pool",
-             f"mean CE (all positions): clean {conds['clean']['mean_ce']:.4f}, transcoder "
-             f"{conds['transcoder']['mean_ce']:.4f}, zero_latents {conds['zero_latents']['mean_ce']:.4f}"]
-    for kind, gap in payload["gap_recovered"].items():
-        lo, hi = gap["ci"]
-        lines.append(f"fraction of CE gap recovered at f=max ({kind}): {gap['fraction_recovered']:.3f} "
-                     f"[95% CI {lo:.3f}, {hi:.3f}], Wilcoxon p vs zero_latents = {gap['wilcoxon_p_vs_zero_latents']:.3g}")
-    return "\n".join(lines)
+    """The answer block, for the console."""
+    return "\n".join(["", "=== the answer ===", *(f"- {line}" for line in data["answer"])])
 
 
 def _git_commit() -> str:
@@ -233,15 +280,15 @@ def manifest(art: Artifacts) -> dict:
             "splits": split_manifest(seed=art.cfg.seed)}
 
 
-def write_outputs(art: Artifacts, out: Path) -> dict:
+def write_outputs(art: Artifacts, out: Path, generations: list[dict] | None = None) -> dict:
     """Write every output file into ``out``; returns the results.json payload."""
     data = results_payload(art)
+    data["generations"] = generations or []
     validate_results(data)
     (out / "results.json").write_text(json.dumps(data, indent=1, default=str))
     write_csv(data, out / "results.csv")
-    for metric in ("ce", "kl"):
-        plot_metric(data["modes"]["all"], metric, out / f"{metric}_vs_fraction.png",
-                    f"{metric.upper()} vs fraction simulated (all positions, {art.cfg.model} MLP {art.cfg.layer})")
+    for name, plot in PLOTS.items():
+        plot(data, out / name)
     write_html(data, art, out / "report.html", art.decode)
     (out / "manifest.json").write_text(json.dumps(manifest(art), indent=1, default=str))
     return data

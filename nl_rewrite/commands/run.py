@@ -15,8 +15,8 @@ def run(args) -> int:
     cfg = dataclass_from_args(RunConfig, args)
     artifacts = run_experiment(cfg)
     data = write_outputs(artifacts, Path(cfg.out))
-    print(data["modes"]["all"] and summary_text(data))
-    print(f"outputs in {cfg.out}: results.json results.csv ce_vs_fraction.png kl_vs_fraction.png report.html "
+    print(summary_text(data))
+    print(f"outputs in {cfg.out}: results.json results.csv ladder.png fractions.png budgets.png report.html "
           "manifest.json")
     return 0
 

@@ -73,18 +73,24 @@ class NLSimulatorReplacement(CoderReplacement):
         return table, incomplete
 
     def _calibrated(self, latent: int, windows: Mapping[int, Tensor], calibrator: Calibrator) -> dict[int, Tensor]:
-        out = {}
-        for w, scores in windows.items():
-            values = calibrator(scores.reshape(-1).to(torch.float32))
-            nan = torch.isnan(values)
-            self.nan_values += int(nan.sum())
-            out[int(w)] = torch.where(nan, torch.zeros_like(values), values)
-        return out
+        if not windows:
+            return {}
+        ids = list(windows)
+        scores = torch.stack([windows[w].reshape(-1).to(torch.float32) for w in ids])
+        values = calibrator(scores.reshape(-1)).reshape(scores.shape)  # one call per latent, not per window
+        nan = torch.isnan(values)
+        self.nan_values += int(nan.sum())
+        values = torch.where(nan, torch.zeros_like(values), values)
+        return {int(w): row for w, row in zip(ids, values)}
 
     @property
     def window_ids(self) -> list[int]:
         """Windows this replacement can run on (all of them when no latent is chosen)."""
         return sorted(self._table)
+
+    def values(self, window_ids: Tensor, n_pos: int) -> Float[Tensor, "batch pos m"]:
+        """The calibrated values written for the chosen latents on these windows (as the forward pass uses them)."""
+        return self._values_for(window_ids, n_pos)
 
     def _values_for(self, window_ids: Tensor, n_pos: int) -> Float[Tensor, "batch pos m"]:
         rows = []

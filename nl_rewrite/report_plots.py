@@ -1,0 +1,117 @@
+"""Plots of ``nl-rewrite run``: the oracle ladder, the fraction sweeps and the explanation-length curve.
+
+Each reads the results.json payload only, so a plot can be redrawn from a finished run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+METRIC_LABEL = {"kl": "KL(clean‖patched) gap recovered", "ce": "CE gap recovered"}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _legend(ax) -> None:
+    if ax.get_legend_handles_labels()[0]:  # a run with every fraction undefined draws no labelled artist
+        ax.legend(fontsize=7)
+
+
+def _point(rec: dict) -> tuple[float, float, float] | None:
+    frac = rec["fraction"]
+    return tuple(frac) if frac else None  # type: ignore[return-value]
+
+
+def _errorbar(ax, xs, points, **style) -> None:
+    keep = [(x, p) for x, p in zip(xs, points) if p is not None]
+    if not keep:
+        return
+    x = [k[0] for k in keep]
+    y = [k[1][0] for k in keep]
+    err = [[k[1][0] - k[1][1] for k in keep], [k[1][2] - k[1][0] for k in keep]]
+    ax.errorbar(x, y, yerr=err, capsize=3, **style)
+
+
+def plot_ladder(data: dict, path: Path) -> None:
+    """Fraction of the gap recovered vs the simulation's Pearson r: oracles as a curve, simulators as points."""
+    plt = _pyplot()
+    info, rec = data["conditions_info"], data["recovery"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.3))
+    for ax, metric in zip(axes, ("kl", "ce")):
+        oracles = sorted((n for n in info if n.startswith("noisy_r") or n == "oracle"), key=lambda n: info[n]["pearson"])
+        _errorbar(ax, [info[n]["pearson"] for n in oracles], [_point(rec[n][metric]) for n in oracles],
+                  marker="o", color="grey", label="noise-degraded oracles")
+        for name, style in (("binary_oracle", dict(marker="s", color="black")),
+                            ("lexical", dict(marker="D", color="tab:blue"))):
+            if name in info:
+                _errorbar(ax, [info[name]["pearson"]], [_point(rec[name][metric])], ls="none",
+                          label=info[name]["label"], **style)
+        pool = data["pool_run"]
+        llm = pool["llm_condition"]
+        if llm:
+            _errorbar(ax, [pool["conditions_info"][llm]["pearson"]],
+                      [_point(pool["recovery_vs_pool_zeroed"][llm][metric])],
+                      ls="none", marker="^", color="tab:red", label=f"LLM on its pool ({llm}; gap of zeroing the pool)")
+        ax.axhline(0, color="red", lw=0.8, ls="--")
+        ax.axhline(1, color="green", lw=0.8, ls="--")
+        ax.set_xlabel("mean per-latent Pearson r with true activations (eval)")
+        ax.set_ylabel(METRIC_LABEL[metric])
+        _legend(ax)
+    fig.suptitle("What quality a simulator needs: gap zero-latents → transcoder recovered (95% CIs)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_fractions(data: dict, path: Path) -> None:
+    """Recovered fraction vs fraction of all latents simulated (best-explained first)."""
+    plt = _pyplot()
+    info, rec = data["conditions_info"], data["recovery"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.3))
+    families = {"lexical": ("lexical_f", "lexical"), "binary oracle": ("binary_oracle_f", "binary_oracle")}
+    for ax, metric in zip(axes, ("kl", "ce")):
+        for label, (prefix, full) in families.items():
+            names = sorted((n for n in info if n.startswith(prefix)), key=lambda n: info[n]["fraction_of_latents"])
+            names += [full] if full in info else []
+            _errorbar(ax, [info[n]["fraction_of_latents"] for n in names], [_point(rec[n][metric]) for n in names],
+                      marker="o", label=label)
+        ax.axhline(0, color="red", lw=0.8, ls="--")
+        ax.axhline(1, color="green", lw=0.8, ls="--")
+        ax.set_xscale("log")
+        ax.set_xlabel("fraction of all latents simulated (ordered by lexical explanation score)")
+        ax.set_ylabel(METRIC_LABEL[metric])
+        _legend(ax)
+    fig.suptitle("Fraction sweep (95% CIs)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_budgets(data: dict, path: Path) -> None:
+    """Recovered fraction vs explanation length budget (items), all latents."""
+    plt = _pyplot()
+    rec, budget = data["recovery"], data["config"]["lexical_budget"]
+    names = {budget: "lexical", **{int(n.split("_b")[1]): n for n in rec if n.startswith("lexical_b")}}
+    budgets = sorted(names)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for metric in ("kl", "ce"):
+        _errorbar(ax, budgets, [_point(rec[names[b]][metric]) for b in budgets], marker="o", label=METRIC_LABEL[metric])
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(budgets, [str(b) for b in budgets])
+    ax.set_xlabel("items per lexical explanation")
+    ax.set_ylabel("fraction of gap recovered")
+    _legend(ax)
+    ax.set_title("How long must an explanation be?")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+PLOTS = {"ladder.png": plot_ladder, "fractions.png": plot_fractions, "budgets.png": plot_budgets}
