@@ -77,7 +77,8 @@ def _thin(sorted_values: np.ndarray, n: int = _MAX_KNOTS) -> np.ndarray:
 
 
 def _fallback_note(latent: int | None, why: str) -> str:
-    log.warning("latent %s cannot be calibrated (%s); its simulated values map to 0", latent, why)
+    # per latent at debug level: callers count fallbacks (count_fallbacks) and log one summary line
+    log.debug("latent %s cannot be calibrated (%s); its simulated values map to 0", latent, why)
     return why
 
 

@@ -13,6 +13,7 @@ the LLM pool's conditions on the first ``llm_eval_windows`` of them (a separate 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
@@ -34,11 +35,13 @@ from .explain import ExplainConfig, Explanation, explain_latents
 from .ladder import (LexicalArm, fit_noise, lexical_arm, lexical_condition, eval_pearson, oracle_conditions,
                      zeroed_condition)
 from .latents import LatentCache
-from .lexical import candidate_items
+from .generate import side_by_side
+from .lexical import LexicalSimulator, candidate_items
 from .llm.factory import make_backend
 from .models import load_model, model_name, prepend_bos_for
 from .paths import cache_dir
 from .replacements.base import Replacement
+from .replacements.live import LiveSimulatorReplacement
 from .replacements.oracles import OracleReplacement
 from .replacements.simulated import NLSimulatorReplacement, choose_latents, usable_pool
 from .run_config import RunConfig
@@ -107,6 +110,8 @@ class Artifacts:
     stages: dict[str, float]
     decode: Callable[[list[int]], list[str]]
     """token ids → token strings, for showing examples."""
+    generations: list[dict] = field(default_factory=list)
+    """Greedy continuations of eval prompts from the clean and rewritten models."""
 
 
 # ---- stages 1-3: coder, latent cache, pool ------------------------------------------------------------------
@@ -318,7 +323,6 @@ def main_conditions(ctx: Context, arms: dict[int, LexicalArm]) -> tuple[Callable
     headline = arms[cfg.lexical_budget]
     ranking = sorted(headline.texts, key=lambda lat: -_finite_or(headline.ranking().get(lat), -2.0))
     ranking += sorted(set(range(n)) - set(ranking))  # latents without an explanation (never fired) go last
-    noise = fit_noise(cache, heldout_windows(cfg, len(cache)), cfg.noise_targets, cfg.seed)
     plan = {"transcoder": ("baseline", 1.0, "transcoder"), "zero_latents": ("baseline", 0.0, "no active latents"),
             "zero_mlp": ("baseline", 0.0, "MLP zero-ablated"), "mean_mlp": ("baseline", 0.0, "MLP mean-ablated"),
             "random_latents": ("baseline", 1.0, "random active latents"),
@@ -335,6 +339,7 @@ def main_conditions(ctx: Context, arms: dict[int, LexicalArm]) -> tuple[Callable
         return ranking[:max(1, round(f * n))]
 
     def build() -> list[Replacement]:
+        noise = fit_noise(cache, heldout_windows(cfg, len(cache)), cfg.noise_targets, cfg.seed)
         baselines = [build_condition(name, ctx.model, cfg.layer, lambda: tc, cfg.seed) for name in BASELINES]
         lexical = [lexical_condition(tc, headline, range(n), HEADLINE_LEXICAL)]
         lexical += [lexical_condition(tc, arm, range(n), f"lexical_b{b}") for b, arm in arms.items()
@@ -345,7 +350,7 @@ def main_conditions(ctx: Context, arms: dict[int, LexicalArm]) -> tuple[Callable
             sweeps += oracle_conditions(tc, cache, noise, cfg.seed, top(f), suffix=f"_f{f:g}")[1:2]
         return baselines + oracle_conditions(tc, cache, noise, cfg.seed) + lexical + sweeps
 
-    return build, plan
+    return functools.cache(build), plan  # built at most once: evaluation and measuring share the conditions
 
 
 def pool_conditions(ctx: Context, arm: PoolArm, lexical: LexicalArm) -> tuple[Callable[[], list[Replacement]], dict]:
@@ -366,7 +371,7 @@ def pool_conditions(ctx: Context, arm: PoolArm, lexical: LexicalArm) -> tuple[Ca
                        OracleReplacement(tc, "binary", pool, mean_active=mean_active, name="binary_oracle_pool")
                        ] + simulated_conditions(cfg, tc, arm.eval_sims, arm.calibrators, arm.chosen)
 
-    return build, plan
+    return functools.cache(build), plan
 
 
 def _finite_or(value: float | None, default: float) -> float:
@@ -385,6 +390,29 @@ def measured_info(plan: dict, conditions: Callable[[], list[Replacement]], eval_
         info[rep.name] = ConditionInfo(family, fraction, r, label)
     atomic_write_json(path, {"fingerprint": fingerprint, "info": {k: asdict(v) for k, v in info.items()}})
     return info
+
+
+GENERATION_PROMPTS, PROMPT_TOKENS, NEW_TOKENS = 3, 16, 12
+
+
+def rewritten_models(ctx: Context, arm: LexicalArm) -> dict[str, Replacement | None]:
+    """Clean, transcoder, the lexically rewritten MLP (live: simulates any text) and zero-latents."""
+    tc = ctx.transcoder
+    return {"clean": None, "transcoder": build_condition("transcoder", ctx.model, ctx.cfg.layer, lambda: tc),
+            f"lexical rewrite (≤{arm.budget} items)": LiveSimulatorReplacement(
+                tc, LexicalSimulator(), arm.texts, arm.calibrators, ctx.cache.token_strings, name="lexical_live"),
+            "zero_latents": build_condition("zero_latents", ctx.model, ctx.cfg.layer, lambda: tc)}
+
+
+def generation_stage(ctx: Context, arm: LexicalArm, eval_windows: TokenWindows, fingerprint: str) -> list[dict]:
+    """Greedy continuations of the first eval windows' openings, per rewritten model (cached by fingerprint)."""
+    path = ctx.out / "generations.json"
+    if path.is_file() and json.loads(path.read_text()).get("fingerprint") == fingerprint:
+        return json.loads(path.read_text())["generations"]
+    prompts = [eval_windows.tokens[i, :PROMPT_TOKENS] for i in range(min(GENERATION_PROMPTS, len(eval_windows)))]
+    gens = side_by_side(ctx.model, prompts, rewritten_models(ctx, arm), NEW_TOKENS, ctx.cache.token_strings)
+    atomic_write_json(path, {"fingerprint": fingerprint, "generations": gens})
+    return gens
 
 
 def run_experiment(cfg: RunConfig) -> Artifacts:
@@ -425,6 +453,7 @@ def run_experiment(cfg: RunConfig) -> Artifacts:
     pool_info = measured_info(pool_plan, build_pool, eval_cache, list(range(cfg.llm_eval_windows)),
                               out / "conditions_pool.json", pool_fp)
 
+    generations = stages.timed("generate", generation_stage, ctx, arms[cfg.lexical_budget], eval_windows, main_fp)
     mass = output_mass(cache, transcoder)
     backend_counts = {k: getattr(backend, k) for k in ("new_calls", "hits") if hasattr(backend, k)}
     counts = {"pool": len(pool.pool), "explained_ok": len(pool.texts),
@@ -436,4 +465,4 @@ def run_experiment(cfg: RunConfig) -> Artifacts:
                      float(mass[sorted(pool.texts)].sum()) if pool.texts else 0.0,
                      pool.explanations, pool.scores, pool.quality, sorted(pool.texts), cache.n_latents, pool.chosen,
                      {k: count_fallbacks(v.values()) for k, v in pool.calibrators.items()}, counts, stages.seconds,
-                     cache.token_strings)
+                     cache.token_strings, generations)

@@ -21,7 +21,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .calibrate import Calibrator, make_calibrator
+from .calibrate import Calibrator, LinearCalibrator, make_calibrator
 from .explain import Explanation, RecordStore
 from .latents import LatentCache
 from .lexical import LEXICAL_VERSION, Candidates, LexicalSimulator, lexical_explanations
@@ -44,6 +44,10 @@ class LexicalArm:
     """Per latent, on the held-out explain-split calibration windows."""
     eval_sims: dict[int, dict[int, Tensor]]
     fallbacks: int
+    """Explanations the reader could not parse."""
+    linear_calibrations: int = 0
+    """Latents that never fired on the calibration windows: calibrated linearly (strength 9 → their mean active
+    value on the explain split) instead of by isotonic regression."""
 
     def ranking(self) -> dict[int, float]:
         """latent → held-out Pearson r: the lexical explanation's score, used to order fraction sweeps."""
@@ -75,10 +79,22 @@ def lexical_arm(cache: LatentCache, stat_ids: Sequence[int], calib_ids: Sequence
     calibrators, quality = {}, {}
     for lat, text in texts.items():
         sims = stores["explain"].get(lat, text, list(calib_ids)).reshape(-1)
-        calibrators[lat] = make_calibrator(LEXICAL_CALIBRATION, lat).fit(sims, acts[:, lat])
+        calibrators[lat] = calibrated(lat, sims, acts[:, lat], cache)
         quality[lat] = simulation_quality(lat, sims, acts[:, lat], calibrators[lat](sims))
+    linear = sum(1 for c in calibrators.values() if isinstance(c, LinearCalibrator))
+    log.info("lexical budget %d: %d latents explained, %d unparseable, %d calibrated linearly (never fired on the "
+             "%d calibration windows)", budget, len(texts), sim.fallbacks, linear, len(calib_ids))
     eval_sims = {lat: stores["eval"].load(lat, text) for lat, text in texts.items()}
-    return LexicalArm(budget, texts, calibrators, quality, eval_sims, sim.fallbacks)
+    return LexicalArm(budget, texts, calibrators, quality, eval_sims, sim.fallbacks, linear)
+
+
+def calibrated(latent: int, sims: Tensor, acts: Tensor, cache: LatentCache) -> Calibrator:
+    """Isotonic on held-out explain windows; a latent that never fired there maps strength 9 to its mean value."""
+    iso = make_calibrator(LEXICAL_CALIBRATION, latent).fit(sims, acts)
+    if not iso.fallback:
+        return iso
+    mean_active = float(torch.nan_to_num(cache.stats.mean[latent].float(), nan=0.0))
+    return LinearCalibrator(latent=latent).fit_max(mean_active)
 
 
 def lexical_condition(transcoder: SparseCoder, arm: LexicalArm, latents: Sequence[int], name: str

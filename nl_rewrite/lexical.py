@@ -225,10 +225,11 @@ def _top_per_latent(c: Candidates, limit: int) -> Candidates:
 
 def lexical_explanations(cache: LatentCache, window_ids: Sequence[int], budget: int,
                          candidates: Candidates | None = None) -> dict[int, str]:
-    """latent → explanation with at most ``budget`` items, for every latent that fires in ``window_ids``."""
+    """latent → explanation with at most ``budget`` items, for *every* latent: one that never fires in
+    ``window_ids`` is explained as firing on no particular token (simulated as silence, never left true)."""
     c = candidates if candidates is not None else candidate_items(cache, window_ids, max_per_latent=budget)
     strings = cache.token_strings(list(range(int(c.token.max()) + 1))) if len(c.token) else []
-    out: dict[int, str] = {}
+    out: dict[int, str] = {lat: write_explanation([]) for lat in range(cache.n_latents)}
     bounds = torch.searchsorted(c.latent, torch.unique(c.latent), right=False).tolist() + [len(c.latent)]
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         hi = min(hi, lo + budget)

@@ -13,7 +13,7 @@ results.json schema (version 2):
   "conditions_info": {condition: {"family", "fraction_of_latents", "pearson", "label"}},
   "pool_run": {"n_windows", "llm_condition", "conditions", "conditions_info", "gap", "recovery",
                "gap_vs_pool_zeroed", "recovery_vs_pool_zeroed"},   (pool_zeroed: only the pool's latents set to 0)
-  "lexical": {budget: {"explained", "mean_pearson_explain", "parse_fallbacks"}},
+  "lexical": {budget: {"explained", "mean_pearson_explain", "parse_fallbacks", "linear_calibrations"}},
   "latents": [...LLM pool latents...], "counts": {...}, "calibration_fallbacks": {...}, "stage_seconds": {...}
 }
 KL is KL(clean || patched) per token, averaged; CE in nats; CIs are 95% paired window-bootstrap intervals.
@@ -87,7 +87,7 @@ def _lexical_summary(art: Artifacts) -> dict:
     for budget, arm in art.lexical.items():
         rs = [q.pearson for q in arm.quality.values() if math.isfinite(q.pearson)]
         out[str(budget)] = {"explained": len(arm.texts), "mean_pearson_explain": sum(rs) / len(rs) if rs else None,
-                            "parse_fallbacks": arm.fallbacks}
+                            "parse_fallbacks": arm.fallbacks, "linear_calibrations": arm.linear_calibrations}
     return out
 
 
@@ -280,10 +280,10 @@ def manifest(art: Artifacts) -> dict:
             "splits": split_manifest(seed=art.cfg.seed)}
 
 
-def write_outputs(art: Artifacts, out: Path, generations: list[dict] | None = None) -> dict:
+def write_outputs(art: Artifacts, out: Path) -> dict:
     """Write every output file into ``out``; returns the results.json payload."""
     data = results_payload(art)
-    data["generations"] = generations or []
+    data["generations"] = art.generations
     validate_results(data)
     (out / "results.json").write_text(json.dumps(data, indent=1, default=str))
     write_csv(data, out / "results.csv")

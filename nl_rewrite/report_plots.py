@@ -19,6 +19,19 @@ def _pyplot():
     return plt
 
 
+FLOOR = -1.5
+"""The ladder's y axis stops here: noisier oracles do far worse than zero-latents, and their exact depth is in
+the table; showing it would flatten the region where simulators land."""
+
+
+def _clip_low(ax, floor: float) -> None:
+    low = ax.get_ylim()[0]
+    if low < floor:
+        ax.set_ylim(floor, max(ax.get_ylim()[1], 1.1))
+        ax.text(0.99, 0.01, f"points below {floor} are cut off (see the table)", transform=ax.transAxes, fontsize=7, ha="right",
+                color="grey")
+
+
 def _legend(ax) -> None:
     if ax.get_legend_handles_labels()[0]:  # a run with every fraction undefined draws no labelled artist
         ax.legend(fontsize=7)
@@ -61,6 +74,7 @@ def plot_ladder(data: dict, path: Path) -> None:
                       ls="none", marker="^", color="tab:red", label=f"LLM on its pool ({llm}; gap of zeroing the pool)")
         ax.axhline(0, color="red", lw=0.8, ls="--")
         ax.axhline(1, color="green", lw=0.8, ls="--")
+        _clip_low(ax, FLOOR)
         ax.set_xlabel("mean per-latent Pearson r with true activations (eval)")
         ax.set_ylabel(METRIC_LABEL[metric])
         _legend(ax)

@@ -81,7 +81,11 @@ def _per_latent(values: Tensor | None, n: int, what: str) -> Tensor:
     return torch.nan_to_num(values, nan=0.0)
 
 
-def mean_pearson(pred: Float[Tensor, "n m"], true: Float[Tensor, "n m"], min_fires: int = 5) -> float:
+MIN_FIRES = 5
+"""Latents firing fewer times than this in a sample have too noisy a correlation to average."""
+
+
+def mean_pearson(pred: Float[Tensor, "n m"], true: Float[Tensor, "n m"], min_fires: int = MIN_FIRES) -> float:
     """Mean over columns (latents firing at least ``min_fires`` times) of the Pearson r of pred and true."""
     keep = (true > 0).sum(0) >= min_fires
     p, t = pred[:, keep].double(), true[:, keep].double()
@@ -102,8 +106,9 @@ def noise_multiplier(true: Float[Tensor, "n m"], target_r: float, seed: int = 0,
     (bisection on a log scale; r falls monotonically as c grows)."""
     if not 0 < target_r < 1:
         raise ValueError(f"target correlation must lie in (0, 1), got {target_r}")
-    true = true[:, (true > 0).sum(0) >= 5]  # the latents mean_pearson scores; the rest only cost time
+    true = true[:, (true > 0).sum(0) >= MIN_FIRES]  # the latents mean_pearson scores; the rest only cost time
     sd = true.std(0)
+    seed = seed * 1_000_003 + 977  # a stream of its own: never the one that drew ``true`` in a synthetic test
     lo, hi = 1e-2, 1e2
     for _ in range(iters):
         mid = math.sqrt(lo * hi)

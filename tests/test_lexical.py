@@ -1,0 +1,79 @@
+import logging
+
+import pytest
+import torch
+
+from nl_rewrite.data import TokenWindows
+from nl_rewrite.latents import LatentCache
+from nl_rewrite.lexical import (LexicalItem, LexicalSimulator, candidate_items, lexical_explanations,
+                                parse_explanation, read_scores, write_explanation)
+from nl_rewrite.simulate import SimulationItem
+from nl_rewrite.sparse_coder import CoderConfig, SparseCoder
+
+
+def test_reader_recovers_exact_strengths_from_a_hand_written_explanation():
+    text = 'Fires on " tax" (9), " taxes" (8), " revenue" (5); weakly on " duty" (2). After " the" (4), "\\n" (3).'
+    parsed = parse_explanation(text)
+    assert parsed.current == {" tax": 9, " taxes": 8, " revenue": 5, " duty": 2}
+    assert parsed.previous == {" the": 4, "\n": 3}
+    assert parsed.problems == ()
+    scores = read_scores(parsed, [" the", " tax", " on", " duty", "\n", " revenue"])
+    assert scores.tolist() == [0, 4 + 9, 0, 2, 0, 3 + 5]
+
+
+def test_written_explanations_round_trip_any_token():
+    items = [LexicalItem('say "hi"', 9), LexicalItem("a\tb", 4), LexicalItem(" After", 2), LexicalItem("x", 1, True)]
+    parsed = parse_explanation(write_explanation(items))
+    assert parsed.current == {'say "hi"': 9, "a\tb": 4, " After": 2}
+    assert parsed.previous == {"x": 1}
+
+
+def test_malformed_explanation_is_a_counted_logged_fallback(caplog):
+    sim = LexicalSimulator()
+    with caplog.at_level(logging.WARNING):
+        out = sim.simulate_many([SimulationItem("the marked words are about taxes", ("a", " tax")),
+                                 SimulationItem('Fires on " tax" (7).', ("a", " tax"))])
+    assert sim.fallbacks == 1
+    assert "cannot parse" in caplog.text
+    assert out[0].tolist() == [0, 0] and out[1].tolist() == [0, 7]
+    bad = parse_explanation('Fires on " tax" (12), "unterminated (3).')
+    assert bad.current == {" tax": 9} and any("outside 1-9" in p for p in bad.problems)
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tiny, tmp_path_factory):
+    cfg = CoderConfig(d_in=32, d_out=32, n_latents=24, k=3, read_site="mlp_in.1", write_site="mlp_out.1", model="tiny")
+    coder = SparseCoder(cfg, seed=1)
+    tokens = torch.randint(1, 40, (24, 12), generator=torch.Generator().manual_seed(3))
+    windows = TokenWindows(tokens, [f"d{i}" for i in range(24)], "explain")
+    return LatentCache.build(tiny, coder, windows, tmp_path_factory.mktemp("lexcache"), progress=False)
+
+
+def test_explainer_picks_the_token_explaining_most_squared_activation(tiny_cache):
+    ids = list(range(len(tiny_cache)))
+    cands = candidate_items(tiny_cache, ids, max_per_latent=6)
+    rows = tiny_cache.rows(ids)
+    tokens = tiny_cache.tokens
+    latent = int(torch.mode(rows["latent_ids"]).values)
+    mine = rows["latent_ids"] == latent
+    cur = tokens[rows["window_ids"][mine].long(), rows["positions"][mine].long()]
+    counts = torch.bincount(tokens.reshape(-1), minlength=64).double()
+    sums = torch.zeros(64, dtype=torch.float64).index_add_(0, cur, rows["values"][mine].double())
+    best = int(torch.argmax(sums ** 2 / counts.clamp_min(1)))
+    top_current = [i for i in torch.nonzero(cands.latent == latent).flatten().tolist() if not cands.previous[i]][0]
+    assert int(cands.token[top_current]) == best
+
+
+def test_explanations_respect_the_budget_and_parse_cleanly(tiny_cache):
+    ids = list(range(len(tiny_cache)))
+    for budget in (1, 3):
+        texts = lexical_explanations(tiny_cache, ids, budget)
+        assert sorted(texts) == list(range(tiny_cache.n_latents)), "every latent is explained, even silent ones"
+        for latent, text in texts.items():
+            parsed = parse_explanation(text)
+            assert parsed.problems == ()
+            if int(tiny_cache.stats.count[latent]) == 0:
+                assert text == "Fires on no particular token." and not parsed.current
+                continue
+            assert 1 <= len(parsed.current) + len(parsed.previous) <= budget
+            assert max([*parsed.current.values(), *parsed.previous.values()]) == 9
