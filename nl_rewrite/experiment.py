@@ -212,6 +212,10 @@ def calibrate(cfg: RunConfig, cache: LatentCache, store: SimulationStore, texts:
             cal = fit_calibrator(kind, latent, sims, acts, cache)
             calibrators[kind][latent] = cal
             quality[kind][latent] = simulation_quality(latent, sims, acts, cal(sims))
+    for kind, cals in calibrators.items():
+        fallbacks = count_fallbacks(cals.values())
+        if fallbacks:
+            log.warning("%s calibration fell back to 0 for %d latent(s): %s", kind, sum(fallbacks.values()), fallbacks)
     return calibrators, quality
 
 

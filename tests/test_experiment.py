@@ -7,9 +7,9 @@ import pytest
 
 from nl_rewrite.cli import main
 from nl_rewrite.report import validate_results
-from nl_rewrite.run_config import DEFAULT_FRACTIONS, RunConfig
+from nl_rewrite.run_config import RunConfig
 
-OUTPUTS = ("results.json", "results.csv", "ce_vs_fraction.png", "kl_vs_fraction.png", "report.html", "manifest.json")
+OUTPUTS = ("results.json", "results.csv", "ladder.png", "fractions.png", "budgets.png", "report.html", "manifest.json")
 
 
 def test_run_config_rejects_bad_fraction():
@@ -37,12 +37,23 @@ def test_smoke_run_end_to_end_and_cached_rerun(tmp_cache, tmp_path):
     validate_results(data)
     for mode in ("all", "last"):
         conds = data["modes"][mode]["conditions"]
-        for kind in ("linear", "quantile", "isotonic"):
-            for f in DEFAULT_FRACTIONS:
-                assert f"sim_{kind}_f{f:g}" in conds
+        for name in ("oracle", "binary_oracle", "lexical", "noisy_r0.5", "lexical_b3", "lexical_f0.1", "binary_oracle_f0.1"):
+            assert name in conds, name
     all_pos = data["modes"]["all"]["conditions"]
     assert all_pos["transcoder"]["mean_ce"] < all_pos["zero_mlp"]["mean_ce"]
+    assert abs(all_pos["oracle"]["mean_ce"] - all_pos["transcoder"]["mean_ce"]) < 1e-5, "true oracle = transcoder"
+    pool = data["pool_run"]
+    for kind in ("linear", "quantile", "isotonic"):
+        assert f"sim_{kind}_f1" in pool["conditions"]
     assert data["counts"]["explained_ok"] + data["counts"]["explanations_failed"] == data["counts"]["pool"]
+    assert data["counts"]["lexical_explained"] == data["pool"]["n_latents"]
+    assert data["answer"] and "gap zero-latents − transcoder" in data["answer"][0]
+    for name, info in data["conditions_info"].items():
+        if name.startswith("noisy_r"):
+            assert abs(info["pearson"] - float(name[len("noisy_r"):])) < 0.2, (name, info["pearson"])
+    assert len(data["generations"]) == 3 and len(data["generations"][0]["continuations"]) == 4
+    html = (out / "report.html").read_text()
+    assert html.index("The answer") < html.index("ladder.png")
 
     start = time.perf_counter()
     assert main(["run", "--preset", "smoke", "--out", str(out)]) == 0
@@ -50,5 +61,6 @@ def test_smoke_run_end_to_end_and_cached_rerun(tmp_cache, tmp_path):
     again = json.loads((out / "results.json").read_text())
     assert again["counts"]["new_calls"] == 0, "a cached rerun must not call the LLM again"
     assert again["modes"]["all"]["conditions"] == data["modes"]["all"]["conditions"]
+    assert again["answer"] == data["answer"]
     print(f"cached rerun took {rerun_s:.1f}s")
-    assert rerun_s < 120
+    assert rerun_s < 60

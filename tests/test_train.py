@@ -39,7 +39,7 @@ def test_config_validation():
     with pytest.raises(ValueError, match="k=64"):
         TrainConfig(width=32, k=64)
     assert TrainConfig(tokens="2M").tokens == 2_000_000
-    assert TrainConfig(kind="sae").sites == ("resid_post.15", "resid_post.15")
+    assert TrainConfig(kind="sae", layer=15).sites == ("resid_post.15", "resid_post.15")
     assert TrainConfig(kind="sae").use_skip is False and TrainConfig().use_skip is True
 
 
