@@ -11,8 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
+
+
+def finite_or_none(value):
+    """Strict JSON has no NaN: an undefined correlation (baselines) becomes null."""
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
 def triple(summary: dict, value: str, ci: str) -> list[float]:
@@ -23,7 +29,7 @@ def condition_entry(rec: dict, info: dict, **extra) -> dict:
     def frac(metric: str):
         return rec[metric]["fraction"] or f"undefined: {rec[metric]['reason']}"
 
-    return {"recovered_ce": frac("ce"), "recovered_kl": frac("kl"), "pearson": info["pearson"],
+    return {"recovered_ce": frac("ce"), "recovered_kl": frac("kl"), "pearson": finite_or_none(info["pearson"]),
             "fraction": info["fraction_of_latents"], **extra}
 
 
@@ -57,7 +63,7 @@ def main() -> None:
     out = ladder(data)
     out["seconds"] = round(time.perf_counter() - start, 1)
     out["run_stage_seconds"] = data["stage_seconds"]
-    print(json.dumps(out))
+    print(json.dumps(out, allow_nan=False))
 
 
 if __name__ == "__main__":

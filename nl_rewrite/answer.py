@@ -24,7 +24,7 @@ def gap_sentence(gap: dict, n_tokens: int, worse: str = "zero-latents", better: 
     parts = []
     for metric, label in (("ce", "CE"), ("kl", "KL")):
         value, lo, hi = gap[metric]
-        verdict = "significant" if lo > 0 else "NOT significant: recovery fractions on it are undefined"
+        verdict = "significant" if lo > 0 else "NOT significantly positive: recovery fractions on it are undefined"
         parts.append(f"{label} {value:+.4f} [{lo:+.4f}, {hi:+.4f}] nats ({verdict})")
     return f"The gap {worse} − {better}, over {n_tokens} eval tokens: " + "; ".join(parts) + "."
 

@@ -79,7 +79,8 @@ def recovered(res: EvalResults, name: str, metric: str, worse: str = "zero_laten
     p_worse, p_better = paired_wilcoxon(c, w), paired_wilcoxon(c, b)
     g = gap(res, metric, worse, better)
     if not g.lo > 0:
-        reason = f"gap {worse} − {better} not significant: 95% CI [{g.lo:+.4f}, {g.hi:+.4f}] reaches 0"
+        sign = "negative" if g.hi < 0 else "not significant"
+        reason = f"gap {worse} − {better} {sign}: 95% CI [{g.lo:+.4f}, {g.hi:+.4f}] does not lie above 0"
         return Recovered(None, bad, len(den_s), p_worse, p_better, reason)
     if bad > (1 - LEVEL) / 2 * len(den_s):
         return Recovered(None, bad, len(den_s), p_worse, p_better,
@@ -104,8 +105,10 @@ def recovered_json(r: Recovered) -> dict:
 def describe(r: Recovered, percent: bool = True) -> str:
     """``"62% [55%, 70%]"``, or "undefined" and why, in words."""
     if r.fraction is None:
-        return "an undefined share (gap not significant)" if "not significant" in r.reason else \
-            f"an undefined share ({r.reason})"
+        for why in ("not significant", "negative"):
+            if f" {why}:" in r.reason:
+                return f"an undefined share (gap {why})"
+        return f"an undefined share ({r.reason})"
     f = r.fraction
     if percent:
         return f"{100 * f.value:.0f}% [{100 * f.lo:.0f}%, {100 * f.hi:.0f}%]"

@@ -37,7 +37,7 @@ def test_gap_not_significant_branch_gives_no_number_and_says_so():
     text = describe(r)
     assert "undefined" in text and "%" not in text
     sentence = gap_sentence({"ce": gap(res, "ce").as_list(), "kl": gap(res, "kl").as_list()}, 1240)
-    assert "NOT significant" in sentence and "undefined" in sentence
+    assert "NOT significantly positive" in sentence and "undefined" in sentence
 
 
 def test_r_for_half_interpolates_and_says_when_out_of_range():
