@@ -15,6 +15,7 @@ from .errors import NLRewriteError
 # module path for each subcommand, in the order shown by --help
 COMMANDS = [
     "nl_rewrite.commands.run",
+    "nl_rewrite.commands.generate",
     "nl_rewrite.commands.evaluate",
     "nl_rewrite.commands.layers",
     "nl_rewrite.commands.cache",

@@ -280,6 +280,13 @@ def lexical_stage(ctx: Context, eval_strings: dict[int, list[str]]) -> dict[int,
     return {b: lexical_arm(cache, stat_ids, calib_ids, candidates, b, eval_strings, ctx.out) for b in budgets}
 
 
+def lexical_budget_arm(ctx: Context, budget: int, calib_ids: list[int]) -> LexicalArm:
+    """One lexical arm, for live use on new text (no eval windows are simulated)."""
+    stat_ids = sorted(set(range(len(ctx.cache))) - set(calib_ids))
+    candidates = candidate_items(ctx.cache, stat_ids, max_per_latent=budget)
+    return lexical_arm(ctx.cache, stat_ids, calib_ids, candidates, budget, {}, ctx.out)
+
+
 def heldout_windows(cfg: RunConfig, n: int) -> list[int]:
     return sorted(random.Random(cfg.seed + 1).sample(range(n), min(cfg.lexical_calib_windows, n - 1)))
 

@@ -55,6 +55,9 @@ def test_smoke_run_end_to_end_and_cached_rerun(tmp_cache, tmp_path):
     html = (out / "report.html").read_text()
     assert html.index("The answer") < html.index("ladder.png")
 
+    assert main(["generate", "--preset", "smoke", "--out", str(out), "--prompt", "The Congress shall",
+                 "--new-tokens", "3"]) == 0
+
     start = time.perf_counter()
     assert main(["run", "--preset", "smoke", "--out", str(out)]) == 0
     rerun_s = time.perf_counter() - start
