@@ -13,6 +13,7 @@ Modes:
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,10 +26,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .data import TokenWindows
-from .prefix import capture_block_inputs, first_layer, resumed_at
+from .prefix import capture_block_inputs, first_layer, resume_reproduces, resumed_at
 from .replacements.base import BatchInfo, Replacement, replacement_names
 from .stats import bootstrap_indices, mean_ci, paired_wilcoxon, ratio_ci
 
+log = logging.getLogger(__name__)
 CLEAN = "clean"
 POSITION_MODES = ("all", "last")
 
@@ -160,6 +162,15 @@ class Evaluator:
         last = tokens.shape[1] - 2
         return slice(last, last + 1), torch.tensor([last])
 
+    def _check_prefix_reuse(self, replacements: Sequence[Replacement]) -> None:
+        """Verify once, on two windows, that resuming reproduces the clean pass; otherwise recompute everything."""
+        starts = sorted({self._start_layer(rep) for rep in replacements} - {0})
+        if not starts or resume_reproduces(self.model, self.windows.tokens[:2], starts[0]):
+            return
+        log.warning("resuming at block %d does not reproduce this model's clean logits; evaluating with full "
+                    "recomputation instead (slower, same numbers)", starts[0])
+        self.reuse_prefix = False
+
     def _start_layer(self, rep: Replacement) -> int:
         return first_layer([rep.read_site, rep.write_site]) if self.reuse_prefix else 0
 
@@ -194,6 +205,7 @@ class Evaluator:
             raise ValueError(f"{CLEAN!r} is reserved for the unpatched model")
         ce: dict[str, list[float]] = {n: [] for n in names}
         kl: dict[str, list[float]] = {n: [] for n in names}
+        self._check_prefix_reuse(replacements)
         batches = self.windows.batches(self.batch_size)
         total = math.ceil(len(self.windows) / self.batch_size)
         for ids, tokens in tqdm(batches, total=total, desc=f"evaluate ({len(names)} conditions)", disable=not self.progress):

@@ -15,7 +15,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterable, Iterator
 
-from jaxtyping import Float
+import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from .errors import ShapeMismatchError
@@ -62,3 +63,18 @@ def resumed_at(model, layer: int, resid: Float[Tensor, "batch pos d_model"]) -> 
 def first_layer(sites: Iterable) -> int:
     """The earliest layer any of ``sites`` (objects with ``.layer``) touches: where a patched run must start."""
     return min(site.layer for site in sites)
+
+
+@torch.no_grad()
+def resume_reproduces(model, tokens: Int[Tensor, "batch pos"], layer: int, atol: float = 1e-4) -> bool:
+    """Whether resuming at ``layer`` without any patch gives the clean logits on ``tokens``: a one-off check that
+    this model's blocks follow the contract above (a model whose blocks return tuples would fail it)."""
+    try:
+        with capture_block_inputs(model, [layer]) as resid:
+            clean = model(tokens)
+        with resumed_at(model, layer, resid[layer]):
+            resumed = model(tokens)
+    except (TypeError, ValueError, RuntimeError, ShapeMismatchError):
+        return False
+    return isinstance(resumed, Tensor) and resumed.shape == clean.shape and bool(
+        torch.allclose(resumed, clean, atol=atol, rtol=0))

@@ -47,3 +47,20 @@ def test_resuming_on_other_tokens_is_a_clear_error(tiny):
     with pytest.raises(ShapeMismatchError, match="resume only on the clean pass"):
         with resumed_at(tiny, 1, resid[1]):
             tiny(windows(n=3).tokens)
+
+
+def test_evaluator_falls_back_to_full_recompute_when_resuming_breaks(tiny, monkeypatch, caplog):
+    import nl_rewrite.evaluator as evaluator_module
+
+    monkeypatch.setattr(evaluator_module, "resume_reproduces", lambda *a, **k: False)
+    ev = Evaluator(tiny, windows(), 4, progress=False)
+    res = ev.run([ZeroReplacement("mlp_out.1", name="z1")])
+    assert ev.reuse_prefix is False and "full recomputation" in caplog.text
+    assert res.ce["z1"] == pytest.approx(Evaluator(tiny, windows(), 4, progress=False).run(
+        [ZeroReplacement("mlp_out.1", name="z1")]).ce["z1"], abs=1e-6)
+
+
+def test_resume_check_passes_on_a_conforming_model(tiny):
+    from nl_rewrite.prefix import resume_reproduces
+
+    assert resume_reproduces(tiny, windows(n=2).tokens, 1)
