@@ -77,3 +77,30 @@ def test_explanations_respect_the_budget_and_parse_cleanly(tiny_cache):
                 continue
             assert 1 <= len(parsed.current) + len(parsed.previous) <= budget
             assert max([*parsed.current.values(), *parsed.previous.values()]) == 9
+
+
+def test_previous_token_items_measure_what_the_current_token_table_leaves(tiny_cache):
+    """Brute force on dense activations: mean over positions after token u of (act − E[act | current token])."""
+    ids = list(range(len(tiny_cache)))
+    cands = candidate_items(tiny_cache, ids, max_per_latent=10_000)
+    dense = tiny_cache.dense_windows(ids)  # [n, pos, latents]
+    tokens = tiny_cache.tokens
+    vocab = int(tokens.max()) + 1
+    flat_tok, flat_act = tokens.reshape(-1), dense.reshape(-1, dense.shape[-1]).double()
+    counts = torch.bincount(flat_tok, minlength=vocab).double()
+    cur_mean = torch.zeros(vocab, dense.shape[-1], dtype=torch.float64).index_add_(0, flat_tok, flat_act) / \
+        counts.clamp_min(1)[:, None]
+    resid = dense.double() - cur_mean[tokens]  # [n, pos, latents]
+    prev, after = tokens[:, :-1].reshape(-1), resid[:, 1:].reshape(-1, dense.shape[-1])
+    prev_counts = torch.bincount(prev, minlength=vocab).double()
+    prev_mean = torch.zeros(vocab, dense.shape[-1], dtype=torch.float64).index_add_(0, prev, after) / \
+        prev_counts.clamp_min(1)[:, None]
+    checked = 0
+    for i in torch.nonzero(cands.previous).flatten().tolist():
+        lat, tok = int(cands.latent[i]), int(cands.token[i])
+        assert float(cands.mean[i]) == pytest.approx(float(prev_mean[tok, lat]), abs=1e-4)
+        checked += 1
+    for i in torch.nonzero(~cands.previous).flatten().tolist()[:50]:
+        lat, tok = int(cands.latent[i]), int(cands.token[i])
+        assert float(cands.mean[i]) == pytest.approx(float(cur_mean[tok, lat]), abs=1e-4)
+    assert checked > 0
