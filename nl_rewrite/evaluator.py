@@ -163,16 +163,22 @@ class Evaluator:
         return slice(last, last + 1), torch.tensor([last])
 
     def _check_prefix_reuse(self, replacements: Sequence[Replacement]) -> None:
-        """Verify once, on two windows, that resuming reproduces the clean pass; otherwise recompute everything."""
+        """Verify once per start layer, on two windows, that resuming reproduces the clean pass; a layer where it
+        does not is evaluated with full recomputation (slower, same numbers)."""
+        self._broken_starts: set[int] = set()
         starts = sorted({self._start_layer(rep) for rep in replacements} - {0})
-        if not starts or resume_reproduces(self.model, self.windows.tokens[:2], starts[0]):
-            return
-        log.warning("resuming at block %d does not reproduce this model's clean logits; evaluating with full "
-                    "recomputation instead (slower, same numbers)", starts[0])
-        self.reuse_prefix = False
+        for layer in starts:
+            if not resume_reproduces(self.model, self.windows.tokens[:2], layer):
+                self._broken_starts.add(layer)
+        if self._broken_starts:
+            log.warning("resuming at block(s) %s does not reproduce this model's clean logits; those conditions use "
+                        "full recomputation instead (slower, same numbers)", sorted(self._broken_starts))
 
     def _start_layer(self, rep: Replacement) -> int:
-        return first_layer([rep.read_site, rep.write_site]) if self.reuse_prefix else 0
+        if not self.reuse_prefix:
+            return 0
+        layer = first_layer([rep.read_site, rep.write_site])
+        return 0 if layer in getattr(self, "_broken_starts", set()) else layer
 
     @torch.no_grad()
     def _batch(self, ids: Tensor, tokens: Tensor, replacements: Sequence[Replacement]) -> dict[str, tuple[Tensor, Tensor]]:

@@ -14,6 +14,7 @@ the LLM pool's conditions on the first ``llm_eval_windows`` of them (a separate 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import random
@@ -32,7 +33,7 @@ from .conditions import build_condition
 from .data import TokenWindows, token_windows
 from .evaluator import EvalResults, Evaluator
 from .explain import ExplainConfig, Explanation, explain_latents
-from .ladder import (LexicalArm, fit_noise, lexical_arm, lexical_condition, eval_pearson, oracle_conditions,
+from .ladder import (LEXICAL_CALIBRATION, LexicalArm, fit_noise, lexical_arm, lexical_condition, eval_pearson, oracle_conditions,
                      zeroed_condition)
 from .latents import LatentCache
 from .generate import side_by_side
@@ -252,6 +253,23 @@ def fraction_choices(cfg: RunConfig, pool: list[int], scores: list[DetectionScor
     return {f: choose_latents(f, cfg.order, ranking, cfg.seed, pool) for f in cfg.fractions}
 
 
+def code_version() -> str:
+    """The installed nl_rewrite version: part of every cached result's key, so a new release never reuses them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("nl_rewrite")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def arm_digest(arm: LexicalArm) -> str:
+    """Hash of an arm's explanations and fitted calibrators: cached evaluations depend on both."""
+    payload = json.dumps([sorted(arm.texts.items()), [arm.calibrators[k].to_dict() for k in sorted(arm.calibrators)]],
+                         default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
 def atomic_write_json(path: Path, data: dict) -> None:
     atomic_write_text(path, json.dumps(data, indent=1, default=str))
 
@@ -449,9 +467,10 @@ def run_experiment(cfg: RunConfig) -> Artifacts:
     backend = make_backend(cfg.llm, cache=cache_dir() / "llm_calls.sqlite")
     pool = llm_stage(ctx, backend, eval_strings)
 
-    base_fp = [cfg.to_dict(), eval_windows.fingerprint(), cache.meta.coder_fingerprint]
+    base_fp = [cfg.to_dict(), eval_windows.fingerprint(), cache.meta.coder_fingerprint, code_version()]
     build, plan = main_conditions(ctx, arms)
-    main_fp = json.dumps(base_fp + [{b: sorted(a.texts.items()) for b, a in arms.items()}], default=str)
+    main_fp = json.dumps(base_fp + [LexicalSimulator().identity, LEXICAL_CALIBRATION,
+                                    {b: arm_digest(a) for b, a in arms.items()}], default=str)
     results = {mode: evaluate_cached(model, eval_windows, build, out / f"eval_{mode}.json", mode, cfg, main_fp, stages)
                for mode in cfg.position_modes}
     ids = list(range(len(eval_windows)))

@@ -24,7 +24,7 @@ from torch import Tensor
 from .calibrate import Calibrator, LinearCalibrator, make_calibrator
 from .explain import Explanation, RecordStore
 from .latents import LatentCache
-from .lexical import LEXICAL_VERSION, Candidates, LexicalSimulator, lexical_explanations
+from .lexical import LEXICAL_VERSION, Candidates, LexicalSimulator, explanation_problems, lexical_explanations
 from .replacements.oracles import OracleReplacement, mean_pearson, noise_multiplier
 from .replacements.simulated import NLSimulatorReplacement
 from .simulation_store import SimulationQuality, SimulationStore, simulate_into_store, simulation_quality
@@ -82,10 +82,12 @@ def lexical_arm(cache: LatentCache, stat_ids: Sequence[int], calib_ids: Sequence
         calibrators[lat] = calibrated(lat, sims, acts[:, lat], cache)
         quality[lat] = simulation_quality(lat, sims, acts[:, lat], calibrators[lat](sims))
     linear = sum(1 for c in calibrators.values() if isinstance(c, LinearCalibrator))
-    log.info("lexical budget %d: %d latents explained, %d unparseable, %d calibrated linearly (never fired on the "
-             "%d calibration windows)", budget, len(texts), sim.fallbacks, linear, len(calib_ids))
+    unparseable, partial = explanation_problems(texts)  # counted from the texts, so a resumed run counts the same
+    log.info("lexical budget %d: %d latents explained, %d unparseable, %d with partial parse problems, %d calibrated "
+             "linearly (never fired on the %d calibration windows)", budget, len(texts), unparseable, partial, linear,
+             len(calib_ids))
     eval_sims = {lat: stores["eval"].load(lat, text) for lat, text in texts.items()}
-    return LexicalArm(budget, texts, calibrators, quality, eval_sims, sim.fallbacks, linear)
+    return LexicalArm(budget, texts, calibrators, quality, eval_sims, unparseable, linear)
 
 
 def calibrated(latent: int, sims: Tensor, acts: Tensor, cache: LatentCache) -> Calibrator:

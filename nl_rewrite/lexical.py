@@ -102,6 +102,13 @@ def parse_explanation(text: str) -> ParsedExplanation:
     return ParsedExplanation(current, previous, tuple(problems))
 
 
+def explanation_problems(texts: dict[int, str]) -> tuple[int, int]:
+    """(unparseable explanations, explanations with partial problems such as clamped strengths), for reports."""
+    parsed = [parse_explanation(t) for t in texts.values()]
+    unparseable = sum(1 for p in parsed if p.problems and not (p.current or p.previous))
+    return unparseable, sum(1 for p in parsed if p.problems) - unparseable
+
+
 def read_scores(parsed: ParsedExplanation, tokens: Sequence[str]) -> Float[Tensor, " pos"]:
     """Per token: strength of its own item + strength of the previous token's item (0 where none)."""
     values = [parsed.current.get(t, 0) + (parsed.previous.get(tokens[i - 1], 0) if i else 0)
@@ -114,8 +121,12 @@ class LexicalSimulator:
     """Simulates a latent from its lexical explanation alone (see the module docstring)."""
 
     stats: SimulatorStats = field(default_factory=SimulatorStats)
-    fallbacks: int = 0
-    """Explanations that could not be parsed (their latents are simulated as 0, and logged)."""
+    unparseable: set[str] = field(default_factory=set)
+    """Explanations that could not be parsed (their latents are simulated as 0), each logged once."""
+
+    @property
+    def fallbacks(self) -> int:
+        return len(self.unparseable)
 
     @property
     def identity(self) -> str:
@@ -128,8 +139,8 @@ class LexicalSimulator:
         out = []
         for item in items:
             parsed = parse_explanation(item.explanation)
-            if parsed.problems and not (parsed.current or parsed.previous):
-                self.fallbacks += 1
+            if parsed.problems and not (parsed.current or parsed.previous) and item.explanation not in self.unparseable:
+                self.unparseable.add(item.explanation)
                 log.warning("lexical reader: cannot parse explanation %r (%s); simulating 0 for it",
                             item.explanation[:60], "; ".join(parsed.problems))
             out.append(read_scores(parsed, item.tokens))
@@ -203,15 +214,32 @@ def _expected_by_previous(c_lat: Tensor, c_tok: Tensor, c_mean: Tensor, toks: Te
     lo = torch.searchsorted(second_sorted, c_tok, right=False)
     hi = torch.searchsorted(second_sorted, c_tok, right=True)
     span = hi - lo
-    item_of = torch.repeat_interleave(torch.arange(len(c_tok)), span)
-    offsets = torch.arange(int(span.sum())) - torch.repeat_interleave(torch.cumsum(span, 0) - span, span)
+    out = torch.zeros(len(pkeys), dtype=torch.float64)
+    # the join has Σ span rows (frequent tokens have thousands of predecessors): build it in bounded chunks
+    ends = torch.cumsum(span, 0)
+    start = 0
+    while start < len(span):
+        stop = max(start + 1, int(torch.searchsorted(ends, int(ends[start]) - int(span[start]) + JOIN_CHUNK)))
+        _add_joined(out, pkeys, start, stop, span, lo, order, first, counts, c_lat, c_mean, vocab)
+        start = stop
+    return out
+
+
+JOIN_CHUNK = 4_000_000
+"""Rows of the (item × predecessor) join held at once in :func:`_expected_by_previous`."""
+
+
+def _add_joined(out: Tensor, pkeys: Tensor, start: int, stop: int, span: Tensor, lo: Tensor, order: Tensor,
+                first: Tensor, counts: Tensor, c_lat: Tensor, c_mean: Tensor, vocab: int) -> None:
+    items = torch.arange(start, stop)
+    sp = span[start:stop]
+    item_of = torch.repeat_interleave(items, sp)
+    offsets = torch.arange(int(sp.sum())) - torch.repeat_interleave(torch.cumsum(sp, 0) - sp, sp)
     bigram_of = order[lo[item_of] + offsets]
     keys = c_lat[item_of] * vocab + first[bigram_of]
-    contrib = counts[bigram_of].double() * c_mean[item_of]
-    ukeys, usums = _grouped_sums(keys, contrib)
-    pos = torch.searchsorted(ukeys, pkeys).clamp_max(max(len(ukeys) - 1, 0))
-    found = ukeys[pos] == pkeys if len(ukeys) else torch.zeros_like(pkeys, dtype=torch.bool)
-    return torch.where(found, usums[pos], torch.zeros_like(usums[pos]))
+    pos = torch.searchsorted(pkeys, keys).clamp_max(max(len(pkeys) - 1, 0))
+    found = pkeys[pos] == keys if len(pkeys) else torch.zeros_like(keys, dtype=torch.bool)
+    out.index_add_(0, pos[found], (counts[bigram_of].double() * c_mean[item_of])[found])
 
 
 def _top_per_latent(c: Candidates, limit: int) -> Candidates:

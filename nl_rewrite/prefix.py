@@ -28,9 +28,11 @@ def capture_block_inputs(model, layers: Iterable[int]) -> Iterator[dict[int, Ten
     stored: dict[int, Tensor] = {}
     handles = []
     for layer in sorted(set(layers)):
-        def pre_hook(module, args, layer=layer):
-            stored[layer] = args[0].detach()
-        handles.append(model.blocks[layer].register_forward_pre_hook(pre_hook))
+        def pre_hook(module, args, kwargs, layer=layer):
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            if hidden is not None:
+                stored[layer] = hidden.detach()
+        handles.append(model.blocks[layer].register_forward_pre_hook(pre_hook, with_kwargs=True))
     try:
         yield stored
     finally:
@@ -49,6 +51,7 @@ def resumed_at(model, layer: int, resid: Float[Tensor, "batch pos d_model"]) -> 
                                      f"the run has {tuple(hidden.shape)}: resume only on the clean pass's tokens")
         return resid
 
+    previous = [block.__dict__.get("forward") for block in skipped]  # e.g. a wrapper someone else installed
     for block in skipped:
         # an instance attribute shadows the class's forward; set through __dict__ because the bridge's
         # components forward attribute writes to the module they wrap
@@ -56,8 +59,11 @@ def resumed_at(model, layer: int, resid: Float[Tensor, "batch pos d_model"]) -> 
     try:
         yield
     finally:
-        for block in skipped:
-            block.__dict__.pop("forward", None)
+        for block, before in zip(skipped, previous):
+            if before is None:
+                block.__dict__.pop("forward", None)
+            else:
+                block.__dict__["forward"] = before
 
 
 def first_layer(sites: Iterable) -> int:
@@ -72,9 +78,11 @@ def resume_reproduces(model, tokens: Int[Tensor, "batch pos"], layer: int, atol:
     try:
         with capture_block_inputs(model, [layer]) as resid:
             clean = model(tokens)
+        if layer not in resid:
+            return False
         with resumed_at(model, layer, resid[layer]):
             resumed = model(tokens)
-    except (TypeError, ValueError, RuntimeError, ShapeMismatchError):
+    except Exception:  # noqa: BLE001 - any failure only means "do not resume on this model"
         return False
     return isinstance(resumed, Tensor) and resumed.shape == clean.shape and bool(
         torch.allclose(resumed, clean, atol=atol, rtol=0))

@@ -85,9 +85,11 @@ def recovered(res: EvalResults, name: str, metric: str, worse: str = "zero_laten
     if bad > (1 - LEVEL) / 2 * len(den_s):
         return Recovered(None, bad, len(den_s), p_worse, p_better,
                          f"{bad} of {len(den_s)} resamples have a non-positive gap")
-    ok = den_s > 0
+    # a resample whose gap is not positive has no meaningful ratio: it enters the percentiles as ±inf (by the sign of
+    # its numerator) rather than being dropped, so the CI keeps the tail it stands for
+    ratios = torch.where(den_s > 0, num_s / den_s.clamp_min(1e-300), torch.sign(num_s) * math.inf)
     value = float(numer.mean() / denom.mean())
-    return Recovered(Interval(value, *_percentiles(num_s[ok] / den_s[ok])), bad, len(den_s), p_worse, p_better)
+    return Recovered(Interval(value, *_percentiles(ratios)), bad, len(den_s), p_worse, p_better)
 
 
 def recovery_table(res: EvalResults, names: list[str], worse: str = "zero_latents",

@@ -81,9 +81,9 @@ class RunConfig:
         self._validate()
 
     def _validate(self) -> None:
-        bad = [f for f in (*self.fractions, *self.sweep_fractions) if not 0.0 <= f <= 1.0]
+        bad = [f for f in self.fractions if not 0.0 <= f <= 1.0] + [f for f in self.sweep_fractions if not 0.0 < f <= 1.0]
         if bad:
-            raise ValueError(f"fractions must lie in [0, 1]; got {bad}")
+            raise ValueError(f"fractions must lie in [0, 1] (sweep_fractions in (0, 1]); got {bad}")
         unknown = [c for c in self.calibrations if c not in CALIBRATIONS]
         if unknown:
             raise ValueError(f"unknown calibration(s) {unknown}; valid: {', '.join(CALIBRATIONS)}")

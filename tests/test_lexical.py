@@ -79,8 +79,13 @@ def test_explanations_respect_the_budget_and_parse_cleanly(tiny_cache):
             assert max([*parsed.current.values(), *parsed.previous.values()]) == 9
 
 
-def test_previous_token_items_measure_what_the_current_token_table_leaves(tiny_cache):
-    """Brute force on dense activations: mean over positions after token u of (act − E[act | current token])."""
+@pytest.mark.parametrize("chunk", [4_000_000, 7])
+def test_previous_token_items_measure_what_the_current_token_table_leaves(tiny_cache, chunk, monkeypatch):
+    """Brute force on dense activations: mean over positions after token u of (act − E[act | current token]).
+    A tiny join chunk exercises the chunked path."""
+    import nl_rewrite.lexical as lexical
+
+    monkeypatch.setattr(lexical, "JOIN_CHUNK", chunk)
     ids = list(range(len(tiny_cache)))
     cands = candidate_items(tiny_cache, ids, max_per_latent=10_000)
     dense = tiny_cache.dense_windows(ids)  # [n, pos, latents]

@@ -55,7 +55,7 @@ def test_evaluator_falls_back_to_full_recompute_when_resuming_breaks(tiny, monke
     monkeypatch.setattr(evaluator_module, "resume_reproduces", lambda *a, **k: False)
     ev = Evaluator(tiny, windows(), 4, progress=False)
     res = ev.run([ZeroReplacement("mlp_out.1", name="z1")])
-    assert ev.reuse_prefix is False and "full recomputation" in caplog.text
+    assert ev._start_layer(ZeroReplacement("mlp_out.1")) == 0 and "full recomputation" in caplog.text
     assert res.ce["z1"] == pytest.approx(Evaluator(tiny, windows(), 4, progress=False).run(
         [ZeroReplacement("mlp_out.1", name="z1")]).ce["z1"], abs=1e-6)
 
@@ -64,3 +64,17 @@ def test_resume_check_passes_on_a_conforming_model(tiny):
     from nl_rewrite.prefix import resume_reproduces
 
     assert resume_reproduces(tiny, windows(n=2).tokens, 1)
+
+
+def test_resuming_restores_a_forward_installed_by_someone_else(tiny):
+    block = tiny.blocks[0]
+    wrapper = block.forward
+    block.__dict__["forward"] = wrapper
+    try:
+        with capture_block_inputs(tiny, [1]) as resid:
+            tiny(windows(n=2).tokens)
+        with resumed_at(tiny, 1, resid[1]):
+            tiny(windows(n=2).tokens)
+        assert block.__dict__["forward"] is wrapper
+    finally:
+        block.__dict__.pop("forward", None)
