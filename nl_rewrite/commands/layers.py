@@ -16,7 +16,8 @@ from ..cli_config import add_dataclass_args, dataclass_from_args
 @dataclass
 class LayersConfig:
     model: str = field(default="smollm2-135m", metadata={"help": "embedded name, HF directory or .gguf path"})
-    split: str = field(default="eval", metadata={"help": "split measured on (eval or eval_ood)"})
+    split: str = field(default="explain", metadata={
+        "help": "split measured on: explain (or train) to choose a layer; eval only to report, never to choose"})
     windows: int = field(default=64, metadata={"help": "windows evaluated (seeded sample)"})
     window: int = field(default=32, metadata={"help": "tokens per window"})
     mean_windows: int = field(default=64, metadata={"help": "train-split windows averaged for mean ablation"})
