@@ -37,6 +37,25 @@ def _legend(ax) -> None:
         ax.legend(fontsize=7)
 
 
+def _reference_lines(ax) -> None:
+    """0 = no better than zero-latents, 1 = as good as the transcoder."""
+    ax.axhline(0, color="red", lw=0.8, ls="--")
+    ax.axhline(1, color="green", lw=0.8, ls="--")
+
+
+def _label(ax, xlabel: str, ylabel: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    _legend(ax)
+
+
+def _save(plt, fig, title: str, path: Path) -> None:
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _point(rec: dict) -> tuple[float, float, float] | None:
     frac = rec["fraction"]
     return tuple(frac) if frac else None  # type: ignore[return-value]
@@ -72,16 +91,10 @@ def plot_ladder(data: dict, path: Path) -> None:
             _errorbar(ax, [pool["conditions_info"][llm]["pearson"]],
                       [_point(pool["recovery_vs_pool_zeroed"][llm][metric])],
                       ls="none", marker="^", color="tab:red", label=f"LLM on its pool ({llm}; gap of zeroing the pool)")
-        ax.axhline(0, color="red", lw=0.8, ls="--")
-        ax.axhline(1, color="green", lw=0.8, ls="--")
+        _reference_lines(ax)
         _clip_low(ax, FLOOR)
-        ax.set_xlabel("mean per-latent Pearson r with true activations (eval)")
-        ax.set_ylabel(METRIC_LABEL[metric])
-        _legend(ax)
-    fig.suptitle("What quality a simulator needs: gap zero-latents → transcoder recovered (95% CIs)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        _label(ax, "mean per-latent Pearson r with true activations (eval)", METRIC_LABEL[metric])
+    _save(plt, fig, "What quality a simulator needs: gap zero-latents → transcoder recovered (95% CIs)", path)
 
 
 def plot_fractions(data: dict, path: Path) -> None:
@@ -96,16 +109,10 @@ def plot_fractions(data: dict, path: Path) -> None:
             names += [full] if full in info else []
             _errorbar(ax, [info[n]["fraction_of_latents"] for n in names], [_point(rec[n][metric]) for n in names],
                       marker="o", label=label)
-        ax.axhline(0, color="red", lw=0.8, ls="--")
-        ax.axhline(1, color="green", lw=0.8, ls="--")
+        _reference_lines(ax)
         ax.set_xscale("log")
-        ax.set_xlabel("fraction of all latents simulated (ordered by lexical explanation score)")
-        ax.set_ylabel(METRIC_LABEL[metric])
-        _legend(ax)
-    fig.suptitle("Fraction sweep (95% CIs)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        _label(ax, "fraction of all latents simulated (ordered by lexical explanation score)", METRIC_LABEL[metric])
+    _save(plt, fig, "Fraction sweep (95% CIs)", path)
 
 
 def plot_budgets(data: dict, path: Path) -> None:
@@ -119,9 +126,7 @@ def plot_budgets(data: dict, path: Path) -> None:
         _errorbar(ax, budgets, [_point(rec[names[b]][metric]) for b in budgets], marker="o", label=METRIC_LABEL[metric])
     ax.set_xscale("log", base=2)
     ax.set_xticks(budgets, [str(b) for b in budgets])
-    ax.set_xlabel("items per lexical explanation")
-    ax.set_ylabel("fraction of gap recovered")
-    _legend(ax)
+    _label(ax, "items per lexical explanation", "fraction of gap recovered")
     ax.set_title("How long must an explanation be?")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
