@@ -132,6 +132,22 @@ def load_hf(name: str = DEFAULT_MODEL):
     return hf, tok
 
 
+def load_tokenizer(name: str = DEFAULT_MODEL):
+    """Only the tokenizer of ``name`` (same names as :func:`load_hf`); a GGUF is read without converting it."""
+    from transformers import AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = Path(name)
+    try:
+        if path.suffix == ".gguf" and name not in EMBEDDED:
+            _check_gguf(path)
+            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        hf_dir, _ = _hf_dir_for(name)
+        return AutoTokenizer.from_pretrained(hf_dir)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load the tokenizer of {name!r} offline: {exc}") from exc
+
+
 def prepend_bos_for(name: str) -> bool:
     """Whether token windows for this model should start with BOS (see EmbeddedModel.prepend_bos)."""
     return EMBEDDED[name].prepend_bos if name in EMBEDDED else False

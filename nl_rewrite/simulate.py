@@ -113,12 +113,14 @@ def _chat_renderer(backend: LLMBackend):
 
 
 def render_chat(backend: LLMBackend, messages: list[tuple[str, str]]) -> str:
-    """Messages → prompt text ending with the assistant turn opened; a plain template if the backend has none."""
+    """Messages → prompt text in the served model's own chat template, ending with the assistant turn opened.
+
+    There is no generic fallback: the same model must get the same prompt whichever backend serves it."""
     render = _chat_renderer(backend)
-    if render is not None:
-        return render(ChatRequest(messages=tuple(messages)))
-    turns = "".join(f"### {role.capitalize()}\n{content}\n\n" for role, content in messages)
-    return turns + "### Assistant\n"
+    if render is None:
+        raise LLMError(f"backend {backend.backend_id} exposes no chat template (a `chat_prompt` method); the "
+                       "simulator renders its prompts with the served model's own template")
+    return render(ChatRequest(messages=tuple(messages)))
 
 
 class Simulator:

@@ -49,6 +49,11 @@ class FakeBackend:
         self.chat_requests: list[ChatRequest] = []
         self.score_requests: list[ScoreRequest] = []
 
+    def chat_prompt(self, request: ChatRequest) -> str:
+        """A plain template: the fake has no tokenizer, but the simulator needs the backend's own template."""
+        turns = "".join(f"### {role.capitalize()}\n{content}\n\n" for role, content in request.messages)
+        return turns + "### Assistant\n" + request.prefill
+
     def chat(self, requests: Sequence[ChatRequest]) -> list[str]:
         replies = []
         for request in requests:

@@ -17,6 +17,7 @@ import torch
 from nl_rewrite.errors import LLMError
 from nl_rewrite.llm.base import ChatRequest, ScoreRequest
 from nl_rewrite.llm.openai_backend import OpenAIBackend
+from nl_rewrite.llm.readout import usable_rows
 
 PREFIX = "For each word, rate from 0 to 9 how much it is about animals.\n" * 3
 REQUESTS = [
@@ -48,13 +49,13 @@ def served(embedded):
 def _assert_matches_embedded(remote: list[torch.Tensor], local: list[torch.Tensor]) -> None:
     for r, e in zip(remote, local):
         assert r.shape == e.shape
-        known = torch.isfinite(r)
-        assert known.sum() >= r.shape[0] * 3  # the likely digits are in the top-20 at every read point
-        torch.testing.assert_close(r[known], e[known], atol=1e-3, rtol=0)
-        # whatever is missing from the top-k is less likely than everything the server listed
-        for row_r, row_e in zip(r, e):
-            if (~torch.isfinite(row_r)).any():
-                assert row_e[~torch.isfinite(row_r)].max() <= row_e[torch.isfinite(row_r)].min() + 1e-3
+        answered = usable_rows(r)
+        assert answered.sum() >= r.shape[0] - 1  # at most one read point left unknown (NaN) per request
+        for row_r, row_e in zip(r[answered], e[answered]):
+            known = torch.isfinite(row_r)
+            torch.testing.assert_close(row_r[known], row_e[known], atol=1e-3, rtol=0)
+            # a choice the server left out (-inf) is negligible: under a tenth of the mass it did list
+            assert row_e[~known].exp().sum() <= 0.101 * row_e[known].exp().sum()
 
 
 @pytest.mark.slow

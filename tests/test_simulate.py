@@ -13,6 +13,7 @@ from nl_rewrite.simulate import (
     mark_last,
     render_token,
 )
+from fakes import FakeBackend
 
 
 def token_digit(token: str) -> int:
@@ -27,6 +28,7 @@ class TokenReadingBackend:
     a wrong digit. ``blank`` read points (by token text) get no digit logprobs at all (-inf)."""
 
     backend_id = "fake:token-reader"
+    chat_prompt = FakeBackend.chat_prompt
 
     def __init__(self, blank: frozenset[str] = frozenset()):
         self.blank = blank

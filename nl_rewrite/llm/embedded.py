@@ -26,6 +26,8 @@ from torch import Tensor
 
 from ..errors import LLMError
 from .base import ChatRequest, ScoreRequest
+from .templates import render_with
+from .token_layout import layout
 
 log = logging.getLogger(__name__)
 
@@ -124,13 +126,10 @@ class EmbeddedBackend:
         return [lp[:, ids] for lp, ids in zip(logprobs, choice_ids)]
 
     def _suffix_and_reads(self, request: ScoreRequest) -> tuple[list[int], list[int]]:
-        """The segments' ids, and each read point as an index into them (-1 = the prefix's last token)."""
-        ids: list[int] = []
-        ends: list[int] = []
-        for segment in request.segments:
-            ids.extend(self.encode_segment(segment))
-            ends.append(len(ids) - 1)
-        return ids, [ends[i] for i in request.read_after]
+        """The segments' ids, and each read point as an index into them (-1 = the prefix's last token).
+        The prefix is left out here: its KV cache is computed once, apart (see ``_prefix``)."""
+        lay = layout(request, lambda _prefix: [], self.encode_segment)
+        return list(lay.ids), list(lay.reads)
 
     def _prefix(self, text: str) -> _Prefix:
         """The prefix's KV cache, from the LRU or computed now."""
@@ -191,11 +190,7 @@ class EmbeddedBackend:
 
     def chat_prompt(self, request: ChatRequest) -> str:
         """The templated prompt with the assistant turn opened and ``prefill`` appended."""
-        messages = [{"role": role, "content": content} for role, content in request.messages]
-        if not messages:
-            raise LLMError("a chat request needs at least one message")
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return text + request.prefill
+        return render_with(self.tokenizer, request)
 
     def _chat_one(self, request: ChatRequest) -> str:
         ids = self.tokenizer(self.chat_prompt(request), add_special_tokens=False, return_tensors="pt").input_ids

@@ -1,171 +1,215 @@
 """The ``LLMBackend`` protocol over an OpenAI-compatible HTTP server (vLLM, llama.cpp, OpenRouter, ``nl-rewrite serve``).
 
 Settings come from the arguments, else the environment: ``NL_REWRITE_BASE_URL`` (else ``OPENAI_BASE_URL``),
-``NL_REWRITE_MODEL``, ``OPENAI_API_KEY``. The key is never logged and never in ``repr`` or ``backend_id``.
+``NL_REWRITE_MODEL``, ``OPENAI_API_KEY``, ``NL_REWRITE_CHAT_TEMPLATE``. The key is never logged and never in
+``repr`` or ``backend_id``.
 
-Requests run concurrently (``AsyncOpenAI`` + a semaphore) behind synchronous methods; connection errors,
-timeouts, 429 and 5xx are retried with exponential backoff; anything else is an ``LLMError`` at once.
+**The model's own chat template** (:mod:`.templates`) renders every prompt, so a simulator request is the same
+text here as in the embedded backend. It comes from ``chat_template`` (an embedded model name, a HF directory or
+a ``.gguf``), the environment, or the served model's name when that is a local path (llama.cpp names a model by
+its GGUF path). Simulating without one is an ``LLMError`` that says how to pass it.
 
-Chat: ``prefill`` is sent as a trailing assistant message (OpenRouter/Anthropic-style servers, llama.cpp and
-``nl-rewrite serve`` continue it; vLLM needs ``prefill_mode="vllm"``, which adds ``continue_final_message``).
-A reply that repeats the prefill has it stripped.
+**Chat.** With a template, a chat is rendered locally and sent to ``/v1/completions``: the prefill is then
+continued exactly, on any server. Without one it goes to ``/v1/chat/completions`` with the prefill as a trailing
+assistant message. Whether the server continues that message is settled once (``prefill_mode="auto"``) with a
+probe whose continuation is known ("One, two, three, four," → " five"): if it does not (llama.cpp closes the
+turn; vLLM needs ``prefill_mode="vllm"``), each reply is merged with the prefill where they overlap.
 
-Score, ``score_mode``:
-- ``"echo"``: one completions call per request with ``echo=True, logprobs=K, max_tokens=1``. The server returns
-  the prompt's tokens with ``text_offset`` and ``top_logprobs``; the distribution after a read point is the
-  ``top_logprobs`` of the token that starts there (or of the generated token, for a read point at the very
-  end). A read point must fall on a token boundary of the server's tokenisation: end segments with whitespace
-  or punctuation (e.g. ``"cat\\t"``) so no token spans it.
-- ``"per_read"``: one completions call per read point, on the prompt cut at that point, reading the generated
-  token's ``top_logprobs``. Works on servers without ``echo`` (llama.cpp's own server, OpenRouter), at
-  n_read calls per request (servers with prefix caching make the repeats cheap).
-- ``"auto"`` (default): ``echo`` if the first request shows the server honours it, else ``per_read``.
+**Score**, ``score_mode``:
+- ``"echo"``: one completions call per request with ``echo=True, logprobs=K, max_tokens=1``; the distribution
+  after a read point is the ``top_logprobs`` of the echoed token that starts there.
+- ``"per_read"``: one call per read point on the prompt cut there, reading the generated token's distribution.
+  Right on every server, at n_read calls per request.
+- ``"prompt_logprobs"`` (vLLM): the prompt is tokenised locally with the template's tokenizer (prefix, then each
+  segment alone: see :mod:`.token_layout`) and sent as token ids with ``prompt_logprobs=K``; results come from
+  ``choices[0].prompt_logprobs``. A read point whose choices are not all in the top-K is retried once with
+  ``K = max_logprobs``, then left NaN and counted.
+- ``"auto"`` (default): echo only if a probe proves the server's echo is aligned (its echoed tokens spell the
+  prompt, its offsets count every character, and its log-probs at three token starts equal those of a
+  completion cut there); otherwise ``per_read``, said once in the log. In ``auto``, a read point that falls
+  inside a server token is read per-read for that request (counted), never at the wrong token.
 
-A choice missing from the top-K is ``-inf``. A server that returns no logprobs at all is an ``LLMError``.
+A choice missing from a top-K list is ``-inf`` only when provably negligible, else the row is NaN
+(:mod:`.readout`). A server that returns no logprobs at all is an ``LLMError``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import math
 import os
-import random
-import threading
-from typing import Any, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
-import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from ..errors import LLMError
 from .base import ChatRequest, ScoreRequest
+from .http_calls import CallSettings, Rejected, ServerCalls, short
+from .readout import choice_matrix, choice_row, topk_floor
+from .templates import HOW_TO_PASS, ChatTemplate, find_template
+from .token_layout import layout
 
 log = logging.getLogger(__name__)
 
-SCORE_MODES = ("auto", "echo", "per_read")
-PREFILL_MODES = ("assistant", "vllm")
+SCORE_MODES = ("auto", "echo", "per_read", "prompt_logprobs")
+PREFILL_MODES = ("auto", "assistant", "vllm", "merge")
+PROBE_CHAT = ChatRequest((("user", "Count from one to ten in words, separated by commas."),), max_tokens=3,
+                         prefill="One, two, three, four,")
+"""Its continuation is known (" five"), so it tells whether a server continues a prefill and reads echo right."""
+VLLM_NEG_INF = -9999.0
+"""vLLM sends a ``-inf`` prompt logprob as this number."""
 
 
-class _Rejected(LLMError):
-    """The server answered with a non-retryable HTTP error (kept apart so ``auto`` can fall back)."""
+@dataclass
+class ServerReport:
+    """What the backend had to work around, for logs and run reports."""
+
+    echo_fallbacks: int = 0
+    """Requests read per-read because a read point fell inside one of the server's tokens."""
+    unknown_reads: int = 0
+    """Read points left NaN: some choices missing from the top-K and not provably negligible."""
+    raised_k: int = 0
+    """Requests re-sent with ``max_logprobs`` because the first top-K missed some choices."""
+    prefills_merged: int = 0
+    prefills_unmatched: int = 0
+    """Replies from a server that does not continue prefills, with no overlap to merge on."""
 
 
 class OpenAIBackend:
     """Chat and score requests against ``base_url`` (an OpenAI-compatible ``/v1`` root)."""
 
     def __init__(self, base_url: str | None = None, model: str | None = None, api_key: str | None = None, *,
-                 concurrency: int = 8, timeout: float = 60, max_retries: int = 4, backoff: float = 1.0,
-                 top_logprobs: int = 20, score_mode: str = "auto", prefill_mode: str = "assistant",
-                 progress: bool = False) -> None:
+                 chat_template: str | None = None, concurrency: int = 8, timeout: float = 60, max_retries: int = 4,
+                 backoff: float = 1.0, top_logprobs: int = 20, max_logprobs: int = 20, score_mode: str = "auto",
+                 prefill_mode: str = "auto", progress: bool = False) -> None:
         self.base_url = (base_url or os.environ.get("NL_REWRITE_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
                          or "https://api.openai.com/v1").rstrip("/")
         self.model = model or os.environ.get("NL_REWRITE_MODEL")
         if not self.model:
             raise LLMError(f"no model for {self.base_url}: pass model= or set NL_REWRITE_MODEL")
-        self._api_key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"  # local servers need none
-        _check_settings(concurrency, timeout, max_retries, top_logprobs, score_mode, prefill_mode)
-        self.concurrency, self.timeout, self.max_retries, self.backoff = concurrency, timeout, max_retries, backoff
-        self.top_logprobs, self.score_mode, self.prefill_mode = top_logprobs, score_mode, prefill_mode
-        self.progress = progress
+        _check_modes(top_logprobs, max_logprobs, score_mode, prefill_mode)
+        key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"  # local servers need none
+        self.calls = ServerCalls(self.base_url, key, CallSettings(concurrency, timeout, max_retries, backoff, progress))
+        self.top_logprobs, self.max_logprobs = top_logprobs, max(max_logprobs, top_logprobs)
+        self.score_mode, self.prefill_mode = score_mode, prefill_mode
+        self.auto_score = score_mode == "auto"
+        self.template: ChatTemplate | None = find_template(chat_template, self.model)
+        self.report = ServerReport()
         self.backend_id = f"openai:{self.model}@{self.base_url}"
 
     def __repr__(self) -> str:
         return f"OpenAIBackend(base_url={self.base_url!r}, model={self.model!r}, score_mode={self.score_mode!r})"
 
-    # ---- plumbing -----------------------------------------------------------------------------
-
-    def _gather(self, requests: Sequence[Any], one: Callable[[Any, Any], Awaitable[Any]]) -> list[Any]:
-        """Run ``one(client, request)`` for every request, at most ``concurrency`` at a time."""
-        from openai import AsyncOpenAI
-        from tqdm import tqdm
-
-        async def main() -> list[Any]:
-            client = AsyncOpenAI(base_url=self.base_url, api_key=self._api_key, timeout=self.timeout, max_retries=0)
-            gate = asyncio.Semaphore(self.concurrency)
-            with tqdm(total=len(requests), desc="llm", unit="req", disable=not self.progress) as bar:
-                async def run(r: Any) -> Any:
-                    async with gate:
-                        out = await one(client, r)
-                    bar.update(1)
-                    return out
-                try:
-                    return await asyncio.gather(*(run(r) for r in requests))
-                finally:
-                    await client.close()
-
-        return _run_sync(main())
-
-    async def _call(self, make: Callable[[], Awaitable[Any]]) -> Any:
-        """One HTTP call with retries and backoff; an ``LLMError`` naming the URL when it gives up."""
-        import openai
-
-        last: Exception | None = None
-        for attempt in range(self.max_retries + 1):
-            try:
-                return await make()
-            except (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError) as exc:
-                last = exc
-                if attempt < self.max_retries:
-                    await asyncio.sleep(self.backoff * 2 ** attempt * (1 + 0.25 * random.random()))
-            except openai.APIStatusError as exc:
-                raise _Rejected(f"{self.base_url} answered HTTP {exc.status_code}: {_short(exc.message)}") from exc
-        raise LLMError(f"no answer from {self.base_url} after {self.max_retries + 1} attempts: "
-                       f"{type(last).__name__}: {_short(str(last))}") from last
+    def chat_prompt(self, request: ChatRequest) -> str:
+        """The request in the model's own chat template; an ``LLMError`` saying how to pass one if unknown."""
+        if self.template is None:
+            raise LLMError(f"no chat template for {self.model!r} at {self.base_url}: prompts must be rendered with "
+                           f"the model's own template to match the embedded backend; {HOW_TO_PASS}")
+        return self.template.render(request)
 
     # ---- chat ---------------------------------------------------------------------------------
 
     def chat(self, requests: Sequence[ChatRequest]) -> list[str]:
-        return self._gather(requests, self._chat_one)
+        if self.template is not None:
+            return self.calls.gather(requests, self._chat_templated, "chat")
+        if self.prefill_mode == "auto" and any(r.prefill for r in requests):
+            self._settle_prefill()
+        return self.calls.gather(requests, self._chat_endpoint, "chat")
 
-    async def _chat_one(self, client: Any, request: ChatRequest) -> str:
+    async def _chat_templated(self, client: Any, request: ChatRequest) -> str:
+        prompt = self.chat_prompt(request)
+        response = await self.calls.call(lambda: client.completions.create(
+            model=self.model, prompt=prompt, max_tokens=request.max_tokens, temperature=request.temperature))
+        return _first_choice(response, self.base_url).text or ""
+
+    async def _chat_endpoint(self, client: Any, request: ChatRequest) -> str:
         messages = [{"role": role, "content": content} for role, content in request.messages]
         extra: dict[str, Any] = {}
         if request.prefill:
             messages.append({"role": "assistant", "content": request.prefill})
             if self.prefill_mode == "vllm":
                 extra = {"continue_final_message": True, "add_generation_prompt": False}
-        response = await self._call(lambda: client.chat.completions.create(
+        response = await self.calls.call(lambda: client.chat.completions.create(
             model=self.model, messages=messages, max_tokens=request.max_tokens,
             temperature=request.temperature, extra_body=extra or None))
-        if not response.choices:
-            raise LLMError(f"{self.base_url} returned no choices for a chat request")
-        text = response.choices[0].message.content or ""
-        return text[len(request.prefill):] if request.prefill and text.startswith(request.prefill) else text
+        text = _first_choice(response, self.base_url).message.content or ""
+        return self._after_prefill(request.prefill, text)
+
+    def _after_prefill(self, prefill: str, text: str) -> str:
+        """The reply without the prefill: stripped if repeated, merged on overlap if the server restarted."""
+        if not prefill:
+            return text
+        if self.prefill_mode != "merge":
+            return text[len(prefill):] if text.startswith(prefill) else text
+        merged = merge_prefill(prefill, text)
+        if merged is None:
+            self.report.prefills_unmatched += 1
+            return "\n" + text
+        self.report.prefills_merged += 1
+        return merged
+
+    def _settle_prefill(self) -> None:
+        self.prefill_mode = "assistant"
+        reply = self.calls.gather([PROBE_CHAT], self._chat_endpoint, "probe")[0]
+        if not reply.strip().lower().startswith("five"):
+            self.prefill_mode = "merge"
+            log.info("%s does not continue an assistant prefill (probe reply %r); replies are merged with the "
+                     "prefill where they overlap", self.base_url, short(reply, 60))
 
     # ---- score --------------------------------------------------------------------------------
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[Float[Tensor, "n_read n_choices"]]:
         if not requests:
             return []
-        first: list[Tensor] = []
         if self.score_mode == "auto":
-            first = [self._detect_mode(requests[0])]
-        rest = requests[len(first):]
-        one = self._score_echo if self.score_mode == "echo" else self._score_per_read
-        return first + self._gather(rest, one)
+            self._settle_score_mode()
+        one = {"echo": self._score_echo, "per_read": self._score_per_read,
+               "prompt_logprobs": self._score_prompt_logprobs}[self.score_mode]
+        return self.calls.gather(requests, one, "score")
 
-    def _detect_mode(self, request: ScoreRequest) -> Tensor:
-        """Settle ``auto`` on the first request: echo if the server returns prompt logprobs, else per_read."""
+    def _settle_score_mode(self) -> None:
+        problem = self.calls.gather([self._probe_prompt()], self._echo_problem, "probe")[0]
+        self.score_mode = "per_read" if problem else "echo"
+        if problem:
+            log.info("not using echo on %s: %s; scoring one call per read point", self.base_url, problem)
+
+    def _probe_prompt(self) -> str:
+        if self.template is not None:
+            return self.template.render(PROBE_CHAT)
+        return f"{PROBE_CHAT.messages[0][1]}\n{PROBE_CHAT.prefill}"
+
+    async def _echo_problem(self, client: Any, prompt: str) -> str | None:
+        """Why echo cannot be trusted on this server, or ``None`` when the probe shows it aligned."""
         try:
-            out = self._gather([request], self._score_echo)[0]
-            self.score_mode = "echo"
-        except _NoEcho as exc:
-            log.info("%s does not echo prompt logprobs (%s); scoring one call per read point", self.base_url, exc)
-            out = self._gather([request], self._score_per_read)[0]
-            self.score_mode = "per_read"
-        return out
+            data = _logprobs_or_none(await self._completion(client, prompt, echo=True, k=5))
+        except Rejected as exc:
+            return f"it refused echo ({exc})"
+        if data is None:
+            return "it returned no log-probs with echo"
+        problem = _spelling_problem(data.get("tokens") or [], data.get("text_offset") or [], prompt)
+        if problem:
+            return problem
+        starts = [j for j, o in enumerate(data["text_offset"]) if 0 < o < len(prompt)][-3:]
+        for j in starts:
+            cut = await self._completion(client, prompt[:data["text_offset"][j]], echo=False, k=5)
+            if not _same_top(_top_at(data, j), _top_at(_logprobs_of(cut, self.base_url), 0)):
+                return (f"its echoed log-probs at token {j} ({data['tokens'][j]!r}) differ from those of a "
+                        "completion cut there (echo reads the distribution of another position)")
+        return None
 
     async def _score_echo(self, client: Any, request: ScoreRequest) -> Tensor:
-        prompt = request.prompt
-        try:
-            response = await self._completion(client, prompt, echo=True)
-        except _Rejected as exc:
-            raise _NoEcho(str(exc)) from exc
-        logprobs = _logprobs_of(response, self.base_url)
-        if len(logprobs.get("tokens") or []) <= 1 or not logprobs.get("text_offset"):
-            raise _NoEcho("the reply holds no prompt tokens")
-        tops = [_top_at(logprobs, _token_starting_at(logprobs, prompt, end)) for end in _read_offsets(request)]
-        return _choice_matrix(tops, request.choices)
+        data = _logprobs_of(await self._completion(client, request.prompt, echo=True), self.base_url)
+        if len(data.get("tokens") or []) <= 1 or not data.get("text_offset"):
+            raise LLMError(f"{self.base_url} returned no prompt tokens with echo; use score_mode='per_read'")
+        indices = [_token_starting_at(data["text_offset"], end) for end in _read_offsets(request)]
+        if None in indices:
+            if not self.auto_score:
+                raise LLMError(_inside_token_message(data, request, indices))
+            self.report.echo_fallbacks += 1
+            return await self._score_per_read(client, request)
+        return self._rows([_top_at(data, j) for j in indices], request.choices)
 
     async def _score_per_read(self, client: Any, request: ScoreRequest) -> Tensor:
         tops = []
@@ -174,25 +218,72 @@ class OpenAIBackend:
                 raise LLMError("a read point falls before the first token: the prompt is empty up to there")
             response = await self._completion(client, request.prompt[:end], echo=False)
             tops.append(_top_at(_logprobs_of(response, self.base_url), 0))
-        return _choice_matrix(tops, request.choices)
+        return self._rows(tops, request.choices)
 
-    async def _completion(self, client: Any, prompt: str, echo: bool) -> Any:
-        return await self._call(lambda: client.completions.create(
-            model=self.model, prompt=prompt, max_tokens=1, temperature=0.0, logprobs=self.top_logprobs, echo=echo))
+    def _rows(self, tops: list[dict[str, float]], choices: Sequence[str]) -> Tensor:
+        rows = [choice_row(top, choices, topk_floor(top, self.top_logprobs)) for top in tops]
+        self.report.unknown_reads += sum(1 for r in rows if math.isnan(r[0]))
+        return choice_matrix(rows, len(choices))
+
+    async def _completion(self, client: Any, prompt: str, echo: bool, k: int | None = None) -> Any:
+        return await self.calls.call(lambda: client.completions.create(
+            model=self.model, prompt=prompt, max_tokens=1, temperature=0.0, logprobs=k or self.top_logprobs,
+            echo=echo))
+
+    # ---- vLLM prompt_logprobs -----------------------------------------------------------------
+
+    async def _score_prompt_logprobs(self, client: Any, request: ScoreRequest) -> Tensor:
+        if self.template is None:
+            raise LLMError(f"score_mode='prompt_logprobs' tokenises prompts locally and needs the model's "
+                           f"tokenizer; {HOW_TO_PASS}")
+        lay = layout(request, self.template.encode_prefix, self.template.encode_segment)
+        choice_ids = self.template.choice_ids(request.choices)
+        ids = list(lay.ids) + choice_ids[:1]  # one more token, so the last read point has a scored position
+        rows = await self._prompt_logprob_rows(client, ids, lay.reads, choice_ids, self.top_logprobs)
+        if any(math.isnan(r[0]) for r in rows) and self.max_logprobs > self.top_logprobs:
+            self.report.raised_k += 1
+            rows = await self._prompt_logprob_rows(client, ids, lay.reads, choice_ids, self.max_logprobs)
+        self.report.unknown_reads += sum(1 for r in rows if math.isnan(r[0]))
+        return choice_matrix(rows, len(request.choices))
+
+    async def _prompt_logprob_rows(self, client: Any, ids: list[int], reads: Sequence[int], choice_ids: list[int],
+                                   k: int) -> list[list[float]]:
+        response = await self.calls.call(lambda: client.completions.create(
+            model=self.model, prompt=ids, max_tokens=1, temperature=0.0, extra_body={"prompt_logprobs": k}))
+        positions = getattr(_first_choice(response, self.base_url), "prompt_logprobs", None)
+        if not positions or len(positions) != len(ids):
+            raise LLMError(f"{self.base_url} returned {len(positions or [])} prompt_logprobs for {len(ids)} prompt "
+                           "tokens; is this a vLLM server? (other servers: score_mode='echo' or 'per_read')")
+        return [_vllm_row(positions[r + 1], choice_ids, k) for r in reads]
 
 
-class _NoEcho(LLMError):
-    """The server ignored or refused ``echo`` with logprobs."""
+def merge_prefill(prefill: str, reply: str) -> str | None:
+    """The part of ``reply`` that continues ``prefill``, for a server that restarted the answer instead of
+    continuing it: after the prefill if the reply repeats it, else after the longest overlap of the prefill's
+    tail (at least one word) with the reply's start; ``None`` when they do not overlap."""
+    if prefill in reply:
+        return reply.split(prefill, 1)[1]
+    stripped = reply.lstrip()
+    words = prefill.split(" ")
+    for cut in range(len(words) - 1):
+        tail = " ".join(words[cut:]).strip()
+        if tail and stripped.startswith(tail):
+            return stripped[len(tail):]
+    return None
 
 
-def _check_settings(concurrency: int, timeout: float, max_retries: int, top_logprobs: int, score_mode: str,
-                    prefill_mode: str) -> None:
-    if concurrency < 1 or timeout <= 0 or max_retries < 0 or top_logprobs < 1:
-        raise ValueError(f"need concurrency >= 1, timeout > 0, max_retries >= 0, top_logprobs >= 1; got "
-                         f"{concurrency}, {timeout}, {max_retries}, {top_logprobs}")
+def _check_modes(top_logprobs: int, max_logprobs: int, score_mode: str, prefill_mode: str) -> None:
+    if top_logprobs < 1 or max_logprobs < 1:
+        raise ValueError(f"top_logprobs and max_logprobs must be >= 1, got {top_logprobs}, {max_logprobs}")
     if score_mode not in SCORE_MODES or prefill_mode not in PREFILL_MODES:
         raise ValueError(f"score_mode must be one of {SCORE_MODES} and prefill_mode one of {PREFILL_MODES}; "
                          f"got {score_mode!r}, {prefill_mode!r}")
+
+
+def _first_choice(response: Any, base_url: str) -> Any:
+    if not getattr(response, "choices", None):
+        raise LLMError(f"{base_url} returned no choices")
+    return response.choices[0]
 
 
 def _read_offsets(request: ScoreRequest) -> list[int]:
@@ -204,28 +295,57 @@ def _read_offsets(request: ScoreRequest) -> list[int]:
     return [ends[i] for i in request.read_after]
 
 
-def _logprobs_of(response: Any, base_url: str) -> dict[str, Any]:
-    """The first choice's ``logprobs`` as a dict; an ``LLMError`` if the server sent none."""
+def _logprobs_or_none(response: Any) -> dict[str, Any] | None:
     choices = getattr(response, "choices", None) or []
     logprobs = choices[0].logprobs if choices else None
     data = logprobs.model_dump() if hasattr(logprobs, "model_dump") else logprobs
-    if not data or not data.get("top_logprobs"):
+    return data if data and data.get("top_logprobs") else None
+
+
+def _logprobs_of(response: Any, base_url: str) -> dict[str, Any]:
+    """The first choice's ``logprobs`` as a dict; an ``LLMError`` if the server sent none."""
+    data = _logprobs_or_none(response)
+    if data is None:
         raise LLMError(f"{base_url} returned no logprobs for a completions request with logprobs set; this server "
                        "cannot score (llama.cpp needs --logits_all; some hosted models do not return logprobs)")
     return data
 
 
-def _token_starting_at(logprobs: dict[str, Any], prompt: str, offset: int) -> int:
+def _spelling_problem(tokens: list[str], offsets: list[int], prompt: str) -> str | None:
+    """Why the echoed tokens and offsets do not lay out ``prompt`` character for character, if they don't."""
+    n = sum(1 for o in offsets if o < len(prompt))
+    if len(tokens) < 2 or len(offsets) != len(tokens):
+        return "it echoed no prompt tokens"
+    if "".join(tokens[:n]) != prompt:
+        return "its echoed tokens do not spell the prompt (special tokens dropped or changed)"
+    at = 0
+    for j in range(n):
+        if offsets[j] != at:
+            return f"its text_offset of token {j} is {offsets[j]}, not {at} (offsets skip characters)"
+        at += len(tokens[j])
+    return None
+
+
+def _same_top(a: dict[str, float], b: dict[str, float], tolerance: float = 0.3) -> bool:
+    """Same most likely token, with log-probs within ``tolerance`` (servers batch differently)."""
+    if not a or not b:
+        return False
+    best = max(a, key=a.__getitem__)
+    return best == max(b, key=b.__getitem__) and abs(a[best] - b[best]) <= tolerance
+
+
+def _token_starting_at(offsets: list[int], offset: int) -> int | None:
     """Index of the echoed token that starts at character ``offset`` (the last, if empty tokens share it)."""
-    offsets = logprobs["text_offset"]
     hits = [j for j, o in enumerate(offsets) if o == offset]
-    if not hits:
-        inside = max((j for j, o in enumerate(offsets) if o < offset), default=None)
-        piece = logprobs["tokens"][inside] if inside is not None else "?"
-        raise LLMError(f"read point at character {offset} falls inside the server's token {piece!r}; end the "
-                       f"segment with whitespace or punctuation, or use score_mode='per_read' "
-                       f"(context: {prompt[max(0, offset - 20):offset]!r})")
-    return hits[-1]
+    return hits[-1] if hits else None
+
+
+def _inside_token_message(data: dict[str, Any], request: ScoreRequest, indices: list[int | None]) -> str:
+    offset = _read_offsets(request)[indices.index(None)]
+    inside = max((j for j, o in enumerate(data["text_offset"]) if o < offset), default=0)
+    return (f"read point at character {offset} falls inside the server's token {data['tokens'][inside]!r} (its "
+            f"tokeniser merges across the segment boundary); use score_mode='auto' or 'per_read', which read such "
+            f"points one call at a time (context: {request.prompt[max(0, offset - 20):offset]!r})")
 
 
 def _top_at(logprobs: dict[str, Any], index: int) -> dict[str, float]:
@@ -235,33 +355,12 @@ def _top_at(logprobs: dict[str, Any], index: int) -> dict[str, float]:
     return tops[index]
 
 
-def _choice_matrix(tops: list[dict[str, float]], choices: Sequence[str]) -> Float[Tensor, "n_read n_choices"]:
-    """Log-probs of each choice at each read point; ``-inf`` where a choice is outside the top-K."""
-    rows = [[float(top.get(c, float("-inf"))) for c in choices] for top in tops]
-    return torch.tensor(rows, dtype=torch.float32).reshape(len(tops), len(choices))
-
-
-def _short(text: str, limit: int = 300) -> str:
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _run_sync(coro: Awaitable[Any]) -> Any:
-    """``asyncio.run``, also from code that already runs inside an event loop (notebooks)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)  # type: ignore[arg-type]
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = asyncio.run(coro)  # type: ignore[arg-type]
-        except BaseException as exc:  # re-raised in the caller's thread
-            box["error"] = exc
-
-    thread = threading.Thread(target=target)
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
+def _vllm_row(position: dict[str, Any] | None, choice_ids: list[int], k: int) -> list[float]:
+    """One read point from a vLLM ``prompt_logprobs`` entry (token id → {logprob, rank, decoded_token})."""
+    if position is None:
+        raise LLMError("vLLM returned no prompt_logprobs at a read point (only the first token should have none)")
+    entries = {int(t): e for t, e in position.items()}
+    top = {str(t): -math.inf if float(e["logprob"]) <= VLLM_NEG_INF else float(e["logprob"])
+           for t, e in entries.items()}
+    ranked = {t: v for t, v in top.items() if (entries[int(t)].get("rank") or 1) <= k}
+    return choice_row(top, [str(i) for i in choice_ids], topk_floor(ranked, k))

@@ -1,0 +1,122 @@
+"""Concurrent HTTP calls with retries, shared by the OpenAI-compatible and the SGLang backends.
+
+Requests run concurrently (``AsyncOpenAI`` + a semaphore) behind a synchronous ``gather``. Connection errors,
+timeouts, 429 and 5xx are retried with exponential backoff, except a 5xx whose message says the server cannot
+do what was asked (for example llama.cpp's "logprobs is not supported for models created with logits_all=False"):
+retrying that cannot succeed, so it fails at once with the server's message, as does every 4xx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import threading
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
+
+from ..errors import LLMError
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+CANNOT_SUCCEED = re.compile(r"not supported|unsupported|not implemented|logits_all|invalid|must be|cannot be",
+                            re.IGNORECASE)
+"""A 5xx message matching this is a refusal, not an outage."""
+
+
+class Rejected(LLMError):
+    """The server refused the request (4xx, or a 5xx that says it cannot do this); retrying would not help."""
+
+
+@dataclass(frozen=True)
+class CallSettings:
+    concurrency: int = 8
+    timeout: float = 60
+    max_retries: int = 4
+    backoff: float = 1.0
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1 or self.timeout <= 0 or self.max_retries < 0 or self.backoff < 0:
+            raise ValueError(f"need concurrency >= 1, timeout > 0, max_retries >= 0, backoff >= 0; got "
+                             f"{self.concurrency}, {self.timeout}, {self.max_retries}, {self.backoff}")
+
+
+class ServerCalls:
+    """Calls to one server root (``base_url``) through an ``AsyncOpenAI`` client; the key is never shown."""
+
+    def __init__(self, base_url: str, api_key: str, settings: CallSettings) -> None:
+        self.base_url, self._api_key, self.settings = base_url, api_key, settings
+
+    def gather(self, items: Sequence[T], one: Callable[[Any, T], Awaitable[R]], desc: str = "llm") -> list[R]:
+        """``one(client, item)`` for every item, at most ``concurrency`` at a time, results in order."""
+        return run_sync(self._gather(items, one, desc))
+
+    async def _gather(self, items: Sequence[T], one: Callable[[Any, T], Awaitable[R]], desc: str) -> list[R]:
+        from openai import AsyncOpenAI
+        from tqdm import tqdm
+
+        s = self.settings
+        client = AsyncOpenAI(base_url=self.base_url, api_key=self._api_key, timeout=s.timeout, max_retries=0)
+        gate = asyncio.Semaphore(s.concurrency)
+        with tqdm(total=len(items), desc=desc, unit="req", disable=not s.progress) as bar:
+            async def run(item: T) -> R:
+                async with gate:
+                    out = await one(client, item)
+                bar.update(1)
+                return out
+            try:
+                return await asyncio.gather(*(run(item) for item in items))
+            finally:
+                await client.close()
+
+    async def call(self, make: Callable[[], Awaitable[R]]) -> R:
+        """One HTTP call with retries and backoff; an ``LLMError`` naming the URL when it gives up."""
+        import openai
+
+        last: Exception | None = None
+        for attempt in range(self.settings.max_retries + 1):
+            try:
+                return await make()
+            except openai.InternalServerError as exc:
+                if CANNOT_SUCCEED.search(str(exc.message)) or exc.status_code == 501:
+                    raise self._rejected(exc) from exc
+                last = exc
+            except (openai.APIConnectionError, openai.RateLimitError) as exc:
+                last = exc
+            except openai.APIStatusError as exc:
+                raise self._rejected(exc) from exc
+            if attempt < self.settings.max_retries:
+                await asyncio.sleep(self.settings.backoff * 2 ** attempt * (1 + 0.25 * random.random()))
+        raise LLMError(f"no answer from {self.base_url} after {self.settings.max_retries + 1} attempts: "
+                       f"{type(last).__name__}: {short(str(last))}") from last
+
+    def _rejected(self, exc: Any) -> Rejected:
+        return Rejected(f"{self.base_url} answered HTTP {exc.status_code}: {short(str(exc.message))}")
+
+
+def short(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def run_sync(coro: Awaitable[R]) -> R:
+    """``asyncio.run``, also from code that already runs inside an event loop (notebooks)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)  # type: ignore[arg-type]
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = asyncio.run(coro)  # type: ignore[arg-type]
+        except BaseException as exc:  # re-raised in the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
