@@ -36,7 +36,7 @@ class RunConfig:
     layer: int = field(default=-1, metadata={"help": "MLP layer to rewrite (-1: the default transcoder's layer)"})
     out: str = field(default="runs/nl_rewrite", metadata={"help": "output directory (rerun the same to resume)"})
     llm: str = field(default="embedded", metadata={
-        "help": "explainer/simulator backend: embedded[:<model>] or openai[:<model>[@<base_url>]]"})
+        "help": "explainer/simulator backend: embedded[:<model>], openai[:<model>[@<base_url>]] or sglang:<model>@<root>"})
     simulator_mode: str = field(default="all_at_once", metadata={"help": "all_at_once or paper (one prompt per token)"})
     fractions: tuple[float, ...] = field(default=(), metadata={"help": "fractions of the LLM pool simulated (default: the preset's)"})
     calibrations: tuple[str, ...] = field(default=(), metadata={"help": f"calibrations (default all: {', '.join(CALIBRATIONS)})"})

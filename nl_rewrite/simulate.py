@@ -35,8 +35,10 @@ log = logging.getLogger(__name__)
 
 MODES = ("paper", "all_at_once")
 DIGITS = tuple(str(d) for d in range(10))
-PROMPT_VERSION = 1
-"""Bump when prompts change: it is part of ``Simulator.identity``, which keys stored simulations."""
+PROMPT_VERSIONS = {"paper": 2, "all_at_once": 1}
+"""Bump a mode's version when its prompts change: it is part of ``Simulator.identity``, which keys stored
+simulations. Paper mode v2 puts the text on its own line: a prefix ending in ``"Text: "`` let a server that
+tokenises the whole prompt merge that space into the window's first token, unlike the embedded backend."""
 
 SYSTEM_PROMPT = (
     "We are studying neurons in a neural network. Each neuron looks for one particular thing in a text. "
@@ -144,7 +146,7 @@ class Simulator:
         """Stable id of everything that changes a simulation except the explanation and the tokens."""
         probe = self.requests(SimulationItem("EXPLANATION", ("a", " b")))[0]
         digest = hashlib.sha256((probe.prefix + "\x1f".join(probe.segments)).encode()).hexdigest()[:12]
-        return f"{self.backend.backend_id}|{self.mode}|v{PROMPT_VERSION}|{digest}"
+        return f"{self.backend.backend_id}|{self.mode}|v{PROMPT_VERSIONS[self.mode]}|{digest}"
 
     # ---- prompts ------------------------------------------------------------------------------
 
@@ -175,7 +177,7 @@ class Simulator:
 
     @staticmethod
     def _paper_user(explanation: str, text: str) -> str:
-        return (f"Explanation of the neuron: {explanation}\nText: {text}\n"
+        return (f"Explanation of the neuron: {explanation}\nText:\n{text}\n"
                 "How strongly does the neuron fire on the token marked <<like this>>? Answer with one integer 0-9.")
 
     def _paper_messages(self, explanation: str) -> list[tuple[str, str]]:

@@ -20,8 +20,9 @@ DEFAULT_BACKEND = "embedded:smollm2-135m"
 
 @dataclass
 class LLMOptions:
-    backend: str = field(default=DEFAULT_BACKEND, metadata={"help": "LLM backend: embedded[:<model>] or "
-                                                                    "openai[:<model>[@<base_url>]]"})
+    backend: str = field(default=DEFAULT_BACKEND, metadata={"help": "LLM backend: embedded[:<model>], "
+                                                                    "openai[:<model>[@<base_url>]] or "
+                                                                    "sglang:<model>@<server root>"})
     llm_cache: str = field(default="", metadata={"help": "sqlite cache of LLM calls; empty = <user cache>/"
                                                          "llm_calls.sqlite; 'none' disables it"})
 

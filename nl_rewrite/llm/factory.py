@@ -3,6 +3,10 @@
 - ``embedded`` or ``embedded:<model>``: :class:`EmbeddedBackend` (default model ``smollm2-135m``)
 - ``openai``: :class:`OpenAIBackend` from the environment (``NL_REWRITE_BASE_URL``, ``NL_REWRITE_MODEL``, ``OPENAI_API_KEY``)
 - ``openai:<model>`` or ``openai:<model>@<base_url>`` (either part may be empty: ``openai:@http://localhost:8000/v1``)
+- ``sglang:<model>@<server root>``: :class:`SGLangBackend` on SGLang's native ``/generate``
+
+Remote backends render prompts with the model's own chat template: from ``<model>`` when it is an embedded
+name, a HF directory or a ``.gguf`` path, else from ``NL_REWRITE_CHAT_TEMPLATE`` or a ``chat_template`` option.
 
 With ``cache`` given, the backend is wrapped in :class:`CachedBackend` on that sqlite file.
 """
@@ -31,6 +35,12 @@ def make_backend(spec: str, cache: Path | str | None = None, **options: Any) -> 
 
         model, _, base_url = rest.partition("@")
         backend = OpenAIBackend(base_url=base_url or None, model=model or None, **options)
+    elif kind == "sglang":
+        from .sglang_backend import SGLangBackend
+
+        model, _, base_url = rest.partition("@")
+        backend = SGLangBackend(base_url=base_url or None, model=model or None, **options)
     else:
-        raise LLMError(f"unknown backend {spec!r}: use 'embedded[:<model>]' or 'openai[:<model>[@<base_url>]]'")
+        raise LLMError(f"unknown backend {spec!r}: use 'embedded[:<model>]', 'openai[:<model>[@<base_url>]]' or "
+                       "'sglang:<model>@<server root>'")
     return CachedBackend(backend, cache) if cache is not None else backend

@@ -17,7 +17,8 @@ turn; vLLM needs ``prefill_mode="vllm"``), each reply is merged with the prefill
 
 **Score**, ``score_mode``:
 - ``"echo"``: one completions call per request with ``echo=True, logprobs=K, max_tokens=1``; the distribution
-  after a read point is the ``top_logprobs`` of the echoed token that starts there.
+  after a read point is the ``top_logprobs`` of the echoed token that starts there. Refused (an ``LLMError``)
+  when the alignment probe below fails.
 - ``"per_read"``: one call per read point on the prompt cut there, reading the generated token's distribution.
   Right on every server, at n_read calls per request.
 - ``"prompt_logprobs"`` (vLLM): the prompt is tokenised locally with the template's tokenizer (prefix, then each
@@ -95,6 +96,7 @@ class OpenAIBackend:
         self.top_logprobs, self.max_logprobs = top_logprobs, max(max_logprobs, top_logprobs)
         self.score_mode, self.prefill_mode = score_mode, prefill_mode
         self.auto_score = score_mode == "auto"
+        self.echo_checked = False
         self.template: ChatTemplate | None = find_template(chat_template, self.model)
         self.report = ServerReport()
         self.backend_id = f"openai:{self.model}@{self.base_url}"
@@ -163,14 +165,19 @@ class OpenAIBackend:
     def score(self, requests: Sequence[ScoreRequest]) -> list[Float[Tensor, "n_read n_choices"]]:
         if not requests:
             return []
-        if self.score_mode == "auto":
-            self._settle_score_mode()
+        if self.score_mode in ("auto", "echo") and not self.echo_checked:
+            self._check_echo()
         one = {"echo": self._score_echo, "per_read": self._score_per_read,
                "prompt_logprobs": self._score_prompt_logprobs}[self.score_mode]
         return self.calls.gather(requests, one, "score")
 
-    def _settle_score_mode(self) -> None:
+    def _check_echo(self) -> None:
+        """Probe echo once: ``auto`` settles on echo or per_read; an explicit ``echo`` refuses a misaligned server."""
         problem = self.calls.gather([self._probe_prompt()], self._echo_problem, "probe")[0]
+        self.echo_checked = True
+        if problem and not self.auto_score:
+            raise LLMError(f"score_mode='echo' would read the wrong tokens on {self.base_url}: {problem}; use "
+                           "score_mode='auto' or 'per_read'")
         self.score_mode = "per_read" if problem else "echo"
         if problem:
             log.info("not using echo on %s: %s; scoring one call per read point", self.base_url, problem)

@@ -24,8 +24,8 @@ from ..errors import LLMError
 from .base import ChatRequest
 
 TEMPLATE_ENV = "NL_REWRITE_CHAT_TEMPLATE"
-HOW_TO_PASS = (f"pass chat_template=<embedded model name | HF directory | .gguf file> to the backend, set "
-               f"{TEMPLATE_ENV}, or use --chat-template on the command line")
+HOW_TO_PASS = (f"pass chat_template=<embedded model name | HF directory | .gguf file> to the backend (Python), or "
+               f"set {TEMPLATE_ENV} to one of those (command line)")
 
 
 class ChatTemplate:
