@@ -1,0 +1,74 @@
+"""External: the OpenAI backend against llama.cpp's real server (llama-cpp-python), on the embedded SmolLM2 GGUF.
+
+Runs when llama-cpp-python is installed (``pip install -c constraints.txt -e ".[llamacpp]"``; .ci/run does),
+and is skipped with the reason otherwise. Default settings only: the template comes from the GGUF the server
+names, ``auto`` settles the score mode, the explainer's prefill must be continued."""
+
+from __future__ import annotations
+
+import pytest
+
+from nl_rewrite.explain import DEFAULT_PREFILL, parse_explanation
+from nl_rewrite.llm import llamacpp
+from nl_rewrite.llm.base import ChatRequest, ScoreRequest
+from nl_rewrite.llm.openai_backend import OpenAIBackend
+from nl_rewrite.llm.parity import compare_backends
+from nl_rewrite.errors import LLMError
+
+pytestmark = [pytest.mark.external, pytest.mark.slow,
+              pytest.mark.skipif(not llamacpp.available(), reason='llama-cpp-python is not installed: pip install '
+                                 '-c constraints.txt -e ".[llamacpp]" (compiles llama.cpp, ~10 min)')]
+
+
+@pytest.fixture(scope="module")
+def gguf():
+    from nl_rewrite.models import EMBEDDED
+
+    return str(EMBEDDED["smollm2-135m"].locate_gguf())
+
+
+@pytest.fixture(scope="module")
+def server(gguf, tmp_path_factory):
+    with llamacpp.llamacpp_server(gguf, log_path=tmp_path_factory.mktemp("llamacpp") / "server.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    from nl_rewrite.llm.embedded import EmbeddedBackend
+
+    return EmbeddedBackend("smollm2-135m")
+
+
+def test_default_settings_score_like_the_embedded_backend(server, gguf, embedded):
+    backend = OpenAIBackend(server, gguf, concurrency=2)
+    assert backend.template is not None  # found in the GGUF the server names
+    tokenize = lambda text: [embedded.tokenizer.decode([i])  # noqa: E731
+                             for i in embedded.tokenizer(text, add_special_tokens=False).input_ids]
+    report = compare_backends(embedded, backend, tokenize)
+    for kind in ("all_at_once", "paper", "detection"):
+        assert report[kind]["pearson"] >= 0.95, (kind, report)
+        assert report[kind]["unknown"] <= report[kind]["n"] // 20, (kind, report)
+    assert backend.score_mode == "per_read"  # llama.cpp's echo drops special tokens: the probe refuses it
+    assert backend.report.echo_fallbacks == 0
+
+
+def test_explainer_prefill_is_continued_and_parses(server, gguf):
+    backend = OpenAIBackend(server, gguf)
+    request = ChatRequest((("system", "You explain patterns in text."),
+                           ("user", "The marked words: <<taxes>>, <<tax>>, <<duties>>, <<tariffs>>. What do they "
+                                    "have in common? Answer in one short phrase after [EXPLANATION]:.")),
+                          max_tokens=20, prefill=DEFAULT_PREFILL)
+    reply = backend.chat([request])[0]
+    assert not reply.lstrip().startswith(DEFAULT_PREFILL.split(":")[-1].strip())  # continued, not restarted
+    text = parse_explanation(reply, DEFAULT_PREFILL)
+    assert text.startswith("The marked words are all") and "are allThe" not in text
+
+
+def test_explicit_echo_is_refused_and_no_logits_fails_at_once(server, gguf, tmp_path):
+    with pytest.raises(LLMError, match="would read the wrong tokens"):
+        OpenAIBackend(server, gguf, score_mode="echo").score([ScoreRequest("Count: one,", (" two,",), (0,))])
+    with llamacpp.llamacpp_server(gguf, logits_all=False, log_path=tmp_path / "nologits.log") as url:
+        backend = OpenAIBackend(url, gguf, score_mode="per_read", max_retries=4)
+        with pytest.raises(LLMError, match="logits_all"):
+            backend.score([ScoreRequest("Count: one,", (" two,",), (0,))])
