@@ -107,9 +107,9 @@ class _Handler(BaseHTTPRequestHandler):
             return {"text": text, "meta_info": {"prompt_tokens": len(ids)}}
         ids, start, wanted = body["input_ids"], int(body["logprob_start_len"]), body["token_ids_logprob"]
         lp = self._logprobs(ids)
-        per_id: list[Any] = [None] + [[[float(lp[p - 1, t]), t, None] for t in wanted] for p in range(start + 1, len(ids))]
-        tokens: list[Any] = [[None, ids[start], None]] + [[float(lp[p - 1, ids[p]]), ids[p], None]
-                                                           for p in range(start + 1, len(ids))]
+        scored = range(start + 1, len(ids))
+        per_id: list[Any] = [None] + [[[float(lp[p - 1, t]), t, None] for t in wanted] for p in scored]
+        tokens: list[Any] = [[None, ids[start], None]] + [[float(lp[p - 1, ids[p]]), ids[p], None] for p in scored]
         return {"text": "", "meta_info": {"prompt_tokens": len(ids), "completion_tokens": 0,
                                           "input_token_logprobs": tokens, "input_token_ids_logprobs": per_id}}
 

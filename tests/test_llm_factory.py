@@ -14,7 +14,8 @@ def test_openai_spec_with_model_and_url(tmp_path):
     assert isinstance(backend, CachedBackend) and isinstance(backend, LLMBackend)
     inner = backend.inner
     assert isinstance(inner, OpenAIBackend)
-    assert (inner.model, inner.base_url, inner.calls.settings.concurrency) == ("my-model", "http://127.0.0.1:9999/v1", 3)
+    assert (inner.model, inner.base_url) == ("my-model", "http://127.0.0.1:9999/v1")
+    assert inner.calls.settings.concurrency == 3
     assert backend.backend_id == "openai:my-model@http://127.0.0.1:9999/v1"
 
 

@@ -12,7 +12,7 @@ import torch
 
 import schema_servers
 from nl_rewrite.errors import LLMError
-from nl_rewrite.llm.base import ChatRequest, ScoreRequest
+from nl_rewrite.llm.base import ChatRequest
 from nl_rewrite.llm.openai_backend import OpenAIBackend, merge_prefill
 from nl_rewrite.llm.readout import usable_rows
 from nl_rewrite.llm.sglang_backend import SGLangBackend

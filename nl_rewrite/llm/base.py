@@ -74,9 +74,9 @@ class LLMBackend(Protocol):
         ...
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[Float[Tensor, "n_read n_choices"]]:
-        """Per request, log-probs for each read point and choice; ``-inf`` where the backend gave no
-        value for that choice (e.g. outside a server's top-k). Raises ``LLMError`` if the backend
-        gives no logprobs at all."""
+        """Per request, log-probs for each read point and choice; ``-inf`` for a choice a server left out of
+        its top-K when that is provably negligible, a NaN row for a read point it left unknown (see
+        ``readout``). Raises ``LLMError`` if the backend gives no logprobs at all."""
         ...
 
 

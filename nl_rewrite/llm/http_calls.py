@@ -1,7 +1,8 @@
 """Concurrent HTTP calls with retries, shared by the OpenAI-compatible and the SGLang backends.
 
 Requests run concurrently (``AsyncOpenAI`` + a semaphore) behind a synchronous ``gather``. Connection errors,
-timeouts, 429 and 5xx are retried with exponential backoff, except a 5xx whose message says the server cannot
+timeouts, 429 and 5xx are retried with exponential backoff, or after the server's ``Retry-After`` when it sends
+one (seconds, capped at ``MAX_RETRY_AFTER``), except a 5xx whose message says the server cannot
 do what was asked (for example llama.cpp's "logprobs is not supported for models created with logits_all=False"):
 retrying that cannot succeed, so it fails at once with the server's message, as does every 4xx.
 """
@@ -23,6 +24,7 @@ R = TypeVar("R")
 CANNOT_SUCCEED = re.compile(r"not supported|unsupported|not implemented|logits_all|invalid|must be|cannot be",
                             re.IGNORECASE)
 """A 5xx message matching this is a refusal, not an outage."""
+MAX_RETRY_AFTER = 300.0
 
 
 class Rejected(LLMError):
@@ -48,6 +50,8 @@ class ServerCalls:
 
     def __init__(self, base_url: str, api_key: str, settings: CallSettings) -> None:
         self.base_url, self._api_key, self.settings = base_url, api_key, settings
+        self.waits: list[float] = []
+        """Every backoff wait, in seconds, in order (for logs and tests)."""
 
     def gather(self, items: Sequence[T], one: Callable[[Any, T], Awaitable[R]], desc: str = "llm") -> list[R]:
         """``one(client, item)`` for every item, at most ``concurrency`` at a time, results in order."""
@@ -88,12 +92,24 @@ class ServerCalls:
             except openai.APIStatusError as exc:
                 raise self._rejected(exc) from exc
             if attempt < self.settings.max_retries:
-                await asyncio.sleep(self.settings.backoff * 2 ** attempt * (1 + 0.25 * random.random()))
+                wait = retry_after(last) or self.settings.backoff * 2 ** attempt * (1 + 0.25 * random.random())
+                self.waits.append(wait)
+                await asyncio.sleep(wait)
         raise LLMError(f"no answer from {self.base_url} after {self.settings.max_retries + 1} attempts: "
                        f"{type(last).__name__}: {short(str(last))}") from last
 
     def _rejected(self, exc: Any) -> Rejected:
         return Rejected(f"{self.base_url} answered HTTP {exc.status_code}: {short(str(exc.message))}")
+
+
+def retry_after(exc: Exception | None) -> float | None:
+    """The server's ``Retry-After`` (in seconds) on an HTTP error, capped; ``None`` if it sent none we can read."""
+    response = getattr(exc, "response", None)
+    value = response.headers.get("retry-after") if response is not None else None
+    try:
+        return min(max(float(value), 0.0), MAX_RETRY_AFTER) if value is not None else None
+    except ValueError:  # an HTTP date: rare from inference servers; fall back to our own backoff
+        return None
 
 
 def short(text: str, limit: int = 300) -> str:

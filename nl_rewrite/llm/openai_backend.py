@@ -1,7 +1,8 @@
-"""The ``LLMBackend`` protocol over an OpenAI-compatible HTTP server (vLLM, llama.cpp, OpenRouter, ``nl-rewrite serve``).
+"""The ``LLMBackend`` protocol over an OpenAI-compatible HTTP server (vLLM, llama.cpp, OpenRouter, nl-rewrite serve).
 
 Settings come from the arguments, else the environment: ``NL_REWRITE_BASE_URL`` (else ``OPENAI_BASE_URL``),
-``NL_REWRITE_MODEL``, ``OPENAI_API_KEY``, ``NL_REWRITE_CHAT_TEMPLATE``. The key is never logged and never in
+``NL_REWRITE_MODEL``, ``OPENAI_API_KEY``, ``NL_REWRITE_CHAT_TEMPLATE``, ``NL_REWRITE_SCORE_MODE`` (so the command
+line, whose ``--llm`` spec names only model and URL, can choose them). The key is never logged and never in
 ``repr`` or ``backend_id``.
 
 **The model's own chat template** (:mod:`.templates`) renders every prompt, so a simulator request is the same
@@ -83,13 +84,14 @@ class OpenAIBackend:
 
     def __init__(self, base_url: str | None = None, model: str | None = None, api_key: str | None = None, *,
                  chat_template: str | None = None, concurrency: int = 8, timeout: float = 60, max_retries: int = 4,
-                 backoff: float = 1.0, top_logprobs: int = 20, max_logprobs: int = 20, score_mode: str = "auto",
+                 backoff: float = 1.0, top_logprobs: int = 20, max_logprobs: int = 20, score_mode: str | None = None,
                  prefill_mode: str = "auto", progress: bool = False) -> None:
         self.base_url = (base_url or os.environ.get("NL_REWRITE_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
                          or "https://api.openai.com/v1").rstrip("/")
         self.model = model or os.environ.get("NL_REWRITE_MODEL")
         if not self.model:
             raise LLMError(f"no model for {self.base_url}: pass model= or set NL_REWRITE_MODEL")
+        score_mode = score_mode or os.environ.get("NL_REWRITE_SCORE_MODE") or "auto"
         _check_modes(top_logprobs, max_logprobs, score_mode, prefill_mode)
         key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"  # local servers need none
         self.calls = ServerCalls(self.base_url, key, CallSettings(concurrency, timeout, max_retries, backoff, progress))
