@@ -141,9 +141,9 @@ def load_tokenizer(name: str = DEFAULT_MODEL):
     try:
         if path.suffix == ".gguf" and name not in EMBEDDED:
             _check_gguf(path)
-            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
         hf_dir, _ = _hf_dir_for(name)
-        return AutoTokenizer.from_pretrained(hf_dir)
+        return AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)  # a hub id only from the local cache
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load the tokenizer of {name!r} offline: {exc}") from exc
 

@@ -8,7 +8,8 @@ prompt at exactly the same tokens as the embedded backend.
 A template source is, in order of preference:
 - an embedded model name (``smollm2-135m``, ``gemma3-270m``);
 - a local Hugging Face directory (``tokenizer_config.json`` with ``chat_template``);
-- a ``.gguf`` file (its tokenizer and template are read from the GGUF metadata).
+- a ``.gguf`` file (its tokenizer and template are read from the GGUF metadata);
+- a hub id (``org/name``) whose tokenizer is already in the local Hugging Face cache (nothing is downloaded).
 
 llama.cpp's server names a model by the path it was started with, so a served GGUF resolves by itself.
 """
@@ -78,7 +79,16 @@ def find_template(explicit: str | None, model: str | None) -> ChatTemplate | Non
         return load_template(named)
     if model and _is_local_source(model):
         return load_template(model)
+    if model and _looks_like_hub_id(model):
+        try:  # vLLM and SGLang name a model by its hub id: its tokenizer may be in the local HF cache
+            return load_template(model)
+        except LLMError:
+            return None
     return None
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    return name.count("/") == 1 and not name.startswith((".", "/")) and not Path(name).exists()
 
 
 def _is_local_source(name: str) -> bool:
