@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from nl_rewrite.explain import DEFAULT_PREFILL, parse_explanation
 from nl_rewrite.llm import llamacpp
-from nl_rewrite.llm.base import ChatRequest, ScoreRequest
+from nl_rewrite.llm.base import ScoreRequest
 from nl_rewrite.llm.openai_backend import OpenAIBackend
 from nl_rewrite.llm.parity import compare_backends
 from nl_rewrite.errors import LLMError
@@ -53,16 +52,25 @@ def test_default_settings_score_like_the_embedded_backend(server, gguf, embedded
     assert backend.report.echo_fallbacks == 0
 
 
-def test_explainer_prefill_is_continued_and_parses(server, gguf):
-    backend = OpenAIBackend(server, gguf)
-    request = ChatRequest((("system", "You explain patterns in text."),
-                           ("user", "The marked words: <<taxes>>, <<tax>>, <<duties>>, <<tariffs>>. What do they "
-                                    "have in common? Answer in one short phrase after [EXPLANATION]:.")),
-                          max_tokens=20, prefill=DEFAULT_PREFILL)
-    reply = backend.chat([request])[0]
-    assert not reply.lstrip().startswith(DEFAULT_PREFILL.split(":")[-1].strip())  # continued, not restarted
-    text = parse_explanation(reply, DEFAULT_PREFILL)
-    assert text.startswith("The marked words are all") and "are allThe" not in text
+def test_explainer_and_detection_scoring_run_through_the_server(server, gguf, tiny, tmp_path):
+    """The real explainer (default prefill) and detection scorer, on a tiny model's latent cache."""
+    from nl_rewrite.explain import ExplainConfig, explain_latents
+    from nl_rewrite.latents import LatentCache
+    from nl_rewrite.sampling import SamplingConfig, select_latents
+    from nl_rewrite.score import ScoreConfig, score_explanations
+    from test_latents import make_coder, make_windows
+
+    sampling = SamplingConfig(n_train=6, n_heldout=4, n_negatives=4, n_bins=3)
+    cache = LatentCache.build(tiny, make_coder(), make_windows(n=60, window=10), tmp_path / "cache",
+                              shard_windows=20, progress=False)
+    backend = OpenAIBackend(server, gguf, concurrency=2)
+    records = explain_latents(backend, cache, select_latents(cache, 2), ExplainConfig(max_tokens=40), sampling,
+                              tmp_path / "e.jsonl", progress=False)
+    assert all(r.ok for r in records), [r.error for r in records]
+    for record in records:  # the prefill was continued, not restarted after it
+        assert record.text.startswith("The marked words are all") and "are allThe" not in record.text
+    scores = score_explanations(backend, cache, records, ScoreConfig(), sampling, progress=False)
+    assert scores and all(s.n > 0 for s in scores)
 
 
 def test_explicit_echo_is_refused_and_no_logits_fails_at_once(server, gguf, tmp_path):
