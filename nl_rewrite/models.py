@@ -138,8 +138,10 @@ def load_tokenizer(name: str = DEFAULT_MODEL):
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = Path(name)
+    if name in EMBEDDED and not (cache_dir() / "models" / name / "config.json").is_file():
+        path = EMBEDDED[name].locate_gguf()  # read the tokenizer from the GGUF, without converting the weights
     try:
-        if path.suffix == ".gguf" and name not in EMBEDDED:
+        if path.suffix == ".gguf":
             _check_gguf(path)
             return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
         hf_dir, _ = _hf_dir_for(name)

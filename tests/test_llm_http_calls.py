@@ -51,9 +51,10 @@ def _error(message: str) -> dict:
     return {"error": {"message": message, "type": "x"}}
 
 
-@pytest.mark.parametrize("status", [429, 500, 502, 503])
-def test_rate_limits_and_outages_are_retried(status):
-    server, seen = scripted([(status, {}, _error("busy")), (status, {}, _error("busy"))])
+@pytest.mark.parametrize("status,message", [(408, "timeout"), (429, "busy"), (500, "busy"), (502, "busy"),
+                                            (503, "busy"), (504, "upstream sent an invalid response")])
+def test_rate_limits_and_outages_are_retried(status, message):
+    server, seen = scripted([(status, {}, _error(message)), (status, {}, _error(message))])
     backend = _backend(server)
     assert backend.chat([ChatRequest((("user", "hi"),))]) == ["fine"]
     assert seen == [status, status, 200] and len(backend.calls.waits) == 2
@@ -61,10 +62,10 @@ def test_rate_limits_and_outages_are_retried(status):
 
 
 def test_retry_after_is_honoured():
-    server, seen = scripted([(429, {"Retry-After": "0.3"}, _error("slow down"))])
+    server, seen = scripted([(429, {"Retry-After": "0.3"}, _error("slow down")), (503, {"Retry-After": "0"}, {})])
     backend = _backend(server)
     backend.chat([ChatRequest((("user", "hi"),))])
-    assert backend.calls.waits == [0.3]
+    assert backend.calls.waits == [0.3, 0.0]
     server.shutdown()
 
 

@@ -80,6 +80,15 @@ def test_read_point_inside_a_server_token_is_named(served):
 
 
 @pytest.mark.slow
+def test_auto_reads_a_point_inside_a_server_token_per_read(served, embedded):
+    backend = OpenAIBackend(served, "smollm2-135m")
+    split = [ScoreRequest(PREFIX, ("hor", "se\t"), (0, 1))]  # "horse" is one token: "hor" ends inside it
+    remote = backend.score(REQUESTS + split)
+    assert backend.score_mode == "echo" and backend.report.echo_fallbacks == 1
+    assert remote[-1].shape == (2, 10) and torch.isfinite(remote[-1][1]).any()  # read per-read, not refused
+
+
+@pytest.mark.slow
 def test_chat_over_http_returns_the_embedded_reply(served, embedded):
     request = ChatRequest((("user", "Name one animal."),), max_tokens=10, prefill="My answer is:")
     remote = OpenAIBackend(served, "smollm2-135m").chat([request])

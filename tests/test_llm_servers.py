@@ -12,7 +12,7 @@ import torch
 
 import schema_servers
 from nl_rewrite.errors import LLMError
-from nl_rewrite.llm.base import ChatRequest
+from nl_rewrite.llm.base import ChatRequest, ScoreRequest
 from nl_rewrite.llm.openai_backend import OpenAIBackend, merge_prefill
 from nl_rewrite.llm.readout import usable_rows
 from nl_rewrite.llm.sglang_backend import SGLangBackend
@@ -48,7 +48,10 @@ def server(request, embedded):
     srv.server_close()
 
 
-def _same_as_embedded(remote: list[torch.Tensor], local: list[torch.Tensor], atol: float = 1e-3) -> None:
+def _same_as_embedded(remote: list[torch.Tensor], local: list[torch.Tensor], atol: float = 1e-3,
+                      min_usable: float = 0.9) -> None:
+    rows = sum(r.shape[0] for r in remote)
+    assert sum(int(usable_rows(r).sum()) for r in remote) >= min_usable * rows  # the comparison covers most reads
     for r, e in zip(remote, local):
         assert r.shape == e.shape
         ok = usable_rows(r)
@@ -91,7 +94,7 @@ def test_vllm_prompt_logprobs_equal_the_embedded_backend(server, embedded, reque
     assert {c["prompt_logprobs"] for c in calls} == {3, 20}
     assert all(isinstance(t, int) for t in calls[0]["prompt"])  # token ids: the read points are exact
     n_nan = sum(int((~usable_rows(r)).sum()) for r in remote)
-    assert n_nan == backend.report.unknown_reads  # whatever stayed unknown is NaN and counted, never guessed
+    assert n_nan == backend.report.unknown_reads == 0  # K=20 completed every read point that K=3 left unknown
 
 
 @pytest.mark.parametrize("server", [("vllm", {"max_logprobs": 5})], indirect=True)
@@ -112,6 +115,20 @@ def test_auto_refuses_a_misaligned_echo_and_reads_per_point(server, embedded, re
     assert backend.score_mode == "per_read"
     assert "not using echo" in caplog.text and "do not spell the prompt" in caplog.text
     _same_as_embedded(remote, embedded.score(requests_[:2]))
+
+
+@pytest.mark.parametrize("server", [("llamacpp", {})], indirect=True)
+def test_echo_one_position_off_is_caught_by_the_probe(server, embedded, monkeypatch, caplog):
+    """Without a template the probe has no special tokens, so only its distribution check can catch the shift."""
+    monkeypatch.delenv("NL_REWRITE_CHAT_TEMPLATE", raising=False)
+    srv, _ = server
+    backend = OpenAIBackend(schema_servers.url(srv, "/v1"), "served-model")
+    prefix = "For each word, rate from 0 to 9 how much it is about animals.\n" * 3
+    requests = [ScoreRequest(prefix, ("cat\t", "8\n", "the\t", "0\n", "horse\t"), (0, 2, 4))]
+    with caplog.at_level(logging.INFO, logger="nl_rewrite.llm.openai_backend"):
+        remote = backend.score(requests)
+    assert backend.score_mode == "per_read" and "differ from those of a completion cut there" in caplog.text
+    _same_as_embedded(remote, embedded.score(requests), min_usable=0.6)  # 3 reads of a plain prompt
 
 
 @pytest.mark.parametrize("server", [("llamacpp", {})], indirect=True)
@@ -138,11 +155,13 @@ def test_chat_without_template_merges_a_prefill_the_server_did_not_continue(serv
     srv, _ = server
     backend = OpenAIBackend(schema_servers.url(srv, "/v1"), "served-model")
     assert backend.template is None
-    request = ChatRequest((("user", "Name one animal."),), max_tokens=12, prefill="My answer is:")
+    # SmolLM2, its turn closed, restarts the answer and repeats the prefill: the merge keeps what follows it
+    request = ChatRequest((("user", "Count from one to ten in words, separated by commas."),), max_tokens=16,
+                          prefill="One, two, three, four,")
     reply = backend.chat([request])[0]
     assert backend.prefill_mode == "merge"
-    assert backend.report.prefills_merged + backend.report.prefills_unmatched == 1
-    assert not reply.startswith("My answer is:")
+    assert backend.report.prefills_merged == 1
+    assert "four," not in reply
     with pytest.raises(LLMError, match="no chat template.*NL_REWRITE_CHAT_TEMPLATE"):
         Simulator(backend).requests(SimulationItem(EXPLANATION, TOKENS))
 

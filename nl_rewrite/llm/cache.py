@@ -5,7 +5,8 @@ bytes (``-inf`` survives the round trip). The database runs in WAL mode and comm
 chunk the inner backend answers, so a kill -9 loses at most the chunk in flight.
 
 Sampled chat requests (temperature > 0) are cached too: a rerun gets the same reply, which is what
-resuming needs.
+resuming needs. A score result with an unknown read point (a NaN row: a server left choices out of its top-K) is
+not stored, so a rerun, perhaps with a larger K, asks again instead of inheriting the gap.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 
+import torch
 from jaxtyping import Float
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
@@ -69,13 +71,13 @@ class CachedBackend:
         self._db.close()
 
     def chat(self, requests: Sequence[ChatRequest]) -> list[str]:
-        return self._cached(requests, "chat", self.inner.chat, _encode_text, _decode_text)
+        return self._cached(requests, "chat", self.inner.chat, _encode_text, _decode_text, lambda _: True)
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[Float[Tensor, "n_read n_choices"]]:
-        return self._cached(requests, "score", self.inner.score, _encode_tensor, _decode_tensor)
+        return self._cached(requests, "score", self.inner.score, _encode_tensor, _decode_tensor, _fully_known)
 
     def _cached(self, requests: Sequence[R], kind: str, call: Callable[[list[R]], list[V]],
-                encode: Callable[[V], bytes], decode: Callable[[bytes], V]) -> list[V]:
+                encode: Callable[[V], bytes], decode: Callable[[bytes], V], keep: Callable[[V], bool]) -> list[V]:
         keys = [r.key() for r in requests]
         found = {k: decode(v) for k, v in self._lookup(keys).items()}
         self.hits += sum(k in found for k in keys)
@@ -84,7 +86,7 @@ class CachedBackend:
             chunk = missing[start:start + self.chunk_size]
             answers = call([r for _, r in chunk])
             self.new_calls += len(chunk)
-            self._store(kind, [(k, encode(a)) for (k, _), a in zip(chunk, answers)])
+            self._store(kind, [(k, encode(a)) for (k, _), a in zip(chunk, answers) if keep(a)])
             found.update((k, a) for (k, _), a in zip(chunk, answers))
         return [found[k] for k in keys]
 
@@ -112,6 +114,10 @@ def _encode_text(text: str) -> bytes:
 
 def _decode_text(blob: bytes) -> str:
     return bytes(blob).decode("utf-8")
+
+
+def _fully_known(tensor: Tensor) -> bool:
+    return not bool(torch.isnan(tensor).any())
 
 
 def _encode_tensor(tensor: Tensor) -> bytes:

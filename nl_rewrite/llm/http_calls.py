@@ -1,10 +1,10 @@
 """Concurrent HTTP calls with retries, shared by the OpenAI-compatible and the SGLang backends.
 
 Requests run concurrently (``AsyncOpenAI`` + a semaphore) behind a synchronous ``gather``. Connection errors,
-timeouts, 429 and 5xx are retried with exponential backoff, or after the server's ``Retry-After`` when it sends
+timeouts, 408, 429 and 5xx are retried with exponential backoff, or after the server's ``Retry-After`` when it sends
 one (seconds, capped at ``MAX_RETRY_AFTER``), except a 5xx whose message says the server cannot
 do what was asked (for example llama.cpp's "logprobs is not supported for models created with logits_all=False"):
-retrying that cannot succeed, so it fails at once with the server's message, as does every 4xx.
+retrying that cannot succeed, so it fails at once with the server's message, as do a 501 and every other 4xx.
 """
 
 from __future__ import annotations
@@ -83,16 +83,15 @@ class ServerCalls:
         for attempt in range(self.settings.max_retries + 1):
             try:
                 return await make()
-            except openai.InternalServerError as exc:
-                if CANNOT_SUCCEED.search(str(exc.message)) or exc.status_code == 501:
-                    raise self._rejected(exc) from exc
-                last = exc
             except (openai.APIConnectionError, openai.RateLimitError) as exc:
                 last = exc
             except openai.APIStatusError as exc:
-                raise self._rejected(exc) from exc
+                if not retryable(exc.status_code, str(exc.message)):
+                    raise self._rejected(exc) from exc
+                last = exc
             if attempt < self.settings.max_retries:
-                wait = retry_after(last) or self.settings.backoff * 2 ** attempt * (1 + 0.25 * random.random())
+                told = retry_after(last)
+                wait = told if told is not None else self.settings.backoff * 2 ** attempt * (1 + 0.25 * random.random())
                 self.waits.append(wait)
                 await asyncio.sleep(wait)
         raise LLMError(f"no answer from {self.base_url} after {self.settings.max_retries + 1} attempts: "
@@ -100,6 +99,14 @@ class ServerCalls:
 
     def _rejected(self, exc: Any) -> Rejected:
         return Rejected(f"{self.base_url} answered HTTP {exc.status_code}: {short(str(exc.message))}")
+
+
+def retryable(status: int, message: str) -> bool:
+    """Timeouts (408), rate limits (429) and outages (500, 502-504) are worth retrying; a 500 that says the server
+    cannot do this, a 501 and other 4xx are not (a gateway's 502-504 is always an outage, whatever it says)."""
+    if status == 500:
+        return not CANNOT_SUCCEED.search(message)
+    return status in (408, 429) or 502 <= status <= 599
 
 
 def retry_after(exc: Exception | None) -> float | None:

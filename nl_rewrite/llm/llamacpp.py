@@ -38,7 +38,7 @@ def llamacpp_server(gguf: Path | str, *, threads: int = 2, logits_all: bool = Tr
     port = _free_port()
     command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
                "--port", str(port), "--n_threads", str(threads), "--logits_all", str(logits_all).lower()]
-    with open(log_path or "/dev/null", "w") as log:
+    with open(log_path, "w") if log_path else contextlib.nullcontext(subprocess.DEVNULL) as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         try:
             url = f"http://127.0.0.1:{port}/v1"

@@ -40,6 +40,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -96,12 +97,16 @@ class OpenAIBackend:
         key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"  # local servers need none
         self.calls = ServerCalls(self.base_url, key, CallSettings(concurrency, timeout, max_retries, backoff, progress))
         self.top_logprobs, self.max_logprobs = top_logprobs, max(max_logprobs, top_logprobs)
+        self.requested_score_mode = score_mode
         self.score_mode, self.prefill_mode = score_mode, prefill_mode
-        self.auto_score = score_mode == "auto"
+        """In use: ``auto`` and ``prefill_mode="auto"`` are replaced by what the first probe settles."""
         self.echo_checked = False
+        self._settling = threading.Lock()  # one probe at a time when several threads share the backend
         self.template: ChatTemplate | None = find_template(chat_template, self.model)
         self.report = ServerReport()
-        self.backend_id = f"openai:{self.model}@{self.base_url}"
+        # the template decides the chat route and every prompt's text, so it is part of the cache key
+        via = f"|template={self.template.source}" if self.template is not None else ""
+        self.backend_id = f"openai:{self.model}@{self.base_url}{via}"
 
     def __repr__(self) -> str:
         return f"OpenAIBackend(base_url={self.base_url!r}, model={self.model!r}, score_mode={self.score_mode!r})"
@@ -155,34 +160,52 @@ class OpenAIBackend:
         return merged
 
     def _settle_prefill(self) -> None:
-        self.prefill_mode = "assistant"
-        reply = self.calls.gather([PROBE_CHAT], self._chat_endpoint, "probe")[0]
-        if not reply.strip().lower().startswith("five"):
-            self.prefill_mode = "merge"
-            log.info("%s does not continue an assistant prefill (probe reply %r); replies are merged with the "
-                     "prefill where they overlap", self.base_url, short(reply, 60))
+        with self._settling:
+            if self.prefill_mode != "auto":
+                return
+            reply = self.calls.gather([PROBE_CHAT], self._probe_chat, "probe")[0]
+            continued = reply.strip().lower().startswith("five")
+            if not continued:
+                log.info("%s does not continue an assistant prefill (probe reply %r); replies are merged with the "
+                         "prefill where they overlap", self.base_url, short(reply, 60))
+            self.prefill_mode = "assistant" if continued else "merge"
+
+    async def _probe_chat(self, client: Any, request: ChatRequest) -> str:
+        messages = [{"role": role, "content": content} for role, content in request.messages]
+        messages.append({"role": "assistant", "content": request.prefill})
+        response = await self.calls.call(lambda: client.chat.completions.create(
+            model=self.model, messages=messages, max_tokens=request.max_tokens, temperature=0.0))
+        return _first_choice(response, self.base_url).message.content or ""
 
     # ---- score --------------------------------------------------------------------------------
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[Float[Tensor, "n_read n_choices"]]:
         if not requests:
             return []
-        if self.score_mode in ("auto", "echo") and not self.echo_checked:
+        if self.requested_score_mode in ("auto", "echo") and not self.echo_checked:
             self._check_echo()
         one = {"echo": self._score_echo, "per_read": self._score_per_read,
                "prompt_logprobs": self._score_prompt_logprobs}[self.score_mode]
-        return self.calls.gather(requests, one, "score")
+        before = dict(vars(self.report))
+        out = self.calls.gather(requests, one, "score")
+        changed = {k: v - before[k] for k, v in vars(self.report).items() if v != before[k]}
+        if changed:
+            log.info("%s: %s over %d score requests", self.base_url, changed, len(requests))
+        return out
 
     def _check_echo(self) -> None:
         """Probe echo once: ``auto`` settles on echo or per_read; an explicit ``echo`` refuses a misaligned server."""
-        problem = self.calls.gather([self._probe_prompt()], self._echo_problem, "probe")[0]
-        self.echo_checked = True
-        if problem and not self.auto_score:
-            raise LLMError(f"score_mode='echo' would read the wrong tokens on {self.base_url}: {problem}; use "
-                           "score_mode='auto' or 'per_read'")
-        self.score_mode = "per_read" if problem else "echo"
-        if problem:
-            log.info("not using echo on %s: %s; scoring one call per read point", self.base_url, problem)
+        with self._settling:
+            if self.echo_checked:
+                return
+            problem = self.calls.gather([self._probe_prompt()], self._echo_problem, "probe")[0]
+            if problem and self.requested_score_mode == "echo":
+                raise LLMError(f"score_mode='echo' would read the wrong tokens on {self.base_url}: {problem}; use "
+                               "score_mode='auto' or 'per_read'")
+            if problem:
+                log.info("not using echo on %s: %s; scoring one call per read point", self.base_url, problem)
+            self.score_mode = "per_read" if problem else "echo"
+            self.echo_checked = True
 
     def _probe_prompt(self) -> str:
         if self.template is not None:
@@ -209,13 +232,17 @@ class OpenAIBackend:
         return None
 
     async def _score_echo(self, client: Any, request: ScoreRequest) -> Tensor:
-        data = _logprobs_of(await self._completion(client, request.prompt, echo=True), self.base_url)
-        if len(data.get("tokens") or []) <= 1 or not data.get("text_offset"):
-            raise LLMError(f"{self.base_url} returned no prompt tokens with echo; use score_mode='per_read'")
-        indices = [_token_starting_at(data["text_offset"], end) for end in _read_offsets(request)]
-        if None in indices:
-            if not self.auto_score:
-                raise LLMError(_inside_token_message(data, request, indices))
+        """Echo, checked on every reply: its tokens must spell this prompt (a server that drops characters, say
+        of a multi-byte character split across tokens, shifts every later offset) and each read point must start
+        a token. Where either fails, ``auto`` reads that request per-read (counted) and ``echo`` refuses."""
+        data = _logprobs_of(await self._completion(client, request.prompt, echo=True, k=self.top_logprobs),
+                            self.base_url)
+        problem = _spelling_problem(data.get("tokens") or [], data.get("text_offset") or [], request.prompt)
+        indices = [] if problem else [_token_starting_at(data["text_offset"], end) for end in _read_offsets(request)]
+        if problem or None in indices:
+            if self.requested_score_mode == "echo":
+                raise LLMError(f"{self.base_url}: {problem}" if problem else
+                               _inside_token_message(data, request, indices))
             self.report.echo_fallbacks += 1
             return await self._score_per_read(client, request)
         return self._rows([_top_at(data, j) for j in indices], request.choices)
@@ -225,7 +252,7 @@ class OpenAIBackend:
         for end in _read_offsets(request):  # sequential within a request: shares the server's prefix cache
             if end == 0:
                 raise LLMError("a read point falls before the first token: the prompt is empty up to there")
-            response = await self._completion(client, request.prompt[:end], echo=False)
+            response = await self._completion(client, request.prompt[:end], echo=False, k=self.top_logprobs)
             tops.append(_top_at(_logprobs_of(response, self.base_url), 0))
         return self._rows(tops, request.choices)
 
@@ -234,10 +261,9 @@ class OpenAIBackend:
         self.report.unknown_reads += sum(1 for r in rows if math.isnan(r[0]))
         return choice_matrix(rows, len(choices))
 
-    async def _completion(self, client: Any, prompt: str, echo: bool, k: int | None = None) -> Any:
+    async def _completion(self, client: Any, prompt: str, echo: bool, k: int) -> Any:
         return await self.calls.call(lambda: client.completions.create(
-            model=self.model, prompt=prompt, max_tokens=1, temperature=0.0, logprobs=k or self.top_logprobs,
-            echo=echo))
+            model=self.model, prompt=prompt, max_tokens=1, temperature=0.0, logprobs=k, echo=echo))
 
     # ---- vLLM prompt_logprobs -----------------------------------------------------------------
 
@@ -246,6 +272,8 @@ class OpenAIBackend:
             raise LLMError(f"score_mode='prompt_logprobs' tokenises prompts locally and needs the model's "
                            f"tokenizer; {HOW_TO_PASS}")
         lay = layout(request, self.template.encode_prefix, self.template.encode_segment)
+        if min(lay.reads, default=0) < 0:
+            raise LLMError("a read point falls before the first token: the prompt is empty up to there")
         choice_ids = self.template.choice_ids(request.choices)
         ids = list(lay.ids) + choice_ids[:1]  # one more token, so the last read point has a scored position
         rows = await self._prompt_logprob_rows(client, ids, lay.reads, choice_ids, self.top_logprobs)
@@ -269,7 +297,7 @@ class OpenAIBackend:
 def merge_prefill(prefill: str, reply: str) -> str | None:
     """The part of ``reply`` that continues ``prefill``, for a server that restarted the answer instead of
     continuing it: after the prefill if the reply repeats it, else after the longest overlap of the prefill's
-    tail (at least one word) with the reply's start; ``None`` when they do not overlap."""
+    tail (at least two words: one common word is no evidence) with the reply's start; ``None`` otherwise."""
     if prefill in reply:
         return reply.split(prefill, 1)[1]
     stripped = reply.lstrip()

@@ -53,8 +53,7 @@ def _simulator_agreement(reference: LLMBackend, candidate: LLMBackend, mode: str
                          items: list[SimulationItem]) -> Agreement:
     requests = [r for item in items for r in Simulator(reference, mode).requests(item)]
     ref, cand = reference.score(requests), candidate.score(requests)
-    values = lambda answers: torch.cat([expected_digits(a) for a in answers])  # noqa: E731
-    return _agreement(ref, cand, values(ref), values(cand))
+    return _agreement(ref, cand, _digits(ref), _digits(cand))
 
 
 def _detection_agreement(reference: LLMBackend, candidate: LLMBackend) -> Agreement:
@@ -63,8 +62,16 @@ def _detection_agreement(reference: LLMBackend, candidate: LLMBackend) -> Agreem
     requests: list[ScoreRequest] = [r for e in PROBE_EXPLANATIONS
                                     for r in detection_requests(e, PROBE_TEXTS, ScoreConfig())]
     ref, cand = reference.score(requests), candidate.score(requests)
-    margin = lambda answers: torch.stack([a[0, 0] - a[0, 1] for a in answers])  # noqa: E731
-    return _agreement(ref, cand, margin(ref), margin(cand))
+    return _agreement(ref, cand, _margins(ref), _margins(cand))
+
+
+def _digits(answers: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([expected_digits(a) for a in answers])
+
+
+def _margins(answers: list[torch.Tensor]) -> torch.Tensor:
+    """Yes-minus-no log-prob per detection prompt."""
+    return torch.stack([a[0, 0] - a[0, 1] for a in answers])
 
 
 def _agreement(ref: list[torch.Tensor], cand: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> Agreement:

@@ -20,12 +20,12 @@ from torch import Tensor
 NEGLIGIBLE = 0.1
 
 
-def choice_row(top: Mapping[str, float], choices: Sequence[str], floor: float | None) -> list[float]:
-    """Log-probs of ``choices`` from one read point's ``top`` (token → logprob); ``floor`` is the K-th logprob,
-    or ``None`` when ``top`` is known to hold every choice the server could return (then missing is ``-inf``)."""
+def choice_row(top: Mapping[str, float], choices: Sequence[str], floor: float) -> list[float]:
+    """Log-probs of ``choices`` from one read point's top-K ``top`` (token → logprob), where every token left out
+    is at most ``floor`` (see :func:`topk_floor`)."""
     row = [float(top[c]) if c in top else -math.inf for c in choices]
     missing = sum(1 for c in choices if c not in top)
-    if not missing or floor is None:
+    if not missing:
         return row
     present = sum(math.exp(v) for v in row if v > -math.inf)
     if present > 0 and missing * math.exp(floor) <= NEGLIGIBLE * present:
@@ -33,10 +33,21 @@ def choice_row(top: Mapping[str, float], choices: Sequence[str], floor: float | 
     return [math.nan] * len(choices)
 
 
-def topk_floor(top: Mapping[str, float], k: int) -> float | None:
-    """The smallest logprob of a top-``k`` list; ``None`` when it holds fewer than ``k`` entries (the whole list)."""
+def exact_row(values: Mapping[str, float | None], choices: Sequence[str]) -> list[float]:
+    """Log-probs the server was asked for by id (SGLang): a choice it did not return, or returned as null, is
+    unknown, so the row is NaN."""
+    if any(values.get(c) is None for c in choices):
+        return [math.nan] * len(choices)
+    return [float(values[c]) for c in choices]  # type: ignore[arg-type]
+
+
+def topk_floor(top: Mapping[str, float], k: int) -> float:
+    """An upper bound on every token left out of a top-``k`` list: its ``k``-th logprob, or its smallest when
+    fewer came back (OpenAI-style lists are keyed by token text, so tokens with the same text merge)."""
     values = sorted(top.values(), reverse=True)
-    return float(values[k - 1]) if len(values) >= k else None
+    if not values:
+        return 0.0  # nothing came back: nothing is bounded
+    return float(values[k - 1]) if len(values) >= k else float(values[-1])
 
 
 def choice_matrix(rows: list[list[float]], n_choices: int) -> Float[Tensor, "n_read n_choices"]:

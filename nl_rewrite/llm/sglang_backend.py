@@ -19,7 +19,6 @@ Chat: the request is rendered with the model's template and sent as ``text``; th
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, Sequence
 
@@ -29,7 +28,7 @@ from torch import Tensor
 from ..errors import LLMError
 from .base import ChatRequest, ScoreRequest
 from .http_calls import CallSettings, ServerCalls
-from .readout import choice_matrix, choice_row
+from .readout import choice_matrix, exact_row
 from .templates import HOW_TO_PASS, ChatTemplate, find_template
 from .token_layout import layout
 
@@ -47,7 +46,7 @@ class SGLangBackend:
             raise LLMError(f"the SGLang backend tokenises prompts locally and needs the model's tokenizer and chat "
                            f"template; {HOW_TO_PASS}")
         self.template: ChatTemplate = template
-        key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+        key = api_key or os.environ.get("SGLANG_API_KEY") or "EMPTY"  # the server's --api-key, if it has one
         self.calls = ServerCalls(self.base_url, key, CallSettings(concurrency, timeout, max_retries, backoff, progress))
         self.backend_id = f"sglang:{self.model or template.source}@{self.base_url}"
 
@@ -70,6 +69,8 @@ class SGLangBackend:
 
     async def _score_one(self, client: Any, request: ScoreRequest) -> Tensor:
         lay = layout(request, self.template.encode_prefix, self.template.encode_segment)
+        if not lay.reads:
+            return choice_matrix([], len(request.choices))
         if min(lay.reads) < 0:
             raise LLMError("a read point falls before the first token: the prompt is empty up to there")
         choice_ids = self.template.choice_ids(request.choices)
@@ -97,8 +98,7 @@ class SGLangBackend:
 
 
 def _row(entry: list[list[Any]] | None, names: list[str]) -> list[float]:
-    """One read point: every requested id comes back, so nothing is missing unless the server dropped it."""
+    """One read point: every requested id comes back, so anything missing or null is unknown (NaN)."""
     if entry is None:
         raise LLMError("SGLang returned no token_ids logprobs at a read point (only logprob_start_len should)")
-    top = {str(int(item[1])): float(item[0]) if item[0] is not None else -math.inf for item in entry}
-    return choice_row(top, names, floor=0.0)
+    return exact_row({str(int(item[1])): item[0] for item in entry}, names)

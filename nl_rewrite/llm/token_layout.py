@@ -24,15 +24,6 @@ class TokenLayout:
     n_prefix: int
     reads: tuple[int, ...]
 
-    @property
-    def suffix(self) -> list[int]:
-        return list(self.ids[self.n_prefix:])
-
-    @property
-    def suffix_reads(self) -> list[int]:
-        """Read points relative to the suffix (-1 is the prefix's last token)."""
-        return [r - self.n_prefix for r in self.reads]
-
 
 def layout(request: ScoreRequest, encode_prefix: Encode, encode_segment: Encode) -> TokenLayout:
     ids = list(encode_prefix(request.prefix))
