@@ -203,12 +203,13 @@ def fit_calibrator(kind: str, latent: int, sims: Float[Tensor, " n"], acts: Floa
 
 
 def calibrate(cfg: RunConfig, cache: LatentCache, store: SimulationStore, texts: dict[int, str],
-              calib_ids: list[int]) -> tuple[dict[str, dict[int, Calibrator]], dict[str, dict[int, SimulationQuality]]]:
+              calib_windows: dict[int, list[str]]
+              ) -> tuple[dict[str, dict[int, Calibrator]], dict[str, dict[int, SimulationQuality]]]:
     calibrators: dict[str, dict[int, Calibrator]] = {k: {} for k in cfg.calibrations}
     quality: dict[str, dict[int, SimulationQuality]] = {k: {} for k in cfg.calibrations}
     for latent, text in texts.items():
-        sims = store.get(latent, text, calib_ids).reshape(-1)
-        acts = true_activations(cache, calib_ids, latent)
+        sims = store.get(latent, text, calib_windows).reshape(-1)
+        acts = true_activations(cache, list(calib_windows), latent)
         for kind in cfg.calibrations:
             cal = fit_calibrator(kind, latent, sims, acts, cache)
             calibrators[kind][latent] = cal
@@ -333,14 +334,15 @@ def llm_stage(ctx: Context, backend, eval_strings: dict[int, list[str]]) -> Pool
     texts = {r.latent: r.text for r in explanations if r.latent in set(usable)}
     simulator = Simulator(backend, cfg.simulator_mode)
     calib_ids = sorted(random.Random(cfg.seed).sample(range(len(cache)), min(cfg.calib_windows, len(cache))))
+    calib_windows = {w: cache.token_strings(cache.window_tokens(w)) for w in calib_ids}
     calib_store = stages.timed("simulate_explain", simulate_split, simulator, ctx.out / "simulations" / "explain",
-                               texts, {w: cache.token_strings(cache.window_tokens(w)) for w in calib_ids})
+                               texts, calib_windows)
     llm_windows = {w: eval_strings[w] for w in range(cfg.llm_eval_windows)}
     eval_store = stages.timed("simulate_eval", simulate_split, simulator, ctx.out / "simulations" / "eval", texts,
                               llm_windows)
-    calibrators, quality = stages.timed("calibrate", calibrate, cfg, cache, calib_store, texts, calib_ids)
+    calibrators, quality = stages.timed("calibrate", calibrate, cfg, cache, calib_store, texts, calib_windows)
     chosen = fraction_choices(cfg, list(texts), scores, quality)
-    eval_sims = {lat: eval_store.load(lat, text) for lat, text in texts.items()}
+    eval_sims = {lat: eval_store.load(lat, text, llm_windows) for lat, text in texts.items()}
     return PoolArm(pool, explanations, scores, texts, calibrators, quality, chosen, eval_sims, simulator.identity,
                    simulator.stats.nan_predictions)
 

@@ -78,7 +78,7 @@ def lexical_arm(cache: LatentCache, stat_ids: Sequence[int], calib_ids: Sequence
     acts = cache.dense_windows(calib_ids).reshape(-1, cache.n_latents)
     calibrators, quality = {}, {}
     for lat, text in texts.items():
-        sims = stores["explain"].get(lat, text, list(calib_ids)).reshape(-1)
+        sims = stores["explain"].get(lat, text, calib_windows).reshape(-1)
         calibrators[lat] = calibrated(lat, sims, acts[:, lat], cache)
         quality[lat] = simulation_quality(lat, sims, acts[:, lat], calibrators[lat](sims))
     linear = sum(1 for c in calibrators.values() if isinstance(c, LinearCalibrator))
@@ -86,7 +86,7 @@ def lexical_arm(cache: LatentCache, stat_ids: Sequence[int], calib_ids: Sequence
     log.info("lexical budget %d: %d latents explained, %d unparseable, %d with partial parse problems, %d calibrated "
              "linearly (never fired on the %d calibration windows)", budget, len(texts), unparseable, partial, linear,
              len(calib_ids))
-    eval_sims = {lat: stores["eval"].load(lat, text) for lat, text in texts.items()}
+    eval_sims = {lat: stores["eval"].load(lat, text, eval_windows) for lat, text in texts.items()}
     return LexicalArm(budget, texts, calibrators, quality, eval_sims, unparseable, linear)
 
 

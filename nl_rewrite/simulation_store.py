@@ -1,10 +1,15 @@
 """Simulations on disk: computed once per (latent, window), reused across fractions and calibrations.
 
 Layout: ``folder/<key>/identity.json`` names the simulator (backend, mode, prompt version and a digest
-of its prompts); ``folder/<key>/latent_<id>.safetensors`` holds ``window_ids [n]`` and raw simulated
+of its prompts); ``folder/<key>/latent_<id>.safetensors`` holds ``window_keys [n]`` and raw simulated
 ``scores [n, pos]`` (expected digits, NaN where the backend gave nothing), with the explanation's hash
 in the file's metadata. A changed explanation makes that latent's file stale: it is recomputed, never
-mixed. Every write is atomic (tmp file, then ``os.replace``), and ``simulate_into_store`` writes after
+mixed.
+
+**Simulations are keyed by window content**, never by a window's position in a sample: ``window_key`` hashes the
+token strings the simulator read. A window id is only how a caller names a window in *its* sample; every method
+takes the caller's ``windows`` (id → token strings) and answers in those ids. A rerun with a different sample
+(``--eval-windows 32`` after 16) reuses exactly the windows whose text is the same, and simulates the rest. Every write is atomic (tmp file, then ``os.replace``), and ``simulate_into_store`` writes after
 each chunk of windows, so a killed run resumes where it stopped.
 
 Per-latent quality (Pearson/Spearman with the true activations, precision/recall of "fires" after
@@ -42,8 +47,21 @@ class MissingSimulationError(NLRewriteError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+LAYOUT = "content-keyed-v2"
+"""Part of the store's folder name: stores of the old position-keyed layout are never read."""
+
+Windows = Mapping[int, Sequence[str]]
+"""A caller's windows: its window id → the token strings of that window."""
+
+
 def text_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def window_key(tokens: Sequence[str]) -> int:
+    """A window's content key: 63 bits of a hash of its token strings (fits an int64 tensor)."""
+    digest = hashlib.sha256("\x1f".join(tokens).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
 
 
 class SimulationStore:
@@ -51,7 +69,7 @@ class SimulationStore:
 
     def __init__(self, folder: "str | Path", simulator_identity: str) -> None:
         self.identity = simulator_identity
-        self.folder = Path(folder) / text_hash(simulator_identity)
+        self.folder = Path(folder) / text_hash(f"{simulator_identity}|{LAYOUT}")
         self.folder.mkdir(parents=True, exist_ok=True)
         marker = self.folder / "identity.json"
         if not marker.exists():
@@ -60,48 +78,56 @@ class SimulationStore:
     def _path(self, latent: int) -> Path:
         return self.folder / f"latent_{int(latent)}.safetensors"
 
-    def load(self, latent: int, explanation: str) -> dict[int, Float[Tensor, " pos"]]:
-        """window id → scores for this latent, empty if none are stored for this explanation."""
+    def _stored(self, latent: int, explanation: str) -> dict[int, Float[Tensor, " pos"]]:
+        """window key → scores for this latent, empty if none are stored for this explanation."""
         path = self._path(latent)
         if not path.exists():
             return {}
         with safe_open(str(path), framework="pt") as fh:
             if (fh.metadata() or {}).get("explanation_hash") != text_hash(explanation):
                 return {}
-            ids, scores = fh.get_tensor("window_ids"), fh.get_tensor("scores")
-        return {int(w): s for w, s in zip(ids.tolist(), scores)}
+            keys, scores = fh.get_tensor("window_keys"), fh.get_tensor("scores")
+        return {int(k): s for k, s in zip(keys.tolist(), scores)}
 
-    def missing(self, latent: int, explanation: str, window_ids: Iterable[int]) -> list[int]:
-        have = self.load(latent, explanation)
-        return [int(w) for w in window_ids if int(w) not in have]
+    def load(self, latent: int, explanation: str, windows: Windows) -> dict[int, Float[Tensor, " pos"]]:
+        """The caller's window id → scores, for those of ``windows`` whose text has a stored simulation."""
+        have = self._stored(latent, explanation)
+        keys = {w: window_key(tokens) for w, tokens in windows.items()}
+        return {int(w): have[k] for w, k in keys.items() if k in have}
 
-    def put(self, latent: int, explanation: str, window_ids: Sequence[int],
+    def missing(self, latent: int, explanation: str, windows: Windows) -> list[int]:
+        have = self._stored(latent, explanation)
+        return [int(w) for w, tokens in windows.items() if window_key(tokens) not in have]
+
+    def put(self, latent: int, explanation: str, windows: Sequence[Sequence[str]],
             scores: Float[Tensor, "n pos"]) -> None:
-        """Add (or replace) windows of one latent; stale windows of an older explanation are dropped."""
-        if len(window_ids) != len(scores):
-            raise ValueError(f"{len(window_ids)} window ids for {len(scores)} score rows")
-        merged = self.load(latent, explanation)
-        merged.update({int(w): s.to(torch.float32) for w, s in zip(window_ids, scores)})
+        """Add (or replace) simulations of these windows (token strings, one per score row); stale windows of an
+        older explanation are dropped."""
+        if len(windows) != len(scores):
+            raise ValueError(f"{len(windows)} windows for {len(scores)} score rows")
+        merged = self._stored(latent, explanation)
+        merged.update({window_key(t): s.to(torch.float32) for t, s in zip(windows, scores)})
         widths = {s.shape[-1] for s in merged.values()}
         if len(widths) > 1:
             raise ValueError(f"latent {latent}: windows of different lengths {sorted(widths)} in one store")
         order = sorted(merged)
-        tensors = {"window_ids": torch.tensor(order, dtype=torch.int64),
+        tensors = {"window_keys": torch.tensor(order, dtype=torch.int64),
                    "scores": torch.stack([merged[w] for w in order]).contiguous()}
         path = self._path(latent)
         tmp = path.with_suffix(".tmp")
         save_file(tensors, str(tmp), metadata={"explanation_hash": text_hash(explanation), "latent": str(latent)})
         os.replace(tmp, path)
 
-    def get(self, latent: int, explanation: str, window_ids: Sequence[int]) -> Float[Tensor, "n pos"]:
-        """Scores for exactly these windows, or a ``MissingSimulationError`` naming what is missing."""
-        have = self.load(latent, explanation)
-        absent = [int(w) for w in window_ids if int(w) not in have]
+    def get(self, latent: int, explanation: str, windows: Windows) -> Float[Tensor, "n pos"]:
+        """Scores for exactly these windows, in their order, or a ``MissingSimulationError`` naming what is
+        missing."""
+        have = self.load(latent, explanation, windows)
+        absent = [int(w) for w in windows if int(w) not in have]
         if absent:
             raise MissingSimulationError(
-                f"latent {latent}: no stored simulation for {len(absent)} of {len(window_ids)} windows "
-                f"(first: {absent[:5]}) with this explanation and simulator {self.identity!r}")
-        return torch.stack([have[int(w)] for w in window_ids])
+                f"latent {latent}: no stored simulation for {len(absent)} of {len(windows)} windows "
+                f"(first ids: {absent[:5]}) with this explanation and simulator {self.identity!r}")
+        return torch.stack([have[int(w)] for w in windows])
 
     # ---- quality ------------------------------------------------------------------------------
 
@@ -153,7 +179,7 @@ def simulate_into_store(simulator: Simulator, store: SimulationStore, explanatio
             ids = todo[start:start + chunk]
             items = [SimulationItem(explanation, tuple(windows[w]), (("latent", str(latent)), ("window", str(w))))
                      for w in ids]
-            store.put(latent, explanation, ids, torch.stack(simulator.simulate_many(items)))
+            store.put(latent, explanation, [windows[w] for w in ids], torch.stack(simulator.simulate_many(items)))
             simulated += len(ids)
     return SimulationRun(len(explanations), simulated, reused, simulator.stats.nan_predictions - nan_before)
 
