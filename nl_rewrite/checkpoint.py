@@ -15,15 +15,15 @@ compute something a TopK coder cannot and are refused with a clear error.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
+from . import durable
 from .errors import CheckpointError, ShapeMismatchError, SiteError
 from .sites import SITE_HOOKS, Site
 from .sparse_coder import CoderConfig, SparseCoder
@@ -38,17 +38,6 @@ class CheckpointShapeError(CheckpointError, ShapeMismatchError):
     """A checkpoint whose tensors disagree with its config or with the model it is loaded for."""
 
 
-# ---- atomic writes ------------------------------------------------------------------------------------------
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def atomic_save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
 
 
 # ---- saving ---------------------------------------------------------------------------------------------------
@@ -66,8 +55,8 @@ def save_coder(coder: SparseCoder, folder: "str | Path") -> Path:
     """Write ``folder/cfg.json`` + ``folder/sae.safetensors``. Weights first, so a complete cfg means complete weights."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_save_tensors(folder / SPARSIFY_WEIGHTS, dict(coder.state_dict()), metadata={"format": "pt"})
-    atomic_write_text(folder / CFG_FILE, json.dumps(sparsify_cfg(coder.cfg), indent=1))
+    durable.save_tensors(folder / SPARSIFY_WEIGHTS, dict(coder.state_dict()), metadata={"format": "pt"})
+    durable.write_text(folder / CFG_FILE, json.dumps(sparsify_cfg(coder.cfg), indent=1))
     return folder
 
 

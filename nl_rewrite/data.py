@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from . import durable
 from .errors import CorpusError
 from .paths import cache_dir
 
@@ -166,10 +166,7 @@ def _cached_windows(tokenizer, docs: list[Document], split: str, window: int, bo
         raise CorpusError(f"split {split!r} has no text long enough for one {window}-token window "
                           f"({len(docs)} documents)")
     windows = TokenWindows(torch.tensor(rows, dtype=torch.long), owners, split)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"tokens": windows.tokens, "doc_ids": owners}, tmp)
-    os.replace(tmp, path)
+    durable.torch_save(path, {"tokens": windows.tokens, "doc_ids": owners})
     return windows
 
 

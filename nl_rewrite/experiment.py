@@ -27,7 +27,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .checkpoint import atomic_write_text
+from . import durable
 from .calibrate import Calibrator, count_fallbacks, make_calibrator
 from .conditions import build_condition
 from .data import TokenWindows, token_windows
@@ -238,7 +238,7 @@ def evaluate_cached(model, windows: TokenWindows, build: Callable[[], list[Repla
         return EvalResults.from_json(json.loads(path.read_text())["results"])
     res = stages.timed(f"evaluate_{path.stem}", Evaluator(model, windows, cfg.batch_size, mode, seed=cfg.seed).run,
                        build())
-    atomic_write_json(path, {"fingerprint": fingerprint, "results": res.to_json()})
+    durable.write_json(path, {"fingerprint": fingerprint, "results": res.to_json()})
     return res
 
 
@@ -269,10 +269,6 @@ def arm_digest(arm: LexicalArm) -> str:
     payload = json.dumps([sorted(arm.texts.items()), [arm.calibrators[k].to_dict() for k in sorted(arm.calibrators)]],
                          default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def atomic_write_json(path: Path, data: dict) -> None:
-    atomic_write_text(path, json.dumps(data, indent=1, default=str))
 
 
 # ---- the driver -----------------------------------------------------------------------------------------------
@@ -419,7 +415,7 @@ def measured_info(plan: dict, conditions: Callable[[], list[Replacement]], eval_
         family, fraction, label = plan.get(rep.name, ("baseline", 0.0, rep.name))
         r = eval_pearson(rep, eval_cache, window_ids) if family != "baseline" else float("nan")
         info[rep.name] = ConditionInfo(family, fraction, r, label)
-    atomic_write_json(path, {"fingerprint": fingerprint, "info": {k: asdict(v) for k, v in info.items()}})
+    durable.write_json(path, {"fingerprint": fingerprint, "info": {k: asdict(v) for k, v in info.items()}})
     return info
 
 
@@ -442,7 +438,7 @@ def generation_stage(ctx: Context, arm: LexicalArm, eval_windows: TokenWindows, 
         return json.loads(path.read_text())["generations"]
     prompts = [eval_windows.tokens[i, :PROMPT_TOKENS] for i in range(min(GENERATION_PROMPTS, len(eval_windows)))]
     gens = side_by_side(ctx.model, prompts, rewritten_models(ctx, arm), NEW_TOKENS, ctx.cache.token_strings)
-    atomic_write_json(path, {"fingerprint": fingerprint, "generations": gens})
+    durable.write_json(path, {"fingerprint": fingerprint, "generations": gens})
     return gens
 
 

@@ -1,6 +1,6 @@
 """A sparse cache of one coder's latent activations over a set of token windows, plus per-latent statistics.
 
-Folder layout (everything written atomically: tmp file, then ``os.replace``)::
+Folder layout (everything written through :mod:`nl_rewrite.durable`: temp file, fsync, rename)::
 
     meta.json               identity: coder fingerprint, windows fingerprint, model, shapes
     token_strings.json      the decoded text of every token id (so readers need no tokenizer)
@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -27,11 +26,12 @@ from typing import Sequence
 import torch
 from jaxtyping import Float, Int
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 from tqdm import tqdm
 
 from .data import TokenWindows
+from . import durable
 from .errors import NLRewriteError
 from .models import model_name
 from .sites import Site, resolve
@@ -107,23 +107,13 @@ def coder_fingerprint(coder) -> str:
     return digest.hexdigest()[:16]
 
 
-def _write_json_atomic(path: Path, obj: object) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
-def _save_atomic(tensors: dict[str, Tensor], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
 
 
 def _check_meta(folder: Path, meta: CacheMeta) -> None:
     """Write meta.json for a new folder; refuse a folder built from something else."""
     path = folder / "meta.json"
     if not path.is_file():
-        _write_json_atomic(path, asdict(meta))
+        durable.write_json(path, asdict(meta))
         return
     have = json.loads(path.read_text())
     diffs = {k: (have.get(k), v) for k, v in asdict(meta).items() if have.get(k) != v}
@@ -243,7 +233,7 @@ class LatentCache:
                          windows.split, coder.cfg.n_latents, len(windows), windows.window, shard_windows)
         _check_meta(folder, meta)
         if not (folder / "token_strings.json").is_file():
-            _write_json_atomic(folder / "token_strings.json", _token_strings(model))
+            durable.write_json(folder / "token_strings.json", _token_strings(model))
         built = cls._build_shards(model, coder, windows, folder, meta, batch_size, progress)
         if built or not (folder / "stats.safetensors").is_file():
             cls._build_index(folder, meta, n_bins, sample_cap, max_index_rows, progress)
@@ -260,7 +250,7 @@ class LatentCache:
         coder.eval()
         for i in tqdm(todo, desc="latent cache shards", disable=not progress):
             start, stop = i * meta.shard_windows, min((i + 1) * meta.shard_windows, meta.n_windows)
-            _save_atomic(_build_shard(model, coder, windows, start, stop, batch_size), _shard_path(folder, i))
+            durable.save_tensors(_shard_path(folder, i), _build_shard(model, coder, windows, start, stop, batch_size))
         return len(todo)
 
     @staticmethod
@@ -274,14 +264,14 @@ class LatentCache:
             rows = _rows_in_range(shard_paths, lo, hi)
             stats = _range_stats(rows, lo, hi, n_bins, sample_cap)
             index = {k: rows[k] for k in ("window_ids", "positions", "values")}
-            _save_atomic({**index, "offsets": stats.pop("offsets")}, folder / "index" / f"{r:05d}.safetensors")
+            durable.save_tensors(folder / "index" / f"{r:05d}.safetensors", {**index, "offsets": stats.pop("offsets")})
             per_range.append(stats)
         n_tokens = meta.n_windows * meta.window
         merged = {k: torch.cat([s[k] for s in per_range]) for k in per_range[0]}
         merged["frequency"] = merged["count"].double().div(n_tokens).float()
         merged["n_tokens"] = torch.tensor(n_tokens)
         merged["ranges"] = torch.tensor(ranges, dtype=torch.long)
-        _save_atomic(merged, folder / "stats.safetensors")
+        durable.save_tensors(folder / "stats.safetensors", merged)
 
     # -- reading --
     @classmethod

@@ -9,7 +9,9 @@ mixed.
 **Simulations are keyed by window content**, never by a window's position in a sample: ``window_key`` hashes the
 token strings the simulator read. A window id is only how a caller names a window in *its* sample; every method
 takes the caller's ``windows`` (id → token strings) and answers in those ids. A rerun with a different sample
-(``--eval-windows 32`` after 16) reuses exactly the windows whose text is the same, and simulates the rest. Every write is atomic (tmp file, then ``os.replace``), and ``simulate_into_store`` writes after
+(``--eval-windows 32`` after 16) reuses exactly the windows whose text is the same, and simulates the rest.
+
+Every write goes through :mod:`nl_rewrite.durable` (temp file, fsync, rename), and ``simulate_into_store`` writes after
 each chunk of windows, so a killed run resumes where it stopped.
 
 Per-latent quality (Pearson/Spearman with the true activations, precision/recall of "fires" after
@@ -22,7 +24,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -31,9 +32,9 @@ import numpy as np
 import torch
 from jaxtyping import Float
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
+from . import durable
 from .errors import NLRewriteError
 from .simulate import SimulationItem, Simulator
 
@@ -73,7 +74,7 @@ class SimulationStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         marker = self.folder / "identity.json"
         if not marker.exists():
-            _write_text_atomic(marker, json.dumps({"simulator": simulator_identity}))
+            durable.write_json(marker, {"simulator": simulator_identity})
 
     def _path(self, latent: int) -> Path:
         return self.folder / f"latent_{int(latent)}.safetensors"
@@ -113,10 +114,8 @@ class SimulationStore:
         order = sorted(merged)
         tensors = {"window_keys": torch.tensor(order, dtype=torch.int64),
                    "scores": torch.stack([merged[w] for w in order]).contiguous()}
-        path = self._path(latent)
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata={"explanation_hash": text_hash(explanation), "latent": str(latent)})
-        os.replace(tmp, path)
+        durable.save_tensors(self._path(latent), tensors,
+                             metadata={"explanation_hash": text_hash(explanation), "latent": str(latent)})
 
     def get(self, latent: int, explanation: str, windows: Windows) -> Float[Tensor, "n pos"]:
         """Scores for exactly these windows, in their order, or a ``MissingSimulationError`` naming what is
@@ -133,7 +132,7 @@ class SimulationStore:
 
     def save_quality(self, name: str, records: Iterable["SimulationQuality"]) -> Path:
         path = self.folder / f"quality_{name}.json"
-        _write_text_atomic(path, json.dumps([asdict(r) for r in records], indent=1))
+        durable.write_json(path, [asdict(r) for r in records])
         return path
 
     def load_quality(self, name: str) -> dict[int, "SimulationQuality"]:
@@ -141,12 +140,6 @@ class SimulationStore:
         if not path.exists():
             return {}
         return {r["latent"]: SimulationQuality(**r) for r in json.loads(path.read_text())}
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)

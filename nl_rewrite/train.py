@@ -29,7 +29,8 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write_text, is_checkpoint, load_coder, save_coder
+from . import durable
+from .checkpoint import is_checkpoint, load_coder, save_coder
 from .errors import CheckpointError
 from .paths import cache_dir
 from .sites import Site, resolve, site_width
@@ -229,9 +230,7 @@ def new_state(cfg: TrainConfig, d_in: int, d_out: int, model_name: str) -> Train
 
 
 def save_state(folder: Path, cfg: TrainConfig, state: TrainState) -> None:
-    tmp = folder / (STATE_FILE + ".tmp")
-    torch.save(state.to_dict(cfg), tmp)
-    tmp.replace(folder / STATE_FILE)
+    durable.torch_save(folder / STATE_FILE, state.to_dict(cfg))
     save_coder(state.exported(), folder)
 
 
@@ -478,7 +477,7 @@ def _finish(state: TrainState, cfg: TrainConfig, folder: Path) -> None:
     tail = {key: sum(r[key] for r in rows) / len(rows) for key in ("fvu", "l0", "dead_fraction")} if rows else {}
     summary = {"complete": True, "steps": state.step, "tokens": state.step * cfg.batch_size // cfg.buffer_passes,
                "seconds": round(state.seconds, 1), "final_train_metrics_last20": tail, "config": asdict(cfg)}
-    atomic_write_text(folder / DONE_FILE, json.dumps(summary, indent=1))
+    durable.write_json(folder / DONE_FILE, summary)
 
 
 def default_transcoder(model_name: str = "smollm2-135m", layer: int = DEFAULT_LAYER, model=None) -> SparseCoder:
