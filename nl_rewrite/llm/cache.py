@@ -2,7 +2,8 @@
 
 One sqlite row per (backend_id, request key): chat replies as text, score results as safetensors
 bytes (``-inf`` survives the round trip). The database runs in WAL mode and commits after every
-chunk the inner backend answers, so a kill -9 loses at most the chunk in flight.
+chunk the inner backend answers, so a kill -9 loses at most the chunk in flight; a backend that streams answers
+(the HTTP backends) has each answer committed the moment it arrives, so a server that dies mid-call loses none.
 
 Sampled chat requests (temperature > 0) are cached too: a rerun gets the same reply, which is what
 resuming needs. A score result with an unknown read point (a NaN row: a server left choices out of its top-K) is
@@ -84,11 +85,25 @@ class CachedBackend:
         missing = list({k: r for k, r in zip(keys, requests) if k not in found}.items())  # dedupe repeats
         for start in range(0, len(missing), self.chunk_size):
             chunk = missing[start:start + self.chunk_size]
-            answers = call([r for _, r in chunk])
+            answers = self._call_chunk(kind, chunk, call, encode, keep)
             self.new_calls += len(chunk)
-            self._store(kind, [(k, encode(a)) for (k, _), a in zip(chunk, answers) if keep(a)])
             found.update((k, a) for (k, _), a in zip(chunk, answers))
         return [found[k] for k in keys]
+
+    def _call_chunk(self, kind: str, chunk: list[tuple[str, R]], call: Callable[..., list[V]],
+                    encode: Callable[[V], bytes], keep: Callable[[V], bool]) -> list[V]:
+        """One chunk to the inner backend. A backend that streams answers has each one committed as it arrives,
+        so a call that dies half-way (a killed server) keeps every answer it already got."""
+        if not getattr(self.inner, "streams_answers", False):
+            answers = call([r for _, r in chunk])
+            self._store(kind, [(k, encode(a)) for (k, _), a in zip(chunk, answers) if keep(a)])
+            return answers
+
+        def sink(i: int, answer: V) -> None:
+            if keep(answer):
+                self._store(kind, [(chunk[i][0], encode(answer))])
+
+        return call([r for _, r in chunk], sink=sink)
 
     def _lookup(self, keys: list[str]) -> dict[str, bytes]:
         out: dict[str, bytes] = {}

@@ -20,6 +20,8 @@ from ..errors import LLMError
 
 T = TypeVar("T")
 R = TypeVar("R")
+Sink = Callable[[int, Any], None]
+"""Receives (index of the request, its answer) the moment an answer arrives."""
 
 CANNOT_SUCCEED = re.compile(r"not supported|unsupported|not implemented|logits_all|invalid|must be|cannot be",
                             re.IGNORECASE)
@@ -53,11 +55,14 @@ class ServerCalls:
         self.waits: list[float] = []
         """Every backoff wait, in seconds, in order (for logs and tests)."""
 
-    def gather(self, items: Sequence[T], one: Callable[[Any, T], Awaitable[R]], desc: str = "llm") -> list[R]:
-        """``one(client, item)`` for every item, at most ``concurrency`` at a time, results in order."""
-        return run_sync(self._gather(items, one, desc))
+    def gather(self, items: Sequence[T], one: Callable[[Any, T], Awaitable[R]], desc: str = "llm",
+               sink: Sink | None = None) -> list[R]:
+        """``one(client, item)`` for every item, at most ``concurrency`` at a time, results in order. ``sink(i,
+        result)`` sees each result as it arrives, so a call that fails later loses none of the finished ones."""
+        return run_sync(self._gather(items, one, desc, sink))
 
-    async def _gather(self, items: Sequence[T], one: Callable[[Any, T], Awaitable[R]], desc: str) -> list[R]:
+    async def _gather(self, items: Sequence[T], one: Callable[[Any, T], Awaitable[R]], desc: str,
+                      sink: Sink | None) -> list[R]:
         from openai import AsyncOpenAI
         from tqdm import tqdm
 
@@ -65,13 +70,15 @@ class ServerCalls:
         client = AsyncOpenAI(base_url=self.base_url, api_key=self._api_key, timeout=s.timeout, max_retries=0)
         gate = asyncio.Semaphore(s.concurrency)
         with tqdm(total=len(items), desc=desc, unit="req", disable=not s.progress) as bar:
-            async def run(item: T) -> R:
+            async def run(index: int, item: T) -> R:
                 async with gate:
                     out = await one(client, item)
+                if sink is not None:
+                    sink(index, out)
                 bar.update(1)
                 return out
             try:
-                return await asyncio.gather(*(run(item) for item in items))
+                return await asyncio.gather(*(run(i, item) for i, item in enumerate(items)))
             finally:
                 await client.close()
 

@@ -49,7 +49,7 @@ from torch import Tensor
 
 from ..errors import LLMError
 from .base import ChatRequest, ScoreRequest
-from .http_calls import CallSettings, Rejected, ServerCalls, short
+from .http_calls import CallSettings, Rejected, ServerCalls, Sink, short
 from .readout import choice_matrix, choice_row, topk_floor
 from .templates import HOW_TO_PASS, ChatTemplate, find_template
 from .token_layout import layout
@@ -120,12 +120,15 @@ class OpenAIBackend:
 
     # ---- chat ---------------------------------------------------------------------------------
 
-    def chat(self, requests: Sequence[ChatRequest]) -> list[str]:
+    streams_answers = True
+    """``chat`` and ``score`` take a ``sink`` that sees each answer as it arrives (``CachedBackend`` stores it)."""
+
+    def chat(self, requests: Sequence[ChatRequest], sink: Sink | None = None) -> list[str]:
         if self.template is not None:
-            return self.calls.gather(requests, self._chat_templated, "chat")
+            return self.calls.gather(requests, self._chat_templated, "chat", sink)
         if self.prefill_mode == "auto" and any(r.prefill for r in requests):
             self._settle_prefill()
-        return self.calls.gather(requests, self._chat_endpoint, "chat")
+        return self.calls.gather(requests, self._chat_endpoint, "chat", sink)
 
     async def _chat_templated(self, client: Any, request: ChatRequest) -> str:
         prompt = self.chat_prompt(request)
@@ -179,7 +182,8 @@ class OpenAIBackend:
 
     # ---- score --------------------------------------------------------------------------------
 
-    def score(self, requests: Sequence[ScoreRequest]) -> list[Float[Tensor, "n_read n_choices"]]:
+    def score(self, requests: Sequence[ScoreRequest], sink: Sink | None = None
+              ) -> list[Float[Tensor, "n_read n_choices"]]:
         if not requests:
             return []
         if self.requested_score_mode in ("auto", "echo") and not self.echo_checked:
@@ -187,7 +191,7 @@ class OpenAIBackend:
         one = {"echo": self._score_echo, "per_read": self._score_per_read,
                "prompt_logprobs": self._score_prompt_logprobs}[self.score_mode]
         before = dict(vars(self.report))
-        out = self.calls.gather(requests, one, "score")
+        out = self.calls.gather(requests, one, "score", sink)
         changed = {k: v - before[k] for k, v in vars(self.report).items() if v != before[k]}
         if changed:
             log.info("%s: %s over %d score requests", self.base_url, changed, len(requests))

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..errors import LLMError
 from .base import ChatRequest, ScoreRequest
-from .http_calls import CallSettings, ServerCalls
+from .http_calls import CallSettings, ServerCalls, Sink
 from .readout import choice_matrix, exact_row
 from .templates import HOW_TO_PASS, ChatTemplate, find_template
 from .token_layout import layout
@@ -56,16 +56,20 @@ class SGLangBackend:
     def chat_prompt(self, request: ChatRequest) -> str:
         return self.template.render(request)
 
-    def chat(self, requests: Sequence[ChatRequest]) -> list[str]:
-        return self.calls.gather(requests, self._chat_one, "chat")
+    streams_answers = True
+    """``chat`` and ``score`` take a ``sink`` that sees each answer as it arrives (``CachedBackend`` stores it)."""
+
+    def chat(self, requests: Sequence[ChatRequest], sink: Sink | None = None) -> list[str]:
+        return self.calls.gather(requests, self._chat_one, "chat", sink)
 
     async def _chat_one(self, client: Any, request: ChatRequest) -> str:
         body = {"text": self.chat_prompt(request),
                 "sampling_params": {"max_new_tokens": request.max_tokens, "temperature": request.temperature}}
         return str(self._single(await self._generate(client, body)).get("text") or "")
 
-    def score(self, requests: Sequence[ScoreRequest]) -> list[Float[Tensor, "n_read n_choices"]]:
-        return self.calls.gather(requests, self._score_one, "score")
+    def score(self, requests: Sequence[ScoreRequest], sink: Sink | None = None
+              ) -> list[Float[Tensor, "n_read n_choices"]]:
+        return self.calls.gather(requests, self._score_one, "score", sink)
 
     async def _score_one(self, client: Any, request: ScoreRequest) -> Tensor:
         lay = layout(request, self.template.encode_prefix, self.template.encode_segment)
