@@ -161,7 +161,7 @@ def _rows_in_range(shard_paths: list[Path], lo: int, hi: int) -> dict[str, Tenso
     """All rows whose latent id lies in [lo, hi), sorted by (latent, window, position)."""
     parts: list[dict[str, Tensor]] = []
     for path in shard_paths:
-        shard = load_file(str(path))
+        shard = _read(path)
         mask = (shard["latent_ids"] >= lo) & (shard["latent_ids"] < hi)
         parts.append({k: shard[k][mask] for k in ROW_FIELDS})
     rows = {k: torch.cat([p[k] for p in parts]) for k in ROW_FIELDS}
@@ -235,7 +235,7 @@ class LatentCache:
         if not (folder / "token_strings.json").is_file():
             durable.write_json(folder / "token_strings.json", _token_strings(model))
         built = cls._build_shards(model, coder, windows, folder, meta, batch_size, progress)
-        if built or not (folder / "stats.safetensors").is_file():
+        if built or not _index_intact(folder):
             cls._build_index(folder, meta, n_bins, sample_cap, max_index_rows, progress)
         cache = cls.open(folder)
         cache.shards_built = built
@@ -243,7 +243,7 @@ class LatentCache:
 
     @staticmethod
     def _build_shards(model, coder, windows, folder: Path, meta: CacheMeta, batch_size: int, progress: bool) -> int:
-        todo = [i for i in range(meta.n_shards) if not _shard_path(folder, i).is_file()]
+        todo = [i for i in range(meta.n_shards) if not _readable(_shard_path(folder, i))]
         if todo:
             log.info("latent cache %s: %d of %d shards to compute", folder, len(todo), meta.n_shards)
             _remove(folder / "stats.safetensors")  # stale once shards change
@@ -283,7 +283,7 @@ class LatentCache:
         if not (folder / "stats.safetensors").is_file():
             raise LatentCacheError(f"latent cache {folder} is incomplete (no stats.safetensors); rerun the build "
                                    "to resume it")
-        tensors = load_file(str(folder / "stats.safetensors"))
+        tensors = _read(folder / "stats.safetensors")
         ranges = [tuple(r) for r in tensors.pop("ranges").tolist()]
         return cls(folder, meta, LatentStats.from_tensors(tensors), ranges)  # type: ignore[arg-type]
 
@@ -312,7 +312,7 @@ class LatentCache:
         if i not in self._loaded:
             if len(self._loaded) >= 4:  # keep a few shards: readers go window by window, mostly in order
                 self._loaded.pop(next(iter(self._loaded)))
-            self._loaded[i] = load_file(str(_shard_path(self.folder, i)))
+            self._loaded[i] = _read(_shard_path(self.folder, i))
         return self._loaded[i]
 
     def rows(self, window_ids: "Sequence[int] | None" = None) -> dict[str, Tensor]:
@@ -372,6 +372,39 @@ def _shard_path(folder: Path, i: int) -> Path:
 
 def _remove(path: Path) -> None:
     path.unlink(missing_ok=True)
+
+
+def _read(path: Path) -> dict[str, Tensor]:
+    """A cache file's tensors; a corrupt or truncated file is a ``LatentCacheError`` naming it and the fix."""
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for bad headers and short files
+        raise LatentCacheError(f"latent cache file {path} is corrupt or truncated ({type(exc).__name__}: {exc}); "
+                               "rerun the build (`nl-rewrite cache` or the run): it recomputes unreadable shards "
+                               "and the index derived from them") from exc
+
+
+def _readable(path: Path) -> bool:
+    """Whether a cache file exists and its header and length are whole (safetensors checks that the data the
+    header declares is all there: a truncated file fails); a bad one is logged and will be rebuilt."""
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            fh.keys()
+        return True
+    except Exception as exc:
+        log.warning("latent cache file %s is unreadable (%s: %s); rebuilding it", path, type(exc).__name__, exc)
+        return False
+
+
+def _index_intact(folder: Path) -> bool:
+    """Whether the derived statistics and every index file are there and readable."""
+    stats = folder / "stats.safetensors"
+    if not _readable(stats):
+        return False
+    ranges = _read(stats)["ranges"]
+    return all(_readable(folder / "index" / f"{r:05d}.safetensors") for r in range(len(ranges)))
 
 
 def _latent_ranges(shard_paths: list[Path], n_latents: int, max_rows: int) -> list[tuple[int, int]]:

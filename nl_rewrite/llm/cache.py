@@ -24,6 +24,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import Tensor
 
+from ..errors import LLMError
 from .base import ChatRequest, LLMBackend, ScoreRequest
 
 log = logging.getLogger(__name__)
@@ -59,10 +60,7 @@ class CachedBackend:
         self.new_calls = 0
         self.hits = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=60)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(_SCHEMA)
-        self._db.commit()
+        self._db = _open(self.path)
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -129,6 +127,20 @@ def _encode_text(text: str) -> bytes:
 
 def _decode_text(blob: bytes) -> str:
     return bytes(blob).decode("utf-8")
+
+
+def _open(path: Path) -> sqlite3.Connection:
+    """The cache database; a file that is not one is an ``LLMError`` naming it and the fix."""
+    try:
+        db = sqlite3.connect(path, check_same_thread=False, timeout=60)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(_SCHEMA)
+        db.commit()
+        return db
+    except sqlite3.DatabaseError as exc:
+        raise LLMError(f"{path} is not a readable sqlite call cache ({exc}); move it aside or delete it to start "
+                       "an empty cache (its finished calls are then asked again), or disable the cache "
+                       "(--llm-cache none)") from exc
 
 
 def _fully_known(tensor: Tensor) -> bool:
