@@ -94,7 +94,7 @@ class ServerCalls:
                 last = exc
             except openai.APIStatusError as exc:
                 if not retryable(exc.status_code, str(exc.message)):
-                    raise self._rejected(exc) from exc
+                    raise self._rejected(exc) from None  # the openai error's text may hold echoed headers
                 last = exc
             if attempt < self.settings.max_retries:
                 told = retry_after(last)
@@ -102,10 +102,14 @@ class ServerCalls:
                 self.waits.append(wait)
                 await asyncio.sleep(wait)
         raise LLMError(f"no answer from {self.base_url} after {self.settings.max_retries + 1} attempts: "
-                       f"{type(last).__name__}: {short(str(last))}") from last
+                       f"{type(last).__name__}: {self._scrub(short(str(last)))}") from None
 
     def _rejected(self, exc: Any) -> Rejected:
-        return Rejected(f"{self.base_url} answered HTTP {exc.status_code}: {short(str(exc.message))}")
+        return Rejected(f"{self.base_url} answered HTTP {exc.status_code}: {self._scrub(short(str(exc.message)))}")
+
+    def _scrub(self, text: str) -> str:
+        """A server may echo the request's headers in an error; the key never reaches our messages."""
+        return text.replace(self._api_key, "***") if self._api_key and self._api_key != "EMPTY" else text
 
 
 def retryable(status: int, message: str) -> bool:

@@ -41,9 +41,10 @@ import logging
 import math
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
+import torch
 from jaxtyping import Float
 from torch import Tensor
 
@@ -61,6 +62,8 @@ PREFILL_MODES = ("auto", "assistant", "vllm", "merge")
 PROBE_CHAT = ChatRequest((("user", "Count from one to ten in words, separated by commas."),), max_tokens=3,
                          prefill="One, two, three, four,")
 """Its continuation is known (" five"), so it tells whether a server continues a prefill and reads echo right."""
+REPEAT_TOLERANCE = 0.05
+"""Log-prob change (nat) between two identical requests above which a server counts as non-reproducible."""
 VLLM_NEG_INF = -9999.0
 """vLLM sends a ``-inf`` prompt logprob as this number."""
 
@@ -75,6 +78,8 @@ class ServerReport:
     """Read points left NaN: some choices missing from the top-K and not provably negligible."""
     raised_k: int = 0
     """Requests re-sent with ``max_logprobs`` because the first top-K missed some choices."""
+    repeat_max_diff: float = 0.0
+    """Largest log-prob change when one read point was asked twice (0 on a deterministic server)."""
     prefills_merged: int = 0
     prefills_unmatched: int = 0
     """Replies from a server that does not continue prefills, with no overlap to merge on."""
@@ -86,7 +91,7 @@ class OpenAIBackend:
     def __init__(self, base_url: str | None = None, model: str | None = None, api_key: str | None = None, *,
                  chat_template: str | None = None, concurrency: int = 8, timeout: float = 60, max_retries: int = 4,
                  backoff: float = 1.0, top_logprobs: int = 20, max_logprobs: int = 20, score_mode: str | None = None,
-                 prefill_mode: str = "auto", progress: bool = False) -> None:
+                 prefill_mode: str = "auto", check_repeat: bool = True, progress: bool = False) -> None:
         self.base_url = (base_url or os.environ.get("NL_REWRITE_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
                          or "https://api.openai.com/v1").rstrip("/")
         self.model = model or os.environ.get("NL_REWRITE_MODEL")
@@ -101,6 +106,8 @@ class OpenAIBackend:
         self.score_mode, self.prefill_mode = score_mode, prefill_mode
         """In use: ``auto`` and ``prefill_mode="auto"`` are replaced by what the first probe settles."""
         self.echo_checked = False
+        self.check_repeat = check_repeat
+        """Ask one read point twice on the first score call and warn if the answers differ (vllm #42019)."""
         self._settling = threading.Lock()  # one probe at a time when several threads share the backend
         self.template: ChatTemplate | None = find_template(chat_template, self.model)
         self.report = ServerReport()
@@ -195,7 +202,28 @@ class OpenAIBackend:
         changed = {k: v - before[k] for k, v in vars(self.report).items() if v != before[k]}
         if changed:
             log.info("%s: %s over %d score requests", self.base_url, changed, len(requests))
+        if self.check_repeat:
+            self._check_repeat(requests[0], out[0], one)
         return out
+
+    def _check_repeat(self, request: ScoreRequest, first: Tensor, one: Any) -> None:
+        """Send the first read point of ``request`` again: a server whose scores change between identical
+        requests (vLLM with prefix caching and prompt log-probs, vllm #42019) is named once in a warning."""
+        self.check_repeat = False
+        if not request.read_after:
+            return
+        try:
+            again = self.calls.gather([replace(request, read_after=request.read_after[:1])], one, "repeat")[0][0]
+        except LLMError as exc:  # the check is advisory: the scores already came back
+            log.warning("could not repeat a score request to check %s is reproducible: %s", self.base_url, exc)
+            return
+        both = torch.isfinite(again) & torch.isfinite(first[0])
+        diff = float((again - first[0])[both].abs().max()) if both.any() else 0.0
+        self.report.repeat_max_diff = diff
+        if diff > REPEAT_TOLERANCE or not torch.equal(torch.isnan(again), torch.isnan(first[0])):
+            log.warning("%s gave different log-probs for the same request twice (max change %.3g nat): its scores "
+                        "are not reproducible; with vLLM, turn prefix caching off or use score_mode='per_read' "
+                        "(vllm #42019)", self.base_url, diff)
 
     def _check_echo(self) -> None:
         """Probe echo once: ``auto`` settles on echo or per_read; an explicit ``echo`` refuses a misaligned server."""
