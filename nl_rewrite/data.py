@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ from torch import Tensor
 from . import durable
 from .errors import CorpusError
 from .paths import cache_dir
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "explain", "eval", "eval_ood")
 SPLIT_FRACTIONS = {"train": 0.8, "explain": 0.1, "eval": 0.1}
@@ -44,8 +47,22 @@ def _package_dir(package: str, hint: str) -> Path:
 
 def _read_txt_dir(folder: Path, prefix: str = "") -> list[Document]:
     files = sorted(folder.rglob("*.txt"))
-    docs = [Document(prefix + str(f.relative_to(folder)), f.read_text(encoding="utf-8", errors="replace")) for f in files]
+    texts = {f: f.read_bytes() for f in files}
+    broken = [f for f, raw in texts.items() if not _is_utf8(raw)]
+    if broken:  # counted and logged: a stray Latin-1 file should not stop a run, nor pass unnoticed
+        log.warning("%d of %d .txt files in %s are not valid UTF-8 (first: %s); their undecodable bytes were "
+                    "replaced with U+FFFD", len(broken), len(files), folder, broken[0].name)
+    docs = [Document(prefix + str(f.relative_to(folder)), raw.decode("utf-8", errors="replace"))
+            for f, raw in texts.items()]
     return [d for d in docs if d.text.strip()]
+
+
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 def sotu_documents() -> list[Document]:

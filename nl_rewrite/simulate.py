@@ -61,6 +61,8 @@ PAPER_MARKED = (2, 7, 4)
 """Which token of each few-shot example the paper-mode prompt marks (a high, a high, a zero)."""
 
 _WINDOW_SLOT = "\x00WINDOW\x00"
+MAX_EXPLANATION_CHARS = 4000
+"""Longer would crowd the window out of a small model's context (SmolLM2: 8192 tokens) or fail deep in torch."""
 
 
 @dataclass(frozen=True)
@@ -191,6 +193,10 @@ class Simulator:
         """The score requests of one (latent, window): one in all-at-once mode, one per token in paper mode."""
         if not item.explanation or not item.explanation.strip():
             raise ValueError(f"cannot simulate without an explanation ({dict(item.meta) or 'no meta'})")
+        if len(item.explanation) > MAX_EXPLANATION_CHARS:
+            raise ValueError(f"an explanation of {len(item.explanation)} characters is longer than the simulator "
+                             f"accepts ({MAX_EXPLANATION_CHARS}; the explainer clips at 300): shorten it "
+                             f"({dict(item.meta) or 'no meta'})")
         if not item.tokens:
             raise ValueError("cannot simulate an empty window")
         prefix, tail = self._template(item.explanation)

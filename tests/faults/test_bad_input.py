@@ -1,0 +1,39 @@
+"""Bad input: a clear error naming the problem and the fix, or a counted, logged fallback (the rest of the
+table in docs/reliability.md points at the tests that already covered its rows)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from nl_rewrite.cli import main
+from nl_rewrite.data import load_splits
+from nl_rewrite.simulate import Simulator
+
+from fakes import FakeBackend
+
+
+def test_a_non_utf8_text_file_is_counted_logged_and_replaced(tmp_path, caplog):
+    for i in range(8):
+        (tmp_path / f"doc{i}.txt").write_text(f"Document number {i} says something. " * 20)
+    (tmp_path / "latin1.txt").write_bytes("Caf\xe9 au lait, na\xefve r\xe9sum\xe9. ".encode("latin-1") * 20)
+    with caplog.at_level(logging.WARNING, logger="nl_rewrite.data"):
+        splits = load_splits(str(tmp_path))
+    assert "1 of 9 .txt files" in caplog.text and "latin1.txt" in caplog.text
+    texts = [d.text for docs in splits.values() for d in docs if d.doc_id.endswith("latin1.txt")]
+    assert texts and "\ufffd" in texts[0]
+
+
+@pytest.mark.parametrize("explanation,message", [("", "without an explanation"),
+                                                 ("x" * 100_000, "100000 characters is longer than")])
+def test_empty_or_huge_explanations_are_refused_before_any_request(explanation, message):
+    backend = FakeBackend()
+    with pytest.raises(ValueError, match=message):
+        Simulator(backend).simulate(explanation, ["a", " b"])
+    assert backend.score_requests == []
+
+
+def test_zero_eval_windows_is_refused_without_a_traceback(capsys):
+    assert main(["run", "--preset", "smoke", "--eval-windows", "0"]) == 2
+    assert "eval_windows must be at least 1" in capsys.readouterr().err
