@@ -1,0 +1,61 @@
+"""kill -9 during the stages of `nl-rewrite run --preset smoke` (real embedded model): every rerun resumes, and
+the finished run's results equal those of an uninterrupted run on the same seed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+KILL_AT = ("transcoder", "explain", "simulate_explain", "evaluate_eval_all")
+"""Stages whose start triggers a kill -9 in consecutive runs of one output folder (a second into each, so the
+stage is under way: training, LLM calls, simulations, evaluation)."""
+VOLATILE = ("stage_seconds", "counts", "config")
+"""Results keys that legitimately differ between runs: timings, cache hit counts, the output path."""
+
+
+def _run(out: Path, cache: Path, kill_at: str | None = None, timeout: float = 600) -> int | None:
+    """``nl-rewrite run`` in a subprocess; with ``kill_at``, SIGKILL it a second after that stage starts.
+    Returns the exit code, or None when it was killed."""
+    env = {**os.environ, "NL_REWRITE_CACHE": str(cache)}
+    cmd = [sys.executable, "-m", "nl_rewrite.cli", "run", "--preset", "smoke", "--out", str(out)]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    deadline = time.monotonic() + timeout
+    try:
+        for line in proc.stderr:  # type: ignore[union-attr]
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nl-rewrite run did not finish within {timeout} s")
+            if kill_at and f"stage {kill_at} ..." in line:
+                time.sleep(1.0)
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return None
+        return proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _stable(results: dict) -> dict:
+    return {k: v for k, v in results.items() if k not in VOLATILE}
+
+
+def test_kill_9_in_each_stage_then_rerun_gives_the_uninterrupted_results(tmp_path):
+    assert _run(tmp_path / "clean", tmp_path / "cache_clean") == 0
+    reference = json.loads((tmp_path / "clean" / "results.json").read_text())
+    out, cache = tmp_path / "killed", tmp_path / "cache_killed"
+    for stage in KILL_AT:
+        assert _run(out, cache, kill_at=stage) is None, f"the run finished before stage {stage} began"
+        assert not (out / "results.json").exists()
+    assert _run(out, cache) == 0
+    resumed = json.loads((out / "results.json").read_text())
+    assert _stable(resumed) == _stable(reference)
+    assert resumed["counts"]["explained_ok"] == reference["counts"]["explained_ok"]
