@@ -1,0 +1,36 @@
+"""The API key through a whole CLI run against a local OpenAI-compatible server: it appears in no log line,
+output file (manifest, results, report) or message."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import pytest
+
+from nl_rewrite.cli import main
+
+pytestmark = pytest.mark.slow
+
+KEY = "sk-secret-run-9f8e7d6c5b4a"
+
+
+def test_the_key_never_leaves_the_process(tmp_cache, tmp_path, monkeypatch, caplog, capsys):
+    from nl_rewrite.llm.embedded import EmbeddedBackend
+    from nl_rewrite.llm.server import make_server
+
+    server = make_server(EmbeddedBackend("smollm2-135m"), "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    out = tmp_path / "run"
+    with caplog.at_level(logging.DEBUG):
+        code = main(["run", "--preset", "smoke", "--out", str(out), "--llm", f"openai:smollm2-135m@{url}"])
+    server.shutdown()
+    printed = capsys.readouterr()
+    assert code == 0, printed.err[-2000:]
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.name == "manifest.json" for p in files) and any(p.name == "results.json" for p in files)
+    leaks = [str(p) for p in files if KEY.encode() in p.read_bytes()]
+    assert not leaks and KEY not in caplog.text and KEY not in printed.out + printed.err
+    assert f"openai:smollm2-135m@{url}" in (out / "manifest.json").read_text()  # the run did use the server
