@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -30,7 +31,8 @@ def scripted(answers: list[tuple[int, dict, dict]]):
             self.rfile.read(int(self.headers["Content-Length"]))
             status, headers, body = answers.pop(0) if answers else (200, {}, OK)
             seen.append(status)
-            data = json.dumps(body).encode()
+            time.sleep(float(headers.pop("X-Sleep", 0)))  # a server that hangs before answering
+            data = json.dumps(body).encode() if body is not None else b'{"id": "x", "choices": [{"te'  # cut off
             self.send_response(status)
             for k, v in {"Content-Type": "application/json", "Content-Length": str(len(data)), **headers}.items():
                 self.send_header(k, v)
@@ -85,5 +87,22 @@ def test_giving_up_names_the_url_and_attempts():
     server, seen = scripted([(503, {}, _error("down"))] * 5)
     backend = _backend(server, max_retries=2)
     with pytest.raises(LLMError, match=r"no answer from http://127\.0\.0\.1:\d+/v1 after 3 attempts"):
+        backend.chat([ChatRequest((("user", "hi"),))])
+    server.shutdown()
+
+
+def test_a_truncated_reply_is_retried_then_named():
+    truncated = (200, {}, None)
+    server, seen = scripted([truncated] * 3)
+    backend = _backend(server, max_retries=1)
+    with pytest.raises(LLMError, match=r"after 2 attempts: JSONDecodeError"):
+        backend.chat([ChatRequest((("user", "hi"),))])
+    server.shutdown()
+
+
+def test_a_hung_server_times_out_and_is_named():
+    server, seen = scripted([(200, {"X-Sleep": "3"}, OK) for _ in range(3)])
+    backend = _backend(server, max_retries=1, timeout=0.5)
+    with pytest.raises(LLMError, match=r"after 2 attempts: APITimeoutError"):
         backend.chat([ChatRequest((("user", "hi"),))])
     server.shutdown()

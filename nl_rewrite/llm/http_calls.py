@@ -10,6 +10,7 @@ retrying that cannot succeed, so it fails at once with the server's message, as 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import re
 import threading
@@ -92,6 +93,8 @@ class ServerCalls:
                 return await make()
             except (openai.APIConnectionError, openai.RateLimitError) as exc:
                 last = exc
+            except (json.JSONDecodeError, openai.APIResponseValidationError) as exc:
+                last = exc  # a truncated or garbled body: a dropped connection by another name, worth a retry
             except openai.APIStatusError as exc:
                 if not retryable(exc.status_code, str(exc.message)):
                     raise self._rejected(exc) from None  # the openai error's text may hold echoed headers

@@ -33,8 +33,12 @@ class Flaky:
                     return self._send(503, {"error": {"message": "server shutting down"}})
                 outer.budget -= 1
                 outer.answered.append(body["prompt"])
+                n = len(outer.answered)
+                top = {str(d): -1.0 - 0.1 * ((d + n) % 10) for d in range(10)}  # every digit, so nothing unknown
+                logprobs = {"tokens": ["0"], "token_logprobs": [-1.0], "top_logprobs": [top], "text_offset": [0]}
                 self._send(200, {"id": "x", "object": "text_completion", "created": 0, "model": "m", "choices": [
-                    {"index": 0, "text": f"reply {len(outer.answered)}", "logprobs": None, "finish_reason": "stop"}]})
+                    {"index": 0, "text": f"reply {n}", "logprobs": logprobs if body.get("logprobs") else None,
+                     "finish_reason": "stop"}]})
 
             def _send(self, status, body):
                 data = json.dumps(body).encode()
@@ -76,3 +80,25 @@ def test_a_server_dying_mid_call_keeps_every_answer_it_gave(flaky, tmp_path):
     assert second.hits == 3 and second.new_calls == 3  # the three answered before the failure are not redone
     assert replies[:3] == ["reply 1", "reply 2", "reply 3"]
     assert len(flaky.answered) == 6 and len(set(flaky.answered)) == 6  # each question reached the server once
+
+
+def test_a_server_dying_mid_simulation_keeps_every_score_it_gave(flaky, tmp_path):
+    from nl_rewrite.simulate import SimulationItem, Simulator
+
+    items = [SimulationItem(f"explanation {i}", ("The", " cat")) for i in range(3)]  # 2 reads each: 6 calls
+
+    def simulator() -> tuple[Simulator, CachedBackend]:
+        inner = OpenAIBackend(flaky.url, "m", chat_template="smollm2-135m", score_mode="per_read", concurrency=1,
+                              max_retries=1, backoff=0.01, check_repeat=False)
+        cached = CachedBackend(inner, tmp_path / "calls.sqlite")  # one chunk: only streaming saves answers
+        return Simulator(cached, "paper"), cached  # paper mode: one request (and call) per token
+
+    first, _ = simulator()
+    with pytest.raises(LLMError, match="no answer from"):
+        first.simulate_many(items)
+    flaky.revive()
+    second, cache = simulator()
+    scores = second.simulate_many(items)
+    assert cache.hits == 3 and cache.new_calls == 3  # the three scores given before the failure are not redone
+    assert all(bool(s.isfinite().all()) for s in scores)
+    assert len(flaky.answered) == 6 and len(set(flaky.answered)) == 6
