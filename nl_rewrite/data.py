@@ -52,7 +52,7 @@ def _read_txt_dir(folder: Path, prefix: str = "") -> list[Document]:
     if broken:  # counted and logged: a stray Latin-1 file should not stop a run, nor pass unnoticed
         log.warning("%d of %d .txt files in %s are not valid UTF-8 (first: %s); their undecodable bytes were "
                     "replaced with U+FFFD", len(broken), len(files), folder, broken[0].name)
-    docs = [Document(prefix + str(f.relative_to(folder)), raw.decode("utf-8", errors="replace"))
+    docs = [Document(prefix + str(f.relative_to(folder)), raw.decode("utf-8", errors="replace").replace("\r\n", "\n"))
             for f, raw in texts.items()]
     return [d for d in docs if d.text.strip()]
 

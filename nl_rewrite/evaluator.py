@@ -25,6 +25,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from . import durable
 from .data import TokenWindows
 from .prefix import capture_block_inputs, first_layer, resume_reproduces, resumed_at
 from .replacements.base import BatchInfo, Replacement, replacement_names
@@ -112,7 +113,7 @@ class EvalResults:
     def to_json(self, path: str | Path | None = None) -> dict:
         data = asdict(self)
         if path is not None:
-            Path(path).write_text(json.dumps(data, indent=1))
+            durable.write_json(path, data)
         return data
 
     @classmethod

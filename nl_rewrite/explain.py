@@ -26,6 +26,7 @@ from typing import Callable, Generic, Sequence, TypeVar
 
 from tqdm import tqdm
 
+from . import durable
 from .errors import NLRewriteError
 from .latents import LatentCache
 from .llm.base import ChatRequest, LLMBackend
@@ -233,7 +234,7 @@ class RecordStore(Generic[R]):
             self.records[record.latent] = record  # type: ignore[attr-defined]
         if lines[-1]:
             log.warning("%s: dropping a half-written last line (an interrupted run)", self.path)
-            self.path.write_text("".join(line + "\n" for line in filter(None, complete)))
+            durable.write_text(self.path, "".join(line + "\n" for line in filter(None, complete)))
 
     def add(self, records: Sequence[R]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

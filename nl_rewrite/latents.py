@@ -209,7 +209,7 @@ class LatentCache:
         self.meta = meta
         self.stats = stats
         self._ranges = latent_ranges
-        self._offsets = [load_file(str(self._index_path(i)))["offsets"] for i in range(len(latent_ranges))]
+        self._offsets = [_read(self._index_path(i))["offsets"] for i in range(len(latent_ranges))]
         self._token_strings: list[str] | None = None
         self._loaded: dict[int, dict[str, Tensor]] = {}
         self.shards_built = 0
@@ -403,7 +403,8 @@ def _index_intact(folder: Path) -> bool:
     stats = folder / "stats.safetensors"
     if not _readable(stats):
         return False
-    ranges = _read(stats)["ranges"]
+    with safe_open(str(stats), framework="pt") as fh:
+        ranges = fh.get_tensor("ranges")
     return all(_readable(folder / "index" / f"{r:05d}.safetensors") for r in range(len(ranges)))
 
 

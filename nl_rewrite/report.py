@@ -24,13 +24,13 @@ from __future__ import annotations
 import csv
 import html
 import importlib.metadata
-import json
 import math
 import platform
 import subprocess
 from dataclasses import asdict
 from pathlib import Path
 
+from . import durable
 from .answer import answer_lines
 from .evaluator import EvalResults
 from .experiment import Artifacts
@@ -250,7 +250,7 @@ keeps its true value, so the gap to zero-latents is trivially almost fully recov
 {_generations_html(data)}
 <h2>LLM pool latents, best detection score first</h2>{best}
 </body></html>"""
-    path.write_text(body)
+    durable.write_text(path, body)
 
 
 def summary_text(data: dict) -> str:
@@ -285,10 +285,10 @@ def write_outputs(art: Artifacts, out: Path) -> dict:
     data = results_payload(art)
     data["generations"] = art.generations
     validate_results(data)
-    (out / "results.json").write_text(json.dumps(data, indent=1, default=str))
+    durable.write_json(out / "results.json", data)
     write_csv(data, out / "results.csv")
     for name, plot in PLOTS.items():
         plot(data, out / name)
     write_html(data, art, out / "report.html", art.decode)
-    (out / "manifest.json").write_text(json.dumps(manifest(art), indent=1, default=str))
+    durable.write_json(out / "manifest.json", manifest(art))
     return data

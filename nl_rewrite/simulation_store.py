@@ -48,7 +48,7 @@ class MissingSimulationError(NLRewriteError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-LAYOUT = "content-keyed-v2"
+LAYOUT = "content-keyed-v3"
 """Part of the store's folder name: stores of the old position-keyed layout are never read."""
 
 Windows = Mapping[int, Sequence[str]]
@@ -61,7 +61,7 @@ def text_hash(text: str) -> str:
 
 def window_key(tokens: Sequence[str]) -> int:
     """A window's content key: 63 bits of a hash of its token strings (fits an int64 tensor)."""
-    digest = hashlib.sha256("\x1f".join(tokens).encode()).digest()
+    digest = hashlib.sha256(json.dumps(list(tokens)).encode()).digest()  # unambiguous, whatever the tokens hold
     return int.from_bytes(digest[:8], "big") >> 1
 
 
@@ -98,7 +98,12 @@ class SimulationStore:
 
     def missing(self, latent: int, explanation: str, windows: Windows) -> list[int]:
         have = self._stored(latent, explanation)
-        return [int(w) for w, tokens in windows.items() if window_key(tokens) not in have]
+        todo: dict[int, int] = {}  # key → first id: windows with the same text are simulated once
+        for w, tokens in windows.items():
+            key = window_key(tokens)
+            if key not in have:
+                todo.setdefault(key, int(w))
+        return list(todo.values())
 
     def put(self, latent: int, explanation: str, windows: Sequence[Sequence[str]],
             scores: Float[Tensor, "n pos"]) -> None:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .. import durable
 from ..cli_config import add_dataclass_args, dataclass_from_args
 from ..conditions import CONDITIONS
 from ..train import DEFAULT_LAYER
@@ -52,9 +52,9 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     payload = {"config": asdict(cfg), **results.to_json()}
-    (out / "results.json").write_text(json.dumps(payload, indent=1))
+    durable.write_json(out / "results.json", payload)
     # which documents were in which split, so the evaluation set can be audited
-    (out / "splits.json").write_text(json.dumps(split_manifest(cfg.corpus, cfg.seed), indent=1))
+    durable.write_json(out / "splits.json", split_manifest(cfg.corpus, cfg.seed))
     print(f"wrote {out / 'results.json'}")
     return payload
 

@@ -6,10 +6,10 @@ Writes ``layers.json`` (rows + the recommended layer) and ``layers.png`` into ``
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .. import durable
 from ..cli_config import add_dataclass_args, dataclass_from_args
 
 
@@ -48,7 +48,7 @@ def measure(cfg: LayersConfig) -> dict:
     plot(rows, out / "layers.png", chosen)
     payload = {"config": asdict(cfg), "n_tokens": len(eval_windows) * (cfg.window - 1), "chosen_layer": chosen,
                "rows": [asdict(r) for r in rows]}
-    (out / "layers.json").write_text(json.dumps(payload, indent=1))
+    durable.write_json(out / "layers.json", payload)
     print(table(rows))
     print(f"recommended layer: {chosen}" if chosen is not None else
           "no layer's zero ablation costs 0.15-1 nats with a CI above 0: evaluate more windows or another model")

@@ -131,13 +131,17 @@ def _decode_text(blob: bytes) -> str:
 
 def _open(path: Path) -> sqlite3.Connection:
     """The cache database; a file that is not one is an ``LLMError`` naming it and the fix."""
+    db = sqlite3.connect(path, check_same_thread=False, timeout=60)
     try:
-        db = sqlite3.connect(path, check_same_thread=False, timeout=60)
         db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")  # in WAL mode still safe against a killed process; far fewer fsyncs
         db.execute(_SCHEMA)
         db.commit()
         return db
     except sqlite3.DatabaseError as exc:
+        db.close()
+        if not any(s in str(exc) for s in ("not a database", "malformed")):
+            raise  # locked, read-only, missing folder: not corruption, so no advice to delete it
         raise LLMError(f"{path} is not a readable sqlite call cache ({exc}); move it aside or delete it to start "
                        "an empty cache (its finished calls are then asked again), or disable the cache "
                        "(--llm-cache none)") from exc

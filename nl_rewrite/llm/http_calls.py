@@ -89,6 +89,7 @@ class ServerCalls:
 
         last: Exception | None = None
         for attempt in range(self.settings.max_retries + 1):
+            refused: Rejected | None = None
             try:
                 return await make()
             except (openai.APIConnectionError, openai.RateLimitError) as exc:
@@ -97,18 +98,22 @@ class ServerCalls:
                 last = exc  # a truncated or garbled body: a dropped connection by another name, worth a retry
             except openai.APIStatusError as exc:
                 if not retryable(exc.status_code, str(exc.message)):
-                    raise self._rejected(exc) from None  # the openai error's text may hold echoed headers
-                last = exc
+                    refused = self._rejected(exc)
+                else:
+                    last = exc
+            if refused is not None:  # raised outside the handler: the openai error (echoed headers) stays unchained
+                raise refused
             if attempt < self.settings.max_retries:
                 told = retry_after(last)
                 wait = told if told is not None else self.settings.backoff * 2 ** attempt * (1 + 0.25 * random.random())
                 self.waits.append(wait)
                 await asyncio.sleep(wait)
-        raise LLMError(f"no answer from {self.base_url} after {self.settings.max_retries + 1} attempts: "
-                       f"{type(last).__name__}: {self._scrub(short(str(last)))}") from None
+        message = (f"no answer from {self.base_url} after {self.settings.max_retries + 1} attempts: "
+                   f"{type(last).__name__}: {short(self._scrub(str(last)))}")
+        raise LLMError(message)
 
     def _rejected(self, exc: Any) -> Rejected:
-        return Rejected(f"{self.base_url} answered HTTP {exc.status_code}: {self._scrub(short(str(exc.message)))}")
+        return Rejected(f"{self.base_url} answered HTTP {exc.status_code}: {short(self._scrub(str(exc.message)))}")
 
     def _scrub(self, text: str) -> str:
         """A server may echo the request's headers in an error; the key never reaches our messages."""

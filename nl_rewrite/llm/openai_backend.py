@@ -212,11 +212,14 @@ class OpenAIBackend:
         self.check_repeat = False
         if not request.read_after:
             return
+        counts = dict(vars(self.report))  # the check's own request is not part of the run's counts
         try:
             again = self.calls.gather([replace(request, read_after=request.read_after[:1])], one, "repeat")[0][0]
         except LLMError as exc:  # the check is advisory: the scores already came back
             log.warning("could not repeat a score request to check %s is reproducible: %s", self.base_url, exc)
             return
+        finally:
+            vars(self.report).update(counts)
         both = torch.isfinite(again) & torch.isfinite(first[0])
         diff = float((again - first[0])[both].abs().max()) if both.any() else 0.0
         self.report.repeat_max_diff = diff

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 
 import pytest
 import torch
@@ -43,13 +44,41 @@ def test_a_failing_writer_leaves_no_trace(tmp_path):
 def test_every_write_is_fsynced_file_and_folder(tmp_path, monkeypatch):
     synced = []
     real = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd)))
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(stat.S_ISDIR(os.fstat(fd).st_mode)), real(fd)))
     durable.write_text(tmp_path / "a.txt", "hello")
-    assert len(synced) == 2 and (tmp_path / "a.txt").read_text() == "hello"
+    assert synced == [False, True] and (tmp_path / "a.txt").read_text() == "hello"  # the file, then its folder
 
 
-def test_concurrent_writers_use_distinct_temporary_names(tmp_path):
-    names = []
-    durable.replace_file(tmp_path / "a", lambda tmp: (names.append(tmp.name), tmp.write_text("1")))
-    durable.replace_file(tmp_path / "a", lambda tmp: (names.append(tmp.name), tmp.write_text("2")))
-    assert names[0] != names[1] and all(n.startswith(".a.") for n in names)
+def test_a_full_disk_while_saving_tensors_is_a_disk_full_error(tmp_path, monkeypatch):
+    path = tmp_path / "shard.safetensors"
+    durable.save_tensors(path, {"x": torch.ones(3)})
+    good = path.read_bytes()
+
+    def no_space(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(type(path), "write_bytes", no_space)
+    with pytest.raises(DiskFullError, match="shard.safetensors"):
+        durable.save_tensors(path, {"x": torch.zeros(1000)})
+    with pytest.raises(DiskFullError):
+        durable.torch_save(tmp_path / "state.pt", {"step": 1})
+    monkeypatch.undo()
+    assert path.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == ["shard.safetensors"]
+
+
+def test_temporaries_of_killed_writers_are_cleaned_and_live_ones_kept(tmp_path):
+    dead = tmp_path / ".a.999999999.x1.tmp"  # no process has this pid
+    live = tmp_path / f".a.{os.getpid()}.x2.tmp"  # a writer still running (this one)
+    dead.write_text("partial")
+    live.write_text("in progress")
+    durable.write_text(tmp_path / "a", "done")
+    assert not dead.exists() and live.exists() and (tmp_path / "a").read_text() == "done"
+
+
+def test_files_get_the_permissions_of_a_normal_new_file(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        durable.write_text(tmp_path / "a", "x")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o644

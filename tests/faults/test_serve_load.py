@@ -62,7 +62,11 @@ def _round(root: str, expected: dict, outcomes: list[str]) -> None:
     def client(i: int) -> None:
         n = 0
         while time.monotonic() < stop:
-            outcomes.append(_one(root, kinds[(i + n) % 3], expected))
+            kind = kinds[(i + n) % 3]
+            try:
+                outcomes.append(_one(root, kind, expected))
+            except Exception as exc:  # a reset connection or a malformed body counts as bad, never vanishes
+                outcomes.append(f"{kind}:bad {type(exc).__name__}")
             n += 1
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
