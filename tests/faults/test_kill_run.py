@@ -15,15 +15,17 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-KILL_AT = ("transcoder", "explain", "simulate_explain", "evaluate_eval_all")
-"""Stages whose start triggers a kill -9 in consecutive runs of one output folder (a second into each, so the
-stage is under way: training, LLM calls, simulations, evaluation)."""
+KILL_AT = (("transcoder", 1.0), ("explain", 1.0), ("score", 0.0), ("simulate_explain", 1.0), ("calibrate", 0.0),
+           ("evaluate_eval_all", 1.0))
+"""(stage, seconds after its start) of a kill -9, in consecutive runs of one output folder: training, LLM calls,
+simulations and evaluation are under way a second in; score (0.5 s in the smoke preset) and calibrate (a few ms)
+are killed the moment they start. Caching latents is killed in tests/test_latents.py."""
 VOLATILE = ("stage_seconds", "counts", "config")
 """Results keys that legitimately differ between runs: timings, cache hit counts, the output path."""
 
 
-def _run(out: Path, cache: Path, kill_at: str | None = None, timeout: float = 600) -> int | None:
-    """``nl-rewrite run`` in a subprocess; with ``kill_at``, SIGKILL it a second after that stage starts.
+def _run(out: Path, cache: Path, kill_at: str | None = None, delay: float = 0.0, timeout: float = 600) -> int | None:
+    """``nl-rewrite run`` in a subprocess; with ``kill_at``, SIGKILL it ``delay`` seconds after that stage starts.
     Returns the exit code, or None when it was killed."""
     env = {**os.environ, "NL_REWRITE_CACHE": str(cache)}
     cmd = [sys.executable, "-m", "nl_rewrite.cli", "run", "--preset", "smoke", "--out", str(out)]
@@ -34,7 +36,7 @@ def _run(out: Path, cache: Path, kill_at: str | None = None, timeout: float = 60
             if time.monotonic() > deadline:
                 raise TimeoutError(f"nl-rewrite run did not finish within {timeout} s")
             if kill_at and f"stage {kill_at} ..." in line:
-                time.sleep(1.0)
+                time.sleep(delay)
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
                 return None
@@ -52,8 +54,8 @@ def test_kill_9_in_each_stage_then_rerun_gives_the_uninterrupted_results(tmp_pat
     assert _run(tmp_path / "clean", tmp_path / "cache_clean") == 0
     reference = json.loads((tmp_path / "clean" / "results.json").read_text())
     out, cache = tmp_path / "killed", tmp_path / "cache_killed"
-    for stage in KILL_AT:
-        assert _run(out, cache, kill_at=stage) is None, f"the run finished before stage {stage} began"
+    for stage, delay in KILL_AT:
+        assert _run(out, cache, kill_at=stage, delay=delay) is None, f"the run finished before stage {stage} began"
         assert not (out / "results.json").exists()
     assert _run(out, cache) == 0
     resumed = json.loads((out / "results.json").read_text())
