@@ -16,11 +16,11 @@ import time
 
 import torch
 
-from nl_rewrite.data import token_windows
-from nl_rewrite.evaluator import Evaluator
-from nl_rewrite.models import load_model
+from nl_rewrite.data.windows import token_windows
+from nl_rewrite.evaluation.evaluator import Evaluator
+from nl_rewrite.model.loading import load_model
 from nl_rewrite.replacements import MeanReplacement, ZeroReplacement
-from nl_rewrite.train import DEFAULT_LAYER
+from nl_rewrite.coders.train import DEFAULT_LAYER
 
 
 def main() -> None:

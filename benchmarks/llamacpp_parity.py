@@ -13,8 +13,8 @@ from nl_rewrite.llm import llamacpp
 from nl_rewrite.llm.embedded import EmbeddedBackend
 from nl_rewrite.llm.openai_backend import OpenAIBackend
 from nl_rewrite.llm.parity import PROBE_EXPLANATIONS, PROBE_TEXTS, compare_backends
-from nl_rewrite.models import EMBEDDED
-from nl_rewrite.simulate import SimulationItem, Simulator
+from nl_rewrite.model.loading import EMBEDDED
+from nl_rewrite.interp.simulate import SimulationItem, Simulator
 
 
 def predictions_per_second(backend, items: list[SimulationItem], mode: str) -> float:

@@ -56,7 +56,7 @@ def main() -> None:
     start = time.perf_counter()
     path = Path(args.run) / "results.json"
     if not path.is_file():
-        from nl_rewrite.cli import main as cli
+        from nl_rewrite.cli.main import main as cli
 
         cli(["run", "--out", args.run])
     data = json.loads(path.read_text())

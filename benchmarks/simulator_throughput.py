@@ -35,7 +35,7 @@ def peak_rss_mb() -> float:
 
 
 def windows_as_strings(tokenizer, n: int, window: int) -> list[tuple[str, ...]]:
-    from nl_rewrite.data import token_windows
+    from nl_rewrite.data.windows import token_windows
 
     windows = token_windows(tokenizer, "explain", window=window, max_windows=n, seed=0)
     return [tuple(tokenizer.decode([t]) for t in row.tolist()) for row in windows.tokens]
@@ -44,7 +44,7 @@ def windows_as_strings(tokenizer, n: int, window: int) -> list[tuple[str, ...]]:
 def make_backend(reuse: bool):
     """A backend warmed up on an unrelated prompt, so one-time start-up costs are not timed."""
     from nl_rewrite.llm.embedded import EmbeddedBackend
-    from nl_rewrite.simulate import SimulationItem, Simulator
+    from nl_rewrite.interp.simulate import SimulationItem, Simulator
 
     backend = EmbeddedBackend("smollm2-135m", reuse_prefix=reuse)
     Simulator(backend, "all_at_once").simulate_many([SimulationItem("warm-up", ("a", " b"))])
@@ -53,7 +53,7 @@ def make_backend(reuse: bool):
 
 def time_mode(backend, mode: str, explanations, windows) -> tuple[float, int]:
     """Seconds and predictions for simulating every (explanation, window), prefix cache empty at the start."""
-    from nl_rewrite.simulate import SimulationItem, Simulator
+    from nl_rewrite.interp.simulate import SimulationItem, Simulator
 
     backend._prefixes.clear()  # benchmark only: each repeat must pay for its prefixes, as a fresh run would
     sim = Simulator(backend, mode)
@@ -78,7 +78,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from nl_rewrite.models import load_hf
+    from nl_rewrite.model.loading import load_hf
 
     _, tokenizer = load_hf("smollm2-135m")
     explanations = EXPLANATIONS[: args.latents]

@@ -17,8 +17,8 @@ import time
 import torch
 from torch import Tensor
 
-from nl_rewrite.sparse_coder import SparseCoder
-from nl_rewrite.train import TrainConfig, new_state, train, train_step
+from nl_rewrite.coders.sparse_coder import SparseCoder
+from nl_rewrite.coders.train import TrainConfig, new_state, train, train_step
 
 
 class DenseDecodeCoder(SparseCoder):
@@ -63,7 +63,7 @@ def main() -> None:
                   sparse_over_dense=round(sparse / dense, 3))
     print(json.dumps(result), flush=True)
     if args.e2e_tokens:
-        from nl_rewrite.models import load_model
+        from nl_rewrite.model.loading import load_model
 
         model = load_model("smollm2-135m")
         with tempfile.TemporaryDirectory() as out:

@@ -19,13 +19,13 @@ import time
 
 import torch
 
-from nl_rewrite.data import token_windows
-from nl_rewrite.evaluator import Evaluator
-from nl_rewrite.models import load_model, prepend_bos_for
+from nl_rewrite.data.windows import token_windows
+from nl_rewrite.evaluation.evaluator import Evaluator
+from nl_rewrite.model.loading import load_model, prepend_bos_for
 from nl_rewrite.replacements.baselines import ZeroReplacement
 from nl_rewrite.replacements.coders import TranscoderReplacement, ZeroLatentsReplacement
-from nl_rewrite.sparse_coder import SparseCoder
-from nl_rewrite.train import DEFAULT_LAYER, default_transcoder, site_activations
+from nl_rewrite.coders.sparse_coder import SparseCoder
+from nl_rewrite.coders.train import DEFAULT_LAYER, default_transcoder, site_activations
 
 
 @torch.no_grad()

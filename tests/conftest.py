@@ -19,7 +19,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 @pytest.fixture(scope="session")
 def tiny():
-    from nl_rewrite.models import tiny_model
+    from nl_rewrite.model.loading import tiny_model
 
     return tiny_model(n_layers=2, d_model=32, d_mlp=64, seed=0)
 
@@ -27,7 +27,7 @@ def tiny():
 @pytest.fixture(scope="session")
 def smol():
     """The real embedded SmolLM2-135M bridge (converted once into the user cache)."""
-    from nl_rewrite.models import load_model
+    from nl_rewrite.model.loading import load_model
 
     return load_model("smollm2-135m")
 

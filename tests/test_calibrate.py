@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from nl_rewrite.calibrate import (
+from nl_rewrite.interp.calibrate import (
     CALIBRATIONS,
     IsotonicCalibrator,
     LinearCalibrator,
@@ -93,7 +93,7 @@ def test_json_round_trip_gives_the_same_map(kind):
 @pytest.mark.parametrize("kind", CALIBRATIONS)
 def test_never_firing_latent_falls_back_to_zero_counted_and_logged(kind, caplog):
     scores = torch.rand(100) * 9
-    with caplog.at_level(logging.DEBUG, logger="nl_rewrite.calibrate"):
+    with caplog.at_level(logging.DEBUG, logger="nl_rewrite.interp.calibrate"):
         cal = make_calibrator(kind, latent=3).fit(scores, torch.zeros(100))
     assert cal.fallback
     assert "latent 3" in caplog.text

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from nl_rewrite.checkpoint import CheckpointShapeError, load_coder
+from nl_rewrite.coders.checkpoint import CheckpointShapeError, load_coder
 from nl_rewrite.errors import CheckpointError, ShapeMismatchError
-from nl_rewrite.sparse_coder import CoderConfig, SparseCoder
+from nl_rewrite.coders.sparse_coder import CoderConfig, SparseCoder
 
 
 def random_coder(skip: bool = True, d: int = 32) -> SparseCoder:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from nl_rewrite.data import SPLITS, load_splits, split_manifest, token_windows
+from nl_rewrite.data.windows import SPLITS, load_splits, split_manifest, token_windows
 from nl_rewrite.errors import CorpusError
 
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import torch
 
-from nl_rewrite.data import TokenWindows
-from nl_rewrite.evaluator import Evaluator
+from nl_rewrite.data.windows import TokenWindows
+from nl_rewrite.evaluation.evaluator import Evaluator
 
 DOC = Path(__file__).parents[1] / "docs" / "replacements.md"
 

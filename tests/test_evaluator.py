@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
-from nl_rewrite.data import TokenWindows, token_windows
+from nl_rewrite.data.windows import TokenWindows, token_windows
 from nl_rewrite.errors import ShapeMismatchError
-from nl_rewrite.evaluator import EvalResults, Evaluator
+from nl_rewrite.evaluation.evaluator import EvalResults, Evaluator
 from nl_rewrite.replacements import IdentityReplacement, MeanReplacement, Replacement, ZeroReplacement
 
 
@@ -104,7 +104,7 @@ def test_real_model_zero_mean_identity(smol, tmp_cache):
 
 @pytest.mark.slow
 def test_evaluate_cli_writes_results_and_split_manifest(tmp_cache, tmp_path):
-    from nl_rewrite.cli import main
+    from nl_rewrite.cli.main import main
 
     out = tmp_path / "ev"
     assert main(["evaluate", "--layer", "6", "--replacement", "zero", "--max-windows", "4", "--window", "16",

@@ -5,9 +5,9 @@ import time
 
 import pytest
 
-from nl_rewrite.cli import main
-from nl_rewrite.report import validate_results
-from nl_rewrite.run_config import RunConfig
+from nl_rewrite.cli.main import main
+from nl_rewrite.pipeline.report import validate_results
+from nl_rewrite.pipeline.config import RunConfig
 
 OUTPUTS = ("results.json", "results.csv", "ladder.png", "fractions.png", "budgets.png", "report.html", "manifest.json")
 

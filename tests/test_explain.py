@@ -8,10 +8,10 @@ import re
 import pytest
 
 from nl_rewrite.errors import NLRewriteError
-from nl_rewrite.explain import (ExplainConfig, ExplanationParseError, build_messages, explain_latents,
+from nl_rewrite.interp.explain import (ExplainConfig, ExplanationParseError, build_messages, explain_latents,
                                 load_explanations, mark_example, parse_explanation, strength_list)
-from nl_rewrite.latents import LatentCache
-from nl_rewrite.sampling import SamplingConfig, sample_latent, select_latents
+from nl_rewrite.latents.cache import LatentCache
+from nl_rewrite.latents.sampling import SamplingConfig, sample_latent, select_latents
 
 from fakes import FakeBackend, marked_words
 from test_latents import make_coder, make_windows

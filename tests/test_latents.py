@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nl_rewrite.data import TokenWindows
-from nl_rewrite.latents import LatentCache, LatentCacheError
-from nl_rewrite.sparse_coder import CoderConfig, SparseCoder
+from nl_rewrite.data.windows import TokenWindows
+from nl_rewrite.latents.cache import LatentCache, LatentCacheError
+from nl_rewrite.coders.sparse_coder import CoderConfig, SparseCoder
 
 N_LATENTS, K = 64, 4
 
@@ -130,8 +130,8 @@ def test_open_incomplete_folder_is_a_clear_error(tmp_path):
 CHILD = textwrap.dedent("""
     import sys, time, torch
     sys.path.insert(0, {tests!r})
-    from nl_rewrite import latents
-    from nl_rewrite.models import tiny_model
+    from nl_rewrite.latents import cache as latents
+    from nl_rewrite.model.loading import tiny_model
     from test_latents import make_coder, make_windows
     torch.set_num_threads(1)
     slow = latents._build_shard

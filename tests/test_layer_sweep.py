@@ -1,7 +1,7 @@
 import torch
 
-from nl_rewrite.data import TokenWindows
-from nl_rewrite.layer_sweep import LayerRow, choose_layer, sweep_layers, table
+from nl_rewrite.data.windows import TokenWindows
+from nl_rewrite.evaluation.layer_sweep import LayerRow, choose_layer, sweep_layers, table
 
 
 def row(layer, zero, lo=None):

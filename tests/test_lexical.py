@@ -3,12 +3,12 @@ import logging
 import pytest
 import torch
 
-from nl_rewrite.data import TokenWindows
-from nl_rewrite.latents import LatentCache
-from nl_rewrite.lexical import (LexicalItem, LexicalSimulator, candidate_items, lexical_explanations,
+from nl_rewrite.data.windows import TokenWindows
+from nl_rewrite.latents.cache import LatentCache
+from nl_rewrite.interp.lexical import (LexicalItem, LexicalSimulator, candidate_items, lexical_explanations,
                                 parse_explanation, read_scores, write_explanation)
-from nl_rewrite.simulate import SimulationItem
-from nl_rewrite.sparse_coder import CoderConfig, SparseCoder
+from nl_rewrite.interp.simulate import SimulationItem
+from nl_rewrite.coders.sparse_coder import CoderConfig, SparseCoder
 
 
 def test_reader_recovers_exact_strengths_from_a_hand_written_explanation():
@@ -83,7 +83,7 @@ def test_explanations_respect_the_budget_and_parse_cleanly(tiny_cache):
 def test_previous_token_items_measure_what_the_current_token_table_leaves(tiny_cache, chunk, monkeypatch):
     """Brute force on dense activations: mean over positions after token u of (act − E[act | current token]).
     A tiny join chunk exercises the chunked path."""
-    import nl_rewrite.lexical as lexical
+    import nl_rewrite.interp.lexical as lexical
 
     monkeypatch.setattr(lexical, "JOIN_CHUNK", chunk)
     ids = list(range(len(tiny_cache)))

@@ -1,13 +1,13 @@
 import torch
 
-from nl_rewrite.calibrate import LinearCalibrator
-from nl_rewrite.data import TokenWindows
-from nl_rewrite.evaluator import Evaluator
-from nl_rewrite.generate import greedy
-from nl_rewrite.lexical import LexicalSimulator
+from nl_rewrite.interp.calibrate import LinearCalibrator
+from nl_rewrite.data.windows import TokenWindows
+from nl_rewrite.evaluation.evaluator import Evaluator
+from nl_rewrite.evaluation.generate import greedy
+from nl_rewrite.interp.lexical import LexicalSimulator
 from nl_rewrite.replacements.live import LiveSimulatorReplacement
 from nl_rewrite.replacements.simulated import NLSimulatorReplacement
-from nl_rewrite.sparse_coder import CoderConfig, SparseCoder
+from nl_rewrite.coders.sparse_coder import CoderConfig, SparseCoder
 
 
 def decode(ids):

@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.external, pytest.mark.slow,
 
 @pytest.fixture(scope="module")
 def gguf():
-    from nl_rewrite.models import EMBEDDED
+    from nl_rewrite.model.loading import EMBEDDED
 
     return str(EMBEDDED["smollm2-135m"].locate_gguf())
 
@@ -53,10 +53,10 @@ def test_default_settings_score_like_the_embedded_backend(server, gguf, embedded
 
 def test_explainer_and_detection_scoring_run_through_the_server(server, gguf, tiny, tmp_path):
     """The real explainer (default prefill) and detection scorer, on a tiny model's latent cache."""
-    from nl_rewrite.explain import ExplainConfig, explain_latents
-    from nl_rewrite.latents import LatentCache
-    from nl_rewrite.sampling import SamplingConfig, select_latents
-    from nl_rewrite.score import ScoreConfig, score_explanations
+    from nl_rewrite.interp.explain import ExplainConfig, explain_latents
+    from nl_rewrite.latents.cache import LatentCache
+    from nl_rewrite.latents.sampling import SamplingConfig, select_latents
+    from nl_rewrite.interp.score import ScoreConfig, score_explanations
     from test_latents import make_coder, make_windows
 
     sampling = SamplingConfig(n_train=6, n_heldout=4, n_negatives=4, n_bins=3)

@@ -161,7 +161,7 @@ def test_bad_settings_are_rejected():
 def test_serve_command_answers_models_and_chat(tmp_cache):
     """The CLI end to end: `nl-rewrite serve` in a subprocess, then plain HTTP and the OpenAI backend."""
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "nl_rewrite.cli", "serve", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "nl_rewrite.cli.main", "serve", "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         for line in proc.stdout:

@@ -9,7 +9,7 @@ import torch
 from nl_rewrite.llm.base import ScoreRequest
 from nl_rewrite.llm.cache import CachedBackend
 from nl_rewrite.llm.readout import choice_row, exact_row, topk_floor, usable_rows
-from nl_rewrite.simulate import expected_digits
+from nl_rewrite.interp.simulate import expected_digits
 
 DIGITS = [str(d) for d in range(10)]
 

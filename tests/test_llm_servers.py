@@ -17,7 +17,7 @@ from nl_rewrite.llm.openai_backend import OpenAIBackend, merge_prefill
 from nl_rewrite.llm.readout import usable_rows
 from nl_rewrite.llm.sglang_backend import SGLangBackend
 from nl_rewrite.llm.token_layout import layout
-from nl_rewrite.simulate import SimulationItem, Simulator
+from nl_rewrite.interp.simulate import SimulationItem, Simulator
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ REQUEST = ChatRequest((("system", "S"), ("user", "hi")), prefill="Sure:")
 
 
 def test_gguf_and_embedded_name_render_the_same_text():
-    from nl_rewrite.models import EMBEDDED
+    from nl_rewrite.model.loading import EMBEDDED
 
     gguf = str(EMBEDDED["smollm2-135m"].locate_gguf())
     by_name, by_file = find_template(None, "smollm2-135m"), find_template(None, gguf)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from nl_rewrite.errors import ModelLoadError
-from nl_rewrite.models import load_hf, load_model, tiny_model
+from nl_rewrite.model.loading import load_hf, load_model, tiny_model
 
 
 def test_unknown_model_name_lists_choices(tmp_cache):

@@ -1,12 +1,12 @@
 import pytest
 import torch
 
-from nl_rewrite.data import TokenWindows
-from nl_rewrite.evaluator import Evaluator
+from nl_rewrite.data.windows import TokenWindows
+from nl_rewrite.evaluation.evaluator import Evaluator
 from nl_rewrite.replacements.base import BatchInfo
 from nl_rewrite.replacements.coders import TranscoderReplacement
 from nl_rewrite.replacements.oracles import OracleReplacement, mean_pearson, noise_multiplier, noisy
-from nl_rewrite.sparse_coder import CoderConfig, SparseCoder
+from nl_rewrite.coders.sparse_coder import CoderConfig, SparseCoder
 
 N = 40
 

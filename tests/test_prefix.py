@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from nl_rewrite.data import TokenWindows
+from nl_rewrite.data.windows import TokenWindows
 from nl_rewrite.errors import ShapeMismatchError
-from nl_rewrite.evaluator import Evaluator
-from nl_rewrite.prefix import capture_block_inputs, resumed_at
+from nl_rewrite.evaluation.evaluator import Evaluator
+from nl_rewrite.evaluation.prefix import capture_block_inputs, resumed_at
 from nl_rewrite.replacements import MeanReplacement, ZeroReplacement
 
 
@@ -50,7 +50,7 @@ def test_resuming_on_other_tokens_is_a_clear_error(tiny):
 
 
 def test_evaluator_falls_back_to_full_recompute_when_resuming_breaks(tiny, monkeypatch, caplog):
-    import nl_rewrite.evaluator as evaluator_module
+    import nl_rewrite.evaluation.evaluator as evaluator_module
 
     monkeypatch.setattr(evaluator_module, "resume_reproduces", lambda *a, **k: False)
     ev = Evaluator(tiny, windows(), 4, progress=False)
@@ -61,7 +61,7 @@ def test_evaluator_falls_back_to_full_recompute_when_resuming_breaks(tiny, monke
 
 
 def test_resume_check_passes_on_a_conforming_model(tiny):
-    from nl_rewrite.prefix import resume_reproduces
+    from nl_rewrite.evaluation.prefix import resume_reproduces
 
     assert resume_reproduces(tiny, windows(n=2).tokens, 1)
 

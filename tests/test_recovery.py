@@ -1,8 +1,8 @@
 import torch
 
-from nl_rewrite.answer import gap_sentence, r_for_half
-from nl_rewrite.evaluator import EvalResults
-from nl_rewrite.recovery import describe, gap, recovered
+from nl_rewrite.pipeline.answer import gap_sentence, r_for_half
+from nl_rewrite.evaluation.evaluator import EvalResults
+from nl_rewrite.evaluation.recovery import describe, gap, recovered
 
 
 def results(zero_latents, transcoder, cond, n=40, noise=0.01, seed=0):

@@ -8,7 +8,7 @@ import torch
 from nl_rewrite.replacements.base import BatchInfo
 from nl_rewrite.replacements.coders import (RandomLatentsReplacement, SAEReplacement, TranscoderReplacement,
                                             ZeroLatentsReplacement)
-from nl_rewrite.sparse_coder import CoderConfig, SparseCoder
+from nl_rewrite.coders.sparse_coder import CoderConfig, SparseCoder
 
 
 def coder(kind: str = "transcoder") -> SparseCoder:

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from nl_rewrite.calibrate import LinearCalibrator, QuantileCalibrator
+from nl_rewrite.interp.calibrate import LinearCalibrator, QuantileCalibrator
 from nl_rewrite.replacements.base import BatchInfo
 from nl_rewrite.replacements.coders import TranscoderReplacement
 from nl_rewrite.replacements.simulated import (
@@ -13,7 +13,7 @@ from nl_rewrite.replacements.simulated import (
     choose_latents,
     usable_pool,
 )
-from nl_rewrite.sparse_coder import CoderConfig, SparseCoder
+from nl_rewrite.coders.sparse_coder import CoderConfig, SparseCoder
 
 N_LATENTS, K, POS = 48, 4, 6
 

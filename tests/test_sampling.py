@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nl_rewrite.latents import LatentCache
-from nl_rewrite.sampling import (SamplingConfig, SamplingError, quantile_bins, sample_latent, select_latents,
+from nl_rewrite.latents.cache import LatentCache
+from nl_rewrite.latents.sampling import (SamplingConfig, SamplingError, quantile_bins, sample_latent, select_latents,
                                  top_examples, window_peaks)
 
 from test_latents import make_coder, make_windows

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from nl_rewrite.errors import LLMError, NLRewriteError
-from nl_rewrite.explain import ExplainConfig, Explanation, explain_latents
-from nl_rewrite.latents import LatentCache
-from nl_rewrite.sampling import SamplingConfig, sample_latent, select_latents
-from nl_rewrite.score import (ScoreConfig, auroc, balanced_accuracy, load_scores, rank_latents, score_explanations,
+from nl_rewrite.interp.explain import ExplainConfig, Explanation, explain_latents
+from nl_rewrite.latents.cache import LatentCache
+from nl_rewrite.latents.sampling import SamplingConfig, sample_latent, select_latents
+from nl_rewrite.interp.score import (ScoreConfig, auroc, balanced_accuracy, load_scores, rank_latents, score_explanations,
                               score_latent)
 
 from fakes import FakeBackend
@@ -125,11 +125,11 @@ def test_end_to_end_with_fake_explainer_resumes_and_ranks(cache, tmp_path):
 @pytest.mark.slow
 def test_real_embedded_explain_and_score_then_cached_rerun(smol, tmp_cache):
     """Two latents of a (random) coder on SmolLM2, explained and scored by the embedded SmolLM2."""
-    from nl_rewrite.data import token_windows
+    from nl_rewrite.data.windows import token_windows
     from nl_rewrite.llm.cache import CachedBackend
     from nl_rewrite.llm.embedded import EmbeddedBackend
-    from nl_rewrite.sampling import window_peaks
-    from nl_rewrite.sparse_coder import CoderConfig, SparseCoder
+    from nl_rewrite.latents.sampling import window_peaks
+    from nl_rewrite.coders.sparse_coder import CoderConfig, SparseCoder
 
     coder = SparseCoder(CoderConfig(d_in=576, d_out=576, n_latents=2048, k=8, read_site="mlp_in.6",
                                     write_site="mlp_out.6"), seed=0)
@@ -165,8 +165,8 @@ def test_real_embedded_explain_and_score_then_cached_rerun(smol, tmp_cache):
 @pytest.mark.slow
 def test_cli_cache_explain_score(tmp_cache, capsys):
     """`nl-rewrite cache`, `explain` and `score` chained on SmolLM2 with a small saved coder."""
-    from nl_rewrite.cli import main
-    from nl_rewrite.sparse_coder import CoderConfig, SparseCoder
+    from nl_rewrite.cli.main import main
+    from nl_rewrite.coders.sparse_coder import CoderConfig, SparseCoder
 
     SparseCoder(CoderConfig(d_in=576, d_out=576, n_latents=1024, k=8, read_site="mlp_in.6", write_site="mlp_out.6"),
                 seed=0).save(tmp_cache / "coder")

@@ -6,7 +6,7 @@ import torch
 
 from nl_rewrite.errors import LLMError
 from nl_rewrite.llm.base import ScoreRequest
-from nl_rewrite.simulate import (
+from nl_rewrite.interp.simulate import (
     SimulationItem,
     Simulator,
     expected_digits,
@@ -92,7 +92,7 @@ def test_expected_value_is_renormalised_over_digits():
 def test_missing_logprobs_give_counted_nan(caplog):
     backend = TokenReadingBackend(blank=frozenset({"sat"}))
     sim = Simulator(backend, "all_at_once")
-    with caplog.at_level(logging.WARNING, logger="nl_rewrite.simulate"):
+    with caplog.at_level(logging.WARNING, logger="nl_rewrite.interp.simulate"):
         scores = sim.simulate("cats", list(TOKENS))
     assert torch.isnan(scores[2]) and torch.isfinite(scores[[0, 1, 3, 4, 5, 6]]).all()
     assert sim.stats.nan_predictions == 1
@@ -156,8 +156,8 @@ def test_embedded_backend_gives_finite_scores_for_every_token(tmp_cache):
 
 # ---- the on-disk store ------------------------------------------------------------------------------------------
 
-from nl_rewrite.calibrate import LinearCalibrator  # noqa: E402
-from nl_rewrite.simulation_store import (  # noqa: E402
+from nl_rewrite.interp.calibrate import LinearCalibrator  # noqa: E402
+from nl_rewrite.interp.simulation_store import (  # noqa: E402
     MissingSimulationError,
     SimulationStore,
     quality_ranking,
@@ -214,7 +214,7 @@ def test_simulations_are_keyed_by_window_content_not_position(tmp_path):
 
 
 def test_a_larger_sample_of_real_windows_reuses_only_identical_text(tmp_path, tiny):
-    from nl_rewrite.data import token_windows
+    from nl_rewrite.data.windows import token_windows
 
     def strings(n: int) -> dict[int, list[str]]:
         windows = token_windows(tiny, "eval", window=12, max_windows=n)

@@ -1,7 +1,7 @@
 import pytest
 
 from nl_rewrite.errors import SiteError
-from nl_rewrite.sites import SITE_HOOKS, Site, mlp_in, mlp_out, resolve
+from nl_rewrite.model.sites import SITE_HOOKS, Site, mlp_in, mlp_out, resolve
 
 
 def test_parse_both_spellings():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nl_rewrite.errors import ShapeMismatchError
-from nl_rewrite.sparse_coder import CoderConfig, SparseCoder, SparseLatents
+from nl_rewrite.coders.sparse_coder import CoderConfig, SparseCoder, SparseLatents
 
 
 def make_coder(skip: bool = True, kind: str = "transcoder", d_in: int = 16, d_out: int = 12, seed: int = 0) -> SparseCoder:

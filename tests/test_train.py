@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from nl_rewrite.checkpoint import load_coder
+from nl_rewrite.coders.checkpoint import load_coder
 from nl_rewrite.errors import CheckpointError
-from nl_rewrite.train import DONE_FILE, STATE_FILE, TrainConfig, parse_tokens, train
+from nl_rewrite.coders.train import DONE_FILE, STATE_FILE, TrainConfig, parse_tokens, train
 
 
 def tiny_tokens(n: int = 64, window: int = 16) -> torch.Tensor:
@@ -96,8 +96,8 @@ def test_short_real_training_run(smol, tmp_cache):
 
 
 def test_cli_parses_train_command():
-    from nl_rewrite.cli import build_parser
-    from nl_rewrite.cli_config import dataclass_from_args
+    from nl_rewrite.cli.main import build_parser
+    from nl_rewrite.cli.config import dataclass_from_args
 
     args = build_parser().parse_args(["train", "--model", "smollm2-135m", "--layer", "12", "--kind", "transcoder",
                                       "--width", "4096", "--k", "32", "--tokens", "2M"])

@@ -24,8 +24,8 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import Tensor
 
-from ..errors import LLMError
-from .base import ChatRequest, LLMBackend, ScoreRequest
+from nl_rewrite.errors import LLMError
+from nl_rewrite.llm.base import ChatRequest, LLMBackend, ScoreRequest
 
 log = logging.getLogger(__name__)
 

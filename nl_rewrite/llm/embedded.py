@@ -24,10 +24,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ..errors import LLMError
-from .base import ChatRequest, ScoreRequest
-from .templates import render_with
-from .token_layout import layout
+from nl_rewrite.errors import LLMError
+from nl_rewrite.llm.base import ChatRequest, ScoreRequest
+from nl_rewrite.llm.templates import render_with
+from nl_rewrite.llm.token_layout import layout
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class EmbeddedBackend:
 
     def __init__(self, model: str = "smollm2-135m", *, reuse_prefix: bool = True, batch_size: int = 4,
                  max_prefixes: int = 4, progress: bool = False) -> None:
-        from ..models import load_hf
+        from nl_rewrite.model.loading import load_hf
 
         if batch_size < 1 or max_prefixes < 1:
             raise ValueError(f"batch_size and max_prefixes must be >= 1, got {batch_size}, {max_prefixes}")

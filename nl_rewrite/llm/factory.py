@@ -16,9 +16,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import LLMError
-from .base import LLMBackend
-from .cache import CachedBackend
+from nl_rewrite.errors import LLMError
+from nl_rewrite.llm.base import LLMBackend
+from nl_rewrite.llm.cache import CachedBackend
 
 DEFAULT_EMBEDDED = "smollm2-135m"
 
@@ -27,16 +27,16 @@ def make_backend(spec: str, cache: Path | str | None = None, **options: Any) -> 
     """The backend ``spec`` names; ``options`` go to its constructor (e.g. ``concurrency``, ``reuse_prefix``)."""
     kind, _, rest = spec.strip().partition(":")
     if kind == "embedded":
-        from .embedded import EmbeddedBackend
+        from nl_rewrite.llm.embedded import EmbeddedBackend
 
         backend: LLMBackend = EmbeddedBackend(rest or DEFAULT_EMBEDDED, **options)
     elif kind == "openai":
-        from .openai_backend import OpenAIBackend
+        from nl_rewrite.llm.openai_backend import OpenAIBackend
 
         model, _, base_url = rest.partition("@")
         backend = OpenAIBackend(base_url=base_url or None, model=model or None, **options)
     elif kind == "sglang":
-        from .sglang_backend import SGLangBackend
+        from nl_rewrite.llm.sglang_backend import SGLangBackend
 
         model, _, base_url = rest.partition("@")
         backend = SGLangBackend(base_url=base_url or None, model=model or None, **options)

@@ -17,7 +17,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
-from ..errors import LLMError
+from nl_rewrite.errors import LLMError
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -22,7 +22,7 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import LLMError
+from nl_rewrite.errors import LLMError
 
 
 def available() -> bool:

@@ -48,12 +48,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..errors import LLMError
-from .base import ChatRequest, ScoreRequest
-from .http_calls import CallSettings, Rejected, ServerCalls, Sink, short
-from .readout import choice_matrix, choice_row, topk_floor
-from .templates import HOW_TO_PASS, ChatTemplate, find_template
-from .token_layout import layout
+from nl_rewrite.errors import LLMError
+from nl_rewrite.llm.base import ChatRequest, ScoreRequest
+from nl_rewrite.llm.http_calls import CallSettings, Rejected, ServerCalls, Sink, short
+from nl_rewrite.llm.readout import choice_matrix, choice_row, topk_floor
+from nl_rewrite.llm.templates import HOW_TO_PASS, ChatTemplate, find_template
+from nl_rewrite.llm.token_layout import layout
 
 log = logging.getLogger(__name__)
 

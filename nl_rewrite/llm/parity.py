@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..simulate import SimulationItem, Simulator, expected_digits
-from .base import LLMBackend, ScoreRequest
-from .readout import usable_rows
+from nl_rewrite.interp.simulate import SimulationItem, Simulator, expected_digits
+from nl_rewrite.llm.base import LLMBackend, ScoreRequest
+from nl_rewrite.llm.readout import usable_rows
 
 PROBE_EXPLANATIONS = (
     "words about money, taxes and debt",
@@ -57,7 +57,7 @@ def _simulator_agreement(reference: LLMBackend, candidate: LLMBackend, mode: str
 
 
 def _detection_agreement(reference: LLMBackend, candidate: LLMBackend) -> Agreement:
-    from ..score import ScoreConfig, detection_requests
+    from nl_rewrite.interp.score import ScoreConfig, detection_requests
 
     requests: list[ScoreRequest] = [r for e in PROBE_EXPLANATIONS
                                     for r in detection_requests(e, PROBE_TEXTS, ScoreConfig())]

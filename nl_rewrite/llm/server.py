@@ -22,9 +22,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..errors import LLMError
-from .base import ChatRequest
-from .embedded import EmbeddedBackend
+from nl_rewrite.errors import LLMError
+from nl_rewrite.llm.base import ChatRequest
+from nl_rewrite.llm.embedded import EmbeddedBackend
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def _generate_with_logprobs(backend: EmbeddedBackend, prompt_ids: list[int], max
 
     Row t is log p(token t | tokens before t); row 0 is NaN (nothing predicts the first token).
     """
-    from .embedded import _returned_cache
+    from nl_rewrite.llm.embedded import _returned_cache
 
     generator = torch.Generator().manual_seed(seed)
     out = backend.model(torch.tensor([prompt_ids]), use_cache=True)

@@ -25,12 +25,12 @@ from typing import Any, Sequence
 from jaxtyping import Float
 from torch import Tensor
 
-from ..errors import LLMError
-from .base import ChatRequest, ScoreRequest
-from .http_calls import CallSettings, ServerCalls, Sink
-from .readout import choice_matrix, exact_row
-from .templates import HOW_TO_PASS, ChatTemplate, find_template
-from .token_layout import layout
+from nl_rewrite.errors import LLMError
+from nl_rewrite.llm.base import ChatRequest, ScoreRequest
+from nl_rewrite.llm.http_calls import CallSettings, ServerCalls, Sink
+from nl_rewrite.llm.readout import choice_matrix, exact_row
+from nl_rewrite.llm.templates import HOW_TO_PASS, ChatTemplate, find_template
+from nl_rewrite.llm.token_layout import layout
 
 
 class SGLangBackend:

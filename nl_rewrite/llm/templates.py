@@ -21,8 +21,8 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import LLMError
-from .base import ChatRequest
+from nl_rewrite.errors import LLMError
+from nl_rewrite.llm.base import ChatRequest
 
 TEMPLATE_ENV = "NL_REWRITE_CHAT_TEMPLATE"
 HOW_TO_PASS = (f"pass chat_template=<embedded model name | HF directory | .gguf file> to the backend (Python), or "
@@ -92,7 +92,7 @@ def _looks_like_hub_id(name: str) -> bool:
 
 
 def _is_local_source(name: str) -> bool:
-    from ..models import EMBEDDED
+    from nl_rewrite.model.loading import EMBEDDED
 
     path = Path(name)
     return name in EMBEDDED or (path.suffix == ".gguf" and path.is_file()) or (path / "tokenizer_config.json").is_file()
@@ -101,8 +101,8 @@ def _is_local_source(name: str) -> bool:
 @functools.lru_cache(maxsize=8)
 def load_template(source: str) -> ChatTemplate:
     """The chat template of ``source`` (see the module docstring); an ``LLMError`` naming the fix if it fails."""
-    from ..errors import ModelLoadError
-    from ..models import load_tokenizer
+    from nl_rewrite.errors import ModelLoadError
+    from nl_rewrite.model.loading import load_tokenizer
 
     try:
         return ChatTemplate(load_tokenizer(source), source)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from .base import ScoreRequest
+from nl_rewrite.llm.base import ScoreRequest
 
 Encode = Callable[[str], list[int]]
 

@@ -17,8 +17,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from ..errors import ShapeMismatchError
-from ..sites import Site, resolve
+from nl_rewrite.errors import ShapeMismatchError
+from nl_rewrite.model.sites import Site, resolve
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,10 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..data import TokenWindows
-from ..errors import ShapeMismatchError
-from ..sites import Site, resolve
-from .base import BatchInfo, Replacement
+from nl_rewrite.data.windows import TokenWindows
+from nl_rewrite.errors import ShapeMismatchError
+from nl_rewrite.model.sites import Site, resolve
+from nl_rewrite.replacements.base import BatchInfo, Replacement
 
 
 class ZeroReplacement(Replacement):

@@ -14,8 +14,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..sparse_coder import SparseCoder, SparseLatents
-from .base import BatchInfo, Replacement
+from nl_rewrite.coders.sparse_coder import SparseCoder, SparseLatents
+from nl_rewrite.replacements.base import BatchInfo, Replacement
 
 
 class CoderReplacement(Replacement):

@@ -16,11 +16,11 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ..calibrate import Calibrator
-from ..simulate import SimulationItem
-from ..sparse_coder import SparseCoder
-from .base import BatchInfo
-from .coders import CoderReplacement
+from nl_rewrite.interp.calibrate import Calibrator
+from nl_rewrite.interp.simulate import SimulationItem
+from nl_rewrite.coders.sparse_coder import SparseCoder
+from nl_rewrite.replacements.base import BatchInfo
+from nl_rewrite.replacements.coders import CoderReplacement
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..sparse_coder import SparseCoder
-from .base import BatchInfo
-from .coders import CoderReplacement
+from nl_rewrite.coders.sparse_coder import SparseCoder
+from nl_rewrite.replacements.base import BatchInfo
+from nl_rewrite.replacements.coders import CoderReplacement
 
 ORACLE_MODES = ("true", "binary", "noisy")
 

@@ -20,11 +20,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..calibrate import Calibrator
-from ..errors import ShapeMismatchError
-from ..sparse_coder import SparseCoder
-from .base import BatchInfo
-from .coders import CoderReplacement
+from nl_rewrite.interp.calibrate import Calibrator
+from nl_rewrite.errors import ShapeMismatchError
+from nl_rewrite.coders.sparse_coder import SparseCoder
+from nl_rewrite.replacements.base import BatchInfo
+from nl_rewrite.replacements.coders import CoderReplacement
 
 log = logging.getLogger(__name__)
 

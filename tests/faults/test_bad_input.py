@@ -7,9 +7,9 @@ import logging
 
 import pytest
 
-from nl_rewrite.cli import main
-from nl_rewrite.data import load_splits
-from nl_rewrite.simulate import Simulator
+from nl_rewrite.cli.main import main
+from nl_rewrite.data.windows import load_splits
+from nl_rewrite.interp.simulate import Simulator
 
 from fakes import FakeBackend
 
@@ -18,7 +18,7 @@ def test_a_non_utf8_text_file_is_counted_logged_and_replaced(tmp_path, caplog):
     for i in range(8):
         (tmp_path / f"doc{i}.txt").write_text(f"Document number {i} says something. " * 20)
     (tmp_path / "latin1.txt").write_bytes("Caf\xe9 au lait, na\xefve r\xe9sum\xe9. ".encode("latin-1") * 20)
-    with caplog.at_level(logging.WARNING, logger="nl_rewrite.data"):
+    with caplog.at_level(logging.WARNING, logger="nl_rewrite.data.windows"):
         splits = load_splits(str(tmp_path))
     assert "1 of 9 .txt files" in caplog.text and "latin1.txt" in caplog.text
     texts = [d.text for docs in splits.values() for d in docs if d.doc_id.endswith("latin1.txt")]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from nl_rewrite.errors import LLMError
-from nl_rewrite.latents import LatentCache, LatentCacheError
+from nl_rewrite.latents.cache import LatentCache, LatentCacheError
 from nl_rewrite.llm.base import ChatRequest
 from nl_rewrite.llm.cache import CachedBackend
 

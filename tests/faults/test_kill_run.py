@@ -28,7 +28,7 @@ def _run(out: Path, cache: Path, kill_at: str | None = None, delay: float = 0.0,
     """``nl-rewrite run`` in a subprocess; with ``kill_at``, SIGKILL it ``delay`` seconds after that stage starts.
     Returns the exit code, or None when it was killed."""
     env = {**os.environ, "NL_REWRITE_CACHE": str(cache)}
-    cmd = [sys.executable, "-m", "nl_rewrite.cli", "run", "--preset", "smoke", "--out", str(out)]
+    cmd = [sys.executable, "-m", "nl_rewrite.cli.main", "run", "--preset", "smoke", "--out", str(out)]
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     deadline = time.monotonic() + timeout
     try:

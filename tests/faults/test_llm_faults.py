@@ -83,7 +83,7 @@ def test_a_server_dying_mid_call_keeps_every_answer_it_gave(flaky, tmp_path):
 
 
 def test_a_server_dying_mid_simulation_keeps_every_score_it_gave(flaky, tmp_path):
-    from nl_rewrite.simulate import SimulationItem, Simulator
+    from nl_rewrite.interp.simulate import SimulationItem, Simulator
 
     items = [SimulationItem(f"explanation {i}", ("The", " cat")) for i in range(3)]  # 2 reads each: 6 calls
 

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from nl_rewrite.cli import main
+from nl_rewrite.cli.main import main
 
 pytestmark = pytest.mark.slow
 

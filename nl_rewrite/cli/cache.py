@@ -1,0 +1,82 @@
+"""``nl-rewrite cache``: encode the explain split with a coder and store the sparse latent cache + stats."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nl_rewrite.cli.config import add_dataclass_args, dataclass_from_args
+from nl_rewrite.paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CacheConfig:
+    coder: str = field(default="", metadata={"help": "coder folder (sparsify layout); empty = the default "
+                                                     "transcoder (trained first if absent)"})
+    model: str = field(default="", metadata={"help": "model name; empty = the one the coder was trained on"})
+    split: str = field(default="explain", metadata={"help": "corpus split to encode"})
+    corpus: str = field(default="default", metadata={"help": "corpus name or folder of .txt files"})
+    window: int = field(default=32, metadata={"help": "tokens per window (paper: 32)"})
+    max_windows: int = field(default=0, metadata={"help": "seeded sample of this many windows (0 = all)"})
+    shard_windows: int = field(default=512, metadata={"help": "windows per shard (the unit of resumption)"})
+    batch_size: int = field(default=16, metadata={"help": "windows per forward pass"})
+    sample_cap: int = field(default=256, metadata={"help": "sorted activation values kept per latent"})
+    out: str = field(default="", metadata={"help": "cache folder; empty = <user cache>/latents/<coder id>-<split>-w<window>"})
+
+    def __post_init__(self) -> None:
+        if self.window < 2 or self.shard_windows < 1 or self.batch_size < 1 or self.max_windows < 0:
+            raise ValueError("window must be >= 2; shard_windows, batch_size >= 1; max_windows >= 0")
+
+
+def default_cache_folder(coder, split: str = "explain", window: int = 32) -> Path:
+    from nl_rewrite.latents.cache import coder_fingerprint
+
+    return cache_dir() / "latents" / f"{coder_fingerprint(coder)}-{split}-w{window}"
+
+
+def load_coder(path: str, model_name: str = ""):
+    """The coder at ``path``, or the default transcoder (trained if absent) when ``path`` is empty."""
+    if path:
+        from nl_rewrite.coders.sparse_coder import SparseCoder
+
+        return SparseCoder.load(path)
+    from nl_rewrite.coders.train import default_transcoder
+
+    return default_transcoder(model_name or "smollm2-135m")
+
+
+def build(cfg: CacheConfig):
+    from nl_rewrite.data.windows import token_windows
+    from nl_rewrite.latents.cache import LatentCache
+    from nl_rewrite.model.loading import load_model, prepend_bos_for
+
+    coder = load_coder(cfg.coder, cfg.model)
+    name = cfg.model or coder.cfg.model
+    model = load_model(name)
+    windows = token_windows(model, cfg.split, corpus=cfg.corpus, window=cfg.window,
+                            max_windows=cfg.max_windows or None, prepend_bos=prepend_bos_for(name))
+    folder = Path(cfg.out) if cfg.out else default_cache_folder(coder, cfg.split, cfg.window)
+    return LatentCache.build(model, coder, windows, folder, shard_windows=cfg.shard_windows,
+                             batch_size=cfg.batch_size, sample_cap=cfg.sample_cap)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = dataclass_from_args(CacheConfig, args)
+    cache = build(cfg)
+    stats = cache.stats
+    alive = int((stats.count > 0).sum())
+    print(f"latent cache: {cache.folder}")
+    print(f"  {cache.meta.n_windows} windows × {cache.meta.window} tokens, {cache.meta.n_shards} shards "
+          f"({cache.shards_built} computed now); {alive}/{cache.n_latents} latents fire at least once")
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("cache", help="cache a coder's latent activations on the explain split",
+                                   description=__doc__)
+    add_dataclass_args(parser, CacheConfig)
+    parser.set_defaults(func=run)

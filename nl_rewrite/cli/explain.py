@@ -1,0 +1,83 @@
+"""``nl-rewrite explain``: explain N latents of a latent cache with an LLM; records go to a resumable JSONL.
+
+Latents are picked among those firing in at least 2 windows' worth of tokens: ``--select frequent`` (default)
+takes the N most frequent, ``--select random`` a seeded random sample of the alive ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nl_rewrite.cli.config import add_dataclass_args, dataclass_from_args
+from nl_rewrite.interp.explain import ExplainConfig
+from nl_rewrite.paths import cache_dir
+from nl_rewrite.latents.sampling import SamplingConfig
+
+DEFAULT_BACKEND = "embedded:smollm2-135m"
+
+
+@dataclass
+class LLMOptions:
+    backend: str = field(default=DEFAULT_BACKEND, metadata={"help": "LLM backend: embedded[:<model>], "
+                                                                    "openai[:<model>[@<base_url>]] or "
+                                                                    "sglang:<model>@<server root>"})
+    llm_cache: str = field(default="", metadata={"help": "sqlite cache of LLM calls; empty = <user cache>/"
+                                                         "llm_calls.sqlite; 'none' disables it"})
+
+
+@dataclass
+class ExplainRun:
+    latents: int = field(default=20, metadata={"help": "how many latents to explain"})
+    select: str = field(default="frequent", metadata={"help": "frequent (most frequent alive latents) or random"})
+    select_seed: int = field(default=0, metadata={"help": "seed for --select random"})
+    cache: str = field(default="", metadata={"help": "latent cache folder; empty = the default transcoder's"})
+    out: str = field(default="", metadata={"help": "explanations JSONL; empty = <cache>/explanations.jsonl"})
+
+    def __post_init__(self) -> None:
+        if self.latents < 1:
+            raise ValueError(f"--latents must be >= 1, got {self.latents}")
+        if self.select not in ("frequent", "random"):
+            raise ValueError(f"--select must be frequent or random, got {self.select!r}")
+
+
+def open_cache(folder: str):
+    from nl_rewrite.latents.cache import LatentCache
+    from nl_rewrite.cli.cache import default_cache_folder, load_coder
+
+    return LatentCache.open(folder if folder else default_cache_folder(load_coder("")))
+
+
+def make_llm(opts: LLMOptions):
+    """The backend named by ``opts.backend``, wrapped in the on-disk call cache."""
+    from nl_rewrite.llm.factory import make_backend
+
+    path = None if opts.llm_cache == "none" else Path(opts.llm_cache or cache_dir() / "llm_calls.sqlite")
+    return make_backend(opts.backend, path)
+
+
+def run(args: argparse.Namespace) -> int:
+    from nl_rewrite.interp.explain import explain_latents
+    from nl_rewrite.latents.sampling import select_latents
+
+    job = dataclass_from_args(ExplainRun, args)
+    cfg = dataclass_from_args(ExplainConfig, args)
+    sampling = dataclass_from_args(SamplingConfig, args)
+    cache = open_cache(job.cache)
+    latents = select_latents(cache, job.latents, job.select, job.select_seed)
+    out = Path(job.out) if job.out else cache.folder / "explanations.jsonl"
+    records = explain_latents(make_llm(dataclass_from_args(LLMOptions, args)), cache, latents, cfg, sampling, out)
+    failed = [r for r in records if not r.ok]
+    print(f"{len(records) - len(failed)} explanations, {len(failed)} failed → {out}")
+    for r in records[:10]:
+        print(f"  latent {r.latent}: {r.text if r.ok else 'FAILED: ' + str(r.error)}")
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("explain", help="explain latents with an LLM", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    for cls in (ExplainRun, ExplainConfig, SamplingConfig, LLMOptions):
+        add_dataclass_args(parser, cls)
+    parser.set_defaults(func=run)

@@ -1,0 +1,56 @@
+"""``nl-rewrite generate``: greedy continuations of your prompts from the clean model, the transcoder, the MLP
+rewritten from lexical explanations (simulated live, on text never seen before) and zero-latents.
+
+Uses a finished (or resumable) ``nl-rewrite run`` folder: ``--out`` and the run options must match that run.
+Example: ``nl-rewrite generate --prompt "The Congress shall" --prompt "In this year of" --new-tokens 16``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from nl_rewrite.cli.config import add_dataclass_args, dataclass_from_args
+from nl_rewrite.errors import NLRewriteError
+from nl_rewrite.pipeline.config import RunConfig
+
+
+def continuations(cfg: RunConfig, prompts: list[str], new_tokens: int) -> list[dict]:
+    import torch
+
+    from nl_rewrite.pipeline.experiment import Context, Stage, heldout_windows, lexical_budget_arm, load_transcoder, rewritten_models
+    from nl_rewrite.evaluation.generate import side_by_side
+    from nl_rewrite.latents.cache import LatentCache
+    from nl_rewrite.model.loading import load_model, prepend_bos_for
+    from nl_rewrite.coders.train import DEFAULT_LAYER
+
+    folder = Path(cfg.out) / "latents"
+    if not (folder / "stats.safetensors").is_file():
+        raise NLRewriteError(f"no latent cache in {folder}: run `nl-rewrite run --out {cfg.out}` (same options) first")
+    cfg.layer = DEFAULT_LAYER if cfg.layer < 0 else cfg.layer
+    model = load_model(cfg.model)
+    ctx = Context(cfg, model, load_transcoder(cfg, model), LatentCache.open(folder), Path(cfg.out), Stage())
+    arm = lexical_budget_arm(ctx, cfg.lexical_budget, heldout_windows(cfg, len(ctx.cache)))
+    tok = model.tokenizer
+    bos = [tok.bos_token_id] if prepend_bos_for(cfg.model) and tok.bos_token_id is not None else []
+    ids = [torch.tensor(bos + tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    return side_by_side(model, ids, rewritten_models(ctx, arm), new_tokens, ctx.cache.token_strings)
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("generate", help="greedy continuations: clean vs transcoder vs rewritten MLP",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_args(parser, RunConfig)
+    parser.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
+    parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated per prompt (default: 16)")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    if args.new_tokens < 1:
+        raise ValueError("--new-tokens must be at least 1")
+    for item in continuations(dataclass_from_args(RunConfig, args), args.prompt, args.new_tokens):
+        print(f"\n{item['prompt']!r}")
+        for name, text in item["continuations"].items():
+            print(f"  {name:<28} {text!r}")
+    return 0

@@ -1,0 +1,56 @@
+"""The ``nl-rewrite`` command. Each subcommand lives in its own module, which defines
+``add_parser(subparsers)``; the parser's ``func`` default receives the parsed args and returns an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from nl_rewrite.errors import NLRewriteError
+
+# module path for each subcommand, in the order shown by --help
+COMMANDS = [
+    "nl_rewrite.cli.run",
+    "nl_rewrite.cli.generate",
+    "nl_rewrite.cli.evaluate",
+    "nl_rewrite.cli.layers",
+    "nl_rewrite.cli.cache",
+    "nl_rewrite.cli.explain",
+    "nl_rewrite.cli.score",
+    "nl_rewrite.cli.serve",
+    "nl_rewrite.cli.train",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nl-rewrite", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for module in COMMANDS:
+        importlib.import_module(module).add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: everything is local
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (NLRewriteError, ValueError) as exc:
+        print(f"nl-rewrite {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"nl-rewrite {args.command}: interrupted; finished work is saved, rerun to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,487 @@
+"""Train a TopK sparse coder (transcoder or SAE) on CPU, streaming activations from the model.
+
+The stream: the corpus ``train`` split's windows in a seeded random order; each *buffer* of
+``buffer_windows`` windows is run through the model up to the coder's layer (``stop_at_layer``), its
+tokens are shuffled (seeded by buffer index) and cut into steps of ``batch_size`` tokens. Because buffer
+boundaries and shuffles depend only on the seed, a training state (weights, Adam, step, dead-latent
+counters) is enough to resume exactly: the interrupted buffer is recomputed and its finished steps skipped.
+
+Loss: FVU of the prediction plus ``auxk_alpha`` × AuxK (Gao et al. 2024: the top dead latents predict
+the residual error), which revives latents that stopped firing. Decoder rows stay unit-norm: the gradient
+component parallel to each row is removed before the step and rows are renormalised after it.
+
+Output folder (``out``): ``cfg.json`` + ``sae.safetensors`` (sparsify layout, updated at each checkpoint),
+``train_state.pt`` (resume), ``train_log.jsonl`` and, when finished, ``training.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from nl_rewrite import io
+from nl_rewrite.coders.checkpoint import is_checkpoint, load_coder, save_coder
+from nl_rewrite.errors import CheckpointError
+from nl_rewrite.paths import cache_dir
+from nl_rewrite.model.sites import Site, resolve, site_width
+from nl_rewrite.coders.sparse_coder import KINDS, CoderConfig, SparseCoder
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LAYER = 10
+"""SmolLM2's MLP chosen by ``nl-rewrite layers`` on the explain split (docs/results.md): nearest the middle among
+layers whose zero ablation costs 0.15-1 nats (+0.36 [0.30, 0.43] on explain, +0.30 [0.23, 0.38] on eval)."""
+DEFAULT_TOKENS = 400_000  # see benchmarks/train_throughput.py and docs/results.md for the measured minutes
+DEFAULT_BUFFER_PASSES = 2
+"""The default transcoder takes two optimiser passes over each activation buffer: the model forward dominates
+training on CPU, so a second pass costs ~15% more time and lowers FVU."""
+STATE_FILE, LOG_FILE, DONE_FILE = "train_state.pt", "train_log.jsonl", "training.json"
+# fields that may differ between an interrupted run and its resumption without changing the result
+_RESUMABLE_CHANGES = ("tokens", "checkpoint_every", "out")
+
+
+def parse_tokens(text: "str | int") -> int:
+    """``2M`` → 2_000_000, ``500k`` → 500_000, ``12345`` → 12345."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)\s*", str(text))
+    if not match:
+        raise ValueError(f"cannot parse token count {text!r}; write e.g. 2M, 500k or 300000")
+    scale = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}[match.group(2).lower()]
+    return int(float(match.group(1)) * scale)
+
+
+@dataclass
+class TrainConfig:
+    model: str = field(default="smollm2-135m", metadata={"help": "model name (see nl_rewrite.model.loading)"})
+    layer: int = field(default=DEFAULT_LAYER, metadata={"help": "layer whose MLP (transcoder) or site (SAE) is coded"})
+    kind: str = field(default="transcoder", metadata={"help": "transcoder (mlp_in → mlp_out) or sae"})
+    sae_site: str = field(default="resid_post", metadata={"help": "site kind an SAE reads and writes"})
+    width: int = field(default=4096, metadata={"help": "number of latents"})
+    k: int = field(default=32, metadata={"help": "active latents per token"})
+    skip: str = field(default="auto", metadata={"help": "linear skip path: auto (transcoder yes, SAE no), yes, no"})
+    tokens: int = field(default=DEFAULT_TOKENS, metadata={"help": "training tokens (accepts 2M, 500k)"})
+    window: int = field(default=64, metadata={"help": "tokens per corpus window"})
+    batch_size: int = field(default=1024, metadata={"help": "tokens per optimiser step"})
+    buffer_windows: int = field(default=128, metadata={"help": "windows per shuffle buffer (one model pass)"})
+    buffer_passes: int = field(default=1, metadata={"help": "optimiser passes over each buffer (reuse activations)"})
+    lr: float = field(default=3e-3, metadata={"help": "Adam learning rate"})
+    lr_warmup: int = field(default=20, metadata={"help": "linear warm-up steps"})
+    auxk_alpha: float = field(default=1 / 32, metadata={"help": "weight of the AuxK dead-latent loss"})
+    dead_tokens: int = field(default=50_000, metadata={"help": "a latent silent for this many tokens is dead"})
+    linear_init: bool = field(default=True, metadata={"help": "initialise skip + bias by least squares on buffer 0"})
+    seed: int = field(default=0, metadata={"help": "seed for init, window order and shuffles"})
+    corpus: str = field(default="default", metadata={"help": "corpus name or folder of .txt files"})
+    checkpoint_every: int = field(default=50, metadata={"help": "steps between checkpoints"})
+    out: str = field(default="", metadata={"help": "output folder (default: the user cache's coders/...)"})
+
+    def __post_init__(self) -> None:
+        self.tokens = parse_tokens(self.tokens)
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if self.skip not in ("auto", "yes", "no"):
+            raise ValueError(f"skip must be auto, yes or no, got {self.skip!r}")
+        for name in ("width", "k", "tokens", "window", "batch_size", "buffer_windows", "buffer_passes",
+                     "checkpoint_every", "dead_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.k > self.width:
+            raise ValueError(f"k={self.k} exceeds width={self.width}")
+        if self.lr <= 0 or self.auxk_alpha < 0 or self.lr_warmup < 0:
+            raise ValueError("lr must be positive; auxk_alpha and lr_warmup non-negative")
+        if (self.buffer_windows * self.window) % self.batch_size:
+            raise ValueError(f"a buffer ({self.buffer_windows} windows × {self.window} tokens) must split into whole "
+                             f"batches of {self.batch_size} tokens")
+        Site(self.sae_site, max(self.layer, 0))  # validates the site kind
+
+    @property
+    def sites(self) -> tuple[str, str]:
+        if self.kind == "transcoder":
+            return f"mlp_in.{self.layer}", f"mlp_out.{self.layer}"
+        return f"{self.sae_site}.{self.layer}", f"{self.sae_site}.{self.layer}"
+
+    @property
+    def use_skip(self) -> bool:
+        return self.skip == "yes" or (self.skip == "auto" and self.kind == "transcoder")
+
+    @property
+    def steps_per_buffer(self) -> int:
+        return self.buffer_windows * self.window // self.batch_size * self.buffer_passes
+
+    @property
+    def total_steps(self) -> int:
+        """Optimiser steps: every one of ``tokens`` model tokens is seen ``buffer_passes`` times."""
+        return max(1, self.tokens // self.batch_size) * self.buffer_passes
+
+    def output_folder(self) -> Path:
+        if self.out:
+            return Path(self.out)
+        return coder_folder(self.model, self.sites[0], self.kind, self.width, self.k)
+
+
+def coder_folder(model: str, read_site: str, kind: str, width: int, k: int) -> Path:
+    """Where trained coders are cached: ``cache_dir()/coders/<model>/<read_site>[-sae]-w<width>-k<k>``."""
+    suffix = "" if kind == "transcoder" else f"-{kind}"
+    return cache_dir() / "coders" / model / f"{read_site}{suffix}-w{width}-k{k}"
+
+
+# ---- activation stream -------------------------------------------------------------------------------------
+@torch.inference_mode()
+def site_activations(model, tokens: Tensor, read_site: str, write_site: str, chunk: int = 32
+                     ) -> tuple[Float[Tensor, "n d_in"], Float[Tensor, "n d_out"]]:
+    """Activations at the read and write sites for every token, running the model only up to that layer."""
+    read_hook, write_hook = resolve(model, read_site), resolve(model, write_site)
+    stop = max(Site.parse(read_site).layer, Site.parse(write_site).layer) + 1
+    xs, ys = [], []
+    for start in range(0, tokens.shape[0], chunk):
+        _, cache = model.run_with_cache(tokens[start:start + chunk], names_filter=lambda n: n in (read_hook, write_hook),
+                                        stop_at_layer=stop)
+        xs.append(cache[read_hook].reshape(-1, cache[read_hook].shape[-1]).float())
+        ys.append(cache[write_hook].reshape(-1, cache[write_hook].shape[-1]).float())
+    return torch.cat(xs), torch.cat(ys)
+
+
+class ActivationStream:
+    """Deterministic buffers of shuffled (x, y) token activations; buffer b is a pure function of (seed, b)."""
+
+    def __init__(self, model, tokens: Tensor, cfg: TrainConfig):
+        if tokens.shape[0] < cfg.buffer_windows:
+            raise ValueError(f"only {tokens.shape[0]} training windows, fewer than one buffer of {cfg.buffer_windows}")
+        self.model, self.tokens, self.cfg = model, tokens, cfg
+        self._orders: dict[int, Tensor] = {}
+        self._last: tuple[int, Tensor, Tensor] | None = None  # the initialisation reuses buffer 0 in the loop
+
+    def _order(self, epoch: int) -> Tensor:
+        if epoch not in self._orders:
+            gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch)
+            self._orders = {epoch: torch.randperm(self.tokens.shape[0], generator=gen)}
+        return self._orders[epoch]
+
+    def buffer(self, index: int) -> tuple[Tensor, Tensor]:
+        if self._last is not None and self._last[0] == index:
+            return self._last[1], self._last[2]
+        per_epoch = self.tokens.shape[0] // self.cfg.buffer_windows  # drop the ragged tail of each epoch
+        epoch, slot = divmod(index, per_epoch)
+        ids = self._order(epoch)[slot * self.cfg.buffer_windows:(slot + 1) * self.cfg.buffer_windows]
+        x, y = site_activations(self.model, self.tokens[ids], *self.cfg.sites)
+        self._last = (index, x, y)
+        return x, y
+
+    def init_buffer(self) -> tuple[Tensor, Tensor]:
+        """The last buffer of the first epoch: short runs never train on it, so the step losses that follow the
+        least-squares initialisation are honest held-out numbers rather than in-sample fits."""
+        return self.buffer(self.tokens.shape[0] // self.cfg.buffer_windows - 1)
+
+    def step_order(self, index: int, n_tokens: int) -> Tensor:
+        """Token order for all passes over buffer ``index``, concatenated."""
+        gen = torch.Generator().manual_seed(self.cfg.seed * 104_729 + index)
+        return torch.cat([torch.randperm(n_tokens, generator=gen) for _ in range(self.cfg.buffer_passes)])
+
+
+# ---- the training state ------------------------------------------------------------------------------------
+@dataclass
+class TrainState:
+    coder: SparseCoder
+    optimizer: torch.optim.Adam
+    step: int = 0
+    since_fired: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    seconds: float = 0.0
+    x_scale: float = 1.0
+    y_scale: float = 1.0
+    """The coder trains on x / x_scale → y / y_scale (unit-size coordinates, so Adam's step size means the
+    same at every site and model); :meth:`exported` folds the scales back into the weights."""
+
+    def to_dict(self, cfg: TrainConfig) -> dict:
+        return {"cfg": asdict(cfg), "coder": self.coder.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "step": self.step, "since_fired": self.since_fired, "seconds": self.seconds,
+                "x_scale": self.x_scale, "y_scale": self.y_scale}
+
+    @torch.no_grad()
+    def exported(self) -> SparseCoder:
+        """A copy of the coder that maps raw activations to raw activations (TopK is scale-invariant)."""
+        out = SparseCoder(self.coder.cfg)
+        out.load_state_dict(self.coder.state_dict())
+        ratio = self.y_scale / self.x_scale
+        out.encoder.weight.mul_(ratio)  # latent values absorb y_scale; decoder rows stay unit-norm
+        out.encoder.bias.mul_(self.y_scale)
+        out.b_dec.mul_(self.y_scale)
+        if out.W_skip is not None:
+            out.W_skip.mul_(ratio)
+        return out
+
+
+def new_state(cfg: TrainConfig, d_in: int, d_out: int, model_name: str) -> TrainState:
+    read_site, write_site = cfg.sites
+    coder_cfg = CoderConfig(d_in=d_in, d_out=d_out, n_latents=cfg.width, k=cfg.k, skip=cfg.use_skip, kind=cfg.kind,
+                            read_site=read_site, write_site=write_site, model=model_name)
+    coder = SparseCoder(coder_cfg, seed=cfg.seed)
+    optimizer = torch.optim.Adam(coder.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    return TrainState(coder, optimizer, since_fired=torch.zeros(cfg.width, dtype=torch.long))
+
+
+def save_state(folder: Path, cfg: TrainConfig, state: TrainState) -> None:
+    io.torch_save(folder / STATE_FILE, state.to_dict(cfg))
+    save_coder(state.exported(), folder)
+
+
+def load_state(folder: Path, cfg: TrainConfig, fresh: TrainState) -> TrainState:
+    """Restore ``fresh`` from ``folder/train_state.pt``, refusing a state trained under another config."""
+    try:
+        saved = torch.load(folder / STATE_FILE, weights_only=True)
+    except Exception as exc:  # torch raises many types on truncated pickles
+        raise CheckpointError(f"cannot read training state {folder / STATE_FILE}: {exc}; delete it to restart") from exc
+    differing = sorted(k for k, v in asdict(cfg).items() if k not in _RESUMABLE_CHANGES and saved["cfg"].get(k) != v)
+    if differing:
+        raise CheckpointError(f"{folder} holds a run trained with different settings ({', '.join(differing)}); "
+                              "pass another --out or delete the folder")
+    fresh.coder.load_state_dict(saved["coder"])
+    fresh.optimizer.load_state_dict(saved["optimizer"])
+    return TrainState(fresh.coder, fresh.optimizer, saved["step"], saved["since_fired"], saved["seconds"],
+                      saved["x_scale"], saved["y_scale"])
+
+
+# ---- one optimiser step ------------------------------------------------------------------------------------
+@dataclass
+class StepMetrics:
+    loss: float
+    fvu: float
+    auxk: float
+    l0: float
+    dead_fraction: float
+
+
+def auxk_loss(coder: SparseCoder, raw: Tensor, error: Tensor, dead: Tensor, total_variance: Tensor) -> Tensor:
+    """The top dead latents' reconstruction of the (detached) error, as in Gao et al. 2024 appendix B.1.
+
+    It uses the encoder output *before* ReLU: a dead latent's ReLU output is zero on every token, so a loss on
+    it would have no gradient and could never revive the latent.
+    """
+    n_dead = int(dead.sum())
+    if n_dead == 0:
+        return raw.new_zeros(())
+    k_aux = min(coder.cfg.d_out // 2, n_dead)
+    scale = min(n_dead / (coder.cfg.d_out // 2), 1.0)
+    values, indices = torch.where(dead, raw, raw.new_tensor(-torch.inf)).topk(k_aux, dim=-1, sorted=False)
+    error_hat = coder._decode_sparse(values, indices)
+    return scale * (error_hat - error.detach()).pow(2).sum() / total_variance
+
+
+def train_step(state: TrainState, cfg: TrainConfig, x: Tensor, y: Tensor) -> StepMetrics:
+    coder = state.coder
+    raw = coder.encoder_out(x)
+    top = coder.topk(torch.relu(raw))
+    error = y - (coder.decode(top) + coder.skip(x))
+    total_variance = (y - y.mean(0)).pow(2).sum().clamp_min(1e-12)
+    fvu = error.pow(2).sum() / total_variance
+    dead = state.since_fired >= cfg.dead_tokens
+    aux = auxk_loss(coder, raw, error, dead, total_variance) if cfg.auxk_alpha > 0 else fvu.new_zeros(())
+    loss = fvu + cfg.auxk_alpha * aux
+    for group in state.optimizer.param_groups:
+        group["lr"] = cfg.lr * min(1.0, (state.step + 1) / max(1, cfg.lr_warmup))
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    _remove_parallel_decoder_grad(coder)
+    state.optimizer.step()
+    coder.normalize_decoder()
+    _update_firing(state, top.indices, top.values, x.shape[0])
+    return StepMetrics(loss.item(), fvu.item(), aux.item(), (top.values > 0).sum(-1).float().mean().item(),
+                       dead.float().mean().item())
+
+
+@torch.no_grad()
+def _remove_parallel_decoder_grad(coder: SparseCoder) -> None:
+    """Keep the step tangent to the unit sphere of each decoder row (renormalising then corrects little)."""
+    if coder.W_dec.grad is None:
+        return
+    parallel = (coder.W_dec.grad * coder.W_dec).sum(-1, keepdim=True)
+    coder.W_dec.grad.sub_(parallel * coder.W_dec)
+
+
+@torch.no_grad()
+def _update_firing(state: TrainState, indices: Tensor, values: Tensor, n_tokens: int) -> None:
+    fired = torch.zeros_like(state.since_fired, dtype=torch.bool)
+    fired[indices[values > 0]] = True
+    state.since_fired += n_tokens
+    state.since_fired[fired] = 0
+
+
+@torch.no_grad()
+def linear_init(coder: SparseCoder, x: Tensor, y: Tensor, ridge: float = 0.1, latent_scale: float = 0.1) -> None:
+    """Start from the best affine map and latents of the right size.
+
+    b_dec (and W_skip) come from ridge least squares, so the latents only have to learn the rest. The
+    encoder is then rescaled so the latents' initial output is ``latent_scale`` × the typical residual norm:
+    a default-initialised encoder can be orders of magnitude off (random model: far too large; SmolLM2's
+    small MLP inputs against large outputs: too small), which wastes the first hundreds of steps.
+    """
+    y_mean = y.mean(0)
+    coder.b_dec.copy_(y_mean)
+    prediction = y_mean.expand_as(y)
+    if coder.W_skip is not None:
+        xc, yc = (x - x.mean(0)).double(), (y - y_mean).double()
+        gram = xc.T @ xc
+        gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+        w = torch.linalg.solve(gram, xc.T @ yc).float()  # [d_in, d_out]
+        coder.W_skip.copy_(w.T)
+        coder.b_dec.copy_(y_mean - x.mean(0) @ w)
+        prediction = coder.skip(x) + coder.b_dec
+    residual_norm = (y - prediction).norm(dim=-1).mean()
+    latent_norm = coder._decode_sparse(*coder.encode(x)).norm(dim=-1).mean()
+    if latent_norm > 0:
+        factor = latent_scale * residual_norm / latent_norm
+        coder.encoder.weight.mul_(factor)
+        coder.encoder.bias.mul_(factor)
+
+
+# ---- the loop ------------------------------------------------------------------------------------------------
+def _training_tokens(model, cfg: TrainConfig, windows) -> Tensor:
+    if windows is None:
+        from nl_rewrite.data.windows import token_windows
+        from nl_rewrite.model.loading import prepend_bos_for
+
+        windows = token_windows(model, "train", corpus=cfg.corpus, window=cfg.window,
+                                prepend_bos=prepend_bos_for(cfg.model))
+    tokens = windows.tokens if hasattr(windows, "tokens") else windows
+    if tokens.ndim != 2 or tokens.shape[1] != cfg.window:
+        raise ValueError(f"training windows must be [n, {cfg.window}] token ids, got {tuple(tokens.shape)}")
+    return tokens
+
+
+def _start_state(model, cfg: TrainConfig, folder: Path) -> TrainState:
+    read_site, write_site = cfg.sites
+    d_in, d_out = site_width(model, read_site), site_width(model, write_site)
+    from nl_rewrite.model.loading import model_name
+
+    fresh = new_state(cfg, d_in, d_out, model_name(model))
+    if (folder / STATE_FILE).is_file():
+        state = load_state(folder, cfg, fresh)
+        log.info("resuming %s at step %d", folder, state.step)
+        return state
+    return fresh
+
+
+def _append_log(folder: Path, rows: list[dict]) -> None:
+    if rows:
+        with open(folder / LOG_FILE, "a") as fh:
+            fh.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def _buffer_batches(stream: ActivationStream, cfg: TrainConfig, start_step: int) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """(step, x, y) from ``start_step`` on; a buffer interrupted midway is recomputed and its done steps skipped."""
+    spb = cfg.steps_per_buffer
+    for buffer_index in range(start_step // spb, (cfg.total_steps + spb - 1) // spb):
+        x, y = stream.buffer(buffer_index)
+        order = stream.step_order(buffer_index, x.shape[0])
+        for j in range(spb):
+            step = buffer_index * spb + j
+            if step < start_step:
+                continue
+            if step >= cfg.total_steps:
+                return
+            rows = order[j * cfg.batch_size:(j + 1) * cfg.batch_size]
+            yield step, x[rows], y[rows]
+
+
+def train(cfg: TrainConfig, model=None, windows=None, on_step: Callable[[int, StepMetrics], None] | None = None,
+          progress: bool = True) -> SparseCoder:
+    """Train (or resume, or just load if finished) the coder ``cfg`` describes; returns it.
+
+    ``windows``: a ``TokenWindows`` or a ``[n, window]`` token tensor (default: the corpus train split).
+    ``on_step(step, metrics)`` is called after every step. On KeyboardInterrupt the last finished step is
+    saved before the interrupt propagates, so rerunning resumes without losing work.
+    """
+    folder = cfg.output_folder()
+    if _finished(folder, cfg):
+        return load_coder(folder)
+    if model is None:
+        from nl_rewrite.model.loading import load_model
+
+        model = load_model(cfg.model)
+    folder.mkdir(parents=True, exist_ok=True)
+    stream = ActivationStream(model, _training_tokens(model, cfg, windows), cfg)
+    state = _start_state(model, cfg, folder)
+    if state.step == 0:
+        _initialise(state, cfg, *stream.init_buffer())
+    _run_steps(state, cfg, stream, folder, on_step, progress)
+    _finish(state, cfg, folder)
+    return state.exported()
+
+
+def _initialise(state: TrainState, cfg: TrainConfig, x: Tensor, y: Tensor) -> None:
+    """From the first buffer: activation scales (an SAE's input and output share one) and the linear init."""
+    state.x_scale = float(x.norm(dim=-1).mean() / x.shape[-1] ** 0.5)
+    state.y_scale = state.x_scale if cfg.kind == "sae" else float(y.norm(dim=-1).mean() / y.shape[-1] ** 0.5)
+    if cfg.linear_init:
+        linear_init(state.coder, x / state.x_scale, y / state.y_scale)
+
+
+def _run_steps(state: TrainState, cfg: TrainConfig, stream: ActivationStream, folder: Path,
+               on_step: Callable[[int, StepMetrics], None] | None, progress: bool) -> None:
+    pending: list[dict] = []
+    bar = tqdm(total=cfg.total_steps, initial=state.step, desc=f"train {cfg.kind} {cfg.sites[0]}",
+               disable=not progress, unit="step")
+    started = time.perf_counter() - state.seconds
+    try:
+        for step, x, y in _buffer_batches(stream, cfg, state.step):
+            metrics = train_step(state, cfg, x / state.x_scale, y / state.y_scale)
+            state.step, state.seconds = step + 1, time.perf_counter() - started
+            pending.append({"step": state.step, "tokens": state.step * cfg.batch_size // cfg.buffer_passes,
+                            **asdict(metrics)})
+            bar.update(1)
+            bar.set_postfix(fvu=f"{metrics.fvu:.3f}", l0=f"{metrics.l0:.0f}", dead=f"{metrics.dead_fraction:.2f}",
+                            refresh=False)
+            if on_step is not None:
+                on_step(state.step, metrics)
+            if state.step % cfg.checkpoint_every == 0:
+                save_state(folder, cfg, state)
+                _append_log(folder, pending)
+                pending = []
+    except KeyboardInterrupt:
+        save_state(folder, cfg, state)  # state.step counts only finished steps: resuming is exact
+        _append_log(folder, pending)
+        raise
+    finally:
+        bar.close()
+    save_state(folder, cfg, state)
+    _append_log(folder, pending)
+
+
+def _finished(folder: Path, cfg: TrainConfig) -> bool:
+    """A finished run of this config with at least as many steps (a longer request resumes it)."""
+    if not ((folder / DONE_FILE).is_file() and is_checkpoint(folder)):
+        return False
+    try:
+        done = json.loads((folder / DONE_FILE).read_text())
+    except json.JSONDecodeError:
+        return False
+    differing = sorted(k for k, v in asdict(cfg).items() if k not in _RESUMABLE_CHANGES and done["config"].get(k) != v)
+    if differing:
+        raise CheckpointError(f"{folder} holds a coder trained with different settings ({', '.join(differing)}); "
+                              "pass another --out or delete the folder")
+    return done["steps"] >= cfg.total_steps
+
+
+def _finish(state: TrainState, cfg: TrainConfig, folder: Path) -> None:
+    rows = [json.loads(line) for line in (folder / LOG_FILE).read_text().splitlines()[-20:]] \
+        if (folder / LOG_FILE).is_file() else []
+    tail = {key: sum(r[key] for r in rows) / len(rows) for key in ("fvu", "l0", "dead_fraction")} if rows else {}
+    summary = {"complete": True, "steps": state.step, "tokens": state.step * cfg.batch_size // cfg.buffer_passes,
+               "seconds": round(state.seconds, 1), "final_train_metrics_last20": tail, "config": asdict(cfg)}
+    io.write_json(folder / DONE_FILE, summary)
+
+
+def default_transcoder(model_name: str = "smollm2-135m", layer: int = DEFAULT_LAYER, model=None) -> SparseCoder:
+    """The cached default transcoder (width 4096, k 32) for ``model_name``'s MLP ``layer``; trains it if absent."""
+    cfg = TrainConfig(model=model_name, layer=layer, kind="transcoder", width=4096, k=32,
+                      buffer_passes=DEFAULT_BUFFER_PASSES)
+    return train(cfg, model=model)

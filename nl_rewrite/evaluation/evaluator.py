@@ -1,0 +1,223 @@
+"""One Evaluator for every replacement: CE and KL against the clean model, with window-bootstrap CIs.
+
+KL direction: ``KL(clean || patched) = Σ_v p_clean(v) · (log p_clean(v) − log p_patched(v))`` per token,
+i.e. how badly the patched model's prediction explains the clean model's. (The paper's released code
+computed the reverse, KL(patched || clean).)
+
+Modes:
+- ``positions="all"`` (default): every next-token prediction of every window is patched and scored.
+- ``positions="last"``: only the second-to-last position of each window is patched, and its prediction
+  of the window's last token is scored — the paper's one-token-per-window protocol, kept for comparison.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from nl_rewrite import io
+from nl_rewrite.data.windows import TokenWindows
+from nl_rewrite.evaluation.prefix import capture_block_inputs, first_layer, resume_reproduces, resumed_at
+from nl_rewrite.replacements.base import BatchInfo, Replacement, replacement_names
+from nl_rewrite.evaluation.stats import bootstrap_indices, mean_ci, paired_wilcoxon, ratio_ci
+
+log = logging.getLogger(__name__)
+CLEAN = "clean"
+POSITION_MODES = ("all", "last")
+
+
+@dataclass
+class ConditionSummary:
+    """Means with 95% bootstrap CIs (over windows) for one condition."""
+
+    mean_ce: float
+    ce_ci: tuple[float, float]
+    ce_delta: float
+    ce_delta_ci: tuple[float, float]
+    kl_mean: float
+    kl_ci: tuple[float, float]
+    n_tokens: int
+    n_windows: int
+
+
+@dataclass
+class EvalResults:
+    """Per-window mean CE and KL for each condition (``clean`` included), plus summaries."""
+
+    positions: str
+    window_ids: list[int]
+    ce: dict[str, list[float]]
+    """condition → per-window mean CE (nats)."""
+    kl: dict[str, list[float]]
+    """condition → per-window mean KL(clean || patched) (nats)."""
+    tokens_per_window: int
+    n_bootstrap: int = 1000
+    seed: int = 0
+    summaries: dict[str, ConditionSummary] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.summaries:
+            self.summaries = {name: self._summarise(name) for name in self.ce}
+
+    @property
+    def conditions(self) -> list[str]:
+        return list(self.ce)
+
+    def _tensor(self, table: dict[str, list[float]], name: str) -> Tensor:
+        if name not in table:
+            raise KeyError(f"no condition {name!r}; have {', '.join(table)}")
+        return torch.tensor(table[name], dtype=torch.double)
+
+    def _resamples(self) -> Tensor:
+        return bootstrap_indices(len(self.window_ids), self.n_bootstrap, self.seed)
+
+    def _summarise(self, name: str) -> ConditionSummary:
+        ce, kl, clean = self._tensor(self.ce, name), self._tensor(self.kl, name), self._tensor(self.ce, CLEAN)
+        resamples = self._resamples()
+        return ConditionSummary(
+            mean_ce=float(ce.mean()), ce_ci=mean_ci(ce, resamples),
+            ce_delta=float((ce - clean).mean()), ce_delta_ci=mean_ci(ce - clean, resamples),
+            kl_mean=float(kl.mean()), kl_ci=mean_ci(kl, resamples),
+            n_tokens=len(self.window_ids) * self.tokens_per_window, n_windows=len(self.window_ids),
+        )
+
+    def wilcoxon(self, a: str, b: str) -> float:
+        """Paired two-sided Wilcoxon p-value between two conditions' per-window CE."""
+        return paired_wilcoxon(self._tensor(self.ce, a), self._tensor(self.ce, b))
+
+    def fraction_recovered(self, condition: str, worse: str, better: str = CLEAN) -> tuple[float, tuple[float, float]]:
+        """(CE_worse − CE_condition) / (CE_worse − CE_better) with a window-bootstrap CI."""
+        worse_ce = self._tensor(self.ce, worse)
+        numer = worse_ce - self._tensor(self.ce, condition)
+        denom = worse_ce - self._tensor(self.ce, better)
+        value = float(numer.mean() / denom.mean()) if float(denom.mean()) != 0 else math.nan
+        return value, ratio_ci(numer, denom, self._resamples())
+
+    def merge(self, other: "EvalResults") -> "EvalResults":
+        """Combine conditions evaluated on the same windows in separate runs."""
+        if other.window_ids != self.window_ids or other.positions != self.positions:
+            raise ValueError("can only merge results over the same windows and position mode")
+        return EvalResults(self.positions, self.window_ids, {**self.ce, **other.ce}, {**self.kl, **other.kl},
+                           self.tokens_per_window, self.n_bootstrap, self.seed)
+
+    def to_json(self, path: str | Path | None = None) -> dict:
+        data = asdict(self)
+        if path is not None:
+            io.write_json(path, data)
+        return data
+
+    @classmethod
+    def from_json(cls, source: str | Path | dict) -> "EvalResults":
+        data = source if isinstance(source, dict) else json.loads(Path(source).read_text())
+        data = dict(data)
+        data["summaries"] = {k: ConditionSummary(**{f: tuple(v) if isinstance(v, list) else v for f, v in s.items()})
+                             for k, s in data.get("summaries", {}).items()}
+        return cls(**data)
+
+    def table(self) -> str:
+        """A plain-text table of the summaries."""
+        rows = [f"{'condition':<28}{'mean CE':>10}{'ΔCE':>10}{'ΔCE 95% CI':>22}{'KL(clean‖patched)':>20}"]
+        for name, s in self.summaries.items():
+            ci = f"[{s.ce_delta_ci[0]:+.4f}, {s.ce_delta_ci[1]:+.4f}]"
+            rows.append(f"{name:<28}{s.mean_ce:>10.4f}{s.ce_delta:>+10.4f}{ci:>22}{s.kl_mean:>20.4f}")
+        return "\n".join(rows)
+
+
+def token_ce_and_kl(logits: Float[Tensor, "batch pos vocab"], clean_logprobs: Float[Tensor, "batch pos vocab"],
+                    targets: Int[Tensor, "batch pos"]) -> tuple[Float[Tensor, "batch pos"], Float[Tensor, "batch pos"]]:
+    """Per-token cross-entropy of ``targets`` and KL(clean || patched)."""
+    logprobs = F.log_softmax(logits.float(), dim=-1)
+    ce = -logprobs.gather(-1, targets[..., None]).squeeze(-1)
+    kl = (clean_logprobs.exp() * (clean_logprobs - logprobs)).sum(-1).clamp_min(0.0)
+    return ce, kl
+
+
+class Evaluator:
+    """Measures how far each replacement moves the model's next-token predictions on ``windows``."""
+
+    def __init__(self, model, windows: TokenWindows, batch_size: int = 8, positions: str = "all",
+                 n_bootstrap: int = 1000, seed: int = 0, progress: bool = True, reuse_prefix: bool = True):
+        if positions not in POSITION_MODES:
+            raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.model, self.windows, self.batch_size = model, windows, batch_size
+        self.positions, self.n_bootstrap, self.seed, self.progress = positions, n_bootstrap, seed, progress
+        self.reuse_prefix = reuse_prefix
+        """Start each patched run at its first patched block from the clean pass's residual (same numbers, less work)."""
+
+    def _scored(self, tokens: Tensor) -> tuple[slice, Tensor | None]:
+        """Which logits are scored, and which positions get patched (None: all)."""
+        if self.positions == "all":
+            return slice(0, tokens.shape[1] - 1), None
+        last = tokens.shape[1] - 2
+        return slice(last, last + 1), torch.tensor([last])
+
+    def _check_prefix_reuse(self, replacements: Sequence[Replacement]) -> None:
+        """Verify once per start layer, on two windows, that resuming reproduces the clean pass; a layer where it
+        does not is evaluated with full recomputation (slower, same numbers)."""
+        self._broken_starts: set[int] = set()
+        starts = sorted({self._start_layer(rep) for rep in replacements} - {0})
+        for layer in starts:
+            if not resume_reproduces(self.model, self.windows.tokens[:2], layer):
+                self._broken_starts.add(layer)
+        if self._broken_starts:
+            log.warning("resuming at block(s) %s does not reproduce this model's clean logits; those conditions use "
+                        "full recomputation instead (slower, same numbers)", sorted(self._broken_starts))
+
+    def _start_layer(self, rep: Replacement) -> int:
+        if not self.reuse_prefix:
+            return 0
+        layer = first_layer([rep.read_site, rep.write_site])
+        return 0 if layer in getattr(self, "_broken_starts", set()) else layer
+
+    @torch.no_grad()
+    def _batch(self, ids: Tensor, tokens: Tensor, replacements: Sequence[Replacement]) -> dict[str, tuple[Tensor, Tensor]]:
+        scored, patch_positions = self._scored(tokens)
+        targets = tokens[:, 1:][:, scored]
+        starts = {self._start_layer(rep) for rep in replacements} - {0}
+        with capture_block_inputs(self.model, starts) as resid:
+            clean_logits = self.model(tokens)[:, scored]
+        clean_logprobs = F.log_softmax(clean_logits.float(), dim=-1)
+        out = {CLEAN: token_ce_and_kl(clean_logits, clean_logprobs, targets)}
+        batch = BatchInfo(tokens=tokens, window_ids=ids)
+        for rep in replacements:
+            out[rep.name] = token_ce_and_kl(self._patched_logits(rep, tokens, batch, patch_positions, resid)[:, scored],
+                                            clean_logprobs, targets)
+        return out
+
+    def _patched_logits(self, rep: Replacement, tokens: Tensor, batch: BatchInfo, positions: Tensor | None,
+                        resid: dict[int, Tensor]) -> Tensor:
+        start = self._start_layer(rep)
+        with rep.attached(self.model, batch, positions=positions):
+            if start == 0:
+                return self.model(tokens)
+            with resumed_at(self.model, start, resid[start]):
+                return self.model(tokens)
+
+    def run(self, replacements: Sequence[Replacement] = ()) -> EvalResults:
+        """Evaluate the clean model and every replacement on all windows; returns per-window means and summaries."""
+        names = [CLEAN] + replacement_names(list(replacements))
+        if CLEAN in names[1:]:
+            raise ValueError(f"{CLEAN!r} is reserved for the unpatched model")
+        ce: dict[str, list[float]] = {n: [] for n in names}
+        kl: dict[str, list[float]] = {n: [] for n in names}
+        self._check_prefix_reuse(replacements)
+        batches = self.windows.batches(self.batch_size)
+        total = math.ceil(len(self.windows) / self.batch_size)
+        for ids, tokens in tqdm(batches, total=total, desc=f"evaluate ({len(names)} conditions)", disable=not self.progress):
+            for name, (tok_ce, tok_kl) in self._batch(ids, tokens, replacements).items():
+                ce[name].extend(tok_ce.mean(1).tolist())
+                kl[name].extend(tok_kl.mean(1).tolist())
+        per_window = 1 if self.positions == "last" else self.windows.window - 1
+        return EvalResults(self.positions, list(range(len(self.windows))), ce, kl, per_window, self.n_bootstrap, self.seed)

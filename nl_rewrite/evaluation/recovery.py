@@ -1,0 +1,123 @@
+"""How much of the gap between two references a condition recovers, on CE and on KL, with honest statistics.
+
+The gap is ``M(worse) − M(better)`` (by default zero_latents minus transcoder), per window, for M = CE and
+M = KL(clean‖patched). A condition's recovered fraction is ``(M_worse − M_c) / (M_worse − M_better)`` (ratio of
+window means), with a paired percentile bootstrap over windows: the same resampled windows for numerator and
+denominator. Resamples whose denominator is not positive are counted and reported; when they exceed the
+CI's tail mass (2.5%), or the gap's own CI reaches 0, the fraction is *undefined* and no number is given.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+
+from nl_rewrite.evaluation.evaluator import EvalResults
+from nl_rewrite.evaluation.stats import bootstrap_indices, paired_wilcoxon
+
+METRICS = ("ce", "kl")
+LEVEL = 0.95
+
+
+@dataclass(frozen=True)
+class Interval:
+    value: float
+    lo: float
+    hi: float
+
+    def as_list(self) -> list[float]:
+        return [self.value, self.lo, self.hi]
+
+    def excludes_zero(self) -> bool:
+        return self.lo > 0 or self.hi < 0
+
+
+@dataclass(frozen=True)
+class Recovered:
+    """One condition's recovered fraction on one metric. ``fraction`` is None when undefined."""
+
+    fraction: Interval | None
+    nonpositive_denominators: int
+    n_resamples: int
+    p_vs_worse: float
+    """Paired Wilcoxon p-value of per-window M against the worse reference."""
+    p_vs_better: float
+    reason: str = ""
+    """Why the fraction is undefined (empty when defined)."""
+
+
+def _metric(res: EvalResults, metric: str, name: str) -> Tensor:
+    table = res.ce if metric == "ce" else res.kl
+    if name not in table:
+        raise KeyError(f"no condition {name!r} in the results; have {', '.join(table)}")
+    return torch.tensor(table[name], dtype=torch.double)
+
+
+def _percentiles(samples: Tensor) -> tuple[float, float]:
+    alpha = (1 - LEVEL) / 2
+    lo, hi = torch.quantile(samples, torch.tensor([alpha, 1 - alpha], dtype=torch.double))
+    return float(lo), float(hi)
+
+
+def gap(res: EvalResults, metric: str, worse: str = "zero_latents", better: str = "transcoder") -> Interval:
+    """Mean per-window ``M_worse − M_better`` with its window-bootstrap CI."""
+    diff = _metric(res, metric, worse) - _metric(res, metric, better)
+    means = diff[bootstrap_indices(len(diff), res.n_bootstrap, res.seed)].mean(1)
+    return Interval(float(diff.mean()), *_percentiles(means))
+
+
+def recovered(res: EvalResults, name: str, metric: str, worse: str = "zero_latents",
+              better: str = "transcoder") -> Recovered:
+    w, b, c = _metric(res, metric, worse), _metric(res, metric, better), _metric(res, metric, name)
+    numer, denom = w - c, w - b
+    idx = bootstrap_indices(len(w), res.n_bootstrap, res.seed)
+    num_s, den_s = numer[idx].mean(1), denom[idx].mean(1)
+    bad = int((den_s <= 0).sum())
+    p_worse, p_better = paired_wilcoxon(c, w), paired_wilcoxon(c, b)
+    g = gap(res, metric, worse, better)
+    if not g.lo > 0:
+        sign = "negative" if g.hi < 0 else "not significant"
+        reason = f"gap {worse} − {better} {sign}: 95% CI [{g.lo:+.4f}, {g.hi:+.4f}] does not lie above 0"
+        return Recovered(None, bad, len(den_s), p_worse, p_better, reason)
+    if bad > (1 - LEVEL) / 2 * len(den_s):
+        return Recovered(None, bad, len(den_s), p_worse, p_better,
+                         f"{bad} of {len(den_s)} resamples have a non-positive gap")
+    # a resample whose gap is not positive has no meaningful ratio: it enters the percentiles as ±inf (by the sign of
+    # its numerator) rather than being dropped, so the CI keeps the tail it stands for
+    ratios = torch.where(den_s > 0, num_s / den_s.clamp_min(1e-300), torch.sign(num_s) * math.inf)
+    value = float(numer.mean() / denom.mean())
+    return Recovered(Interval(value, *_percentiles(ratios)), bad, len(den_s), p_worse, p_better)
+
+
+def recovery_table(res: EvalResults, names: list[str], worse: str = "zero_latents",
+                   better: str = "transcoder") -> dict[str, dict[str, Recovered]]:
+    """condition → metric → :class:`Recovered`."""
+    return {name: {m: recovered(res, name, m, worse, better) for m in METRICS} for name in names}
+
+
+def recovered_json(r: Recovered) -> dict:
+    data = asdict(r)
+    data["fraction"] = r.fraction.as_list() if r.fraction else None
+    return data
+
+
+def describe(r: Recovered, percent: bool = True) -> str:
+    """``"62% [55%, 70%]"``, or "undefined" and why, in words."""
+    if r.fraction is None:
+        for why in ("not significant", "negative"):
+            if f" {why}:" in r.reason:
+                return f"an undefined share (gap {why})"
+        return f"an undefined share ({r.reason})"
+    f = r.fraction
+    if percent:
+        return f"{100 * f.value:.0f}% [{100 * f.lo:.0f}%, {100 * f.hi:.0f}%]"
+    return f"{f.value:.3f} [{f.lo:.3f}, {f.hi:.3f}]"
+
+
+def format_p(p: float) -> str:
+    if math.isnan(p):
+        return "p = n/a"
+    return "p < 0.001" if p < 1e-3 else f"p = {p:.3f}"

@@ -1,0 +1,333 @@
+"""Explainer: show an LLM a latent's activating examples and ask for a one-line explanation.
+
+The prompt follows delphi's default explainer (used by the paper): in each example the tokens at or above
+``threshold`` × the example's peak are wrapped in ``<<`` ``>>`` (consecutive ones share one pair), and an
+``Activations:`` line lists each marked token with its strength on a 0–9 scale relative to the strongest
+activation shown. The contrastive variant adds windows where the latent is silent.
+
+Small instruct models ramble; ``prefill`` starts the answer ("[EXPLANATION]: The marked words are all") so
+the reply is the explanation itself. Replies are parsed strictly: empty, wordless or repetitive replies are
+retried at other temperatures, then recorded as failed (``ok=False``, ``text=""``, with the reason) and
+counted. Failed records are never handed on as explanations.
+
+Records are appended to a JSONL file as each batch finishes, so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Generic, Sequence, TypeVar
+
+from tqdm import tqdm
+
+from nl_rewrite import io
+from nl_rewrite.errors import NLRewriteError
+from nl_rewrite.latents.cache import LatentCache
+from nl_rewrite.llm.base import ChatRequest, LLMBackend
+from nl_rewrite.latents.sampling import Example, LatentExamples, SamplingConfig, SamplingError, sample_latent
+
+log = logging.getLogger(__name__)
+R = TypeVar("R")
+
+VARIANTS = ("default", "contrastive")
+EXPLANATION_TAG = "[EXPLANATION]:"
+DEFAULT_PREFILL = "[EXPLANATION]: The marked words are all"
+
+SYSTEM_PROMPT = """You are a meticulous AI researcher conducting an important investigation into patterns found in \
+language. Your task is to analyze text and provide an explanation that thoroughly encapsulates possible patterns \
+found in it.
+Guidelines:
+
+You will be given a list of text examples on which special words are selected and between delimiters like \
+<<this>>. If a sequence of consecutive tokens all are important, the entire sequence of tokens will be contained \
+between delimiters <<just like this>>. How important each token is for the behavior is listed after each example \
+in parentheses, from 1 (weak) to 9 (strongest).
+
+- Try to produce a concise final description. Simply describe the text features that are common in the examples, \
+and what patterns you found.
+- If the examples are uninformative, you don't need to mention them. Don't focus on giving examples of important \
+tokens, but try to summarize the patterns found in the examples.
+- Do not mention the marker tokens (<< >>) in your explanation.
+- Do not make lists of possible explanations. Keep your explanations short and concise.
+- The last line of your response must be the formatted explanation, using [EXPLANATION]:"""
+
+CONTRASTIVE_NOTE = """
+Some texts where the pattern is ABSENT are also given. Your explanation should fit the marked words and not \
+these texts."""
+
+
+class ExplanationParseError(NLRewriteError):
+    """A reply that holds no usable explanation."""
+
+
+@dataclass(frozen=True)
+class ExplainConfig:
+    variant: str = field(default="default", metadata={"help": "default (delphi/paper) or contrastive (adds "
+                                                              "non-activating examples)"})
+    prefill: str = field(default=DEFAULT_PREFILL, metadata={
+        "help": "text that starts the explainer's answer; empty to let the model write freely"})
+    threshold: float = field(default=0.2, metadata={"help": "mark tokens at or above this fraction of the "
+                                                            "example's peak activation"})
+    n_contrastive: int = field(default=10, metadata={"help": "non-activating examples in the contrastive prompt"})
+    max_tokens: int = field(default=60, metadata={"help": "reply length limit in tokens"})
+    temperature: float = field(default=0.0, metadata={"help": "first attempt's temperature (0 = greedy)"})
+    retry_temperatures: tuple[float, ...] = field(default=(0.7, 1.0), metadata={
+        "help": "temperature of each retry after an unusable reply"})
+    batch_size: int = field(default=4, metadata={"help": "latents per backend call"})
+    max_chars: int = field(default=300, metadata={"help": "longer explanations are cut at a word boundary"})
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"ExplainConfig.variant must be one of {VARIANTS}, got {self.variant!r}")
+        if not 0 < self.threshold <= 1:
+            raise ValueError(f"ExplainConfig.threshold must be in (0, 1], got {self.threshold}")
+        if self.max_tokens < 1 or self.batch_size < 1 or self.max_chars < 10:
+            raise ValueError("ExplainConfig.max_tokens and batch_size must be >= 1, max_chars >= 10")
+        if any(t < 0 for t in (self.temperature, *self.retry_temperatures)):
+            raise ValueError("temperatures must be >= 0")
+
+    def settings_key(self, sampling: SamplingConfig, backend_id: str) -> str:
+        """Identity of everything that shapes an explanation: records made otherwise are not reused."""
+        blob = json.dumps([asdict(self), asdict(sampling), backend_id], sort_keys=True, default=list)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Explanation:
+    latent: int
+    text: str
+    """The explanation; empty exactly when ``ok`` is False."""
+    ok: bool
+    prompt: str
+    examples: list[Example]
+    error: str | None = None
+    attempts: int = 0
+    settings: str = ""
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "examples": [e.to_dict() for e in self.examples]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Explanation":
+        return cls(**{**d, "examples": [Example.from_dict(e) for e in d["examples"]]})
+
+    @property
+    def window_ids(self) -> list[int]:
+        return [e.window_id for e in self.examples]
+
+
+# ---- prompt --------------------------------------------------------------------------------------------------
+
+def _show(piece: str) -> str:
+    """Token text for a one-line example: newlines and tabs made visible."""
+    return piece.replace("\n", "\\n").replace("\t", "\\t")
+
+
+def mark_example(pieces: Sequence[str], acts: Sequence[float], threshold: float) -> str:
+    """The example's text with runs of tokens at or above ``threshold`` × its peak wrapped in << >>.
+
+    A leading space stays outside the markers ("the <<cat>>", not "the<< cat>>").
+    """
+    cut = threshold * max(acts) if max(acts) > 0 else float("inf")
+    out, inside = [], False
+    for piece, act in zip(pieces, acts):
+        piece = _show(piece)
+        hot = act >= cut
+        if hot and not inside:
+            stripped = piece.lstrip(" ")
+            out.append(piece[:len(piece) - len(stripped)] + "<<")
+            piece = stripped
+        elif not hot and inside:
+            out.append(">>")
+        out.append(piece)
+        inside = hot
+    return "".join(out) + (">>" if inside else "")
+
+
+def strength_list(pieces: Sequence[str], acts: Sequence[float], threshold: float, scale: float) -> str:
+    """``("tok", 7), ...`` for the marked tokens; strength = round(9 × act / scale), at least 1."""
+    cut = threshold * max(acts)
+    items = [f'("{_show(p).strip() or _show(p)}", {max(1, min(9, round(9 * a / scale)))})'
+             for p, a in zip(pieces, acts) if a >= cut and a > 0]
+    return ", ".join(items)
+
+
+def build_messages(cache: LatentCache, examples: LatentExamples, cfg: ExplainConfig) -> tuple[tuple[str, str], ...]:
+    scale = max(e.max_act for e in examples.train)
+    blocks = []
+    for i, ex in enumerate(examples.train, 1):
+        pieces = cache.token_strings(ex.tokens)
+        blocks.append(f"Example {i}: {mark_example(pieces, ex.acts, cfg.threshold)}\n"
+                      f"Activations: {strength_list(pieces, ex.acts, cfg.threshold, scale)}")
+    system = SYSTEM_PROMPT
+    if cfg.variant == "contrastive" and examples.negatives:
+        system += CONTRASTIVE_NOTE
+        negatives = ["Absent: " + "".join(_show(p) for p in cache.token_strings(ex.tokens))
+                     for ex in examples.negatives[:cfg.n_contrastive]]
+        blocks.append("Texts where the pattern is absent:\n" + "\n".join(negatives))
+    return (("system", system), ("user", "\n\n".join(blocks)))
+
+
+def render_prompt(messages: tuple[tuple[str, str], ...], prefill: str) -> str:
+    """A readable record of exactly what was asked (the backend applies its own chat template)."""
+    return "".join(f"<|{role}|>\n{content}\n" for role, content in messages) + f"<|assistant|>\n{prefill}"
+
+
+# ---- parsing -------------------------------------------------------------------------------------------------
+
+def parse_explanation(reply: str, prefill: str = "", max_chars: int = 300) -> str:
+    """The explanation in ``prefill + reply``; raises ``ExplanationParseError`` saying why there is none."""
+    if not reply.strip():
+        raise ExplanationParseError("empty reply")
+    if not re.search(r"[A-Za-z]{2,}", reply):
+        raise ExplanationParseError(f"reply has no words: {reply[:80]!r}")
+    full = prefill + reply
+    text = full.rsplit(EXPLANATION_TAG, 1)[-1] if EXPLANATION_TAG in full else full
+    text = next((line for line in text.splitlines() if line.strip()), "")
+    text = re.sub(r"<<|>>", "", text)
+    text = re.sub(r"\s+", " ", text).strip().strip("\"'`*").strip()
+    words = re.findall(r"[A-Za-z]+", text)
+    if len(words) < 2:
+        raise ExplanationParseError(f"explanation too short: {text!r}")
+    if len(words) >= 6 and max(map(words.count, set(words))) > len(words) / 2:
+        raise ExplanationParseError(f"repetitive reply: {text[:80]!r}")
+    return _clip(text, max_chars)
+
+
+def _clip(text: str, max_chars: int) -> str:
+    if len(text) <= max_chars:
+        return text
+    return text[:max_chars].rsplit(" ", 1)[0].rstrip(",;:") + "…"
+
+
+# ---- storage -------------------------------------------------------------------------------------------------
+
+class RecordStore(Generic[R]):
+    """Append-only JSONL of per-latent records made with one settings key; tolerates a half-written last line.
+
+    Records need ``latent`` and ``settings`` attributes and ``to_dict``; ``decode`` turns a dict back into one.
+    """
+
+    def __init__(self, path: "str | Path", settings: str, decode: Callable[[dict], R]):
+        self.path = Path(path)
+        self.settings = settings
+        self.decode = decode
+        self.records: dict[int, R] = {}
+        if self.path.is_file():
+            self._load()
+
+    def _load(self) -> None:
+        text = self.path.read_text()
+        lines = text.split("\n")
+        complete = lines[:-1]  # the piece after the last newline is empty, or what a kill left half-written
+        for line in filter(None, complete):
+            record = self.decode(json.loads(line))
+            if record.settings != self.settings:  # type: ignore[attr-defined]
+                raise NLRewriteError(f"{self.path} holds records made with other settings "
+                                     f"({record.settings} ≠ {self.settings}); use another output file")  # type: ignore[attr-defined]
+            self.records[record.latent] = record  # type: ignore[attr-defined]
+        if lines[-1]:
+            log.warning("%s: dropping a half-written last line (an interrupted run)", self.path)
+            io.write_text(self.path, "".join(line + "\n" for line in filter(None, complete)))
+
+    def add(self, records: Sequence[R]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as fh:
+            for record in records:
+                fh.write(json.dumps(record.to_dict()) + "\n")  # type: ignore[attr-defined]
+                self.records[record.latent] = record  # type: ignore[attr-defined]
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def load_explanations(path: "str | Path") -> list[Explanation]:
+    """All records of a JSONL file (ok and failed), in file order."""
+    lines = Path(path).read_text().split("\n")[:-1]  # skip a half-written last line
+    return [Explanation.from_dict(json.loads(line)) for line in lines if line.strip()]
+
+
+# ---- running -------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Pending:
+    latent: int
+    examples: LatentExamples
+    messages: tuple[tuple[str, str], ...]
+    errors: list[str] = field(default_factory=list)
+
+
+def _attempt_temperatures(cfg: ExplainConfig) -> list[float]:
+    return [cfg.temperature, *cfg.retry_temperatures]
+
+
+def _ask(backend: LLMBackend, batch: list[_Pending], cfg: ExplainConfig, settings: str) -> list[Explanation]:
+    """Ask for every latent of ``batch``, retrying unusable replies; one record per latent."""
+    done: dict[int, Explanation] = {}
+    todo = list(batch)
+    for attempt, temperature in enumerate(_attempt_temperatures(cfg), 1):
+        if not todo:
+            break
+        requests = [ChatRequest(p.messages, cfg.max_tokens, temperature, cfg.prefill) for p in todo]
+        replies = backend.chat(requests)
+        still = []
+        for pending, reply in zip(todo, replies):
+            try:
+                text = parse_explanation(reply, cfg.prefill, cfg.max_chars)
+                done[pending.latent] = _record(pending, text, True, None, attempt, cfg, settings)
+            except ExplanationParseError as exc:
+                pending.errors.append(f"attempt {attempt} (temperature {temperature}): {exc}")
+                still.append(pending)
+        todo = still
+    for pending in todo:
+        done[pending.latent] = _record(pending, "", False, "; ".join(pending.errors), len(pending.errors), cfg,
+                                       settings)
+    return [done[p.latent] for p in batch]
+
+
+def _record(pending: _Pending, text: str, ok: bool, error: str | None, attempts: int, cfg: ExplainConfig,
+            settings: str) -> Explanation:
+    shown = pending.examples.train + (pending.examples.negatives[:cfg.n_contrastive]
+                                      if cfg.variant == "contrastive" else [])
+    return Explanation(pending.latent, text, ok, render_prompt(pending.messages, cfg.prefill), shown, error,
+                       attempts, settings)
+
+
+def _prepare(cache: LatentCache, latent: int, cfg: ExplainConfig, sampling: SamplingConfig, settings: str
+             ) -> _Pending | Explanation:
+    """The prompt for one latent, or a failed record if it cannot be sampled (too few activating windows)."""
+    try:
+        examples = sample_latent(cache, latent, sampling)
+    except SamplingError as exc:
+        return Explanation(latent, "", False, "", [], str(exc), 0, settings)
+    return _Pending(latent, examples, build_messages(cache, examples, cfg))
+
+
+def explain_latents(backend: LLMBackend, cache: LatentCache, latents: Sequence[int], cfg: ExplainConfig,
+                    sampling: SamplingConfig | None = None, path: "str | Path | None" = None,
+                    progress: bool = True) -> list[Explanation]:
+    """One explanation record per latent (in the order given). With ``path``, records already there are reused
+    and new ones are appended batch by batch."""
+    sampling = sampling or SamplingConfig()
+    settings = cfg.settings_key(sampling, backend.backend_id)
+    store = RecordStore(path, settings, Explanation.from_dict) if path is not None else None
+    have = store.records if store else {}
+    todo = [latent for latent in dict.fromkeys(latents) if latent not in have]
+    made: dict[int, Explanation] = {}
+    for start in tqdm(range(0, len(todo), cfg.batch_size), desc="explain", disable=not progress):
+        prepared = [_prepare(cache, latent, cfg, sampling, settings) for latent in todo[start:start + cfg.batch_size]]
+        records = [p for p in prepared if isinstance(p, Explanation)]
+        records += _ask(backend, [p for p in prepared if isinstance(p, _Pending)], cfg, settings)
+        if store:
+            store.add(records)
+        made.update((r.latent, r) for r in records)
+    out = [have.get(latent) or made[latent] for latent in latents]
+    failed = sum(not r.ok for r in out)
+    log.info("explanations: %d ok, %d failed, %d reused from %s", len(out) - failed, failed, len(latents) - len(todo),
+             path)
+    return out

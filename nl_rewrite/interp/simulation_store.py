@@ -1,0 +1,232 @@
+"""Simulations on disk: computed once per (latent, window), reused across fractions and calibrations.
+
+Layout: ``folder/<key>/identity.json`` names the simulator (backend, mode, prompt version and a digest
+of its prompts); ``folder/<key>/latent_<id>.safetensors`` holds ``window_keys [n]`` and raw simulated
+``scores [n, pos]`` (expected digits, NaN where the backend gave nothing), with the explanation's hash
+in the file's metadata. A changed explanation makes that latent's file stale: it is recomputed, never
+mixed.
+
+**Simulations are keyed by window content**, never by a window's position in a sample: ``window_key`` hashes the
+token strings the simulator read. A window id is only how a caller names a window in *its* sample; every method
+takes the caller's ``windows`` (id → token strings) and answers in those ids. A rerun with a different sample
+(``--eval-windows 32`` after 16) reuses exactly the windows whose text is the same, and simulates the rest.
+
+Every write goes through :mod:`nl_rewrite.io` (temp file, fsync, rename), and ``simulate_into_store`` writes after
+each chunk of windows, so a killed run resumes where it stopped.
+
+Per-latent quality (Pearson/Spearman with the true activations, precision/recall of "fires" after
+calibration) is stored as JSON beside the simulations and serves as a latent ranking.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from safetensors import safe_open
+from torch import Tensor
+
+from nl_rewrite import io
+from nl_rewrite.errors import NLRewriteError
+from nl_rewrite.interp.simulate import SimulationItem, Simulator
+
+log = logging.getLogger(__name__)
+
+
+class MissingSimulationError(NLRewriteError, KeyError):
+    """A (latent, window) that was never simulated with this explanation and simulator."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+LAYOUT = "content-keyed-v3"
+"""Part of the store's folder name: stores of the old position-keyed layout are never read."""
+
+Windows = Mapping[int, Sequence[str]]
+"""A caller's windows: its window id → the token strings of that window."""
+
+
+def text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def window_key(tokens: Sequence[str]) -> int:
+    """A window's content key: 63 bits of a hash of its token strings (fits an int64 tensor)."""
+    digest = hashlib.sha256(json.dumps(list(tokens)).encode()).digest()  # unambiguous, whatever the tokens hold
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+class SimulationStore:
+    """Raw simulated scores of one simulator, one file per latent."""
+
+    def __init__(self, folder: "str | Path", simulator_identity: str) -> None:
+        self.identity = simulator_identity
+        self.folder = Path(folder) / text_hash(f"{simulator_identity}|{LAYOUT}")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        marker = self.folder / "identity.json"
+        if not marker.exists():
+            io.write_json(marker, {"simulator": simulator_identity})
+
+    def _path(self, latent: int) -> Path:
+        return self.folder / f"latent_{int(latent)}.safetensors"
+
+    def _stored(self, latent: int, explanation: str) -> dict[int, Float[Tensor, " pos"]]:
+        """window key → scores for this latent, empty if none are stored for this explanation."""
+        path = self._path(latent)
+        if not path.exists():
+            return {}
+        with safe_open(str(path), framework="pt") as fh:
+            if (fh.metadata() or {}).get("explanation_hash") != text_hash(explanation):
+                return {}
+            keys, scores = fh.get_tensor("window_keys"), fh.get_tensor("scores")
+        return {int(k): s for k, s in zip(keys.tolist(), scores)}
+
+    def load(self, latent: int, explanation: str, windows: Windows) -> dict[int, Float[Tensor, " pos"]]:
+        """The caller's window id → scores, for those of ``windows`` whose text has a stored simulation."""
+        have = self._stored(latent, explanation)
+        keys = {w: window_key(tokens) for w, tokens in windows.items()}
+        return {int(w): have[k] for w, k in keys.items() if k in have}
+
+    def missing(self, latent: int, explanation: str, windows: Windows) -> list[int]:
+        have = self._stored(latent, explanation)
+        todo: dict[int, int] = {}  # key → first id: windows with the same text are simulated once
+        for w, tokens in windows.items():
+            key = window_key(tokens)
+            if key not in have:
+                todo.setdefault(key, int(w))
+        return list(todo.values())
+
+    def put(self, latent: int, explanation: str, windows: Sequence[Sequence[str]],
+            scores: Float[Tensor, "n pos"]) -> None:
+        """Add (or replace) simulations of these windows (token strings, one per score row); stale windows of an
+        older explanation are dropped."""
+        if len(windows) != len(scores):
+            raise ValueError(f"{len(windows)} windows for {len(scores)} score rows")
+        merged = self._stored(latent, explanation)
+        merged.update({window_key(t): s.to(torch.float32) for t, s in zip(windows, scores)})
+        widths = {s.shape[-1] for s in merged.values()}
+        if len(widths) > 1:
+            raise ValueError(f"latent {latent}: windows of different lengths {sorted(widths)} in one store")
+        order = sorted(merged)
+        tensors = {"window_keys": torch.tensor(order, dtype=torch.int64),
+                   "scores": torch.stack([merged[w] for w in order]).contiguous()}
+        io.save_tensors(self._path(latent), tensors,
+                             metadata={"explanation_hash": text_hash(explanation), "latent": str(latent)})
+
+    def get(self, latent: int, explanation: str, windows: Windows) -> Float[Tensor, "n pos"]:
+        """Scores for exactly these windows, in their order, or a ``MissingSimulationError`` naming what is
+        missing."""
+        have = self.load(latent, explanation, windows)
+        absent = [int(w) for w in windows if int(w) not in have]
+        if absent:
+            raise MissingSimulationError(
+                f"latent {latent}: no stored simulation for {len(absent)} of {len(windows)} windows "
+                f"(first ids: {absent[:5]}) with this explanation and simulator {self.identity!r}")
+        return torch.stack([have[int(w)] for w in windows])
+
+    # ---- quality ------------------------------------------------------------------------------
+
+    def save_quality(self, name: str, records: Iterable["SimulationQuality"]) -> Path:
+        path = self.folder / f"quality_{name}.json"
+        io.write_json(path, [asdict(r) for r in records])
+        return path
+
+    def load_quality(self, name: str) -> dict[int, "SimulationQuality"]:
+        path = self.folder / f"quality_{name}.json"
+        if not path.exists():
+            return {}
+        return {r["latent"]: SimulationQuality(**r) for r in json.loads(path.read_text())}
+
+
+@dataclass(frozen=True)
+class SimulationRun:
+    """What ``simulate_into_store`` did."""
+
+    latents: int
+    windows_simulated: int
+    windows_reused: int
+    nan_predictions: int
+
+
+def simulate_into_store(simulator: Simulator, store: SimulationStore, explanations: Mapping[int, str],
+                        windows: Mapping[int, Sequence[str]], *, chunk: int = 16,
+                        progress: bool = True) -> SimulationRun:
+    """Simulate every (latent, window) not yet stored. ``windows``: window id → token strings.
+
+    Writes after each chunk of one latent's windows (the backend shares that latent's prefix within it)."""
+    from tqdm import tqdm
+
+    if simulator.identity != store.identity:
+        raise ValueError(f"store is for simulator {store.identity!r}, not {simulator.identity!r}")
+    simulated = reused = 0
+    nan_before = simulator.stats.nan_predictions
+    for latent, explanation in tqdm(explanations.items(), desc="simulate latents", unit="latent",
+                                    disable=not progress):
+        todo = store.missing(latent, explanation, windows)
+        reused += len(windows) - len(todo)
+        for start in range(0, len(todo), chunk):
+            ids = todo[start:start + chunk]
+            items = [SimulationItem(explanation, tuple(windows[w]), (("latent", str(latent)), ("window", str(w))))
+                     for w in ids]
+            store.put(latent, explanation, [windows[w] for w in ids], torch.stack(simulator.simulate_many(items)))
+            simulated += len(ids)
+    return SimulationRun(len(explanations), simulated, reused, simulator.stats.nan_predictions - nan_before)
+
+
+@dataclass(frozen=True)
+class SimulationQuality:
+    """How well one latent's simulation tracks its true activations (NaN where undefined)."""
+
+    latent: int
+    n: int
+    n_nan: int
+    pearson: float
+    spearman: float
+    precision: float
+    recall: float
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    if a.size < 2 or a.std() == 0 or b.std() == 0:
+        return math.nan  # a constant prediction or a latent that never varies: correlation undefined
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    from scipy.stats import rankdata
+
+    return rankdata(values)
+
+
+def simulation_quality(latent: int, scores: Float[Tensor, " n"], true_acts: Float[Tensor, " n"],
+                       calibrated: Float[Tensor, " n"] | None = None) -> SimulationQuality:
+    """Correlations of raw scores with true activations; precision/recall of ``calibrated > 0`` vs ``true > 0``."""
+    s, t = scores.double().reshape(-1).numpy(), true_acts.double().reshape(-1).numpy()
+    if s.shape != t.shape:
+        raise ValueError(f"{s.size} scores for {t.size} true activations")
+    keep = np.isfinite(s)
+    s_k, t_k = s[keep], t[keep]
+    precision = recall = math.nan
+    if calibrated is not None:
+        fires = np.nan_to_num(calibrated.double().reshape(-1).numpy()[keep]) > 0
+        truly = t_k > 0
+        precision = float((fires & truly).sum() / fires.sum()) if fires.any() else math.nan
+        recall = float((fires & truly).sum() / truly.sum()) if truly.any() else math.nan
+    return SimulationQuality(int(latent), int(s.size), int((~keep).sum()), _pearson(s_k, t_k),
+                             _pearson(_ranks(s_k), _ranks(t_k)) if s_k.size else math.nan, precision, recall)
+
+
+def quality_ranking(quality: Mapping[int, SimulationQuality], metric: str = "pearson") -> dict[int, float]:
+    """latent → score usable by ``choose_latents(order="simulation_score")``."""
+    if metric not in ("pearson", "spearman", "precision", "recall"):
+        raise ValueError(f"unknown quality metric {metric!r}")
+    return {latent: getattr(q, metric) for latent, q in quality.items()}

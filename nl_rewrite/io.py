@@ -1,0 +1,122 @@
+"""Durable, atomic file writes: the one way nl_rewrite replaces a file on disk.
+
+The content goes to a uniquely named temporary file in the target's folder (``.<name>.<pid>.<random>.tmp``, with
+the permissions the umask gives a new file), which is flushed and fsynced, renamed over the target, and then the
+folder is fsynced so the rename itself survives a power loss. A crash, a kill or a full disk therefore leaves
+either the old file or the new one, never a partial one. On any error the temporary file is removed; one left by
+a killed process (its pid no longer running) is removed by the next write of the same file. Tensors are
+serialised to bytes first and written with Python's I/O, so a full disk (ENOSPC, EDQUOT) is always an ``OSError``
+with its errno, which becomes a ``DiskFullError`` naming the file and what to do.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from torch import Tensor
+
+from nl_rewrite.errors import NLRewriteError
+
+
+class DiskFullError(NLRewriteError, OSError):
+    """No space left while writing; the previous version of the file is untouched."""
+
+
+def replace_file(path: Path | str, fill: Callable[[Path], None]) -> None:
+    """Write ``path`` by calling ``fill(temporary_path)``, then make it durable and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_orphans(path)
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+    os.close(handle)
+    tmp = Path(name)
+    try:
+        fill(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results and caches are meant to be shared
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(errno.ENOSPC, f"no space left on the disk of {path.parent} while writing "
+                                f"{path.name}; the previous version is untouched: free space and rerun "
+                                "(finished stages are kept)") from exc
+        raise
+
+
+def write_text(path: Path | str, text: str) -> None:
+    replace_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json(path: Path | str, obj: object) -> None:
+    write_text(path, json.dumps(obj, indent=1, default=str))
+
+
+def write_bytes(path: Path | str, data: bytes) -> None:
+    replace_file(path, lambda tmp: tmp.write_bytes(data))
+
+
+def save_tensors(path: Path | str, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file (tensors made contiguous and detached, as safetensors requires)."""
+    from safetensors.torch import save
+
+    write_bytes(path, save({k: v.detach().contiguous() for k, v in tensors.items()}, metadata=metadata))
+
+
+def torch_save(path: Path | str, obj: object) -> None:
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes(path, buffer.getvalue())
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Best effort: some systems (Windows, some network filesystems) cannot fsync a folder; the file is in place."""
+    if os.name == "nt":
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _remove_orphans(path: Path) -> None:
+    """Temporary files of ``path`` left by processes that no longer run (a kill -9 mid-write)."""
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True

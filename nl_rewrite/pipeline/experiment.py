@@ -1,0 +1,496 @@
+"""``nl-rewrite run``: the whole rewrite experiment, stage by stage, each stage resumable.
+
+1. transcoder (cached in the user cache) → 2. latent cache on the ``explain`` split → 3. lexical explanations
+of every latent, simulated, calibrated on held-out ``explain`` windows (one arm per length budget) and the
+oracle ladder's noise levels → 4. the LLM pool (the latents carrying the most output mass): explanations,
+detection scores, simulations, calibrators (explain split only) → 5. the Evaluator on the document-disjoint
+``eval`` split: baselines, oracles, lexical arms and fraction sweeps over all latents on every eval window;
+the LLM pool's conditions on the first ``llm_eval_windows`` of them (a separate run with its own references)
+→ 6. results.json/csv, plots, report.html, manifest.
+
+``fractions`` are fractions of the LLM *pool*; ``sweep_fractions`` are fractions of *all* latents.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from nl_rewrite import io
+from nl_rewrite.interp.calibrate import Calibrator, count_fallbacks, make_calibrator
+from nl_rewrite.pipeline.conditions import build_condition
+from nl_rewrite.data.windows import TokenWindows, token_windows
+from nl_rewrite.evaluation.evaluator import EvalResults, Evaluator
+from nl_rewrite.interp.explain import ExplainConfig, Explanation, explain_latents
+from nl_rewrite.pipeline.ladder import (LEXICAL_CALIBRATION, LexicalArm, fit_noise, lexical_arm, lexical_condition, eval_pearson, oracle_conditions,
+                     zeroed_condition)
+from nl_rewrite.latents.cache import LatentCache
+from nl_rewrite.evaluation.generate import side_by_side
+from nl_rewrite.interp.lexical import LexicalSimulator, candidate_items
+from nl_rewrite.llm.factory import make_backend
+from nl_rewrite.model.loading import load_model, model_name, prepend_bos_for
+from nl_rewrite.paths import cache_dir
+from nl_rewrite.replacements.base import Replacement
+from nl_rewrite.replacements.live import LiveSimulatorReplacement
+from nl_rewrite.replacements.oracles import OracleReplacement
+from nl_rewrite.replacements.simulated import NLSimulatorReplacement, choose_latents, usable_pool
+from nl_rewrite.pipeline.config import RunConfig
+from nl_rewrite.latents.sampling import SamplingConfig, select_latents
+from nl_rewrite.interp.score import DetectionScore, ScoreConfig, score_explanations
+from nl_rewrite.interp.simulate import Simulator
+from nl_rewrite.interp.simulation_store import SimulationQuality, SimulationStore, simulate_into_store, simulation_quality
+from nl_rewrite.coders.sparse_coder import SparseCoder
+
+log = logging.getLogger(__name__)
+BASELINES = ("transcoder", "zero_latents", "zero", "mean", "random_latents")
+HEADLINE_LEXICAL = "lexical"
+
+
+def condition_name(calibration: str, fraction: float) -> str:
+    return f"sim_{calibration}_f{fraction:g}"
+
+
+@dataclass
+class Stage:
+    """Wall-clock seconds per stage, for the manifest."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def timed(self, name: str, fn, *args, **kwargs):
+        start = time.perf_counter()
+        log.info("stage %s ...", name)
+        result = fn(*args, **kwargs)
+        self.seconds[name] = round(time.perf_counter() - start, 2)
+        log.info("stage %s done in %.1fs", name, self.seconds[name])
+        return result
+
+
+@dataclass(frozen=True)
+class ConditionInfo:
+    """What a condition is, for tables, plots and the answer: its family and how much it simulates."""
+
+    family: str
+    """baseline, oracle, lexical or llm."""
+    fraction_of_latents: float
+    pearson: float
+    """Mean per-latent Pearson r of the written values with the true activations on the evaluated windows."""
+    label: str = ""
+
+
+@dataclass
+class Artifacts:
+    """Everything the report needs, produced by :func:`run_experiment`."""
+
+    cfg: RunConfig
+    results: dict[str, EvalResults]
+    """position mode → every condition on all eval windows."""
+    pool_results: EvalResults
+    """The LLM pool's conditions (and references) on the first ``llm_eval_windows`` eval windows."""
+    info: dict[str, ConditionInfo]
+    lexical: dict[int, LexicalArm]
+    pool_mass_share: float
+    explanations: list[Explanation]
+    scores: list[DetectionScore]
+    quality: dict[str, dict[int, SimulationQuality]]
+    pool: list[int]
+    n_latents: int
+    chosen: dict[float, list[int]]
+    fallbacks: dict[str, dict[str, int]]
+    counts: dict[str, int]
+    stages: dict[str, float]
+    decode: Callable[[list[int]], list[str]]
+    """token ids → token strings, for showing examples."""
+    generations: list[dict] = field(default_factory=list)
+    """Greedy continuations of eval prompts from the clean and rewritten models."""
+
+
+# ---- stages 1-3: coder, latent cache, pool ------------------------------------------------------------------
+
+def load_transcoder(cfg: RunConfig, model) -> SparseCoder:
+    from nl_rewrite.coders.train import TrainConfig, default_transcoder, train
+
+    if cfg.transcoder == "default":
+        return default_transcoder(model_name(model), cfg.layer, model=model)
+    if cfg.transcoder == "small":
+        folder = cache_dir() / "coders" / model_name(model) / f"mlp_in.{cfg.layer}-w{cfg.width}-k32-t{cfg.train_tokens}"
+        tcfg = TrainConfig(model=model_name(model), layer=cfg.layer, width=cfg.width, tokens=cfg.train_tokens,
+                           out=str(folder), seed=cfg.seed)
+        return train(tcfg, model=model)
+    return SparseCoder.load(cfg.transcoder, model=model)
+
+
+def windows_for(cfg: RunConfig, model, split: str, n: int) -> TokenWindows:
+    return token_windows(model, split, window=cfg.window, max_windows=n, seed=cfg.seed,
+                         prepend_bos=prepend_bos_for(cfg.model))
+
+
+def output_mass(cache: LatentCache, coder: SparseCoder) -> Float[Tensor, " n_latents"]:
+    """Each latent's share of what the transcoder writes on the explain split: Σ activation × ‖decoder row‖."""
+    mass = cache.stats.count.double() * torch.nan_to_num(cache.stats.mean.double()) * coder.W_dec.detach().norm(dim=-1).double()
+    return mass / mass.sum()
+
+
+def choose_pool(cfg: RunConfig, cache: LatentCache, coder: SparseCoder, min_count: int) -> list[int]:
+    n = cfg.pool if cfg.pool > 0 else cache.n_latents
+    if cfg.pool_selection != "mass":
+        return select_latents(cache, n, how=cfg.pool_selection, seed=cfg.seed, min_count=min_count)
+    eligible = cache.stats.count >= min_count
+    mass = torch.where(eligible, output_mass(cache, coder), torch.zeros(()))
+    return torch.argsort(mass, descending=True, stable=True)[:min(n, int(eligible.sum()))].tolist()
+
+
+# ---- stages 4-5: explanations and scores --------------------------------------------------------------------
+
+def sampling_config(cfg: RunConfig) -> SamplingConfig:
+    return SamplingConfig(n_train=cfg.n_train_examples, n_heldout=cfg.n_heldout, n_negatives=cfg.n_negatives,
+                          seed=cfg.seed)
+
+
+def explain_and_score(cfg: RunConfig, backend, cache: LatentCache, pool: list[int], out: Path,
+                      stages: Stage) -> tuple[list[Explanation], list[DetectionScore]]:
+    sampling = sampling_config(cfg)
+    ecfg = ExplainConfig(max_tokens=cfg.explain_max_tokens)
+    explanations = stages.timed("explain", explain_latents, backend, cache, pool, ecfg, sampling,
+                                out / "explanations.jsonl")
+    scores = stages.timed("score", score_explanations, backend, cache, explanations, ScoreConfig(), sampling,
+                          out / "scores.jsonl")
+    return explanations, scores
+
+
+# ---- stage 6: simulations ----------------------------------------------------------------------------------
+
+def window_strings(cache: LatentCache, windows: TokenWindows) -> dict[int, list[str]]:
+    return {i: cache.token_strings(row.tolist()) for i, row in enumerate(windows.tokens)}
+
+
+def simulate_split(simulator: Simulator, folder: Path, texts: dict[int, str], windows: dict[int, list[str]]
+                   ) -> SimulationStore:
+    store = SimulationStore(folder, simulator.identity)
+    run = simulate_into_store(simulator, store, texts, windows)
+    log.info("simulations in %s: %d new, %d reused, %d NaN predictions", folder, run.windows_simulated,
+             run.windows_reused, run.nan_predictions)
+    return store
+
+
+# ---- stage 7: calibration -------------------------------------------------------------------------------------
+
+def true_activations(cache: LatentCache, window_ids: list[int], latent: int) -> Float[Tensor, " n"]:
+    return torch.cat([cache.dense_window(w)[:, latent] for w in window_ids])
+
+
+def fit_calibrator(kind: str, latent: int, sims: Float[Tensor, " n"], acts: Float[Tensor, " n"],
+                   cache: LatentCache) -> Calibrator:
+    """Fitted on the explain split only: cache statistics plus explain-split calibration windows."""
+    stats = cache.stats
+    cal = make_calibrator(kind, latent)
+    if kind == "linear":
+        return cal.fit_max(float(stats.max[latent]))  # type: ignore[attr-defined]
+    if kind == "quantile":
+        sample = stats.sample[latent][: int(stats.sample_size[latent])]
+        return cal.fit_distribution(sims, sample, float(stats.frequency[latent]))  # type: ignore[attr-defined]
+    return cal.fit(sims, acts)
+
+
+def calibrate(cfg: RunConfig, cache: LatentCache, store: SimulationStore, texts: dict[int, str],
+              calib_windows: dict[int, list[str]]
+              ) -> tuple[dict[str, dict[int, Calibrator]], dict[str, dict[int, SimulationQuality]]]:
+    calibrators: dict[str, dict[int, Calibrator]] = {k: {} for k in cfg.calibrations}
+    quality: dict[str, dict[int, SimulationQuality]] = {k: {} for k in cfg.calibrations}
+    for latent, text in texts.items():
+        sims = store.get(latent, text, calib_windows).reshape(-1)
+        acts = true_activations(cache, list(calib_windows), latent)
+        for kind in cfg.calibrations:
+            cal = fit_calibrator(kind, latent, sims, acts, cache)
+            calibrators[kind][latent] = cal
+            quality[kind][latent] = simulation_quality(latent, sims, acts, cal(sims))
+    for kind, cals in calibrators.items():
+        fallbacks = count_fallbacks(cals.values())
+        if fallbacks:
+            log.warning("%s calibration fell back to 0 for %d latent(s): %s", kind, sum(fallbacks.values()), fallbacks)
+    return calibrators, quality
+
+
+# ---- stage 8: evaluation ------------------------------------------------------------------------------------
+
+def simulated_conditions(cfg: RunConfig, transcoder: SparseCoder, sims: dict[int, dict[int, Tensor]],
+                         calibrators: dict[str, dict[int, Calibrator]], chosen: dict[float, list[int]]
+                         ) -> list[Replacement]:
+    return [NLSimulatorReplacement(transcoder, {lat: sims[lat] for lat in chosen[f]}, calibrators[kind], chosen[f],
+                                   name=condition_name(kind, f))
+            for kind in cfg.calibrations for f in cfg.fractions]
+
+
+def evaluate_cached(model, windows: TokenWindows, build: Callable[[], list[Replacement]], path: Path, mode: str,
+                    cfg: RunConfig, fingerprint: str, stages: Stage) -> EvalResults:
+    """One Evaluator run, reused from ``path`` when its fingerprint matches (conditions are then never built)."""
+    if path.is_file() and json.loads(path.read_text()).get("fingerprint") == fingerprint:
+        return EvalResults.from_json(json.loads(path.read_text())["results"])
+    res = stages.timed(f"evaluate_{path.stem}", Evaluator(model, windows, cfg.batch_size, mode, seed=cfg.seed).run,
+                       build())
+    io.write_json(path, {"fingerprint": fingerprint, "results": res.to_json()})
+    return res
+
+
+def fraction_choices(cfg: RunConfig, pool: list[int], scores: list[DetectionScore],
+                     quality: dict[str, dict[int, SimulationQuality]]) -> dict[float, list[int]]:
+    if cfg.order == "explanation_score":
+        ranking = {s.latent: s.balanced_accuracy for s in scores}
+    elif cfg.order == "simulation_score":
+        first = quality[cfg.calibrations[0]]
+        ranking = {lat: q.pearson for lat, q in first.items()}
+    else:
+        ranking = None
+    return {f: choose_latents(f, cfg.order, ranking, cfg.seed, pool) for f in cfg.fractions}
+
+
+def code_version() -> str:
+    """The installed nl_rewrite version: part of every cached result's key, so a new release never reuses them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("nl_rewrite")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def arm_digest(arm: LexicalArm) -> str:
+    """Hash of an arm's explanations and fitted calibrators: cached evaluations depend on both."""
+    payload = json.dumps([sorted(arm.texts.items()), [arm.calibrators[k].to_dict() for k in sorted(arm.calibrators)]],
+                         default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+# ---- the driver -----------------------------------------------------------------------------------------------
+
+@dataclass
+class Context:
+    """What every stage reads: the config, the model, the transcoder, the explain-split cache, the output folder."""
+
+    cfg: RunConfig
+    model: object
+    transcoder: SparseCoder
+    cache: LatentCache
+    out: Path
+    stages: Stage
+
+
+def lexical_stage(ctx: Context, eval_strings: dict[int, list[str]]) -> dict[int, LexicalArm]:
+    """One lexical arm per budget; statistics from explain windows not held out for calibration."""
+    cfg, cache = ctx.cfg, ctx.cache
+    calib_ids = heldout_windows(cfg, len(cache))
+    stat_ids = sorted(set(range(len(cache))) - set(calib_ids))
+    budgets = sorted({cfg.lexical_budget, *cfg.lexical_budgets})
+    candidates = candidate_items(cache, stat_ids, max_per_latent=max(budgets))
+    return {b: lexical_arm(cache, stat_ids, calib_ids, candidates, b, eval_strings, ctx.out) for b in budgets}
+
+
+def lexical_budget_arm(ctx: Context, budget: int, calib_ids: list[int]) -> LexicalArm:
+    """One lexical arm, for live use on new text (no eval windows are simulated)."""
+    stat_ids = sorted(set(range(len(ctx.cache))) - set(calib_ids))
+    candidates = candidate_items(ctx.cache, stat_ids, max_per_latent=budget)
+    return lexical_arm(ctx.cache, stat_ids, calib_ids, candidates, budget, {}, ctx.out)
+
+
+def heldout_windows(cfg: RunConfig, n: int) -> list[int]:
+    return sorted(random.Random(cfg.seed + 1).sample(range(n), min(cfg.lexical_calib_windows, n - 1)))
+
+
+@dataclass
+class PoolArm:
+    """The LLM's part: pool, explanations, scores, calibrators, simulations of the first eval windows."""
+
+    pool: list[int]
+    explanations: list[Explanation]
+    scores: list[DetectionScore]
+    texts: dict[int, str]
+    calibrators: dict[str, dict[int, Calibrator]]
+    quality: dict[str, dict[int, SimulationQuality]]
+    chosen: dict[float, list[int]]
+    eval_sims: dict[int, dict[int, Tensor]]
+    simulator_identity: str
+    nan_predictions: int
+
+
+def llm_stage(ctx: Context, backend, eval_strings: dict[int, list[str]]) -> PoolArm:
+    cfg, cache, stages = ctx.cfg, ctx.cache, ctx.stages
+    pool = choose_pool(cfg, cache, ctx.transcoder, min_count=max(2, cfg.n_heldout))
+    explanations, scores = explain_and_score(cfg, backend, cache, pool, ctx.out, stages)
+    usable, _ = usable_pool(explanations)
+    texts = {r.latent: r.text for r in explanations if r.latent in set(usable)}
+    simulator = Simulator(backend, cfg.simulator_mode)
+    calib_ids = sorted(random.Random(cfg.seed).sample(range(len(cache)), min(cfg.calib_windows, len(cache))))
+    calib_windows = {w: cache.token_strings(cache.window_tokens(w)) for w in calib_ids}
+    calib_store = stages.timed("simulate_explain", simulate_split, simulator, ctx.out / "simulations" / "explain",
+                               texts, calib_windows)
+    llm_windows = {w: eval_strings[w] for w in range(cfg.llm_eval_windows)}
+    eval_store = stages.timed("simulate_eval", simulate_split, simulator, ctx.out / "simulations" / "eval", texts,
+                              llm_windows)
+    calibrators, quality = stages.timed("calibrate", calibrate, cfg, cache, calib_store, texts, calib_windows)
+    chosen = fraction_choices(cfg, list(texts), scores, quality)
+    eval_sims = {lat: eval_store.load(lat, text, llm_windows) for lat, text in texts.items()}
+    return PoolArm(pool, explanations, scores, texts, calibrators, quality, chosen, eval_sims, simulator.identity,
+                   simulator.stats.nan_predictions)
+
+
+def main_conditions(ctx: Context, arms: dict[int, LexicalArm]) -> tuple[Callable[[], list[Replacement]], dict]:
+    """Builder of every all-latent condition, and each one's (family, fraction, label) before measuring r."""
+    cfg, tc, cache = ctx.cfg, ctx.transcoder, ctx.cache
+    n = cache.n_latents
+    headline = arms[cfg.lexical_budget]
+    ranking = sorted(headline.texts, key=lambda lat: -_finite_or(headline.ranking().get(lat), -2.0))
+    ranking += sorted(set(range(n)) - set(ranking))  # latents without an explanation (never fired) go last
+    plan = {"transcoder": ("baseline", 1.0, "transcoder"), "zero_latents": ("baseline", 0.0, "no active latents"),
+            "zero_mlp": ("baseline", 0.0, "MLP zero-ablated"), "mean_mlp": ("baseline", 0.0, "MLP mean-ablated"),
+            "random_latents": ("baseline", 1.0, "random active latents"),
+            "oracle": ("oracle", 1.0, "true activations"), "binary_oracle": ("oracle", 1.0, "binary oracle"),
+            **{f"noisy_r{r:g}": ("oracle", 1.0, f"noisy oracle, target r={r:g}") for r in cfg.noise_targets},
+            HEADLINE_LEXICAL: ("lexical", 1.0, f"lexical, ≤{cfg.lexical_budget} items"),
+            **{f"lexical_b{b}": ("lexical", 1.0, f"lexical, ≤{b} items") for b in cfg.lexical_budgets
+               if b != cfg.lexical_budget}}
+    for f in cfg.sweep_fractions:
+        plan[f"lexical_f{f:g}"] = ("lexical", f, f"lexical, {100 * f:g}% of latents")
+        plan[f"binary_oracle_f{f:g}"] = ("oracle", f, f"binary oracle, {100 * f:g}% of latents")
+
+    def top(f: float) -> list[int]:
+        return ranking[:max(1, round(f * n))]
+
+    def build() -> list[Replacement]:
+        noise = fit_noise(cache, heldout_windows(cfg, len(cache)), cfg.noise_targets, cfg.seed)
+        baselines = [build_condition(name, ctx.model, cfg.layer, lambda: tc, cfg.seed) for name in BASELINES]
+        lexical = [lexical_condition(tc, headline, range(n), HEADLINE_LEXICAL)]
+        lexical += [lexical_condition(tc, arm, range(n), f"lexical_b{b}") for b, arm in arms.items()
+                    if b != cfg.lexical_budget]
+        sweeps = []
+        for f in cfg.sweep_fractions:
+            sweeps.append(lexical_condition(tc, headline, top(f), f"lexical_f{f:g}"))
+            sweeps += oracle_conditions(tc, cache, noise, cfg.seed, top(f), suffix=f"_f{f:g}")[1:2]
+        return baselines + oracle_conditions(tc, cache, noise, cfg.seed) + lexical + sweeps
+
+    return functools.cache(build), plan  # built at most once: evaluation and measuring share the conditions
+
+
+def pool_conditions(ctx: Context, arm: PoolArm, lexical: LexicalArm) -> tuple[Callable[[], list[Replacement]], dict]:
+    cfg, tc = ctx.cfg, ctx.transcoder
+    pool = sorted(arm.texts)
+    share = len(pool) / ctx.cache.n_latents
+    plan = {"transcoder": ("baseline", 1.0, "transcoder"), "zero_latents": ("baseline", 0.0, "no active latents"),
+            "pool_zeroed": ("baseline", share, "pool latents set to 0"),
+            "lexical_pool": ("lexical", share, f"lexical on the pool, ≤{lexical.budget} items"),
+            "binary_oracle_pool": ("oracle", share, "binary oracle on the pool"),
+            **{condition_name(k, f): ("llm", share * f, f"LLM simulator, {k} calibration, {100 * f:g}% of pool")
+               for k in cfg.calibrations for f in cfg.fractions}}
+
+    def build() -> list[Replacement]:
+        refs = [build_condition(name, ctx.model, cfg.layer, lambda: tc, cfg.seed) for name in ("transcoder", "zero_latents")]
+        mean_active = torch.nan_to_num(ctx.cache.stats.mean.float(), nan=0.0)
+        return refs + [zeroed_condition(tc, pool, "pool_zeroed"), lexical_condition(tc, lexical, pool, "lexical_pool"),
+                       OracleReplacement(tc, "binary", pool, mean_active=mean_active, name="binary_oracle_pool")
+                       ] + simulated_conditions(cfg, tc, arm.eval_sims, arm.calibrators, arm.chosen)
+
+    return functools.cache(build), plan
+
+
+def _finite_or(value: float | None, default: float) -> float:
+    return value if value is not None and value == value else default
+
+
+def measured_info(plan: dict, conditions: Callable[[], list[Replacement]], eval_cache: LatentCache,
+                  window_ids: list[int], path: Path, fingerprint: str) -> dict[str, ConditionInfo]:
+    """Each planned condition's info with its Pearson r measured on the evaluated windows (cached by fingerprint)."""
+    if path.is_file() and json.loads(path.read_text()).get("fingerprint") == fingerprint:
+        return {k: ConditionInfo(**v) for k, v in json.loads(path.read_text())["info"].items()}
+    info = {}
+    for rep in conditions():
+        family, fraction, label = plan.get(rep.name, ("baseline", 0.0, rep.name))
+        r = eval_pearson(rep, eval_cache, window_ids) if family != "baseline" else float("nan")
+        info[rep.name] = ConditionInfo(family, fraction, r, label)
+    io.write_json(path, {"fingerprint": fingerprint, "info": {k: asdict(v) for k, v in info.items()}})
+    return info
+
+
+GENERATION_PROMPTS, PROMPT_TOKENS, NEW_TOKENS = 3, 16, 12
+
+
+def rewritten_models(ctx: Context, arm: LexicalArm) -> dict[str, Replacement | None]:
+    """Clean, transcoder, the lexically rewritten MLP (live: simulates any text) and zero-latents."""
+    tc = ctx.transcoder
+    return {"clean": None, "transcoder": build_condition("transcoder", ctx.model, ctx.cfg.layer, lambda: tc),
+            f"lexical rewrite (≤{arm.budget} items)": LiveSimulatorReplacement(
+                tc, LexicalSimulator(), arm.texts, arm.calibrators, ctx.cache.token_strings, name="lexical_live"),
+            "zero_latents": build_condition("zero_latents", ctx.model, ctx.cfg.layer, lambda: tc)}
+
+
+def generation_stage(ctx: Context, arm: LexicalArm, eval_windows: TokenWindows, fingerprint: str) -> list[dict]:
+    """Greedy continuations of the first eval windows' openings, per rewritten model (cached by fingerprint)."""
+    path = ctx.out / "generations.json"
+    if path.is_file() and json.loads(path.read_text()).get("fingerprint") == fingerprint:
+        return json.loads(path.read_text())["generations"]
+    prompts = [eval_windows.tokens[i, :PROMPT_TOKENS] for i in range(min(GENERATION_PROMPTS, len(eval_windows)))]
+    gens = side_by_side(ctx.model, prompts, rewritten_models(ctx, arm), NEW_TOKENS, ctx.cache.token_strings)
+    io.write_json(path, {"fingerprint": fingerprint, "generations": gens})
+    return gens
+
+
+def run_experiment(cfg: RunConfig) -> Artifacts:
+    """Run (or resume) the experiment ``cfg`` describes; writes into ``cfg.out`` and returns the artifacts."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stages = Stage()
+    torch.manual_seed(cfg.seed)
+    model = stages.timed("load_model", load_model, cfg.model)
+    if cfg.layer < 0:
+        from nl_rewrite.coders.train import DEFAULT_LAYER
+
+        cfg.layer = DEFAULT_LAYER
+    transcoder = stages.timed("transcoder", load_transcoder, cfg, model)
+    explain_windows = windows_for(cfg, model, "explain", cfg.explain_windows)
+    cache = stages.timed("latent_cache", LatentCache.build, model, transcoder, explain_windows, out / "latents")
+    ctx = Context(cfg, model, transcoder, cache, out, stages)
+    eval_windows = windows_for(cfg, model, "eval", cfg.eval_windows)
+    eval_cache = stages.timed("latent_cache_eval", LatentCache.build, model, transcoder, eval_windows,
+                              out / "latents_eval", progress=False)
+    eval_strings = window_strings(cache, eval_windows)
+    arms = stages.timed("lexical", lexical_stage, ctx, eval_strings)
+    backend = make_backend(cfg.llm, cache=cache_dir() / "llm_calls.sqlite")
+    pool = llm_stage(ctx, backend, eval_strings)
+
+    base_fp = [cfg.to_dict(), eval_windows.fingerprint(), cache.meta.coder_fingerprint, code_version()]
+    build, plan = main_conditions(ctx, arms)
+    main_fp = json.dumps(base_fp + [LexicalSimulator().identity, LEXICAL_CALIBRATION,
+                                    {b: arm_digest(a) for b, a in arms.items()}], default=str)
+    results = {mode: evaluate_cached(model, eval_windows, build, out / f"eval_{mode}.json", mode, cfg, main_fp, stages)
+               for mode in cfg.position_modes}
+    ids = list(range(len(eval_windows)))
+    info = stages.timed("measure_pearson", measured_info, plan, build, eval_cache, ids, out / "conditions.json", main_fp)
+
+    llm_windows = eval_windows.subset(list(range(cfg.llm_eval_windows)))
+    build_pool, pool_plan = pool_conditions(ctx, pool, arms[cfg.lexical_budget])
+    pool_fp = json.dumps(base_fp + [pool.simulator_identity, sorted(pool.texts.items()), main_fp], default=str)
+    pool_results = evaluate_cached(model, llm_windows, build_pool, out / "eval_pool.json", "all", cfg, pool_fp, stages)
+    pool_info = measured_info(pool_plan, build_pool, eval_cache, list(range(cfg.llm_eval_windows)),
+                              out / "conditions_pool.json", pool_fp)
+
+    generations = stages.timed("generate", generation_stage, ctx, arms[cfg.lexical_budget], eval_windows, main_fp)
+    mass = output_mass(cache, transcoder)
+    backend_counts = {k: getattr(backend, k) for k in ("new_calls", "hits") if hasattr(backend, k)}
+    counts = {"pool": len(pool.pool), "explained_ok": len(pool.texts),
+              "explanations_failed": len(pool.explanations) - len(pool.texts),
+              "simulated_nan_predictions": pool.nan_predictions,
+              "lexical_explained": len(arms[cfg.lexical_budget].texts),
+              "lexical_parse_fallbacks": sum(a.fallbacks for a in arms.values()), **backend_counts}
+    return Artifacts(cfg, results, pool_results, {**info, **{f"pool:{k}": v for k, v in pool_info.items()}}, arms,
+                     float(mass[sorted(pool.texts)].sum()) if pool.texts else 0.0,
+                     pool.explanations, pool.scores, pool.quality, sorted(pool.texts), cache.n_latents, pool.chosen,
+                     {k: count_fallbacks(v.values()) for k, v in pool.calibrators.items()}, counts, stages.seconds,
+                     cache.token_strings, generations)
