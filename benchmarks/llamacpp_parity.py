@@ -12,7 +12,7 @@ import time
 from nl_rewrite.llm import llamacpp
 from nl_rewrite.llm.embedded import EmbeddedBackend
 from nl_rewrite.llm.openai_backend import OpenAIBackend
-from nl_rewrite.llm.parity import PROBE_EXPLANATIONS, PROBE_TEXTS, compare_backends
+from nl_rewrite.interp.backend_parity import PROBE_EXPLANATIONS, PROBE_TEXTS, compare_backends
 from nl_rewrite.model.loading import EMBEDDED
 from nl_rewrite.interp.simulate import SimulationItem, Simulator
 

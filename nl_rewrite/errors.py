@@ -27,3 +27,11 @@ class CheckpointError(NLRewriteError):
 
 class LLMError(NLRewriteError):
     """An LLM backend that cannot give what was asked (dead server, no logprobs, unparseable reply)."""
+
+
+class MissingSimulationError(NLRewriteError, KeyError):
+    """A (latent, window) never simulated with this explanation and simulator, asked for by a store read or by an
+    evaluation of the simulated replacement."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""

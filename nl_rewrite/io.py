@@ -1,4 +1,5 @@
-"""Durable, atomic file writes: the one way nl_rewrite replaces a file on disk.
+"""Files on disk: durable atomic writes (the one way nl_rewrite replaces a file) and the append-only JSONL
+:class:`RecordStore` of per-latent records.
 
 The content goes to a uniquely named temporary file in the target's folder (``.<name>.<pid>.<random>.tmp``, with
 the permissions the umask gives a new file), which is flushed and fsynced, renamed over the target, and then the
@@ -13,14 +14,17 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Generic, Protocol, Sequence, TypeVar
 
 from torch import Tensor
 
 from nl_rewrite.errors import NLRewriteError
+
+log = logging.getLogger(__name__)
 
 
 class DiskFullError(NLRewriteError, OSError):
@@ -120,3 +124,53 @@ def _running(pid: int) -> bool:
         return False
     except PermissionError:  # someone else's process: alive
         return True
+
+
+class Record(Protocol):
+    """What a :class:`RecordStore` keeps: one per latent, tagged with the settings that made it."""
+
+    latent: int
+    settings: str
+
+    def to_dict(self) -> dict: ...
+
+
+R = TypeVar("R", bound=Record)
+
+
+class RecordStore(Generic[R]):
+    """Append-only JSONL of per-latent records made with one settings key; tolerates a half-written last line.
+
+    Records need ``latent`` and ``settings`` attributes and ``to_dict``; ``decode`` turns a dict back into one.
+    """
+
+    def __init__(self, path: "str | Path", settings: str, decode: Callable[[dict], R]):
+        self.path = Path(path)
+        self.settings = settings
+        self.decode = decode
+        self.records: dict[int, R] = {}
+        if self.path.is_file():
+            self._load()
+
+    def _load(self) -> None:
+        text = self.path.read_text()
+        lines = text.split("\n")
+        complete = lines[:-1]  # the piece after the last newline is empty, or what a kill left half-written
+        for line in filter(None, complete):
+            record = self.decode(json.loads(line))
+            if record.settings != self.settings:
+                raise NLRewriteError(f"{self.path} holds records made with other settings "
+                                     f"({record.settings} ≠ {self.settings}); use another output file")
+            self.records[record.latent] = record
+        if lines[-1]:
+            log.warning("%s: dropping a half-written last line (an interrupted run)", self.path)
+            write_text(self.path, "".join(line + "\n" for line in filter(None, complete)))
+
+    def add(self, records: Sequence[R]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as fh:
+            for record in records:
+                fh.write(json.dumps(record.to_dict()) + "\n")
+                self.records[record.latent] = record
+            fh.flush()
+            os.fsync(fh.fileno())

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from nl_rewrite.coders.checkpoint import CheckpointShapeError, load_coder
+from nl_rewrite.coders.checkpoint import CheckpointShapeError, load_coder, save_coder
 from nl_rewrite.errors import CheckpointError, ShapeMismatchError
 from nl_rewrite.coders.sparse_coder import CoderConfig, SparseCoder
 
@@ -25,8 +25,8 @@ def random_coder(skip: bool = True, d: int = 32) -> SparseCoder:
 
 def test_save_load_round_trip_bit_exact(tmp_path):
     coder = random_coder()
-    coder.save(tmp_path / "c")
-    loaded = SparseCoder.load(tmp_path / "c")
+    save_coder(coder, tmp_path / "c")
+    loaded = load_coder(tmp_path / "c")
     assert loaded.cfg == coder.cfg
     for name, tensor in coder.state_dict().items():
         assert torch.equal(tensor, loaded.state_dict()[name]), name
@@ -95,7 +95,7 @@ def test_saelens_relu_sae_is_refused(tmp_path):
 
 def test_missing_tensor_is_named(tmp_path):
     coder = random_coder()
-    coder.save(tmp_path)
+    save_coder(coder, tmp_path)
     state = {k: v for k, v in coder.state_dict().items() if k != "W_dec"}
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "sae.safetensors"))
     with pytest.raises(CheckpointError, match="W_dec"):
@@ -103,7 +103,7 @@ def test_missing_tensor_is_named(tmp_path):
 
 
 def test_corrupt_files_raise_checkpoint_error(tmp_path):
-    random_coder().save(tmp_path)
+    save_coder(random_coder(), tmp_path)
     weights = tmp_path / "sae.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="corrupt"):
@@ -122,7 +122,7 @@ def test_missing_folder_and_files(tmp_path):
 
 def test_tensor_shape_disagreeing_with_cfg(tmp_path):
     coder = random_coder()
-    coder.save(tmp_path)
+    save_coder(coder, tmp_path)
     cfg = json.loads((tmp_path / "cfg.json").read_text())
     cfg["num_latents"] = 50
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
@@ -131,9 +131,9 @@ def test_tensor_shape_disagreeing_with_cfg(tmp_path):
 
 
 def test_d_in_mismatch_with_model_site(tmp_path, tiny):
-    random_coder(d=32).save(tmp_path / "fits")
+    save_coder(random_coder(d=32), tmp_path / "fits")
     load_coder(tmp_path / "fits", model=tiny)  # tiny has d_model 32
-    random_coder(d=24).save(tmp_path / "wide")
+    save_coder(random_coder(d=24), tmp_path / "wide")
     with pytest.raises(ShapeMismatchError, match="width 24"):
         load_coder(tmp_path / "wide", model=tiny)
     with pytest.raises(CheckpointError):

@@ -16,7 +16,7 @@ from nl_rewrite.interp.score import (ScoreConfig, auroc, balanced_accuracy, load
                               score_latent)
 
 from fakes import FakeBackend
-from test_latents import make_coder, make_windows
+from helpers import make_coder, make_windows
 
 SAMPLING = SamplingConfig(n_train=6, n_heldout=4, n_negatives=5, n_bins=3)
 YES, NO = torch.tensor([-0.1, -2.5]), torch.tensor([-2.5, -0.1])  # one read point's row
@@ -166,10 +166,11 @@ def test_real_embedded_explain_and_score_then_cached_rerun(smol, tmp_cache):
 def test_cli_cache_explain_score(tmp_cache, capsys):
     """`nl-rewrite cache`, `explain` and `score` chained on SmolLM2 with a small saved coder."""
     from nl_rewrite.cli.main import main
+    from nl_rewrite.coders.checkpoint import save_coder
     from nl_rewrite.coders.sparse_coder import CoderConfig, SparseCoder
 
-    SparseCoder(CoderConfig(d_in=576, d_out=576, n_latents=1024, k=8, read_site="mlp_in.6", write_site="mlp_out.6"),
-                seed=0).save(tmp_cache / "coder")
+    save_coder(SparseCoder(CoderConfig(d_in=576, d_out=576, n_latents=1024, k=8, read_site="mlp_in.6",
+                                       write_site="mlp_out.6"), seed=0), tmp_cache / "coder")
     folder = tmp_cache / "latents"
     assert main(["cache", "--coder", str(tmp_cache / "coder"), "--max-windows", "40", "--out", str(folder),
                  "--shard-windows", "16"]) == 0

@@ -38,12 +38,12 @@ def default_cache_folder(coder, split: str = "explain", window: int = 32) -> Pat
     return cache_dir() / "latents" / f"{coder_fingerprint(coder)}-{split}-w{window}"
 
 
-def load_coder(path: str, model_name: str = ""):
+def coder_from_arg(path: str, model_name: str = ""):
     """The coder at ``path``, or the default transcoder (trained if absent) when ``path`` is empty."""
     if path:
-        from nl_rewrite.coders.sparse_coder import SparseCoder
+        from nl_rewrite.coders.checkpoint import load_coder
 
-        return SparseCoder.load(path)
+        return load_coder(path)
     from nl_rewrite.coders.train import default_transcoder
 
     return default_transcoder(model_name or "smollm2-135m")
@@ -54,7 +54,7 @@ def build(cfg: CacheConfig):
     from nl_rewrite.latents.cache import LatentCache
     from nl_rewrite.model.loading import load_model, prepend_bos_for
 
-    coder = load_coder(cfg.coder, cfg.model)
+    coder = coder_from_arg(cfg.coder, cfg.model)
     name = cfg.model or coder.cfg.model
     model = load_model(name)
     windows = token_windows(model, cfg.split, corpus=cfg.corpus, window=cfg.window,

@@ -44,9 +44,9 @@ class ExplainRun:
 
 def open_cache(folder: str):
     from nl_rewrite.latents.cache import LatentCache
-    from nl_rewrite.cli.cache import default_cache_folder, load_coder
+    from nl_rewrite.cli.cache import coder_from_arg, default_cache_folder
 
-    return LatentCache.open(folder if folder else default_cache_folder(load_coder("")))
+    return LatentCache.open(folder if folder else default_cache_folder(coder_from_arg("")))
 
 
 def make_llm(opts: LLMOptions):

@@ -13,7 +13,6 @@ Parameter names and shapes follow EleutherAI's sparsify so its checkpoints load 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -118,12 +117,13 @@ class SparseCoder(nn.Module):
     def decode(self, latents: "SparseLatents | Float[Tensor, '... n_latents']") -> Float[Tensor, "... d_out"]:
         """Latents · W_dec + b_dec (no skip). Sparse latents use a gather (embedding_bag), not a dense matmul."""
         if isinstance(latents, SparseLatents):
-            return self._decode_sparse(latents.values, latents.indices) + self.b_dec
+            return self.decode_sparse(latents.values, latents.indices) + self.b_dec
         if latents.shape[-1] != self.cfg.n_latents:
             raise ShapeMismatchError(f"dense latents must have {self.cfg.n_latents} columns, got {tuple(latents.shape)}")
         return latents @ self.W_dec + self.b_dec
 
-    def _decode_sparse(self, values: Tensor, indices: Tensor) -> Tensor:
+    def decode_sparse(self, values: Float[Tensor, "... k"], indices: Int[Tensor, "... k"]) -> Float[Tensor, "... d_out"]:
+        """Σ values · W_dec[indices], without b_dec: the latents' own contribution (the trainer fits residuals with it)."""
         if values.shape != indices.shape:
             raise ShapeMismatchError(f"latent values {tuple(values.shape)} and indices {tuple(indices.shape)} differ")
         lead, width = values.shape[:-1], values.shape[-1]
@@ -193,16 +193,3 @@ class SparseCoder(nn.Module):
             if have != width:
                 raise ShapeMismatchError(f"coder expects width {width} at {site}, but the model's {site} has width "
                                          f"{have}; was it trained on another model ({self.cfg.model!r})?")
-
-    def save(self, folder: "str | Path") -> None:
-        """Write ``folder/cfg.json`` and ``folder/sae.safetensors`` (sparsify layout), atomically per file."""
-        from nl_rewrite.coders.checkpoint import save_coder
-
-        save_coder(self, folder)
-
-    @classmethod
-    def load(cls, folder: "str | Path", model=None, **site_overrides: str) -> "SparseCoder":
-        """Load a sparsify-layout (or SAELens) folder; with ``model``, check it fits. See :mod:`.checkpoint`."""
-        from nl_rewrite.coders.checkpoint import load_coder
-
-        return load_coder(folder, model=model, **site_overrides)

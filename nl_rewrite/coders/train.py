@@ -272,7 +272,7 @@ def auxk_loss(coder: SparseCoder, raw: Tensor, error: Tensor, dead: Tensor, tota
     k_aux = min(coder.cfg.d_out // 2, n_dead)
     scale = min(n_dead / (coder.cfg.d_out // 2), 1.0)
     values, indices = torch.where(dead, raw, raw.new_tensor(-torch.inf)).topk(k_aux, dim=-1, sorted=False)
-    error_hat = coder._decode_sparse(values, indices)
+    error_hat = coder.decode_sparse(values, indices)
     return scale * (error_hat - error.detach()).pow(2).sum() / total_variance
 
 
@@ -336,7 +336,7 @@ def linear_init(coder: SparseCoder, x: Tensor, y: Tensor, ridge: float = 0.1, la
         coder.b_dec.copy_(y_mean - x.mean(0) @ w)
         prediction = coder.skip(x) + coder.b_dec
     residual_norm = (y - prediction).norm(dim=-1).mean()
-    latent_norm = coder._decode_sparse(*coder.encode(x)).norm(dim=-1).mean()
+    latent_norm = coder.decode_sparse(*coder.encode(x)).norm(dim=-1).mean()
     if latent_norm > 0:
         factor = latent_scale * residual_norm / latent_norm
         coder.encoder.weight.mul_(factor)

@@ -18,22 +18,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Generic, Sequence, TypeVar
+from typing import Sequence
 
 from tqdm import tqdm
 
-from nl_rewrite import io
+from nl_rewrite.io import RecordStore
 from nl_rewrite.errors import NLRewriteError
 from nl_rewrite.latents.cache import LatentCache
 from nl_rewrite.llm.base import ChatRequest, LLMBackend
 from nl_rewrite.latents.sampling import Example, LatentExamples, SamplingConfig, SamplingError, sample_latent
 
 log = logging.getLogger(__name__)
-R = TypeVar("R")
 
 VARIANTS = ("default", "contrastive")
 EXPLANATION_TAG = "[EXPLANATION]:"
@@ -207,44 +205,6 @@ def _clip(text: str, max_chars: int) -> str:
 
 
 # ---- storage -------------------------------------------------------------------------------------------------
-
-class RecordStore(Generic[R]):
-    """Append-only JSONL of per-latent records made with one settings key; tolerates a half-written last line.
-
-    Records need ``latent`` and ``settings`` attributes and ``to_dict``; ``decode`` turns a dict back into one.
-    """
-
-    def __init__(self, path: "str | Path", settings: str, decode: Callable[[dict], R]):
-        self.path = Path(path)
-        self.settings = settings
-        self.decode = decode
-        self.records: dict[int, R] = {}
-        if self.path.is_file():
-            self._load()
-
-    def _load(self) -> None:
-        text = self.path.read_text()
-        lines = text.split("\n")
-        complete = lines[:-1]  # the piece after the last newline is empty, or what a kill left half-written
-        for line in filter(None, complete):
-            record = self.decode(json.loads(line))
-            if record.settings != self.settings:  # type: ignore[attr-defined]
-                raise NLRewriteError(f"{self.path} holds records made with other settings "
-                                     f"({record.settings} ≠ {self.settings}); use another output file")  # type: ignore[attr-defined]
-            self.records[record.latent] = record  # type: ignore[attr-defined]
-        if lines[-1]:
-            log.warning("%s: dropping a half-written last line (an interrupted run)", self.path)
-            io.write_text(self.path, "".join(line + "\n" for line in filter(None, complete)))
-
-    def add(self, records: Sequence[R]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as fh:
-            for record in records:
-                fh.write(json.dumps(record.to_dict()) + "\n")  # type: ignore[attr-defined]
-                self.records[record.latent] = record  # type: ignore[attr-defined]
-            fh.flush()
-            os.fsync(fh.fileno())
-
 
 def load_explanations(path: "str | Path") -> list[Explanation]:
     """All records of a JSONL file (ok and failed), in file order."""

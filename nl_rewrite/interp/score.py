@@ -25,7 +25,8 @@ from scipy.stats import rankdata
 from tqdm import tqdm
 
 from nl_rewrite.errors import LLMError, NLRewriteError
-from nl_rewrite.interp.explain import Explanation, RecordStore
+from nl_rewrite.interp.explain import Explanation
+from nl_rewrite.io import RecordStore
 from nl_rewrite.latents.cache import LatentCache
 from nl_rewrite.llm.base import LLMBackend, ScoreRequest
 from nl_rewrite.latents.sampling import Example, SamplingConfig, sample_latent

@@ -35,17 +35,10 @@ from safetensors import safe_open
 from torch import Tensor
 
 from nl_rewrite import io
-from nl_rewrite.errors import NLRewriteError
+from nl_rewrite.errors import MissingSimulationError
 from nl_rewrite.interp.simulate import SimulationItem, Simulator
 
 log = logging.getLogger(__name__)
-
-
-class MissingSimulationError(NLRewriteError, KeyError):
-    """A (latent, window) that was never simulated with this explanation and simulator."""
-
-    def __str__(self) -> str:  # KeyError would repr() the message
-        return str(self.args[0]) if self.args else ""
 
 
 LAYOUT = "content-keyed-v3"

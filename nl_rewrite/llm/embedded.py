@@ -17,8 +17,9 @@ import inspect
 import logging
 import threading
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -179,6 +180,20 @@ class EmbeddedBackend:
         if any(p < 0 for r in shifted for p in r):
             raise LLMError("a read point falls before the first token: the prompt is empty up to there")
         return self._suffix_logprobs(empty, [prefix_ids + s for s in suffixes], shifted)
+
+    # ---- for callers that drive the model token by token (the HTTP server) ---------------------------
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the model alone, without autograd: the server calls us from many threads."""
+        with self._lock, torch.inference_mode():
+            yield
+
+    def forward_cached(self, ids: Int[Tensor, "1 pos"], cache: object = None) -> tuple[Float[Tensor, "pos vocab"], object]:
+        """Logits for ``ids`` continuing from ``cache`` (``None``: from scratch), and the cache to continue from."""
+        extra = {self._cache_arg: cache} if cache is not None else {}
+        out = self.model(ids, use_cache=True, **extra)
+        return out.logits[0], _returned_cache(out)
 
     # ---- chat ---------------------------------------------------------------------------------
 

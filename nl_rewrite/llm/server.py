@@ -94,7 +94,7 @@ def completion_response(backend: EmbeddedBackend, body: dict[str, Any]) -> dict[
     if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
         raise _BadRequest("prompt must be a string or a list of strings")
     settings = _completion_settings(body)
-    with backend._lock, torch.inference_mode():
+    with backend.exclusive():
         choices = [_complete(backend, p, i, **settings) for i, p in enumerate(prompts)]
     n_prompt = sum(c.pop("_n_prompt") for c in choices)
     n_new = sum(c.pop("_n_new") for c in choices)
@@ -142,11 +142,9 @@ def _generate_with_logprobs(backend: EmbeddedBackend, prompt_ids: list[int], max
 
     Row t is log p(token t | tokens before t); row 0 is NaN (nothing predicts the first token).
     """
-    from nl_rewrite.llm.embedded import _returned_cache
-
     generator = torch.Generator().manual_seed(seed)
-    out = backend.model(torch.tensor([prompt_ids]), use_cache=True)
-    logits = out.logits[0].float()
+    logits, cache = backend.forward_cached(torch.tensor([prompt_ids]))
+    logits = logits.float()
     rows = [torch.full_like(logits[0], float("nan")), *logits.log_softmax(-1)]
     new_ids: list[int] = []
     for _ in range(max_tokens):
@@ -154,8 +152,8 @@ def _generate_with_logprobs(backend: EmbeddedBackend, prompt_ids: list[int], max
         new_ids.append(next_id)
         if next_id == backend.tokenizer.eos_token_id or len(new_ids) == max_tokens:
             break
-        out = backend.model(torch.tensor([[next_id]]), use_cache=True, **{backend._cache_arg: _returned_cache(out)})
-        rows.append(out.logits[0, -1].float().log_softmax(-1))
+        step, cache = backend.forward_cached(torch.tensor([[next_id]]), cache)
+        rows.append(step[-1].float().log_softmax(-1))
     return new_ids, torch.stack(rows[:len(prompt_ids) + len(new_ids)])
 
 
@@ -203,7 +201,7 @@ def chat_response(backend: EmbeddedBackend, body: dict[str, Any]) -> dict[str, A
     prefill = pairs.pop()[1] if pairs[-1][0] == "assistant" and len(pairs) > 1 else ""
     request = ChatRequest(tuple(pairs), max_tokens=int(body.get("max_tokens") or 200),
                           temperature=float(body.get("temperature") or 0.0), prefill=prefill)
-    with backend._lock, torch.inference_mode():
+    with backend.exclusive():
         prompt_ids = backend.tokenizer(backend.chat_prompt(request), add_special_tokens=False,
                                        return_tensors="pt").input_ids
         new_ids = backend.generate(prompt_ids, request.max_tokens, request.temperature,

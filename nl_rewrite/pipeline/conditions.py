@@ -10,6 +10,7 @@ from typing import Callable
 from nl_rewrite.data.windows import token_windows
 from nl_rewrite.model.loading import model_name
 from nl_rewrite.replacements import IdentityReplacement, MeanReplacement, Replacement, ZeroReplacement
+from nl_rewrite.coders.checkpoint import load_coder
 from nl_rewrite.coders.sparse_coder import SparseCoder
 
 CONDITIONS = ("zero", "mean", "identity", "transcoder", "zero_latents", "random_latents")
@@ -32,7 +33,7 @@ def build_condition(name: str, model, layer: int, coder: Callable[[], SparseCode
         windows = token_windows(model, "train", max_windows=MEAN_WINDOWS, seed=seed)
         return MeanReplacement.fit(model, windows, site, name="mean_mlp")
     if name.startswith("coder:"):
-        return TranscoderReplacement(SparseCoder.load(name[len("coder:"):], model=model), name=name)
+        return TranscoderReplacement(load_coder(name[len("coder:"):], model=model), name=name)
     builders = {"transcoder": TranscoderReplacement, "zero_latents": ZeroLatentsReplacement,
                 "random_latents": lambda c: RandomLatentsReplacement(c, seed=seed)}
     if name not in builders:

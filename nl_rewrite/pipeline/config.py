@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from nl_rewrite.interp.calibrate import CALIBRATIONS
 from nl_rewrite.evaluation.evaluator import POSITION_MODES
-from nl_rewrite.replacements.simulated import ORDERS
+from nl_rewrite.interp.selection import ORDERS
 
 PAPER_FRACTIONS = (0.001, 0.01, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0)
 

@@ -44,12 +44,14 @@ from nl_rewrite.paths import cache_dir
 from nl_rewrite.replacements.base import Replacement
 from nl_rewrite.replacements.live import LiveSimulatorReplacement
 from nl_rewrite.replacements.oracles import OracleReplacement
-from nl_rewrite.replacements.simulated import NLSimulatorReplacement, choose_latents, usable_pool
+from nl_rewrite.interp.selection import choose_latents, usable_pool
+from nl_rewrite.replacements.simulated import NLSimulatorReplacement
 from nl_rewrite.pipeline.config import RunConfig
 from nl_rewrite.latents.sampling import SamplingConfig, select_latents
 from nl_rewrite.interp.score import DetectionScore, ScoreConfig, score_explanations
 from nl_rewrite.interp.simulate import Simulator
 from nl_rewrite.interp.simulation_store import SimulationQuality, SimulationStore, simulate_into_store, simulation_quality
+from nl_rewrite.coders.checkpoint import load_coder
 from nl_rewrite.coders.sparse_coder import SparseCoder
 
 log = logging.getLogger(__name__)
@@ -127,7 +129,7 @@ def load_transcoder(cfg: RunConfig, model) -> SparseCoder:
         tcfg = TrainConfig(model=model_name(model), layer=cfg.layer, width=cfg.width, tokens=cfg.train_tokens,
                            out=str(folder), seed=cfg.seed)
         return train(tcfg, model=model)
-    return SparseCoder.load(cfg.transcoder, model=model)
+    return load_coder(cfg.transcoder, model=model)
 
 
 def windows_for(cfg: RunConfig, model, split: str, n: int) -> TokenWindows:

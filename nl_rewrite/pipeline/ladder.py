@@ -22,7 +22,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from nl_rewrite.interp.calibrate import Calibrator, LinearCalibrator, make_calibrator
-from nl_rewrite.interp.explain import Explanation, RecordStore
+from nl_rewrite.interp.explain import Explanation
+from nl_rewrite.io import RecordStore
 from nl_rewrite.latents.cache import LatentCache
 from nl_rewrite.interp.lexical import LEXICAL_VERSION, Candidates, LexicalSimulator, explanation_problems, lexical_explanations
 from nl_rewrite.replacements.oracles import OracleReplacement, mean_pearson, noise_multiplier

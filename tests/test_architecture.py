@@ -1,0 +1,68 @@
+"""The package's shape: subpackages import only downward along the chain, no module imports itself back through
+others, and no module reaches into another's private members."""
+
+from __future__ import annotations
+
+import ast
+import graphlib
+from pathlib import Path
+
+import grimp
+import pytest
+
+import nl_rewrite
+
+# Highest first: a layer may import any layer below it, never one above. This is the pipeline, read bottom-up.
+LAYERS = ("cli", "pipeline", "evaluation", "replacements", "interp", "latents", "coders", "llm", "data", "model")
+
+# Underscore names that are public API of a third-party library, not private members.
+PUBLIC_UNDERSCORE = {"_replace", "_asdict", "_fields", "_make"}
+
+
+@pytest.fixture(scope="module")
+def graph():
+    return grimp.build_graph("nl_rewrite")
+
+
+def test_subpackages_import_only_downward(graph):
+    illegal = graph.find_illegal_dependencies_for_layers(layers=[f"nl_rewrite.{name}" for name in LAYERS])
+    found = sorted(f"{d.importer} imports {d.imported} via {sorted(r.heads for r in d.routes)}" for d in illegal)
+    assert not found, "\n".join(found)
+
+
+def test_no_import_cycles(graph):
+    deps = {module: graph.find_modules_directly_imported_by(module) for module in graph.modules}
+    try:
+        list(graphlib.TopologicalSorter(deps).static_order())
+    except graphlib.CycleError as exc:
+        pytest.fail(f"import cycle: {' -> '.join(exc.args[1])}")
+
+
+def test_layers_cover_every_subpackage():
+    root = Path(nl_rewrite.__file__).parent
+    subpackages = {p.parent.name for p in root.glob("*/__init__.py")}
+    assert subpackages == set(LAYERS)
+
+
+def _private_reaches(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("nl_rewrite"):
+            found += [f"{path.name}:{node.lineno} imports {alias.name}" for alias in node.names
+                      if alias.name.startswith("_") and not alias.name.startswith("__")]
+        elif isinstance(node, ast.Attribute) and _is_private(node.attr):
+            owner = node.value
+            if not (isinstance(owner, ast.Name) and owner.id in ("self", "cls")):
+                found.append(f"{path.name}:{node.lineno} reaches .{node.attr} of {ast.unparse(owner)}")
+    return found
+
+
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__") and name not in PUBLIC_UNDERSCORE
+
+
+def test_no_module_reaches_into_private_members():
+    root = Path(nl_rewrite.__file__).parent
+    found = [hit for path in sorted(root.rglob("*.py")) for hit in _private_reaches(path)]
+    assert not found, "\n".join(found)
