@@ -59,6 +59,7 @@ def evaluate_split(model, coder: SparseCoder, split: str, n_windows: int, model_
     frac, ci = results.fraction_recovered("transcoder", worse="zero")
     frac_skip, _ = results.fraction_recovered("zero_latents", worse="zero")
     return {"fraction_ce_recovered": frac, "fraction_ce_recovered_ci": list(ci),
+            "fraction_ce_recovered_undefined_resamples": ci.undefined,
             "fraction_ce_recovered_zero_latents": frac_skip, "ce": ce, "n_windows": len(windows),
             **reconstruction_stats(model, coder, windows.tokens), **dead_fraction(model, coder, sample.tokens)}
 

@@ -13,7 +13,6 @@ from nl_rewrite.interp.calibrate import (
     calibrator_from_dict,
     count_fallbacks,
     make_calibrator,
-    pool_adjacent_violators,
 )
 
 
@@ -73,11 +72,76 @@ def test_isotonic_is_monotone_and_fits_a_step():
     assert out[0] < 0.2 and out[-1] > 1.0, "low scores ≈ not firing, high scores ≈ firing values"
 
 
-def test_pav_matches_brute_force_on_small_example():
-    starts, ends, values = pool_adjacent_violators(np.array([1.0, 3.0, 2.0, 2.0, 5.0, 0.0]), np.ones(6))
-    fitted = np.repeat(values, ends - starts)
-    # Known least-squares isotonic fit: 1, 7/3, 7/3, 7/3, 2.5, 2.5
-    np.testing.assert_allclose(fitted, [1, 7 / 3, 7 / 3, 7 / 3, 2.5, 2.5])
+def reference_pav(y: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """The hand-written pool-adjacent-violators the calibrator used before scipy: fitted value per point."""
+    ends, means, weights = [], [], []
+    for i, (value, w) in enumerate(zip(y, weight)):
+        ends.append(i + 1), means.append(float(value)), weights.append(float(w))
+        while len(means) > 1 and means[-2] > means[-1]:
+            w_total = weights[-2] + weights[-1]
+            means[-2] = (means[-2] * weights[-2] + means[-1] * weights[-1]) / w_total
+            ends[-2], weights[-2] = ends[-1], w_total
+            del ends[-1], means[-1], weights[-1]
+    return np.repeat(means, np.diff([0, *ends]))
+
+
+def assert_isotonic_optimum(fit: np.ndarray, y: np.ndarray, w: np.ndarray, tol: float = 1e-7) -> None:
+    """KKT certificate that ``fit`` minimises sum w (y - f)^2 subject to f non-decreasing.
+
+    The multiplier of the constraint f_k <= f_{k+1} is the cumulative weighted residual
+    c_k = sum_{j<=k} w_j (y_j - f_j); the problem is convex, so ``fit`` is the (unique) optimum iff it
+    is monotone, every c_k >= 0, c_n = 0, and c_k = 0 wherever f strictly increases."""
+    scale = float(np.sum(w * np.abs(y))) + 1.0
+    assert (np.diff(fit) >= -tol).all(), "not monotone"
+    c = np.cumsum(w * (y - fit))
+    assert c.min() >= -tol * scale, "a multiplier is negative: some prefix should move up"
+    assert abs(c[-1]) <= tol * scale, "the total residual must vanish"
+    rises = np.diff(fit) > tol
+    assert np.abs(c[:-1][rises]).max(initial=0.0) <= tol * scale, "a rise where the prefix is not balanced"
+
+
+def test_kkt_certificate_has_teeth():
+    y, w = np.array([1.0, 3.0, 2.0, 2.0, 5.0, 0.0]), np.ones(6)
+    best = np.array([1, 7 / 3, 7 / 3, 7 / 3, 2.5, 2.5])  # known least-squares isotonic fit
+    assert_isotonic_optimum(best, y, w)
+    for wrong in (best + np.array([0, 0, 0, 0, 0.01, 0.01]), np.sort(y), np.full(6, y.mean())):
+        with pytest.raises(AssertionError):
+            assert_isotonic_optimum(wrong, y, w)
+
+
+def calibrator_fit_at_unique_scores(scores: np.ndarray, acts: np.ndarray):
+    """The calibrator's fitted value at each distinct score, plus the tie-pooled data it was fitted on."""
+    cal = IsotonicCalibrator().fit(torch.tensor(scores), torch.tensor(acts))
+    unique_x, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    y_mean = np.bincount(inverse, weights=acts) / counts
+    fitted = np.interp(unique_x, cal.knots_x, cal.knots_y)  # float64: no float32 rounding from __call__
+    return fitted, y_mean, counts.astype(np.float64), cal
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_isotonic_fit_equals_the_previous_pav_and_is_optimal(seed):
+    gen = np.random.default_rng(seed)
+    n = int(gen.integers(5, 400))
+    # Coarse scores make ties (pooled before the fit); a noisy trend makes many violators to pool.
+    scores = np.round(gen.uniform(0, 9, n), int(gen.integers(0, 2)))
+    acts = np.maximum(0.0, 0.3 * scores + gen.normal(0, 1.5, n))
+    fitted, y_mean, weight, cal = calibrator_fit_at_unique_scores(scores, acts)
+    np.testing.assert_allclose(fitted, reference_pav(y_mean, weight), rtol=1e-10, atol=1e-12)
+    assert_isotonic_optimum(fitted, y_mean, weight)
+    # Equal scores get one value, and the per-point map is the pooled fit.
+    per_point = cal(torch.tensor(scores)).numpy()
+    np.testing.assert_allclose(per_point, fitted[np.unique(scores, return_inverse=True)[1]], rtol=1e-5, atol=1e-6)
+
+
+def test_isotonic_loads_knots_saved_by_the_previous_implementation():
+    # to_dict of the PAV-era calibrator on scores [1, 2, 2, 3], acts [1, 3, 1, 0]: blocks {1}, {2, 3}.
+    saved = {"kind": "isotonic", "latent": 2, "fallback": None,
+             "knots_x": [1.0, 1.0, 2.0, 3.0], "knots_y": [1.0, 1.0, 4 / 3, 4 / 3]}
+    cal = calibrator_from_dict(saved)
+    fresh = IsotonicCalibrator(latent=2).fit(torch.tensor([1.0, 2.0, 2.0, 3.0]), torch.tensor([1.0, 3.0, 1.0, 0.0]))
+    assert fresh.knots_x == saved["knots_x"] and fresh.knots_y == pytest.approx(saved["knots_y"])
+    grid = torch.linspace(0, 4, 41)
+    torch.testing.assert_close(cal(grid), fresh(grid))
 
 
 @pytest.mark.parametrize("kind", CALIBRATIONS)

@@ -132,8 +132,8 @@ def _free_port() -> int:
 
 def test_dead_server_is_an_error_naming_the_url():
     url = f"http://127.0.0.1:{_free_port()}/v1"
-    backend = OpenAIBackend(url, "m", max_retries=2, backoff=0.01, timeout=5)
-    with pytest.raises(LLMError, match=f"no answer from {url} after 3 attempts"):
+    backend = OpenAIBackend(url, "m", max_retries=1, timeout=5)
+    with pytest.raises(LLMError, match=f"no answer from {url} after 2 attempts"):
         backend.chat([ChatRequest((("user", "hi"),))])
 
 

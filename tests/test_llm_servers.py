@@ -142,7 +142,7 @@ def test_explicit_echo_on_a_misaligned_server_is_refused(server, requests_):
 @pytest.mark.parametrize("server", [("llamacpp", {"logits_all": False})], indirect=True)
 def test_unsupported_logprobs_fail_at_once_with_the_servers_message(server, requests_):
     srv, calls = server
-    backend = OpenAIBackend(schema_servers.url(srv, "/v1"), "smollm2-135m", score_mode="per_read", backoff=1.0)
+    backend = OpenAIBackend(schema_servers.url(srv, "/v1"), "smollm2-135m", score_mode="per_read")
     start = time.perf_counter()
     with pytest.raises(LLMError, match="HTTP 500.*logprobs is not supported"):
         backend.score(requests_[:1])

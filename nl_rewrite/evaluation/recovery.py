@@ -2,9 +2,11 @@
 
 The gap is ``M(worse) − M(better)`` (by default zero_latents minus transcoder), per window, for M = CE and
 M = KL(clean‖patched). A condition's recovered fraction is ``(M_worse − M_c) / (M_worse − M_better)`` (ratio of
-window means), with a paired percentile bootstrap over windows: the same resampled windows for numerator and
-denominator. Resamples whose denominator is not positive are counted and reported; when they exceed the
-CI's tail mass (2.5%), or the gap's own CI reaches 0, the fraction is *undefined* and no number is given.
+window means), with a paired percentile bootstrap over windows (:func:`~nl_rewrite.evaluation.stats.ratio_ci`): the
+same resampled windows for numerator and denominator. Resamples whose denominator is not positive have an undefined
+ratio: they are counted (``nonpositive_denominators``), and :func:`describe` and the report say how many whenever any
+did. When they exceed the CI's tail mass (2.5%), or the gap's own CI reaches 0, the fraction is *undefined* and no
+number is given.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from torch import Tensor
 
 from nl_rewrite.evaluation.evaluator import EvalResults
-from nl_rewrite.evaluation.stats import bootstrap_indices, paired_wilcoxon
+from nl_rewrite.evaluation.stats import bootstrap_indices, paired_wilcoxon, ratio_ci
 
 METRICS = ("ce", "kl")
 LEVEL = 0.95
@@ -73,23 +75,21 @@ def recovered(res: EvalResults, name: str, metric: str, worse: str = "zero_laten
               better: str = "transcoder") -> Recovered:
     w, b, c = _metric(res, metric, worse), _metric(res, metric, better), _metric(res, metric, name)
     numer, denom = w - c, w - b
-    idx = bootstrap_indices(len(w), res.n_bootstrap, res.seed)
-    num_s, den_s = numer[idx].mean(1), denom[idx].mean(1)
-    bad = int((den_s <= 0).sum())
+    ci = ratio_ci(numer, denom, bootstrap_indices(len(w), res.n_bootstrap, res.seed), LEVEL)
+    bad, n = ci.undefined, ci.n_resamples
     p_worse, p_better = paired_wilcoxon(c, w), paired_wilcoxon(c, b)
     g = gap(res, metric, worse, better)
     if not g.lo > 0:
         sign = "negative" if g.hi < 0 else "not significant"
         reason = f"gap {worse} − {better} {sign}: 95% CI [{g.lo:+.4f}, {g.hi:+.4f}] does not lie above 0"
-        return Recovered(None, bad, len(den_s), p_worse, p_better, reason)
-    if bad > (1 - LEVEL) / 2 * len(den_s):
-        return Recovered(None, bad, len(den_s), p_worse, p_better,
-                         f"{bad} of {len(den_s)} resamples have a non-positive gap")
-    # a resample whose gap is not positive has no meaningful ratio: it enters the percentiles as ±inf (by the sign of
-    # its numerator) rather than being dropped, so the CI keeps the tail it stands for
-    ratios = torch.where(den_s > 0, num_s / den_s.clamp_min(1e-300), torch.sign(num_s) * math.inf)
+        return Recovered(None, bad, n, p_worse, p_better, reason)
+    if not ci.reliable:
+        return Recovered(None, bad, n, p_worse, p_better,
+                         f"{bad} of {n} resamples have a non-positive gap (an undefined ratio), more than the "
+                         f"{100 * (1 - LEVEL) / 2:g}% the CI's tail can absorb")
+    # the (at most tail-mass many) resamples without a ratio sit in the CI's tails as ±inf: see stats.ratio_ci
     value = float(numer.mean() / denom.mean())
-    return Recovered(Interval(value, *_percentiles(ratios)), bad, len(den_s), p_worse, p_better)
+    return Recovered(Interval(value, ci.lo, ci.hi), bad, n, p_worse, p_better)
 
 
 def recovery_table(res: EvalResults, names: list[str], worse: str = "zero_latents",
@@ -104,17 +104,29 @@ def recovered_json(r: Recovered) -> dict:
     return data
 
 
+def undefined_note(r: Recovered) -> str:
+    """``"3 of 1000 bootstrap resamples had an undefined ratio"`` when any did (else empty)."""
+    if not r.nonpositive_denominators:
+        return ""
+    return f"{r.nonpositive_denominators} of {r.n_resamples} bootstrap resamples had an undefined ratio"
+
+
 def describe(r: Recovered, percent: bool = True) -> str:
-    """``"62% [55%, 70%]"``, or "undefined" and why, in words."""
+    """``"62% [55%, 70%]"`` (noting resamples with an undefined ratio, if any), or "undefined" and why, in words."""
     if r.fraction is None:
         for why in ("not significant", "negative"):
             if f" {why}:" in r.reason:
                 return f"an undefined share (gap {why})"
         return f"an undefined share ({r.reason})"
     f = r.fraction
+    note = f" ({undefined_note(r)})" if r.nonpositive_denominators else ""
     if percent:
-        return f"{100 * f.value:.0f}% [{100 * f.lo:.0f}%, {100 * f.hi:.0f}%]"
-    return f"{f.value:.3f} [{f.lo:.3f}, {f.hi:.3f}]"
+        return f"{_pct(f.value)} [{_pct(f.lo)}, {_pct(f.hi)}]{note}"
+    return f"{f.value:.3f} [{f.lo:.3f}, {f.hi:.3f}]{note}"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.0f}%" if math.isfinite(x) else ("+∞" if x > 0 else "−∞" if x < 0 else "n/a")
 
 
 def format_p(p: float) -> str:

@@ -7,8 +7,9 @@ Fitted per latent on the ``explain`` split, never on ``eval``. Three kinds:
   distribution is mapped onto the latent's real activation distribution *including its firing
   rate*: the top ``rate`` fraction of scores fire, with values read by quantile from the real
   nonzero activations; the rest map to 0. The simulated latent then fires as often as the real one.
-- ``isotonic``: pool-adjacent-violators regression of true activation on simulated score;
-  monotone non-decreasing, linear between knots, flat beyond them.
+- ``isotonic``: isotonic (pool-adjacent-violators) regression of true activation on simulated
+  score, via ``scipy.optimize.isotonic_regression``; monotone non-decreasing, linear between
+  knots, flat beyond them.
 
 A latent never seen firing cannot be calibrated: its calibrator is a *fallback* that maps every
 score to 0, records why in ``fallback`` and logs it; ``count_fallbacks`` tallies them for reports.
@@ -19,11 +20,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Protocol
+from typing import Any, ClassVar, Iterable, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+from einops import rearrange, repeat
 from jaxtyping import Float
+from scipy.optimize import isotonic_regression
 from torch import Tensor
 
 log = logging.getLogger(__name__)
@@ -34,6 +37,7 @@ _MAX_KNOTS = 1024
 """Quantile tables are thinned to this many points so one latent's JSON stays a few kB."""
 
 
+@runtime_checkable
 class Calibrator(Protocol):
     kind: ClassVar[str]
     fallback: str | None
@@ -191,22 +195,6 @@ class QuantileCalibrator(_FromDict):
                 "sim_reference": self.sim_reference, "act_quantiles": self.act_quantiles}
 
 
-def pool_adjacent_violators(y: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Least-squares non-decreasing fit of ``y`` (already ordered by x).
-
-    Returns the blocks as (start index, end index exclusive, fitted value)."""
-    starts, ends, means, weights = [], [], [], []
-    for i, (value, w) in enumerate(zip(y, weight)):
-        starts.append(i), ends.append(i + 1), means.append(float(value)), weights.append(float(w))
-        # Merge while the last block breaks monotonicity: its pooled mean replaces both.
-        while len(means) > 1 and means[-2] > means[-1]:
-            w_total = weights[-2] + weights[-1]
-            pooled = (means[-2] * weights[-2] + means[-1] * weights[-1]) / w_total
-            ends[-2], means[-2], weights[-2] = ends[-1], pooled, w_total
-            del starts[-1], ends[-1], means[-1], weights[-1]
-    return np.asarray(starts), np.asarray(ends), np.asarray(means)
-
-
 @dataclass
 class IsotonicCalibrator(_FromDict):
     """Isotonic (monotone non-decreasing) regression of true activation on simulated score."""
@@ -224,12 +212,14 @@ class IsotonicCalibrator(_FromDict):
             self.fallback = _fallback_note(self.latent, "never fires on the pairs it was fitted on")
             return self
         unique_x, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
-        # Equal scores must get one value: pool them into their mean before PAV.
+        # Equal scores must get one value: pool them into their mean, weighted by their count.
         y_mean = np.bincount(inverse, weights=acts) / counts
-        starts, ends, values = pool_adjacent_violators(y_mean, counts.astype(np.float64))
+        fit = isotonic_regression(y_mean, weights=counts.astype(np.float64), increasing=True)
+        starts, ends = fit.blocks[:-1], fit.blocks[1:]  # block b is unique_x[starts[b]:ends[b]]
+        values = fit.x[starts]
         # A block is flat, so its first and last x carry the whole function under interpolation.
-        xs = np.stack([unique_x[starts], unique_x[ends - 1]], axis=1).reshape(-1)
-        ys = np.repeat(values, 2)
+        xs = rearrange([unique_x[starts], unique_x[ends - 1]], "end block -> (block end)")
+        ys = repeat(values, "block -> (block end)", end=2)
         self.knots_x, self.knots_y, self.fallback = xs.tolist(), ys.tolist(), None
         return self
 

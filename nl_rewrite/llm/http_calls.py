@@ -1,17 +1,23 @@
-"""Concurrent HTTP calls with retries, shared by the OpenAI-compatible and the SGLang backends.
+"""Concurrent HTTP calls, shared by the OpenAI-compatible and the SGLang backends.
 
-Requests run concurrently (``AsyncOpenAI`` + a semaphore) behind a synchronous ``gather``. Connection errors,
-timeouts, 408, 429 and 5xx are retried with exponential backoff, or after the server's ``Retry-After`` when it sends
-one (seconds, capped at ``MAX_RETRY_AFTER``), except a 5xx whose message says the server cannot
-do what was asked (for example llama.cpp's "logprobs is not supported for models created with logits_all=False"):
-retrying that cannot succeed, so it fails at once with the server's message, as do a 501 and every other 4xx.
+Requests run concurrently (``AsyncOpenAI`` + a semaphore) behind a synchronous ``gather``. Retries are the openai
+client's own (``max_retries``): it retries connection errors, timeouts, 408, 409, 429 and every 5xx; it waits what the
+server asks in ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date) when that is more than 0 and at most 2
+minutes, gives up at once when it is longer, and otherwise backs off exponentially (0.5 s doubling, at most 8 s, minus
+up to 25% jitter); a response header ``x-should-retry: true|false`` overrides all of this.
+
+We add one rule: a 5xx whose body says the server cannot do what was asked (for example llama.cpp's "logprobs is not
+supported for models created with logits_all=False"), and every 501, is marked ``x-should-retry: false`` as it
+arrives, since retrying it cannot succeed. It fails at once with the server's message (:class:`Rejected`), as does
+every other 4xx. A 200 whose body is not valid JSON (a buggy server or proxy; a body cut off in transfer is a
+connection error, which the client retries) is not retried either: it fails with an ``LLMError`` that says so.
+What we raise never chains the openai error, which may echo request headers; the API key is scrubbed from messages.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import random
 import re
 import threading
 from dataclasses import dataclass
@@ -26,8 +32,9 @@ Sink = Callable[[int, Any], None]
 
 CANNOT_SUCCEED = re.compile(r"not supported|unsupported|not implemented|logits_all|invalid|must be|cannot be",
                             re.IGNORECASE)
-"""A 5xx message matching this is a refusal, not an outage."""
-MAX_RETRY_AFTER = 300.0
+"""A 500 whose body matches this is a refusal, not an outage."""
+RETRIED_4XX = (408, 409, 429)
+"""The 4xx statuses the openai client retries (with every 5xx)."""
 
 
 class Rejected(LLMError):
@@ -37,15 +44,15 @@ class Rejected(LLMError):
 @dataclass(frozen=True)
 class CallSettings:
     concurrency: int = 8
-    timeout: float = 60
+    timeout: float = 60.0
     max_retries: int = 4
-    backoff: float = 1.0
+    """Retries after the first attempt, made by the openai client (its backoff and Retry-After handling)."""
     progress: bool = False
 
     def __post_init__(self) -> None:
-        if self.concurrency < 1 or self.timeout <= 0 or self.max_retries < 0 or self.backoff < 0:
-            raise ValueError(f"need concurrency >= 1, timeout > 0, max_retries >= 0, backoff >= 0; got "
-                             f"{self.concurrency}, {self.timeout}, {self.max_retries}, {self.backoff}")
+        if self.concurrency < 1 or self.timeout <= 0 or self.max_retries < 0:
+            raise ValueError(f"need concurrency >= 1, timeout > 0, max_retries >= 0; got "
+                             f"{self.concurrency}, {self.timeout}, {self.max_retries}")
 
 
 class ServerCalls:
@@ -53,8 +60,6 @@ class ServerCalls:
 
     def __init__(self, base_url: str, api_key: str, settings: CallSettings) -> None:
         self.base_url, self._api_key, self.settings = base_url, api_key, settings
-        self.waits: list[float] = []
-        """Every backoff wait, in seconds, in order (for logs and tests)."""
 
     def gather(self, items: Sequence[T], one: Callable[[Any, T], Awaitable[R]], desc: str = "llm",
                sink: Sink | None = None) -> list[R]:
@@ -64,11 +69,13 @@ class ServerCalls:
 
     async def _gather(self, items: Sequence[T], one: Callable[[Any, T], Awaitable[R]], desc: str,
                       sink: Sink | None) -> list[R]:
-        from openai import AsyncOpenAI
+        from openai import AsyncOpenAI, DefaultAsyncHttpxClient
         from tqdm import tqdm
 
         s = self.settings
-        client = AsyncOpenAI(base_url=self.base_url, api_key=self._api_key, timeout=s.timeout, max_retries=0)
+        http = DefaultAsyncHttpxClient(event_hooks={"response": [_mark_refusals]})  # closed with the client
+        client = AsyncOpenAI(base_url=self.base_url, api_key=self._api_key, timeout=s.timeout,
+                             max_retries=s.max_retries, http_client=http)
         gate = asyncio.Semaphore(s.concurrency)
         with tqdm(total=len(items), desc=desc, unit="req", disable=not s.progress) as bar:
             async def run(index: int, item: T) -> R:
@@ -84,33 +91,26 @@ class ServerCalls:
                 await client.close()
 
     async def call(self, make: Callable[[], Awaitable[R]]) -> R:
-        """One HTTP call with retries and backoff; an ``LLMError`` naming the URL when it gives up."""
+        """One HTTP call, retried by the openai client; :class:`Rejected` when the server refuses it, an
+        ``LLMError`` naming the URL and the attempts made when the client gives up."""
         import openai
 
-        last: Exception | None = None
-        for attempt in range(self.settings.max_retries + 1):
-            refused: Rejected | None = None
-            try:
-                return await make()
-            except (openai.APIConnectionError, openai.RateLimitError) as exc:
-                last = exc
-            except (json.JSONDecodeError, openai.APIResponseValidationError) as exc:
-                last = exc  # a truncated or garbled body: a dropped connection by another name, worth a retry
-            except openai.APIStatusError as exc:
-                if not retryable(exc.status_code, str(exc.message)):
-                    refused = self._rejected(exc)
-                else:
-                    last = exc
-            if refused is not None:  # raised outside the handler: the openai error (echoed headers) stays unchained
-                raise refused
-            if attempt < self.settings.max_retries:
-                told = retry_after(last)
-                wait = told if told is not None else self.settings.backoff * 2 ** attempt * (1 + 0.25 * random.random())
-                self.waits.append(wait)
-                await asyncio.sleep(wait)
-        message = (f"no answer from {self.base_url} after {self.settings.max_retries + 1} attempts: "
-                   f"{type(last).__name__}: {short(self._scrub(str(last)))}")
-        raise LLMError(message)
+        try:
+            return await make()
+        except openai.APIStatusError as exc:
+            failure = (self._rejected(exc) if refused(exc.status_code, str(exc.message))
+                       else self._gave_up(exc))
+        except openai.APIConnectionError as exc:  # APITimeoutError too
+            failure = self._gave_up(exc)
+        except (json.JSONDecodeError, openai.APIResponseValidationError) as exc:
+            failure = LLMError(f"{self.base_url} answered with a body that is not valid JSON (garbled or truncated "
+                               f"by the server; not retried): {type(exc).__name__}: {short(self._scrub(str(exc)))}")
+        raise failure  # raised outside the handler: the openai error (echoed headers) stays unchained
+
+    def _gave_up(self, exc: Any) -> LLMError:
+        n = attempts(exc, self.settings.max_retries)
+        return LLMError(f"no answer from {self.base_url} after {n} attempt{'s' if n != 1 else ''}: "
+                        f"{type(exc).__name__}: {short(self._scrub(str(exc)))}")
 
     def _rejected(self, exc: Any) -> Rejected:
         return Rejected(f"{self.base_url} answered HTTP {exc.status_code}: {short(self._scrub(str(exc.message)))}")
@@ -120,22 +120,28 @@ class ServerCalls:
         return text.replace(self._api_key, "***") if self._api_key and self._api_key != "EMPTY" else text
 
 
-def retryable(status: int, message: str) -> bool:
-    """Timeouts (408), rate limits (429) and outages (500, 502-504) are worth retrying; a 500 that says the server
-    cannot do this, a 501 and other 4xx are not (a gateway's 502-504 is always an outage, whatever it says)."""
+def refused(status: int, message: str) -> bool:
+    """The server said no, and asking again would not change that: a 4xx other than 408/409/429, a 501, or a 500
+    whose message says the server cannot do this. (A gateway's 502-504 is always an outage, whatever it says.)"""
     if status == 500:
-        return not CANNOT_SUCCEED.search(message)
-    return status in (408, 429) or 502 <= status <= 599
+        return bool(CANNOT_SUCCEED.search(message))
+    return status == 501 or (400 <= status < 500 and status not in RETRIED_4XX)
 
 
-def retry_after(exc: Exception | None) -> float | None:
-    """The server's ``Retry-After`` (in seconds) on an HTTP error, capped; ``None`` if it sent none we can read."""
-    response = getattr(exc, "response", None)
-    value = response.headers.get("retry-after") if response is not None else None
-    try:
-        return min(max(float(value), 0.0), MAX_RETRY_AFTER) if value is not None else None
-    except ValueError:  # an HTTP date: rare from inference servers; fall back to our own backoff
-        return None
+async def _mark_refusals(response: Any) -> None:
+    """Response hook: mark a 5xx refusal ``x-should-retry: false``, which the openai client obeys (no retries)."""
+    if response.status_code >= 500 and response.headers.get("x-should-retry") != "false":
+        await response.aread()  # a short error body; the client reads it from the cache
+        if refused(response.status_code, response.text):
+            response.headers["x-should-retry"] = "false"
+
+
+def attempts(exc: Exception, max_retries: int) -> int:
+    """How many attempts the openai client made before raising ``exc``: it numbers each request's retries in the
+    ``x-stainless-retry-count`` header (``max_retries + 1`` if that is missing)."""
+    request = getattr(exc, "request", None)
+    count = request.headers.get("x-stainless-retry-count") if request is not None else None
+    return int(count) + 1 if count is not None and count.isdigit() else max_retries + 1
 
 
 def short(text: str, limit: int = 300) -> str:

@@ -89,8 +89,8 @@ class OpenAIBackend:
     """Chat and score requests against ``base_url`` (an OpenAI-compatible ``/v1`` root)."""
 
     def __init__(self, base_url: str | None = None, model: str | None = None, api_key: str | None = None, *,
-                 chat_template: str | None = None, concurrency: int = 8, timeout: float = 60, max_retries: int = 4,
-                 backoff: float = 1.0, top_logprobs: int = 20, max_logprobs: int = 20, score_mode: str | None = None,
+                 chat_template: str | None = None, concurrency: int = 8, timeout: float = 60.0, max_retries: int = 4,
+                 top_logprobs: int = 20, max_logprobs: int = 20, score_mode: str | None = None,
                  prefill_mode: str = "auto", check_repeat: bool = True, progress: bool = False) -> None:
         self.base_url = (base_url or os.environ.get("NL_REWRITE_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
                          or "https://api.openai.com/v1").rstrip("/")
@@ -100,7 +100,7 @@ class OpenAIBackend:
         score_mode = score_mode or os.environ.get("NL_REWRITE_SCORE_MODE") or "auto"
         _check_modes(top_logprobs, max_logprobs, score_mode, prefill_mode)
         key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"  # local servers need none
-        self.calls = ServerCalls(self.base_url, key, CallSettings(concurrency, timeout, max_retries, backoff, progress))
+        self.calls = ServerCalls(self.base_url, key, CallSettings(concurrency, timeout, max_retries, progress))
         self.top_logprobs, self.max_logprobs = top_logprobs, max(max_logprobs, top_logprobs)
         self.requested_score_mode = score_mode
         self.score_mode, self.prefill_mode = score_mode, prefill_mode

@@ -37,8 +37,8 @@ class SGLangBackend:
     """Chat and score requests against an SGLang server's native API."""
 
     def __init__(self, base_url: str | None = None, model: str | None = None, api_key: str | None = None, *,
-                 chat_template: str | None = None, concurrency: int = 8, timeout: float = 60, max_retries: int = 4,
-                 backoff: float = 1.0, progress: bool = False) -> None:
+                 chat_template: str | None = None, concurrency: int = 8, timeout: float = 60.0, max_retries: int = 4,
+                 progress: bool = False) -> None:
         self.base_url = (base_url or os.environ.get("NL_REWRITE_BASE_URL") or "http://127.0.0.1:30000").rstrip("/")
         self.model = model or os.environ.get("NL_REWRITE_MODEL") or ""
         template = find_template(chat_template, self.model)
@@ -47,7 +47,7 @@ class SGLangBackend:
                            f"template; {HOW_TO_PASS}")
         self.template: ChatTemplate = template
         key = api_key or os.environ.get("SGLANG_API_KEY") or "EMPTY"  # the server's --api-key, if it has one
-        self.calls = ServerCalls(self.base_url, key, CallSettings(concurrency, timeout, max_retries, backoff, progress))
+        self.calls = ServerCalls(self.base_url, key, CallSettings(concurrency, timeout, max_retries, progress))
         self.backend_id = f"sglang:{self.model or template.source}@{self.base_url}"
 
     def __repr__(self) -> str:

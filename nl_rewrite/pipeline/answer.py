@@ -2,7 +2,7 @@
 
 Every number comes from the results payload (``report.results_payload``); when a fraction is undefined (the
 gap's CI reaches 0, or too many bootstrap resamples have a non-positive gap) the text says so instead of
-printing a number.
+printing a number, and a fraction that is defined says how many resamples had an undefined ratio when any did.
 """
 
 from __future__ import annotations

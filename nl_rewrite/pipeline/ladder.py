@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
+from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor
 
@@ -34,6 +35,8 @@ from nl_rewrite.coders.sparse_coder import SparseCoder
 log = logging.getLogger(__name__)
 LEXICAL_CALIBRATION = "isotonic"
 """Lexical scores are small integers (sums of strengths); isotonic regression maps them to activations."""
+TOKENS_AS_ROWS = "window pos latent -> (window pos) latent"
+"""Dense per-window latent values as one row per token, the layout calibrators and correlations are fitted on."""
 
 
 @dataclass
@@ -76,7 +79,7 @@ def lexical_arm(cache: LatentCache, stat_ids: Sequence[int], calib_ids: Sequence
     for split, windows in (("explain", calib_windows), ("eval", eval_windows)):
         stores[split] = SimulationStore(folder / split, sim.identity)
         simulate_into_store(sim, stores[split], texts, windows, chunk=max(1, len(windows)), progress=False)
-    acts = cache.dense_windows(calib_ids).reshape(-1, cache.n_latents)
+    acts = rearrange(cache.dense_windows(calib_ids), TOKENS_AS_ROWS)
     calibrators, quality = {}, {}
     for lat, text in texts.items():
         sims = stores["explain"].get(lat, text, calib_windows).reshape(-1)
@@ -118,7 +121,7 @@ class NoiseTargets:
 
 
 def fit_noise(cache: LatentCache, calib_ids: Sequence[int], targets: Sequence[float], seed: int) -> NoiseTargets:
-    acts = cache.dense_windows(calib_ids).reshape(-1, cache.n_latents)
+    acts = rearrange(cache.dense_windows(calib_ids), TOKENS_AS_ROWS)
     return NoiseTargets(acts.std(0), {r: noise_multiplier(acts, r, seed) for r in targets})
 
 
@@ -158,4 +161,4 @@ def eval_pearson(condition, eval_cache: LatentCache, window_ids: Sequence[int]) 
         if not len(chosen):
             return float("nan")
         pred = condition.values(ids, true.shape[1])
-    return mean_pearson(pred.reshape(-1, len(chosen)), true[..., chosen].reshape(-1, len(chosen)))
+    return mean_pearson(rearrange(pred, TOKENS_AS_ROWS), rearrange(true[..., chosen], TOKENS_AS_ROWS))

@@ -188,7 +188,9 @@ def _recovery_cell(entry: dict | None) -> str:
     frac = entry["fraction"]
     if not frac:
         return f"<i>undefined</i> ({html.escape(entry['reason'])})"
-    return f"{frac[0]:.3f} [{frac[1]:.3f}, {frac[2]:.3f}]"
+    bad = entry.get("nonpositive_denominators", 0)
+    note = f"<br><small>{bad} of {entry['n_resamples']} resamples: undefined ratio</small>" if bad else ""
+    return f"{frac[0]:.3f} [{frac[1]:.3f}, {frac[2]:.3f}]{note}"
 
 
 def _summary_table(conds: dict, rec: dict, info: dict) -> str:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+from einops import rearrange
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
@@ -71,7 +72,7 @@ class Replacement(nn.Module):
             if positions is not None:
                 keep = torch.ones(act.shape[1], dtype=torch.bool, device=act.device)
                 keep[positions] = False
-                out = torch.where(keep[None, :, None], act, out)
+                out = torch.where(rearrange(keep, "pos -> 1 pos 1"), act, out)  # same positions in every row
             return out
 
         hooks = [(write_hook, write)] if read_hook == write_hook else [(read_hook, read), (write_hook, write)]

@@ -67,8 +67,7 @@ def test_a_server_dying_mid_call_keeps_every_answer_it_gave(flaky, tmp_path):
     requests = [ChatRequest((("user", f"question {i}"),), max_tokens=5) for i in range(6)]
 
     def backend() -> CachedBackend:
-        inner = OpenAIBackend(flaky.url, "m", chat_template="smollm2-135m", concurrency=1, max_retries=1,
-                              backoff=0.01)
+        inner = OpenAIBackend(flaky.url, "m", chat_template="smollm2-135m", concurrency=1, max_retries=1)
         return CachedBackend(inner, tmp_path / "calls.sqlite")
 
     first = backend()
@@ -89,7 +88,7 @@ def test_a_server_dying_mid_simulation_keeps_every_score_it_gave(flaky, tmp_path
 
     def simulator() -> tuple[Simulator, CachedBackend]:
         inner = OpenAIBackend(flaky.url, "m", chat_template="smollm2-135m", score_mode="per_read", concurrency=1,
-                              max_retries=1, backoff=0.01, check_repeat=False)
+                              max_retries=1, check_repeat=False)
         cached = CachedBackend(inner, tmp_path / "calls.sqlite")  # one chunk: only streaming saves answers
         return Simulator(cached, "paper"), cached  # paper mode: one request (and call) per token
 

@@ -65,7 +65,7 @@ def test_scores_that_change_between_identical_requests_are_named_once(jitter, wa
 def test_the_api_key_never_appears_in_errors_logs_or_repr(status, caplog, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     server, url = serve(0.0, status)
-    backend = OpenAIBackend(url, "m", chat_template="smollm2-135m", max_retries=1, backoff=0.01)
+    backend = OpenAIBackend(url, "m", chat_template="smollm2-135m", max_retries=1)
     with caplog.at_level(logging.DEBUG), pytest.raises(LLMError) as err:
         backend.chat([ChatRequest((("user", "hi"),))])
     assert "***" in str(err.value)  # the echoed header was there, and was scrubbed
