@@ -18,7 +18,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Generic, Protocol, Sequence, TypeVar
+from typing import Callable, Generic, Protocol, Sequence, TypeVar, runtime_checkable
 
 from torch import Tensor
 
@@ -126,6 +126,7 @@ def _running(pid: int) -> bool:
         return True
 
 
+@runtime_checkable
 class Record(Protocol):
     """What a :class:`RecordStore` keeps: one per latent, tagged with the settings that made it."""
 

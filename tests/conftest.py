@@ -7,10 +7,23 @@ embedded model, which is linked from the user cache to avoid a 25 s GGUF convers
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
+import jaxtyping
 import pytest
 import torch
+
+# Runtime shape checks: every function and dataclass in nl_rewrite is checked by beartype against its annotations,
+# jaxtyping dimensions included (a "batch" must be the same size in every argument and the result); the checker is
+# tests/runtime_checks.py (beartype, int accepted for float). The hook only affects modules imported after it, so
+# nothing here may import nl_rewrite above this line; pytest imports this file before any test module.
+# NL_REWRITE_TYPECHECK=0 turns it off (to measure its cost, say); tests/test_typecheck_hook.py proves it is on.
+if os.environ.get("NL_REWRITE_TYPECHECK", "1") != "0":
+    if "nl_rewrite" in sys.modules:
+        raise RuntimeError("nl_rewrite was imported before tests/conftest.py could install the jaxtyping import hook; "
+                           "runtime shape checks would silently be off")
+    jaxtyping.install_import_hook("nl_rewrite", "runtime_checks.typechecked")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -1,11 +1,14 @@
 import json
 
+import numpy as np
 import pytest
+import scipy.stats
 import torch
 
 from nl_rewrite.data.windows import TokenWindows, token_windows
 from nl_rewrite.errors import ShapeMismatchError
 from nl_rewrite.evaluation.evaluator import EvalResults, Evaluator
+from nl_rewrite.evaluation.stats import bootstrap_indices
 from nl_rewrite.replacements import IdentityReplacement, MeanReplacement, Replacement, ZeroReplacement
 
 
@@ -22,8 +25,12 @@ def test_identity_is_exact_and_zero_moves_the_output(tiny, windows):
     assert res.summaries["identity"].kl_mean < 1e-9
     assert res.summaries["zero"].kl_mean > 1e-7  # random init: small MLP outputs
     assert res.summaries["clean"].kl_mean == 0.0
+    # the CI is the 2.5/97.5 percentiles of the window-bootstrap means of the per-window CE differences
+    deltas = torch.tensor(res.ce["zero"], dtype=torch.double) - torch.tensor(res.ce["clean"], dtype=torch.double)
+    means = deltas[bootstrap_indices(len(windows), res.n_bootstrap, res.seed)].mean(1).numpy()
     lo, hi = res.summaries["zero"].ce_delta_ci
-    assert lo <= res.summaries["zero"].ce_delta <= hi
+    assert (lo, hi) == pytest.approx(tuple(np.percentile(means, [2.5, 97.5])), rel=1e-9, abs=1e-12)
+    assert lo < res.summaries["zero"].ce_delta < hi
 
 
 def test_last_position_mode_scores_one_token_per_window(tiny, windows):
@@ -54,14 +61,33 @@ def test_shape_mismatch_is_named_and_hooks_are_removed(tiny, windows):
     assert abs(res.summaries["identity"].ce_delta) < 1e-6
 
 
-def test_reading_another_site(tiny, windows):
-    class MlpFromInput(Replacement):
-        def forward(self, x, batch):
-            return torch.zeros_like(x) + x.mean()
+class CopyRead(Replacement):
+    """Writes whatever it read: the identity when it reads its write site, a different model when not."""
 
-    rep = MlpFromInput("mlp_out.1", read_site="mlp_in.1", name="from_input")
-    res = Evaluator(tiny, windows, progress=False).run([rep])
-    assert res.summaries["from_input"].kl_mean > 0
+    def forward(self, x, batch):
+        return x.clone()
+
+
+def test_reading_another_site(tiny, windows):
+    res = Evaluator(tiny, windows, progress=False).run([CopyRead("mlp_out.1", read_site="mlp_in.1", name="from_input"),
+                                                        CopyRead("mlp_out.1", name="from_output")])
+    assert res.summaries["from_output"].kl_mean < 1e-9  # read its own site: nothing changes
+    # the same patch by hand: MLP 1's output replaced by MLP 1's input (both are 32 wide)
+    stored = {}
+
+    def read(act, hook):
+        stored["x"] = act
+        return act
+
+    with torch.no_grad():
+        clean = torch.log_softmax(tiny(windows.tokens).double(), -1)[:, :-1]
+        hooks = [("blocks.1.mlp.hook_in", read), ("blocks.1.hook_mlp_out", lambda act, hook: stored["x"])]
+        patched = tiny.run_with_hooks(windows.tokens, fwd_hooks=hooks)
+    patched = torch.log_softmax(patched.double(), -1)[:, :-1]
+    expected = (clean.exp() * (clean - patched)).sum(-1).mean(1)
+    # a random tiny model's logits are small, so KLs are too: about 1e-5 here, against < 1e-9 reading its own site
+    assert expected.min() > 1e-6, "the hand-made patch must move the output for this test to mean anything"
+    torch.testing.assert_close(torch.tensor(res.kl["from_input"], dtype=torch.double), expected, atol=1e-9, rtol=2e-2)
 
 
 def test_mean_replacement_fits_site_mean(tiny, windows):
@@ -80,7 +106,20 @@ def test_results_json_round_trip_and_stats(tiny, windows, tmp_path):
     frac, (lo, hi) = res.fraction_recovered("identity", worse="zero")
     assert frac == pytest.approx(1.0, abs=1e-4)
     assert res.wilcoxon("identity", "clean") == 1.0
-    assert 0 <= res.wilcoxon("zero", "clean") <= 1
+    assert res.wilcoxon("zero", "clean") == pytest.approx(
+        scipy.stats.wilcoxon(res.ce["zero"], res.ce["clean"]).pvalue, rel=1e-9)
+
+
+def test_wilcoxon_is_small_when_every_window_gets_worse():
+    gen = torch.Generator().manual_seed(0)
+    clean = (4 + torch.rand(20, generator=gen)).tolist()
+    worse = [c + 0.01 + 0.1 * float(torch.rand(1, generator=gen)) for c in clean]
+    res = EvalResults("all", list(range(20)), {"clean": clean, "worse": worse},
+                      {"clean": [0.0] * 20, "worse": [0.1] * 20}, tokens_per_window=5)
+    # 20 windows all worse: the exact two-sided signed-rank p-value is 2 / 2**20, whichever way round
+    assert res.wilcoxon("worse", "clean") == pytest.approx(2 / 2 ** 20)
+    assert res.wilcoxon("clean", "worse") == pytest.approx(2 / 2 ** 20)
+    assert res.summaries["worse"].ce_delta_ci[0] > 0.01
 
 
 def test_duplicate_condition_names_rejected(tiny, windows):

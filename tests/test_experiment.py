@@ -2,14 +2,17 @@
 
 import json
 import time
+import tomllib
 
 import pytest
+from jaxtyping import TypeCheckError
 
 from nl_rewrite.cli.main import main
 from nl_rewrite.pipeline.report import validate_results
 from nl_rewrite.pipeline.config import RunConfig
 
-OUTPUTS = ("results.json", "results.csv", "ladder.png", "fractions.png", "budgets.png", "report.html", "manifest.json")
+OUTPUTS = ("results.json", "results.csv", "ladder.png", "fractions.png", "budgets.png", "report.html", "manifest.json",
+           "config.toml")
 
 
 def test_run_config_rejects_bad_fraction():
@@ -17,9 +20,12 @@ def test_run_config_rejects_bad_fraction():
         RunConfig(preset="smoke", fractions=(0.5, 1.5))
 
 
-def test_run_config_rejects_unknown_preset():
-    with pytest.raises(ValueError, match="smoke"):
+def test_run_config_rejects_unknown_preset(capsys):
+    # the tests' runtime type check rejects the Literal first; without it, RunConfig's own ValueError does
+    with pytest.raises((ValueError, TypeCheckError), match="smoke"):
         RunConfig(preset="huge")
+    assert main(["run", "--preset", "huge"]) == 2
+    assert "invalid choice: 'huge'" in capsys.readouterr().err
 
 
 def test_cli_reports_bad_fraction_without_traceback(capsys):
@@ -54,8 +60,11 @@ def test_smoke_run_end_to_end_and_cached_rerun(tmp_cache, tmp_path):
     assert len(data["generations"]) == 3 and len(data["generations"][0]["continuations"]) == 4
     html = (out / "report.html").read_text()
     assert html.index("The answer") < html.index("ladder.png")
+    resolved = RunConfig(preset="smoke", out=str(out)).resolved()
+    assert RunConfig.from_toml(out / "config.toml") == resolved
+    assert json.loads((out / "manifest.json").read_text())["config"] == tomllib.loads((out / "config.toml").read_text())
 
-    assert main(["generate", "--preset", "smoke", "--out", str(out), "--prompt", "The Congress shall",
+    assert main(["generate", "--config", str(out / "config.toml"), "--prompt", "The Congress shall",
                  "--new-tokens", "3"]) == 0
 
     start = time.perf_counter()

@@ -14,7 +14,7 @@ from nl_rewrite.latents.cache import LatentCache
 from nl_rewrite.latents.sampling import SamplingConfig, sample_latent, select_latents
 
 from fakes import FakeBackend, marked_words
-from test_latents import make_coder, make_windows
+from helpers import make_coder, make_windows
 
 SAMPLING = SamplingConfig(n_train=6, n_heldout=4, n_negatives=4, n_bins=3)
 

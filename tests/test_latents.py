@@ -16,24 +16,8 @@ from safetensors.torch import load_file
 
 from nl_rewrite.data.windows import TokenWindows
 from nl_rewrite.latents.cache import LatentCache, LatentCacheError
-from nl_rewrite.coders.sparse_coder import CoderConfig, SparseCoder
 
-N_LATENTS, K = 64, 4
-
-
-def make_coder(seed: int = 0) -> SparseCoder:
-    cfg = CoderConfig(d_in=32, d_out=32, n_latents=N_LATENTS, k=K, read_site="mlp_in.1", write_site="mlp_out.1",
-                      model="tiny")
-    coder = SparseCoder(cfg, seed=seed)
-    with torch.no_grad():  # a positive bias so most latents fire sometimes, a few never (a real mix)
-        coder.encoder.bias.copy_(torch.linspace(-0.6, 0.3, N_LATENTS))
-    return coder
-
-
-def make_windows(n: int = 24, window: int = 12, seed: int = 0) -> TokenWindows:
-    gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(1, 90, (n, window), generator=gen)
-    return TokenWindows(tokens, [f"doc{i // 3}" for i in range(n)], "explain")
+from helpers import N_LATENTS, make_coder, make_windows
 
 
 def dense_reference(model, coder, windows: TokenWindows) -> torch.Tensor:
@@ -132,7 +116,7 @@ CHILD = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from nl_rewrite.latents import cache as latents
     from nl_rewrite.model.loading import tiny_model
-    from test_latents import make_coder, make_windows
+    from helpers import make_coder, make_windows
     torch.set_num_threads(1)
     slow = latents._build_shard
     def build_shard_slowly(*args, **kwargs):

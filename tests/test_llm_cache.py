@@ -17,36 +17,7 @@ import torch
 from nl_rewrite.llm.base import ChatRequest, ScoreRequest
 from nl_rewrite.llm.cache import CachedBackend
 
-
-class CountingBackend:
-    """A deterministic backend: replies derive from the request key, so any mix-up of rows shows."""
-
-    backend_id = "counting:v1"
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def chat(self, requests):
-        self.calls += len(requests)
-        return [f"reply to {r.messages[-1][1]} ({r.key()[:6]})" for r in requests]
-
-    def score(self, requests):
-        self.calls += len(requests)
-        out = []
-        for r in requests:
-            seed = int(r.key()[:8], 16)
-            values = torch.randn(len(r.read_after), len(r.choices), generator=torch.Generator().manual_seed(seed))
-            values[0, 0] = float("-inf")  # must survive the round trip
-            out.append(values)
-        return out
-
-
-def _chats(n: int) -> list[ChatRequest]:
-    return [ChatRequest((("user", f"question {i}"),), max_tokens=5) for i in range(n)]
-
-
-def _scores(n: int) -> list[ScoreRequest]:
-    return [ScoreRequest("shared prefix\n", (f"w{i}\t", "x\n", "y\t"), (0, 2)) for i in range(n)]
+from helpers import CountingBackend, chat_requests as _chats, score_requests as _scores
 
 
 def test_request_keys_cover_what_changes_the_answer():
@@ -101,7 +72,7 @@ def test_backends_do_not_share_rows(tmp_path: Path):
 _KILLED_RUN = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {tests!r})
-    from test_llm_cache import CountingBackend, _chats
+    from helpers import CountingBackend, chat_requests as _chats
     from nl_rewrite.llm.cache import CachedBackend
 
     class Slow(CountingBackend):

@@ -11,7 +11,7 @@ import pytest
 from nl_rewrite.llm import llamacpp
 from nl_rewrite.llm.base import ScoreRequest
 from nl_rewrite.llm.openai_backend import OpenAIBackend
-from nl_rewrite.llm.parity import compare_backends
+from nl_rewrite.interp.backend_parity import compare_backends
 from nl_rewrite.errors import LLMError
 
 pytestmark = [pytest.mark.external, pytest.mark.slow,
@@ -57,7 +57,7 @@ def test_explainer_and_detection_scoring_run_through_the_server(server, gguf, ti
     from nl_rewrite.latents.cache import LatentCache
     from nl_rewrite.latents.sampling import SamplingConfig, select_latents
     from nl_rewrite.interp.score import ScoreConfig, score_explanations
-    from test_latents import make_coder, make_windows
+    from helpers import make_coder, make_windows
 
     sampling = SamplingConfig(n_train=6, n_heldout=4, n_negatives=4, n_bins=3)
     cache = LatentCache.build(tiny, make_coder(), make_windows(n=60, window=10), tmp_path / "cache",

@@ -1,3 +1,4 @@
+import copy
 import logging
 
 import pytest
@@ -125,7 +126,25 @@ def test_quantile_calibrated_simulations_run_end_to_end(tiny, coder):
     gen = torch.Generator().manual_seed(0)
     sims = {lat: {int(w): torch.rand(POS, generator=gen) * 9 for w in batch.window_ids} for lat in (1, 2)}
     cal = QuantileCalibrator().fit_distribution(torch.rand(500, generator=gen) * 9, torch.rand(50) + 0.5, 0.2)
+    coder = copy.deepcopy(coder)
+    with torch.no_grad():  # a nonzero skip path, so the expected output below must include it
+        coder.W_skip.copy_(0.1 * torch.randn(coder.W_skip.shape, generator=gen))
     rep = NLSimulatorReplacement(coder, sims, {1: cal, 2: cal}, [1, 2])
     with torch.no_grad(), rep.attached(tiny, batch):
         logits = tiny(tokens)
-    assert torch.isfinite(logits).all()
+
+    # by hand: calibrate the scores, overwrite latents 1 and 2, TopK over all latents, decode, add b_dec and skip
+    with torch.no_grad():
+        x = real_mlp_input(tiny, tokens)
+        dense = coder.pre_acts(x).clone()
+        for latent in (1, 2):
+            dense[..., latent] = torch.stack([cal(sims[latent][int(w)]) for w in batch.window_ids])
+        values, indices = dense.topk(K, dim=-1)
+        out = (values[..., None] * coder.W_dec[indices]).sum(-2) + coder.b_dec + x @ coder.W_skip.T
+        expected = tiny.run_with_hooks(tokens, fwd_hooks=[("blocks.1.hook_mlp_out", lambda act, hook: out)])
+        transcoder = TranscoderReplacement(coder)
+        with transcoder.attached(tiny, batch):
+            plain = tiny(tokens)
+    assert ((indices == 1) | (indices == 2)).any(), "some simulated value must reach the TopK for this test to bite"
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(logits, plain, atol=1e-6, rtol=0), "the simulations must change the output"

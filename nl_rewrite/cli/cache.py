@@ -4,28 +4,39 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from nl_rewrite.cli.config import add_dataclass_args, dataclass_from_args
+from nl_rewrite.data.windows import Split
 from nl_rewrite.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class CacheConfig:
-    coder: str = field(default="", metadata={"help": "coder folder (sparsify layout); empty = the default "
-                                                     "transcoder (trained first if absent)"})
-    model: str = field(default="", metadata={"help": "model name; empty = the one the coder was trained on"})
-    split: str = field(default="explain", metadata={"help": "corpus split to encode"})
-    corpus: str = field(default="default", metadata={"help": "corpus name or folder of .txt files"})
-    window: int = field(default=32, metadata={"help": "tokens per window (paper: 32)"})
-    max_windows: int = field(default=0, metadata={"help": "seeded sample of this many windows (0 = all)"})
-    shard_windows: int = field(default=512, metadata={"help": "windows per shard (the unit of resumption)"})
-    batch_size: int = field(default=16, metadata={"help": "windows per forward pass"})
-    sample_cap: int = field(default=256, metadata={"help": "sorted activation values kept per latent"})
-    out: str = field(default="", metadata={"help": "cache folder; empty = <user cache>/latents/<coder id>-<split>-w<window>"})
+    """Which coder, model and split to encode, and where the cache goes."""
+
+    coder: str = ""
+    """coder folder (sparsify layout); empty = the default transcoder (trained first if absent)"""
+    model: str = ""
+    """model name; empty = the one the coder was trained on"""
+    split: Split = "explain"
+    """corpus split to encode"""
+    corpus: str = "default"
+    """corpus name or folder of .txt files"""
+    window: int = 32
+    """tokens per window (paper: 32)"""
+    max_windows: int = 0
+    """seeded sample of this many windows (0 = all)"""
+    shard_windows: int = 512
+    """windows per shard (the unit of resumption)"""
+    batch_size: int = 16
+    """windows per forward pass"""
+    sample_cap: int = 256
+    """sorted activation values kept per latent"""
+    out: str = ""
+    """cache folder; empty = <user cache>/latents/<coder id>-<split>-w<window>"""
 
     def __post_init__(self) -> None:
         if self.window < 2 or self.shard_windows < 1 or self.batch_size < 1 or self.max_windows < 0:
@@ -65,8 +76,7 @@ def build(cfg: CacheConfig):
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = dataclass_from_args(CacheConfig, args)
-    cache = build(cfg)
+    cache = build(args.cfg)
     stats = cache.stats
     alive = int((stats.count > 0).sum())
     print(f"latent cache: {cache.folder}")
@@ -78,5 +88,5 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("cache", help="cache a coder's latent activations on the explain split",
                                    description=__doc__)
-    add_dataclass_args(parser, CacheConfig)
+    parser.add_arguments(CacheConfig, dest="cfg")
     parser.set_defaults(func=run)

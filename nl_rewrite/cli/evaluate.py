@@ -2,29 +2,42 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from nl_rewrite import io
-from nl_rewrite.cli.config import add_dataclass_args, dataclass_from_args
-from nl_rewrite.pipeline.conditions import CONDITIONS
 from nl_rewrite.coders.train import DEFAULT_LAYER
+from nl_rewrite.data.windows import Split
+from nl_rewrite.pipeline.conditions import CONDITIONS
+from nl_rewrite.pipeline.config import PositionMode
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvaluateConfig:
-    model: str = field(default="smollm2-135m", metadata={"help": "embedded name, HF directory or .gguf path"})
-    layer: int = field(default=DEFAULT_LAYER, metadata={"help": "layer whose MLP output is replaced"})
-    replacement: tuple[str, ...] = field(default=("zero", "mean"), metadata={
-        "help": f"condition to evaluate: {', '.join(CONDITIONS)} or coder:PATH"})
-    split: str = field(default="eval", metadata={"help": "corpus split to evaluate on (eval or eval_ood)"})
-    corpus: str = field(default="default", metadata={"help": "corpus: default, sotu, a .txt folder or hf:<name>"})
-    window: int = field(default=64, metadata={"help": "tokens per window"})
-    max_windows: int = field(default=64, metadata={"help": "windows evaluated (seeded sample)"})
-    positions: str = field(default="all", metadata={"help": "all positions, or last (the paper's protocol)"})
-    batch_size: int = field(default=8, metadata={"help": "windows per forward pass"})
-    seed: int = field(default=0, metadata={"help": "seed for splits, sampling and bootstrap"})
-    out: str = field(default="runs/evaluate", metadata={"help": "output directory for results.json"})
+    """The model, the layer whose MLP output is replaced, the replacements, and the windows they are measured on."""
+
+    model: str = "smollm2-135m"
+    """embedded name, HF directory or .gguf path"""
+    layer: int = DEFAULT_LAYER
+    """layer whose MLP output is replaced"""
+    replacement: tuple[str, ...] = ("zero", "mean")
+    """conditions to evaluate: zero, mean, identity, transcoder, zero_latents, random_latents, or coder:PATH"""
+    split: Split = "eval"
+    """corpus split to evaluate on (eval, or eval_ood for out-of-domain text)"""
+    corpus: str = "default"
+    """corpus: default, sotu, a .txt folder or hf:<name>"""
+    window: int = 64
+    """tokens per window"""
+    max_windows: int = 64
+    """windows evaluated (seeded sample)"""
+    positions: PositionMode = "all"
+    """all positions, or last (the paper's protocol)"""
+    batch_size: int = 8
+    """windows per forward pass"""
+    seed: int = 0
+    """seed for splits, sampling and bootstrap"""
+    out: str = "runs/evaluate"
+    """output directory for results.json"""
 
     def __post_init__(self) -> None:
         if not self.replacement:
@@ -32,8 +45,8 @@ class EvaluateConfig:
         bad = [r for r in self.replacement if r not in CONDITIONS and not r.startswith("coder:")]
         if bad:
             raise ValueError(f"unknown replacement(s) {bad}; valid: {', '.join(CONDITIONS)} or coder:PATH")
-        if self.max_windows < 1:
-            raise ValueError("max_windows must be at least 1")
+        if min(self.max_windows, self.batch_size) < 1 or self.window < 2:
+            raise ValueError("max_windows and batch_size must be at least 1, window at least 2")
 
 
 def evaluate(cfg: EvaluateConfig) -> dict:
@@ -61,10 +74,10 @@ def evaluate(cfg: EvaluateConfig) -> dict:
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("evaluate", help="CE/KL deltas of replacements of one MLP")
-    add_dataclass_args(parser, EvaluateConfig)
+    parser.add_arguments(EvaluateConfig, dest="cfg")
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
-    evaluate(dataclass_from_args(EvaluateConfig, args))
+    evaluate(args.cfg)
     return 0

@@ -7,10 +7,10 @@ takes the N most frequent, ``--select random`` a seeded random sample of the ali
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from nl_rewrite.cli.config import add_dataclass_args, dataclass_from_args
 from nl_rewrite.interp.explain import ExplainConfig
 from nl_rewrite.paths import cache_dir
 from nl_rewrite.latents.sampling import SamplingConfig
@@ -18,28 +18,34 @@ from nl_rewrite.latents.sampling import SamplingConfig
 DEFAULT_BACKEND = "embedded:smollm2-135m"
 
 
-@dataclass
+@dataclass(frozen=True)
 class LLMOptions:
-    backend: str = field(default=DEFAULT_BACKEND, metadata={"help": "LLM backend: embedded[:<model>], "
-                                                                    "openai[:<model>[@<base_url>]] or "
-                                                                    "sglang:<model>@<server root>"})
-    llm_cache: str = field(default="", metadata={"help": "sqlite cache of LLM calls; empty = <user cache>/"
-                                                         "llm_calls.sqlite; 'none' disables it"})
+    """The LLM backend and its on-disk call cache."""
+
+    backend: str = DEFAULT_BACKEND
+    """LLM backend: embedded[:<model>], openai[:<model>[@<base_url>]] or sglang:<model>@<server root>"""
+    llm_cache: str = ""
+    """sqlite cache of LLM calls; empty = <user cache>/llm_calls.sqlite; 'none' disables it"""
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExplainRun:
-    latents: int = field(default=20, metadata={"help": "how many latents to explain"})
-    select: str = field(default="frequent", metadata={"help": "frequent (most frequent alive latents) or random"})
-    select_seed: int = field(default=0, metadata={"help": "seed for --select random"})
-    cache: str = field(default="", metadata={"help": "latent cache folder; empty = the default transcoder's"})
-    out: str = field(default="", metadata={"help": "explanations JSONL; empty = <cache>/explanations.jsonl"})
+    """Which latents to explain, from which cache, into which file."""
+
+    latents: int = 20
+    """how many latents to explain"""
+    select: Literal["frequent", "random"] = "frequent"
+    """frequent (most frequent alive latents) or random"""
+    select_seed: int = 0
+    """seed for --select random"""
+    cache: str = ""
+    """latent cache folder; empty = the default transcoder's"""
+    out: str = ""
+    """explanations JSONL; empty = <cache>/explanations.jsonl"""
 
     def __post_init__(self) -> None:
         if self.latents < 1:
             raise ValueError(f"--latents must be >= 1, got {self.latents}")
-        if self.select not in ("frequent", "random"):
-            raise ValueError(f"--select must be frequent or random, got {self.select!r}")
 
 
 def open_cache(folder: str):
@@ -61,13 +67,11 @@ def run(args: argparse.Namespace) -> int:
     from nl_rewrite.interp.explain import explain_latents
     from nl_rewrite.latents.sampling import select_latents
 
-    job = dataclass_from_args(ExplainRun, args)
-    cfg = dataclass_from_args(ExplainConfig, args)
-    sampling = dataclass_from_args(SamplingConfig, args)
+    job: ExplainRun = args.job
     cache = open_cache(job.cache)
     latents = select_latents(cache, job.latents, job.select, job.select_seed)
     out = Path(job.out) if job.out else cache.folder / "explanations.jsonl"
-    records = explain_latents(make_llm(dataclass_from_args(LLMOptions, args)), cache, latents, cfg, sampling, out)
+    records = explain_latents(make_llm(args.llm), cache, latents, args.explain, args.sampling, out)
     failed = [r for r in records if not r.ok]
     print(f"{len(records) - len(failed)} explanations, {len(failed)} failed → {out}")
     for r in records[:10]:
@@ -76,8 +80,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("explain", help="explain latents with an LLM", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-    for cls in (ExplainRun, ExplainConfig, SamplingConfig, LLMOptions):
-        add_dataclass_args(parser, cls)
+    parser = subparsers.add_parser("explain", help="explain latents with an LLM", description=__doc__)
+    for dest, cls in (("job", ExplainRun), ("explain", ExplainConfig), ("sampling", SamplingConfig),
+                      ("llm", LLMOptions)):
+        parser.add_arguments(cls, dest=dest)
     parser.set_defaults(func=run)

@@ -1,16 +1,16 @@
 """``nl-rewrite generate``: greedy continuations of your prompts from the clean model, the transcoder, the MLP
 rewritten from lexical explanations (simulated live, on text never seen before) and zero-latents.
 
-Uses a finished (or resumable) ``nl-rewrite run`` folder: ``--out`` and the run options must match that run.
-Example: ``nl-rewrite generate --prompt "The Congress shall" --prompt "In this year of" --new-tokens 16``.
+Uses a finished (or resumable) ``nl-rewrite run`` folder: ``--out`` and the run options must match that run
+(``--config <out>/config.toml`` reads them back). Example:
+``nl-rewrite generate --config runs/nl_rewrite/config.toml --prompt "The Congress shall" --new-tokens 16``.
 """
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from nl_rewrite.cli.config import add_dataclass_args, dataclass_from_args
+from nl_rewrite.cli.run import add_run_config
 from nl_rewrite.errors import NLRewriteError
 from nl_rewrite.pipeline.config import RunConfig
 
@@ -22,12 +22,11 @@ def continuations(cfg: RunConfig, prompts: list[str], new_tokens: int) -> list[d
     from nl_rewrite.evaluation.generate import side_by_side
     from nl_rewrite.latents.cache import LatentCache
     from nl_rewrite.model.loading import load_model, prepend_bos_for
-    from nl_rewrite.coders.train import DEFAULT_LAYER
 
+    cfg = cfg.resolved()
     folder = Path(cfg.out) / "latents"
     if not (folder / "stats.safetensors").is_file():
         raise NLRewriteError(f"no latent cache in {folder}: run `nl-rewrite run --out {cfg.out}` (same options) first")
-    cfg.layer = DEFAULT_LAYER if cfg.layer < 0 else cfg.layer
     model = load_model(cfg.model)
     ctx = Context(cfg, model, load_transcoder(cfg, model), LatentCache.open(folder), Path(cfg.out), Stage())
     arm = lexical_budget_arm(ctx, cfg.lexical_budget, heldout_windows(cfg, len(ctx.cache)))
@@ -38,9 +37,8 @@ def continuations(cfg: RunConfig, prompts: list[str], new_tokens: int) -> list[d
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("generate", help="greedy continuations: clean vs transcoder vs rewritten MLP",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataclass_args(parser, RunConfig)
+    parser = add_run_config(subparsers, "generate", help="greedy continuations: clean vs transcoder vs rewritten MLP",
+                            description=__doc__)
     parser.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
     parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated per prompt (default: 16)")
     parser.set_defaults(func=run)
@@ -49,7 +47,7 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     if args.new_tokens < 1:
         raise ValueError("--new-tokens must be at least 1")
-    for item in continuations(dataclass_from_args(RunConfig, args), args.prompt, args.new_tokens):
+    for item in continuations(args.cfg, args.prompt, args.new_tokens):
         print(f"\n{item['prompt']!r}")
         for name, text in item["continuations"].items():
             print(f"  {name:<28} {text!r}")

@@ -5,25 +5,33 @@ Writes ``layers.json`` (rows + the recommended layer) and ``layers.png`` into ``
 
 from __future__ import annotations
 
-import argparse
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from nl_rewrite import io
-from nl_rewrite.cli.config import add_dataclass_args, dataclass_from_args
+from nl_rewrite.data.windows import Split
 
 
-@dataclass
+@dataclass(frozen=True)
 class LayersConfig:
-    model: str = field(default="smollm2-135m", metadata={"help": "embedded name, HF directory or .gguf path"})
-    split: str = field(default="explain", metadata={
-        "help": "split measured on: explain (or train) to choose a layer; eval only to report, never to choose"})
-    windows: int = field(default=64, metadata={"help": "windows evaluated (seeded sample)"})
-    window: int = field(default=32, metadata={"help": "tokens per window"})
-    mean_windows: int = field(default=64, metadata={"help": "train-split windows averaged for mean ablation"})
-    batch_size: int = field(default=8, metadata={"help": "windows per forward pass"})
-    seed: int = field(default=0, metadata={"help": "seed for window sampling and bootstrap"})
-    out: str = field(default="runs/layers", metadata={"help": "output directory"})
+    """The model and the windows each layer's ablation is measured on."""
+
+    model: str = "smollm2-135m"
+    """embedded name, HF directory or .gguf path"""
+    split: Split = "explain"
+    """split measured on: explain (or train) to choose a layer; eval only to report, never to choose"""
+    windows: int = 64
+    """windows evaluated (seeded sample)"""
+    window: int = 32
+    """tokens per window"""
+    mean_windows: int = 64
+    """train-split windows averaged for mean ablation"""
+    batch_size: int = 8
+    """windows per forward pass"""
+    seed: int = 0
+    """seed for window sampling and bootstrap"""
+    out: str = "runs/layers"
+    """output directory"""
 
     def __post_init__(self) -> None:
         if min(self.windows, self.window, self.mean_windows, self.batch_size) < 1:
@@ -58,11 +66,11 @@ def measure(cfg: LayersConfig) -> dict:
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("layers", help="ablation cost of every MLP layer (choose the layer to rewrite)",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataclass_args(parser, LayersConfig)
+                                   description=__doc__)
+    parser.add_arguments(LayersConfig, dest="cfg")
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
-    measure(dataclass_from_args(LayersConfig, args))
+    measure(args.cfg)
     return 0

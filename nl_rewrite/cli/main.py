@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 
+from nl_rewrite.cli.parsing import ConfigParser
 from nl_rewrite.errors import NLRewriteError
 
 # module path for each subcommand, in the order shown by --help
@@ -29,7 +30,8 @@ COMMANDS = [
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nl-rewrite", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    subparsers = parser.add_subparsers(dest="command", required=True)
+    # each subcommand's options come from config dataclasses, checked while parsing (nl_rewrite.cli.parsing)
+    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=ConfigParser)
     for module in COMMANDS:
         importlib.import_module(module).add_parser(subparsers)
     return parser
@@ -39,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: everything is local
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0), or a usage error already printed (2): options are checked here
+        return exc.code if isinstance(exc.code, int) else int(exc.code is not None) * 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -1,27 +1,47 @@
-"""``nl-rewrite run``: the whole experiment (see :mod:`nl_rewrite.pipeline.experiment`); rerun the same --out to resume."""
+"""``nl-rewrite run``: the whole experiment (see :mod:`nl_rewrite.pipeline.experiment`); rerun the same --out to resume.
+
+Options come from :class:`~nl_rewrite.pipeline.config.RunConfig`: a preset (``--preset``), options left to it, and
+nested stage options (``--sampling.n_train``, ``--explain.max_tokens``, ``--score.batch_size``,
+``--simulator.mode``). ``--config FILE.toml`` reads options from a file (``<out>/config.toml`` of an earlier run
+repeats it); flags override the file. See docs/configuration.md.
+"""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
-from nl_rewrite.cli.config import add_dataclass_args, dataclass_from_args
 from nl_rewrite.pipeline.config import RunConfig
 
+DESCRIPTION = """The whole experiment; rerun the same --out to resume. A preset (--preset) sets the sizes; any option
+overrides it, nested stage options included (--sampling.n_train, --explain.max_tokens, --score.batch_size,
+--simulator.mode). --config FILE.toml reads options from a file (the <out>/config.toml an earlier run wrote
+repeats that run); options on the command line override the file. See docs/configuration.md."""
+NONE_MEANS = "the preset's"
+"""What a None default means in RunConfig, for --help."""
 
-def run(args) -> int:
-    from nl_rewrite.pipeline.experiment import run_experiment
+
+def add_run_config(subparsers, name: str, **kwargs):
+    """A subparser whose options are RunConfig's (at ``args.cfg``), ``--config`` included."""
+    parser = subparsers.add_parser(name, none_default=NONE_MEANS, config_file="cfg", **kwargs)
+    parser.add_arguments(RunConfig, dest="cfg")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from nl_rewrite.pipeline.experiment import CONFIG_FILE, run_experiment
     from nl_rewrite.pipeline.report import summary_text, write_outputs
 
-    cfg = dataclass_from_args(RunConfig, args)
+    cfg = args.cfg.resolved()
     artifacts = run_experiment(cfg)
     data = write_outputs(artifacts, Path(cfg.out))
     print(summary_text(data))
     print(f"outputs in {cfg.out}: results.json results.csv ladder.png fractions.png budgets.png report.html "
-          "manifest.json")
+          f"manifest.json {CONFIG_FILE}")
     return 0
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("run", help="the full rewrite experiment: explain, simulate, patch, evaluate")
-    add_dataclass_args(parser, RunConfig)
+    parser = add_run_config(subparsers, "run", help="the full rewrite experiment: explain, simulate, patch, evaluate",
+                            description=DESCRIPTION)
     parser.set_defaults(func=run)

@@ -7,35 +7,38 @@ held-out window that the explainer saw is refused.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from nl_rewrite.cli.config import add_dataclass_args, dataclass_from_args
 from nl_rewrite.latents.sampling import SamplingConfig
 from nl_rewrite.interp.score import ScoreConfig
 from nl_rewrite.cli.explain import LLMOptions, make_llm, open_cache
 
 
-@dataclass
+@dataclass(frozen=True)
 class ScoreRun:
-    cache: str = field(default="", metadata={"help": "latent cache folder; empty = the default transcoder's"})
-    explanations: str = field(default="", metadata={"help": "explanations JSONL; empty = <cache>/explanations.jsonl"})
-    out: str = field(default="", metadata={"help": "scores JSONL; empty = <cache>/detection.jsonl"})
+    """Which cache and explanations to score, into which file."""
+
+    cache: str = ""
+    """latent cache folder; empty = the default transcoder's"""
+    explanations: str = ""
+    """explanations JSONL; empty = <cache>/explanations.jsonl"""
+    out: str = ""
+    """scores JSONL; empty = <cache>/detection.jsonl"""
 
 
 def run(args: argparse.Namespace) -> int:
     from nl_rewrite.interp.explain import load_explanations
     from nl_rewrite.interp.score import rank_latents, score_explanations
 
-    job = dataclass_from_args(ScoreRun, args)
+    job: ScoreRun = args.job
     cache = open_cache(job.cache)
     source = Path(job.explanations) if job.explanations else cache.folder / "explanations.jsonl"
     if not source.is_file():
         raise ValueError(f"no explanations at {source}; run `nl-rewrite explain` first or pass --explanations")
     out = Path(job.out) if job.out else cache.folder / "detection.jsonl"
     records = load_explanations(source)
-    scores = score_explanations(make_llm(dataclass_from_args(LLMOptions, args)), cache, records,
-                                dataclass_from_args(ScoreConfig, args), dataclass_from_args(SamplingConfig, args), out)
+    scores = score_explanations(make_llm(args.llm), cache, records, args.score, args.sampling, out)
     by_latent = {s.latent: s for s in scores}
     print(f"scored {len(scores)} latents ({sum(not r.ok for r in records)} failed explanations skipped) → {out}")
     for latent in rank_latents(scores)[:10]:
@@ -47,6 +50,6 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("score", help="detection-score explanations", description=__doc__)
-    for cls in (ScoreRun, ScoreConfig, SamplingConfig, LLMOptions):
-        add_dataclass_args(parser, cls)
+    for dest, cls in (("job", ScoreRun), ("score", ScoreConfig), ("sampling", SamplingConfig), ("llm", LLMOptions)):
+        parser.add_arguments(cls, dest=dest)
     parser.set_defaults(func=run)

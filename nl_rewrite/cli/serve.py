@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import dataclass, field
-
-from nl_rewrite.cli.config import add_dataclass_args, dataclass_from_args
+from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ServeConfig:
-    model: str = field(default="smollm2-135m", metadata={"help": "embedded model name, HF folder or .gguf path"})
-    host: str = field(default="127.0.0.1", metadata={"help": "address to bind (0.0.0.0 exposes it to the network)"})
-    port: int = field(default=8000, metadata={"help": "TCP port (0 picks a free one)"})
+    """The model served and the address it listens on."""
+
+    model: str = "smollm2-135m"
+    """embedded model name, HF folder or .gguf path"""
+    host: str = "127.0.0.1"
+    """address to bind (0.0.0.0 exposes it to the network)"""
+    port: int = 8000
+    """TCP port (0 picks a free one)"""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -27,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from nl_rewrite.llm.embedded import EmbeddedBackend
     from nl_rewrite.llm.server import make_server
 
-    cfg = dataclass_from_args(ServeConfig, args)
+    cfg: ServeConfig = args.cfg
     server = make_server(EmbeddedBackend(cfg.model), cfg.host, cfg.port)
     host, port = server.server_address[:2]
     print(f"serving {cfg.model} at http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
@@ -41,5 +44,5 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("serve", help="serve the embedded model with OpenAI's HTTP schema",
                                    description=__doc__)
-    add_dataclass_args(parser, ServeConfig)
+    parser.add_arguments(ServeConfig, dest="cfg")
     parser.set_defaults(func=run)

@@ -117,7 +117,7 @@ def _site_from_hook_name(hook_name: str) -> str | None:
     return None
 
 
-def _build_config(path: Path, values: dict, overrides: dict[str, str]) -> CoderConfig:
+def _build_config(path: Path, values: dict, overrides: dict[str, str | None]) -> CoderConfig:
     values = {**values, **{k: v for k, v in overrides.items() if v is not None}}
     if values.get("read_site") is None or values.get("write_site") is None:
         raise CheckpointError(f"cannot tell which hook sites {path} was trained on; pass read_site=... and "
@@ -129,7 +129,7 @@ def _build_config(path: Path, values: dict, overrides: dict[str, str]) -> CoderC
 
 
 # ---- sparsify -----------------------------------------------------------------------------------------------
-def _sparsify_config(folder: Path, raw: dict, overrides: dict[str, str]) -> CoderConfig:
+def _sparsify_config(folder: Path, raw: dict, overrides: dict[str, str | None]) -> CoderConfig:
     path = folder / CFG_FILE
     if raw.get("activation", "topk") != "topk":
         raise CheckpointError(f"{path}: activation {raw['activation']!r} is not supported (only topk)")
@@ -146,7 +146,7 @@ def _sparsify_config(folder: Path, raw: dict, overrides: dict[str, str]) -> Code
     return _build_config(path, values, overrides)
 
 
-def _load_sparsify(folder: Path, overrides: dict[str, str], dtype: torch.dtype) -> SparseCoder:
+def _load_sparsify(folder: Path, overrides: dict[str, str | None], dtype: torch.dtype) -> SparseCoder:
     cfg = _sparsify_config(folder, _read_json(folder / CFG_FILE), overrides)
     tensors = _read_tensors(folder / SPARSIFY_WEIGHTS)
     _require(tensors, ("encoder.weight", "encoder.bias", "W_dec", "b_dec") + (("W_skip",) if cfg.skip else ()),
@@ -155,7 +155,7 @@ def _load_sparsify(folder: Path, overrides: dict[str, str], dtype: torch.dtype) 
 
 
 # ---- SAELens ------------------------------------------------------------------------------------------------
-def _saelens_config(folder: Path, raw: dict, overrides: dict[str, str]) -> CoderConfig:
+def _saelens_config(folder: Path, raw: dict, overrides: dict[str, str | None]) -> CoderConfig:
     path = folder / CFG_FILE
     meta = raw.get("metadata") or {}
     arch = raw.get("architecture") or raw.get("activation_fn_str")
@@ -174,7 +174,7 @@ def _saelens_config(folder: Path, raw: dict, overrides: dict[str, str]) -> Coder
     return _build_config(path, values, overrides)
 
 
-def _load_saelens(folder: Path, overrides: dict[str, str], dtype: torch.dtype) -> SparseCoder:
+def _load_saelens(folder: Path, overrides: dict[str, str | None], dtype: torch.dtype) -> SparseCoder:
     raw = _read_json(folder / CFG_FILE)
     cfg = _saelens_config(folder, raw, overrides)
     tensors = _read_tensors(folder / SAELENS_WEIGHTS)

@@ -13,7 +13,7 @@ Parameter names and shapes follow EleutherAI's sparsify so its checkpoints load 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from nl_rewrite.errors import ShapeMismatchError
 from nl_rewrite.model.sites import Site, resolve, site_width
 
-KINDS = ("transcoder", "sae")
+Kind = Literal["transcoder", "sae"]
+KINDS: tuple[str, ...] = get_args(Kind)
 
 
 @dataclass

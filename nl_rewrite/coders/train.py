@@ -22,8 +22,9 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Literal
 
+import simple_parsing
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -33,8 +34,8 @@ from nl_rewrite import io
 from nl_rewrite.coders.checkpoint import is_checkpoint, load_coder, save_coder
 from nl_rewrite.errors import CheckpointError
 from nl_rewrite.paths import cache_dir
-from nl_rewrite.model.sites import Site, resolve, site_width
-from nl_rewrite.coders.sparse_coder import KINDS, CoderConfig, SparseCoder
+from nl_rewrite.model.sites import Site, SiteKind, resolve, site_width
+from nl_rewrite.coders.sparse_coder import KINDS, CoderConfig, Kind, SparseCoder
 
 log = logging.getLogger(__name__)
 
@@ -61,32 +62,55 @@ def parse_tokens(text: "str | int") -> int:
     return int(float(match.group(1)) * scale)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
-    model: str = field(default="smollm2-135m", metadata={"help": "model name (see nl_rewrite.model.loading)"})
-    layer: int = field(default=DEFAULT_LAYER, metadata={"help": "layer whose MLP (transcoder) or site (SAE) is coded"})
-    kind: str = field(default="transcoder", metadata={"help": "transcoder (mlp_in → mlp_out) or sae"})
-    sae_site: str = field(default="resid_post", metadata={"help": "site kind an SAE reads and writes"})
-    width: int = field(default=4096, metadata={"help": "number of latents"})
-    k: int = field(default=32, metadata={"help": "active latents per token"})
-    skip: str = field(default="auto", metadata={"help": "linear skip path: auto (transcoder yes, SAE no), yes, no"})
-    tokens: int = field(default=DEFAULT_TOKENS, metadata={"help": "training tokens (accepts 2M, 500k)"})
-    window: int = field(default=64, metadata={"help": "tokens per corpus window"})
-    batch_size: int = field(default=1024, metadata={"help": "tokens per optimiser step"})
-    buffer_windows: int = field(default=128, metadata={"help": "windows per shuffle buffer (one model pass)"})
-    buffer_passes: int = field(default=1, metadata={"help": "optimiser passes over each buffer (reuse activations)"})
-    lr: float = field(default=3e-3, metadata={"help": "Adam learning rate"})
-    lr_warmup: int = field(default=20, metadata={"help": "linear warm-up steps"})
-    auxk_alpha: float = field(default=1 / 32, metadata={"help": "weight of the AuxK dead-latent loss"})
-    dead_tokens: int = field(default=50_000, metadata={"help": "a latent silent for this many tokens is dead"})
-    linear_init: bool = field(default=True, metadata={"help": "initialise skip + bias by least squares on buffer 0"})
-    seed: int = field(default=0, metadata={"help": "seed for init, window order and shuffles"})
-    corpus: str = field(default="default", metadata={"help": "corpus name or folder of .txt files"})
-    checkpoint_every: int = field(default=50, metadata={"help": "steps between checkpoints"})
-    out: str = field(default="", metadata={"help": "output folder (default: the user cache's coders/...)"})
+    """A sparse coder's training run; everything but ``tokens``, ``checkpoint_every`` and ``out`` shapes the result."""
+
+    model: str = "smollm2-135m"
+    """model name (see nl_rewrite.model.loading)"""
+    layer: int = DEFAULT_LAYER
+    """layer whose MLP (transcoder) or site (SAE) is coded"""
+    kind: Kind = "transcoder"
+    """transcoder (mlp_in → mlp_out) or sae"""
+    sae_site: SiteKind = "resid_post"
+    """site kind an SAE reads and writes"""
+    width: int = 4096
+    """number of latents"""
+    k: int = 32
+    """active latents per token"""
+    skip: Literal["auto", "yes", "no"] = "auto"
+    """linear skip path: auto (transcoder yes, SAE no), yes, no"""
+    tokens: int | str = simple_parsing.field(default=DEFAULT_TOKENS, type=parse_tokens, metavar="TOKENS")
+    """training tokens (accepts 2M, 500k; always an int after construction)"""
+    window: int = 64
+    """tokens per corpus window"""
+    batch_size: int = 1024
+    """tokens per optimiser step"""
+    buffer_windows: int = 128
+    """windows per shuffle buffer (one model pass)"""
+    buffer_passes: int = 1
+    """optimiser passes over each buffer (reuse activations)"""
+    lr: float = 3e-3
+    """Adam learning rate"""
+    lr_warmup: int = 20
+    """linear warm-up steps"""
+    auxk_alpha: float = 1 / 32
+    """weight of the AuxK dead-latent loss"""
+    dead_tokens: int = 50_000
+    """a latent silent for this many tokens is dead"""
+    linear_init: bool = True
+    """initialise skip + bias by least squares on buffer 0"""
+    seed: int = 0
+    """seed for init, window order and shuffles"""
+    corpus: str = "default"
+    """corpus name or folder of .txt files"""
+    checkpoint_every: int = 50
+    """steps between checkpoints"""
+    out: str = ""
+    """output folder (empty: the user cache's coders/...)"""
 
     def __post_init__(self) -> None:
-        self.tokens = parse_tokens(self.tokens)
+        object.__setattr__(self, "tokens", parse_tokens(self.tokens))  # "2M" → 2_000_000, before validation
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
         if self.skip not in ("auto", "yes", "no"):

@@ -15,7 +15,7 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Literal, Sequence, get_args
 
 import torch
 from jaxtyping import Int
@@ -27,7 +27,8 @@ from nl_rewrite.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "explain", "eval", "eval_ood")
+Split = Literal["train", "explain", "eval", "eval_ood"]
+SPLITS: tuple[str, ...] = get_args(Split)
 SPLIT_FRACTIONS = {"train": 0.8, "explain": 0.1, "eval": 0.1}
 """Shares of the in-domain documents; eval_ood comes from a separate corpus."""
 

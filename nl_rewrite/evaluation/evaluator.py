@@ -29,7 +29,7 @@ from nl_rewrite import io
 from nl_rewrite.data.windows import TokenWindows
 from nl_rewrite.evaluation.prefix import capture_block_inputs, first_layer, resume_reproduces, resumed_at
 from nl_rewrite.replacements.base import BatchInfo, Replacement, replacement_names
-from nl_rewrite.evaluation.stats import bootstrap_indices, mean_ci, paired_wilcoxon, ratio_ci
+from nl_rewrite.evaluation.stats import RatioCI, bootstrap_indices, mean_ci, paired_wilcoxon, ratio_ci
 
 log = logging.getLogger(__name__)
 CLEAN = "clean"
@@ -95,8 +95,11 @@ class EvalResults:
         """Paired two-sided Wilcoxon p-value between two conditions' per-window CE."""
         return paired_wilcoxon(self._tensor(self.ce, a), self._tensor(self.ce, b))
 
-    def fraction_recovered(self, condition: str, worse: str, better: str = CLEAN) -> tuple[float, tuple[float, float]]:
-        """(CE_worse − CE_condition) / (CE_worse − CE_better) with a window-bootstrap CI."""
+    def fraction_recovered(self, condition: str, worse: str, better: str = CLEAN) -> tuple[float, RatioCI]:
+        """(CE_worse − CE_condition) / (CE_worse − CE_better) with a window-bootstrap CI.
+
+        The CI unpacks as ``lo, hi``; its ``undefined`` counts resamples whose gap was not positive, and
+        ``reliable`` is False when more than the CI's tail mass of them had no ratio (then do not quote it)."""
         worse_ce = self._tensor(self.ce, worse)
         numer = worse_ce - self._tensor(self.ce, condition)
         denom = worse_ce - self._tensor(self.ce, better)

@@ -21,7 +21,7 @@ import logging
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence, get_args
 
 from tqdm import tqdm
 
@@ -33,7 +33,8 @@ from nl_rewrite.latents.sampling import Example, LatentExamples, SamplingConfig,
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("default", "contrastive")
+Variant = Literal["default", "contrastive"]
+VARIANTS: tuple[str, ...] = get_args(Variant)
 EXPLANATION_TAG = "[EXPLANATION]:"
 DEFAULT_PREFILL = "[EXPLANATION]: The marked words are all"
 
@@ -66,19 +67,26 @@ class ExplanationParseError(NLRewriteError):
 
 @dataclass(frozen=True)
 class ExplainConfig:
-    variant: str = field(default="default", metadata={"help": "default (delphi/paper) or contrastive (adds "
-                                                              "non-activating examples)"})
-    prefill: str = field(default=DEFAULT_PREFILL, metadata={
-        "help": "text that starts the explainer's answer; empty to let the model write freely"})
-    threshold: float = field(default=0.2, metadata={"help": "mark tokens at or above this fraction of the "
-                                                            "example's peak activation"})
-    n_contrastive: int = field(default=10, metadata={"help": "non-activating examples in the contrastive prompt"})
-    max_tokens: int = field(default=60, metadata={"help": "reply length limit in tokens"})
-    temperature: float = field(default=0.0, metadata={"help": "first attempt's temperature (0 = greedy)"})
-    retry_temperatures: tuple[float, ...] = field(default=(0.7, 1.0), metadata={
-        "help": "temperature of each retry after an unusable reply"})
-    batch_size: int = field(default=4, metadata={"help": "latents per backend call"})
-    max_chars: int = field(default=300, metadata={"help": "longer explanations are cut at a word boundary"})
+    """How the explainer is prompted and how its replies are read."""
+
+    variant: Variant = "default"
+    """default (delphi/paper) or contrastive (adds non-activating examples)"""
+    prefill: str = DEFAULT_PREFILL
+    """text that starts the explainer's answer; empty to let the model write freely"""
+    threshold: float = 0.2
+    """mark tokens at or above this fraction of the example's peak activation"""
+    n_contrastive: int = 10
+    """non-activating examples in the contrastive prompt"""
+    max_tokens: int = 60
+    """reply length limit in tokens"""
+    temperature: float = 0.0
+    """first attempt's temperature (0 = greedy)"""
+    retry_temperatures: tuple[float, ...] = (0.7, 1.0)
+    """temperature of each retry after an unusable reply"""
+    batch_size: int = 4
+    """latents per backend call"""
+    max_chars: int = 300
+    """longer explanations are cut at a word boundary"""
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:

@@ -49,9 +49,14 @@ Explanation: {explanation}"""
 
 @dataclass(frozen=True)
 class ScoreConfig:
-    yes: str = field(default=" Yes", metadata={"help": "choice token meaning 'the text matches' (one token)"})
-    no: str = field(default=" No", metadata={"help": "choice token meaning 'no match' (one token)"})
-    batch_size: int = field(default=32, metadata={"help": "requests per backend call"})
+    """How detection scoring asks the scorer whether a window matches an explanation."""
+
+    yes: str = " Yes"
+    """choice token meaning 'the text matches' (one token)"""
+    no: str = " No"
+    """choice token meaning 'no match' (one token)"""
+    batch_size: int = 32
+    """requests per backend call"""
 
     def __post_init__(self) -> None:
         if self.yes == self.no:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Literal, Protocol, Sequence, get_args, runtime_checkable
 
 import torch
 from jaxtyping import Float
@@ -33,7 +33,8 @@ from nl_rewrite.llm.base import ChatRequest, LLMBackend, ScoreRequest
 
 log = logging.getLogger(__name__)
 
-MODES = ("paper", "all_at_once")
+Mode = Literal["paper", "all_at_once"]
+MODES: tuple[str, ...] = get_args(Mode)
 DIGITS = tuple(str(d) for d in range(10))
 PROMPT_VERSIONS = {"paper": 2, "all_at_once": 1}
 """Bump a mode's version when its prompts change: it is part of ``Simulator.identity``, which keys stored
@@ -84,6 +85,19 @@ class SimulatorStats:
     requests: int = 0
 
 
+@runtime_checkable
+class TokenSimulator(Protocol):
+    """Anything that predicts a latent's activation per token from its explanation: the LLM :class:`Simulator`, or
+    the lexical reader. ``identity`` keys the simulation store, so two simulators never share stored scores."""
+
+    stats: SimulatorStats
+
+    @property
+    def identity(self) -> str: ...
+
+    def simulate_many(self, items: Sequence[SimulationItem]) -> list[Float[Tensor, " pos"]]: ...
+
+
 def render_token(token: str) -> str:
     """A token as it appears on one line: newlines and tabs escaped so the line format survives."""
     text = token.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
@@ -127,21 +141,46 @@ def render_chat(backend: LLMBackend, messages: list[tuple[str, str]]) -> str:
     return render(ChatRequest(messages=tuple(messages)))
 
 
+def check_options(mode: str, placeholder: str, requests_per_call: int) -> None:
+    """Raise ValueError for simulator options that cannot work."""
+    if mode not in MODES:
+        raise ValueError(f"unknown simulator mode {mode!r}; valid: {', '.join(MODES)}")
+    if "\n" in placeholder or "\t" in placeholder:
+        raise ValueError("the placeholder must not contain newlines or tabs (it would break the line format)")
+    if requests_per_call < 1:
+        raise ValueError(f"requests_per_call must be >= 1, got {requests_per_call}")
+
+
+@dataclass(frozen=True)
+class SimulatorConfig:
+    """The LLM simulator's options (see :class:`Simulator`)."""
+
+    mode: Mode = "all_at_once"
+    """all_at_once (one request per window, every token read at once) or paper (one request per token)"""
+    placeholder: str = "0"
+    """all_at_once: written in place of each token's digit, so later lines never see a prediction"""
+    requests_per_call: int = 64
+    """score requests sent to the backend per call"""
+
+    def __post_init__(self) -> None:
+        check_options(self.mode, self.placeholder, self.requests_per_call)
+
+
 class Simulator:
     """Predicts per-token activation digits from an explanation (see the module docstring)."""
 
     def __init__(self, backend: LLMBackend, mode: str = "all_at_once", *, placeholder: str = "0",
                  requests_per_call: int = 64, progress: bool = False) -> None:
-        if mode not in MODES:
-            raise ValueError(f"unknown simulator mode {mode!r}; valid: {', '.join(MODES)}")
-        if "\n" in placeholder or "\t" in placeholder:
-            raise ValueError("the placeholder must not contain newlines or tabs (it would break the line format)")
-        if requests_per_call < 1:
-            raise ValueError(f"requests_per_call must be >= 1, got {requests_per_call}")
+        check_options(mode, placeholder, requests_per_call)
         self.backend, self.mode, self.placeholder = backend, mode, placeholder
         self.requests_per_call, self.progress = requests_per_call, progress
         self.stats = SimulatorStats()
         self._template_cache: dict[str, tuple[str, str]] = {}
+
+    @classmethod
+    def from_config(cls, backend: LLMBackend, cfg: SimulatorConfig, *, progress: bool = False) -> "Simulator":
+        return cls(backend, cfg.mode, placeholder=cfg.placeholder, requests_per_call=cfg.requests_per_call,
+                   progress=progress)
 
     @property
     def identity(self) -> str:

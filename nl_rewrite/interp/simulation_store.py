@@ -36,7 +36,7 @@ from torch import Tensor
 
 from nl_rewrite import io
 from nl_rewrite.errors import MissingSimulationError
-from nl_rewrite.interp.simulate import SimulationItem, Simulator
+from nl_rewrite.interp.simulate import SimulationItem, TokenSimulator
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ class SimulationRun:
     nan_predictions: int
 
 
-def simulate_into_store(simulator: Simulator, store: SimulationStore, explanations: Mapping[int, str],
+def simulate_into_store(simulator: TokenSimulator, store: SimulationStore, explanations: Mapping[int, str],
                         windows: Mapping[int, Sequence[str]], *, chunk: int = 16,
                         progress: bool = True) -> SimulationRun:
     """Simulate every (latent, window) not yet stored. ``windows``: window id → token strings.

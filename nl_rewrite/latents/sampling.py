@@ -9,7 +9,8 @@ the same split in the explainer and the scorer, and the two never share a window
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -17,7 +18,8 @@ import torch
 from nl_rewrite.errors import NLRewriteError
 from nl_rewrite.latents.cache import LatentCache
 
-TRAIN_SOURCES = ("quantiles", "top")
+TrainSource = Literal["quantiles", "top"]
+TRAIN_SOURCES: tuple[str, ...] = get_args(TrainSource)
 
 
 class SamplingError(NLRewriteError):
@@ -57,14 +59,22 @@ class LatentExamples:
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    n_train: int = field(default=40, metadata={"help": "activating windows shown to the explainer (paper: 40)"})
-    n_heldout: int = field(default=20, metadata={"help": "activating windows held out for detection scoring"})
-    n_negatives: int = field(default=20, metadata={"help": "random non-activating windows (scoring; contrastive prompts)"})
-    n_bins: int = field(default=10, metadata={"help": "equal-count quantile bins of peak activation (paper: 10)"})
-    train_source: str = field(default="quantiles", metadata={
-        "help": "quantiles: train examples spread over the bins (paper); top: the highest-activating windows"})
-    min_activating: int = field(default=2, metadata={"help": "a latent needs at least this many activating windows"})
-    seed: int = field(default=0, metadata={"help": "sampling seed (combined with the latent id)"})
+    """Which windows a latent's explainer sees and its scorer is tested on."""
+
+    n_train: int = 40
+    """activating windows shown to the explainer (paper: 40)"""
+    n_heldout: int = 20
+    """activating windows held out for detection scoring"""
+    n_negatives: int = 20
+    """random non-activating windows (scoring; contrastive prompts)"""
+    n_bins: int = 10
+    """equal-count quantile bins of peak activation (paper: 10)"""
+    train_source: TrainSource = "quantiles"
+    """quantiles: train examples spread over the bins (paper); top: the highest-activating windows"""
+    min_activating: int = 2
+    """a latent needs at least this many activating windows"""
+    seed: int = 0
+    """sampling seed (combined with the latent id)"""
 
     def __post_init__(self) -> None:
         for name in ("n_train", "n_bins", "min_activating"):

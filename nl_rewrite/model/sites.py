@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Literal
 
 from nl_rewrite.errors import SiteError
 
@@ -20,6 +21,9 @@ SITE_HOOKS: dict[str, str] = {
     "resid_post": "blocks.{layer}.hook_resid_post",
     "attn_out": "blocks.{layer}.hook_attn_out",
 }
+
+SiteKind = Literal["mlp_in", "mlp_out", "resid_pre", "resid_mid", "resid_post", "attn_out"]
+"""The keys of ``SITE_HOOKS``, as a type (config fields that name a site kind)."""
 
 _PATTERN = re.compile(r"^\s*([a-z_]+)\s*(?:\(\s*(-?\d+)\s*\)|\.(-?\d+))\s*$")
 

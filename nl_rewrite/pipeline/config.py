@@ -1,115 +1,233 @@
-"""Configuration of ``nl-rewrite run``: presets plus explicit overrides, validated up front."""
+"""Configuration of ``nl-rewrite run``: a preset plus explicit options, frozen and validated when built.
+
+An option left ``None`` takes the preset's value (``PRESETS``; ``layer``: the default transcoder's).
+``cfg.resolved()`` is a new config with every value filled in: what a run uses, writes to ``<out>/config.toml``
+and records in ``manifest.json``; ``RunConfig.from_toml`` of that file resolves to the same config. Nested
+tables hold the stages' own configs: ``sampling`` (:class:`SamplingConfig`; its ``seed`` defaults to the run's),
+``explain`` (:class:`ExplainConfig`), ``score`` (:class:`ScoreConfig`), ``simulator`` (:class:`SimulatorConfig`).
+See docs/configuration.md.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+import dataclasses
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
 
-from nl_rewrite.interp.calibrate import CALIBRATIONS
-from nl_rewrite.evaluation.evaluator import POSITION_MODES
-from nl_rewrite.interp.selection import ORDERS
+from simple_parsing.docstring import get_attribute_docstring
+
+from nl_rewrite.coders.train import DEFAULT_LAYER
+from nl_rewrite.config_io import read_toml, to_toml
+from nl_rewrite.interp.explain import ExplainConfig
+from nl_rewrite.interp.score import ScoreConfig
+from nl_rewrite.interp.selection import Order
+from nl_rewrite.interp.simulate import SimulatorConfig
+from nl_rewrite.latents.sampling import SamplingConfig
+
+Preset = Literal["smoke", "default", "paper"]
+PositionMode = Literal["all", "last"]
+"""``evaluation.evaluator.POSITION_MODES`` as a type."""
+Calibration = Literal["linear", "quantile", "isotonic"]
+"""``interp.calibrate.CALIBRATIONS`` as a type."""
+PoolSelection = Literal["mass", "frequent", "random"]
 
 PAPER_FRACTIONS = (0.001, 0.01, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0)
 
-PRESETS: dict[str, dict] = {
+PRESETS: dict[str, dict[str, Any]] = {
     # a few minutes on 2 CPU cores with a warm model cache: a small transcoder, a handful of latents.
     "smoke": dict(transcoder="small", train_tokens=40_000, width=1024, pool=2, explain_windows=96,
                   calib_windows=4, eval_windows=8, llm_eval_windows=4, lexical_calib_windows=16,
-                  n_train_examples=6, n_heldout=3, n_negatives=3, explain_max_tokens=24, fractions=(1.0,),
-                  position_modes=("all", "last")),
+                  fractions=(1.0,), position_modes=("all", "last"),
+                  sampling=dict(n_train=6, n_heldout=3, n_negatives=3), explain=dict(max_tokens=24)),
     # ≤ 15 minutes from a cold cache on 2 cores (docs/results.md has the measured stage times): the default
     # transcoder; lexical explanations and oracles for all 4096 latents on 128 eval windows; the embedded LLM
     # explains and simulates a pool of the 6 latents carrying the most output mass, on 24 of those windows.
     "default": dict(transcoder="default", train_tokens=0, width=4096, pool=6, explain_windows=768,
                     calib_windows=6, eval_windows=128, llm_eval_windows=24, lexical_calib_windows=128,
-                    n_train_examples=10, n_heldout=4, n_negatives=4, explain_max_tokens=32, fractions=(0.5, 1.0),
-                    position_modes=("all",)),
+                    fractions=(0.5, 1.0), position_modes=("all",),
+                    sampling=dict(n_train=10, n_heldout=4, n_negatives=4), explain=dict(max_tokens=32)),
     # Paper scale, for a GPU server behind an OpenAI-compatible endpoint (--llm openai:<model>@<url>).
     "paper": dict(transcoder="default", train_tokens=0, width=4096, pool=0, explain_windows=20_000,
                   calib_windows=64, eval_windows=1000, llm_eval_windows=1000, lexical_calib_windows=1000,
-                  n_train_examples=40, n_heldout=20, n_negatives=20, explain_max_tokens=120,
-                  fractions=PAPER_FRACTIONS, position_modes=("all", "last")),
+                  fractions=PAPER_FRACTIONS, position_modes=("all", "last"),
+                  sampling=dict(n_train=40, n_heldout=20, n_negatives=20), explain=dict(max_tokens=120)),
 }
-@dataclass
+NESTED_PRESET_KEYS = {"sampling": ("n_train", "n_heldout", "n_negatives"), "explain": ("max_tokens",)}
+"""The nested options a preset sets; they default to None (the preset's) in ``nl-rewrite run``."""
+
+
+def _run_options(cls: type, doc: str, from_preset: tuple[str, ...] = (), from_run: dict[str, str] | None = None
+                 ) -> type:
+    """``cls``'s fields as a frozen dataclass for :class:`RunConfig`: a field in ``from_preset`` defaults to None
+    (the preset's value), one in ``from_run`` to None (the run option named there); the rest keep ``cls``'s
+    defaults. Each field's help is ``cls``'s field docstring. Validation is ``cls``'s, once resolved."""
+    from_run = from_run or {}
+    hints = typing.get_type_hints(cls)
+    specs = []
+    for f in dataclasses.fields(cls):
+        help_text = get_attribute_docstring(cls, f.name).docstring_below
+        if f.name in from_preset or f.name in from_run:
+            if f.name in from_run:
+                help_text += f" (default: the run's --{from_run[f.name]})"
+            spec = field(default=None, metadata={**f.metadata, "help": help_text})
+            specs.append((f.name, Optional[hints[f.name]], spec))
+        else:
+            spec = field(default=f.default, default_factory=f.default_factory,  # type: ignore[call-overload]
+                         metadata={**f.metadata, "help": help_text})
+            specs.append((f.name, hints[f.name], spec))
+    options = dataclasses.make_dataclass(f"Run{cls.__name__.removesuffix('Config')}Options", specs, frozen=True)
+    options.__doc__, options.__module__ = doc, __name__
+    return options
+
+
+SamplingOptions = _run_options(SamplingConfig, "SamplingConfig options; None: the preset's (seed: the run's).",
+                               NESTED_PRESET_KEYS["sampling"], {"seed": "seed"})
+ExplainOptions = _run_options(ExplainConfig, "ExplainConfig options; None: the preset's.",
+                              NESTED_PRESET_KEYS["explain"])
+
+
+@dataclass(frozen=True)
 class RunConfig:
-    preset: str = field(default="default", metadata={"help": "smoke (~2 min), default (≤15 min CPU) or paper (GPU server)"})
-    model: str = field(default="smollm2-135m", metadata={"help": "subject model: embedded name, HF dir or .gguf"})
-    layer: int = field(default=-1, metadata={"help": "MLP layer to rewrite (-1: the default transcoder's layer)"})
-    out: str = field(default="runs/nl_rewrite", metadata={"help": "output directory (rerun the same to resume)"})
-    llm: str = field(default="embedded", metadata={
-        "help": "explainer/simulator backend: embedded[:<model>], openai[:<model>[@<base_url>]] or sglang:<model>@<root>"})
-    simulator_mode: str = field(default="all_at_once", metadata={"help": "all_at_once or paper (one prompt per token)"})
-    fractions: tuple[float, ...] = field(default=(), metadata={"help": "fractions of the LLM pool simulated (default: the preset's)"})
-    calibrations: tuple[str, ...] = field(default=(), metadata={"help": f"calibrations (default all: {', '.join(CALIBRATIONS)})"})
-    order: str = field(default="explanation_score", metadata={"help": f"latent order for fractions: {', '.join(ORDERS)}"})
-    pool_selection: str = field(default="mass", metadata={
-        "help": "LLM pool: mass (largest share of activation × decoder norm on explain), frequent, or random alive"})
-    lexical_budget: int = field(default=12, metadata={"help": "items per lexical explanation in the headline condition"})
-    lexical_budgets: tuple[int, ...] = field(default=(3, 6, 12, 24), metadata={
-        "help": "explanation budgets evaluated at 100%% of latents (the length curve)"})
-    noise_targets: tuple[float, ...] = field(default=(0.9, 0.7, 0.5, 0.3), metadata={
-        "help": "target Pearson r of the noise-degraded oracles"})
-    sweep_fractions: tuple[float, ...] = field(default=(0.001, 0.01, 0.1, 0.5), metadata={
-        "help": "fractions of all latents (below 1) for the lexical and binary-oracle sweeps, best explained first"})
-    window: int = field(default=32, metadata={"help": "tokens per window (paper: 32)"})
-    seed: int = field(default=0, metadata={"help": "seed for splits, sampling, latent choice and bootstrap"})
-    batch_size: int = field(default=8, metadata={"help": "windows per evaluation forward pass"})
-    transcoder: str = field(default="", metadata={"help": "default (cached 4096×k32), small (quick), or a checkpoint path"})
-    train_tokens: int = field(default=-1, metadata={"help": "training tokens for a 'small' transcoder"})
-    width: int = field(default=-1, metadata={"help": "latents of a 'small' transcoder"})
-    pool: int = field(default=-1, metadata={"help": "latents explained and simulated (0: all alive latents)"})
-    explain_windows: int = field(default=-1, metadata={"help": "explain-split windows cached for examples and stats"})
-    calib_windows: int = field(default=-1, metadata={"help": "explain-split windows simulated to fit calibrators"})
-    eval_windows: int = field(default=-1, metadata={"help": "eval-split windows evaluated"})
-    llm_eval_windows: int = field(default=-1, metadata={"help": "of those, the first N simulated by the LLM"})
-    lexical_calib_windows: int = field(default=-1, metadata={
-        "help": "explain-split windows held out from lexical statistics to calibrate and rank lexical explanations"})
-    position_modes: tuple[str, ...] = field(default=(), metadata={"help": "all and/or last (the paper's protocol)"})
-    n_train_examples: int = field(default=-1, metadata={"help": "examples shown to the explainer per latent"})
-    n_heldout: int = field(default=-1, metadata={"help": "held-out activating examples per latent for detection"})
-    n_negatives: int = field(default=-1, metadata={"help": "non-activating examples per latent for detection"})
-    explain_max_tokens: int = field(default=-1, metadata={"help": "explanation length limit in tokens"})
+    """Options of nl-rewrite run. An option left at None takes the preset's value; resolved() fills them in."""
+
+    preset: Preset = "default"
+    """smoke (~2 min), default (≤15 min CPU) or paper (GPU server)"""
+    model: str = "smollm2-135m"
+    """subject model: embedded name, HF dir or .gguf"""
+    layer: int | None = None
+    """MLP layer to rewrite (default: the default transcoder's layer)"""
+    out: str = "runs/nl_rewrite"
+    """output directory (rerun the same to resume)"""
+    llm: str = "embedded"
+    """explainer/simulator backend: embedded[:<model>], openai[:<model>[@<base_url>]] or sglang:<model>@<root>"""
+    # Optional[tuple[...]], not `tuple[...] | None`: simple_parsing 0.1 cannot read the latter.
+    fractions: Optional[tuple[float, ...]] = None
+    """fractions of the LLM pool simulated"""
+    calibrations: tuple[Calibration, ...] = ("linear", "quantile", "isotonic")
+    """calibrations of the simulator's predictions"""
+    order: Order = "explanation_score"
+    """latent order for fractions"""
+    pool_selection: PoolSelection = "mass"
+    """LLM pool: mass (largest share of activation × decoder norm on explain), frequent, or random alive"""
+    lexical_budget: int = 12
+    """items per lexical explanation in the headline condition"""
+    lexical_budgets: tuple[int, ...] = (3, 6, 12, 24)
+    """explanation budgets evaluated at 100%% of latents (the length curve)"""
+    noise_targets: tuple[float, ...] = (0.9, 0.7, 0.5, 0.3)
+    """target Pearson r of the noise-degraded oracles"""
+    sweep_fractions: tuple[float, ...] = (0.001, 0.01, 0.1, 0.5)
+    """fractions of all latents (below 1) for the lexical and binary-oracle sweeps, best explained first"""
+    window: int = 32
+    """tokens per window (paper: 32)"""
+    seed: int = 0
+    """seed for splits, sampling, latent choice and bootstrap"""
+    batch_size: int = 8
+    """windows per evaluation forward pass"""
+    transcoder: str | None = None
+    """default (cached 4096×k32), small (quick), or a checkpoint path"""
+    train_tokens: int | None = None
+    """training tokens for a 'small' transcoder"""
+    width: int | None = None
+    """latents of a 'small' transcoder"""
+    pool: int | None = None
+    """latents explained and simulated (0: all alive latents)"""
+    explain_windows: int | None = None
+    """explain-split windows cached for examples and stats"""
+    calib_windows: int | None = None
+    """explain-split windows simulated to fit calibrators"""
+    eval_windows: int | None = None
+    """eval-split windows evaluated"""
+    llm_eval_windows: int | None = None
+    """of those, the first N simulated by the LLM (at most eval_windows)"""
+    lexical_calib_windows: int | None = None
+    """explain-split windows held out from lexical statistics to calibrate and rank lexical explanations"""
+    position_modes: Optional[tuple[PositionMode, ...]] = None
+    """all and/or last (the paper's protocol)"""
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)  # type: ignore[valid-type]
+    """which windows the explainer sees and detection scoring uses"""
+    explain: ExplainOptions = field(default_factory=ExplainOptions)  # type: ignore[valid-type]
+    """the LLM explainer"""
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    """detection scoring of the explanations"""
+    simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
+    """the LLM simulator"""
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; valid: {', '.join(PRESETS)}")
-        for name, value in PRESETS[self.preset].items():
-            if getattr(self, name) in (-1, "", ()):
-                setattr(self, name, value)
-        self.fractions = tuple(float(f) for f in self.fractions)
-        self.llm_eval_windows = min(self.llm_eval_windows, self.eval_windows)
-        self.calibrations = tuple(self.calibrations or CALIBRATIONS)
-        self._validate()
+        _validate(self.filled())
 
-    def _validate(self) -> None:
-        bad = [f for f in self.fractions if not 0.0 <= f <= 1.0] + [f for f in self.sweep_fractions if not 0.0 < f <= 1.0]
-        if bad:
-            raise ValueError(f"fractions must lie in [0, 1] (sweep_fractions in (0, 1]); got {bad}")
-        unknown = [c for c in self.calibrations if c not in CALIBRATIONS]
-        if unknown:
-            raise ValueError(f"unknown calibration(s) {unknown}; valid: {', '.join(CALIBRATIONS)}")
-        if self.order not in ORDERS:
-            raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
-        if self.pool_selection not in ("mass", "frequent", "random"):
-            raise ValueError(f"pool_selection must be mass, frequent or random, got {self.pool_selection!r}")
-        if any(not 0 < r < 1 for r in self.noise_targets):
-            raise ValueError(f"noise_targets are correlations in (0, 1); got {self.noise_targets}")
-        if self.lexical_budget < 1 or any(b < 1 for b in self.lexical_budgets):
-            raise ValueError("lexical budgets must be at least 1 item")
-        if self.lexical_calib_windows >= self.explain_windows:
-            raise ValueError(f"lexical_calib_windows ({self.lexical_calib_windows}) must be fewer than explain_windows "
-                             f"({self.explain_windows}): the rest are the lexical explainer's statistics")
-        if not self.position_modes or any(m not in POSITION_MODES for m in self.position_modes):
-            raise ValueError(f"position_modes must be a non-empty subset of {POSITION_MODES}, got {self.position_modes}")
-        if self.simulator_mode not in ("all_at_once", "paper"):
-            raise ValueError(f"simulator_mode must be all_at_once or paper, got {self.simulator_mode!r}")
-        for name in ("calib_windows", "eval_windows", "explain_windows", "n_train_examples", "window",
-                     "lexical_calib_windows"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+    def filled(self) -> dict[str, Any]:
+        """Every option's value, the preset's (and the default ``layer``) where this config leaves None."""
+        preset = PRESETS[self.preset]
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        values.update({name: preset[name] for name in preset
+                       if name not in NESTED_PRESET_KEYS and values[name] is None})
+        values["layer"] = DEFAULT_LAYER if self.layer is None else self.layer
+        values["llm_eval_windows"] = min(values["llm_eval_windows"], values["eval_windows"])
+        defaults = {"sampling": {**preset["sampling"], "seed": self.seed}, "explain": preset["explain"]}
+        for name, fallback in defaults.items():
+            nested = getattr(self, name)
+            values[name] = dataclasses.replace(nested, **{k: v for k, v in fallback.items()
+                                                          if getattr(nested, k) is None})
+        return values
+
+    def resolved(self) -> RunConfig:
+        """A new config with every option filled in (the preset's values, the layer): what a run uses."""
+        return dataclasses.replace(self, **self.filled())
+
+    @property
+    def is_resolved(self) -> bool:
+        return self == self.resolved()
+
+    def sampling_config(self) -> SamplingConfig:
+        return SamplingConfig(**asdict(self.resolved().sampling))
+
+    def explain_config(self) -> ExplainConfig:
+        return ExplainConfig(**asdict(self.resolved().explain))
 
     def to_dict(self) -> dict:
         return asdict(self)
 
-    @staticmethod
-    def field_names() -> list[str]:
-        return [f.name for f in fields(RunConfig)]
+    def to_toml(self) -> str:
+        return to_toml(self, header="nl-rewrite run --config <this file> uses these options again; flags override "
+                                    "them.\nSee docs/configuration.md.")
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> RunConfig:
+        """The config in a TOML file (unknown keys and wrong types are ValueErrors naming the key)."""
+        return cls(**read_toml(cls, path))
+
+
+def _validate(v: dict[str, Any]) -> None:
+    """Raise ValueError for the first option of a filled-in config that cannot work."""
+    bad = [f for f in v["fractions"] if not 0.0 <= f <= 1.0] + [f for f in v["sweep_fractions"] if not 0.0 < f <= 1.0]
+    if bad:
+        raise ValueError(f"fractions must lie in [0, 1] (sweep_fractions in (0, 1]); got {bad}")
+    for name in ("fractions", "calibrations", "position_modes", "lexical_budgets"):
+        if not v[name]:
+            raise ValueError(f"{name} must not be empty")
+    for name, kind in (("calibrations", Calibration), ("position_modes", PositionMode), ("order", Order),
+                       ("pool_selection", PoolSelection)):
+        allowed = typing.get_args(kind)
+        given = v[name] if isinstance(v[name], tuple) else (v[name],)
+        if any(x not in allowed for x in given):
+            raise ValueError(f"{name} must be {'among' if isinstance(v[name], tuple) else 'one of'} "
+                             f"{', '.join(allowed)}; got {v[name]!r}")
+    if any(not 0 < r < 1 for r in v["noise_targets"]):
+        raise ValueError(f"noise_targets are correlations in (0, 1); got {v['noise_targets']}")
+    if v["lexical_budget"] < 1 or any(b < 1 for b in v["lexical_budgets"]):
+        raise ValueError("lexical budgets must be at least 1 item")
+    for name in ("calib_windows", "eval_windows", "explain_windows", "window", "lexical_calib_windows", "batch_size"):
+        if v[name] < 1:
+            raise ValueError(f"{name} must be at least 1, got {v[name]}")
+    if v["lexical_calib_windows"] >= v["explain_windows"]:
+        raise ValueError(f"lexical_calib_windows ({v['lexical_calib_windows']}) must be fewer than explain_windows "
+                         f"({v['explain_windows']}): the rest are the lexical explainer's statistics")
+    for name in ("train_tokens", "width", "pool", "layer"):
+        if v[name] < 0:
+            raise ValueError(f"{name} must be >= 0, got {v[name]}")
+    SamplingConfig(**asdict(v["sampling"]))  # the stages' own validation
+    ExplainConfig(**asdict(v["explain"]))

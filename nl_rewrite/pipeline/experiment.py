@@ -6,7 +6,7 @@ oracle ladder's noise levels → 4. the LLM pool (the latents carrying the most 
 detection scores, simulations, calibrators (explain split only) → 5. the Evaluator on the document-disjoint
 ``eval`` split: baselines, oracles, lexical arms and fraction sweeps over all latents on every eval window;
 the LLM pool's conditions on the first ``llm_eval_windows`` of them (a separate run with its own references)
-→ 6. results.json/csv, plots, report.html, manifest.
+→ 6. results.json/csv, plots, report.html, manifest. The resolved config goes to ``config.toml`` first.
 
 ``fractions`` are fractions of the LLM *pool*; ``sweep_fractions`` are fractions of *all* latents.
 """
@@ -32,7 +32,7 @@ from nl_rewrite.interp.calibrate import Calibrator, count_fallbacks, make_calibr
 from nl_rewrite.pipeline.conditions import build_condition
 from nl_rewrite.data.windows import TokenWindows, token_windows
 from nl_rewrite.evaluation.evaluator import EvalResults, Evaluator
-from nl_rewrite.interp.explain import ExplainConfig, Explanation, explain_latents
+from nl_rewrite.interp.explain import Explanation, explain_latents
 from nl_rewrite.pipeline.ladder import (LEXICAL_CALIBRATION, LexicalArm, fit_noise, lexical_arm, lexical_condition, eval_pearson, oracle_conditions,
                      zeroed_condition)
 from nl_rewrite.latents.cache import LatentCache
@@ -47,14 +47,16 @@ from nl_rewrite.replacements.oracles import OracleReplacement
 from nl_rewrite.interp.selection import choose_latents, usable_pool
 from nl_rewrite.replacements.simulated import NLSimulatorReplacement
 from nl_rewrite.pipeline.config import RunConfig
-from nl_rewrite.latents.sampling import SamplingConfig, select_latents
-from nl_rewrite.interp.score import DetectionScore, ScoreConfig, score_explanations
+from nl_rewrite.latents.sampling import select_latents
+from nl_rewrite.interp.score import DetectionScore, score_explanations
 from nl_rewrite.interp.simulate import Simulator
 from nl_rewrite.interp.simulation_store import SimulationQuality, SimulationStore, simulate_into_store, simulation_quality
 from nl_rewrite.coders.checkpoint import load_coder
 from nl_rewrite.coders.sparse_coder import SparseCoder
 
 log = logging.getLogger(__name__)
+CONFIG_FILE = "config.toml"
+"""The resolved config of a run, in its output folder."""
 BASELINES = ("transcoder", "zero_latents", "zero", "mean", "random_latents")
 HEADLINE_LEXICAL = "lexical"
 
@@ -154,18 +156,12 @@ def choose_pool(cfg: RunConfig, cache: LatentCache, coder: SparseCoder, min_coun
 
 # ---- stages 4-5: explanations and scores --------------------------------------------------------------------
 
-def sampling_config(cfg: RunConfig) -> SamplingConfig:
-    return SamplingConfig(n_train=cfg.n_train_examples, n_heldout=cfg.n_heldout, n_negatives=cfg.n_negatives,
-                          seed=cfg.seed)
-
-
 def explain_and_score(cfg: RunConfig, backend, cache: LatentCache, pool: list[int], out: Path,
                       stages: Stage) -> tuple[list[Explanation], list[DetectionScore]]:
-    sampling = sampling_config(cfg)
-    ecfg = ExplainConfig(max_tokens=cfg.explain_max_tokens)
-    explanations = stages.timed("explain", explain_latents, backend, cache, pool, ecfg, sampling,
+    sampling = cfg.sampling_config()
+    explanations = stages.timed("explain", explain_latents, backend, cache, pool, cfg.explain_config(), sampling,
                                 out / "explanations.jsonl")
-    scores = stages.timed("score", score_explanations, backend, cache, explanations, ScoreConfig(), sampling,
+    scores = stages.timed("score", score_explanations, backend, cache, explanations, cfg.score, sampling,
                           out / "scores.jsonl")
     return explanations, scores
 
@@ -326,11 +322,11 @@ class PoolArm:
 
 def llm_stage(ctx: Context, backend, eval_strings: dict[int, list[str]]) -> PoolArm:
     cfg, cache, stages = ctx.cfg, ctx.cache, ctx.stages
-    pool = choose_pool(cfg, cache, ctx.transcoder, min_count=max(2, cfg.n_heldout))
+    pool = choose_pool(cfg, cache, ctx.transcoder, min_count=max(2, cfg.sampling.n_heldout))
     explanations, scores = explain_and_score(cfg, backend, cache, pool, ctx.out, stages)
     usable, _ = usable_pool(explanations)
     texts = {r.latent: r.text for r in explanations if r.latent in set(usable)}
-    simulator = Simulator(backend, cfg.simulator_mode)
+    simulator = Simulator.from_config(backend, cfg.simulator)
     calib_ids = sorted(random.Random(cfg.seed).sample(range(len(cache)), min(cfg.calib_windows, len(cache))))
     calib_windows = {w: cache.token_strings(cache.window_tokens(w)) for w in calib_ids}
     calib_store = stages.timed("simulate_explain", simulate_split, simulator, ctx.out / "simulations" / "explain",
@@ -445,16 +441,17 @@ def generation_stage(ctx: Context, arm: LexicalArm, eval_windows: TokenWindows, 
 
 
 def run_experiment(cfg: RunConfig) -> Artifacts:
-    """Run (or resume) the experiment ``cfg`` describes; writes into ``cfg.out`` and returns the artifacts."""
+    """Run (or resume) the experiment ``cfg`` describes; writes into ``cfg.out`` and returns the artifacts.
+
+    The resolved config (every preset value filled in) is written to ``<out>/config.toml`` first: ``nl-rewrite run
+    --config <out>/config.toml`` repeats the run."""
+    cfg = cfg.resolved()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    io.write_text(out / CONFIG_FILE, cfg.to_toml())
     stages = Stage()
     torch.manual_seed(cfg.seed)
     model = stages.timed("load_model", load_model, cfg.model)
-    if cfg.layer < 0:
-        from nl_rewrite.coders.train import DEFAULT_LAYER
-
-        cfg.layer = DEFAULT_LAYER
     transcoder = stages.timed("transcoder", load_transcoder, cfg, model)
     explain_windows = windows_for(cfg, model, "explain", cfg.explain_windows)
     cache = stages.timed("latent_cache", LatentCache.build, model, transcoder, explain_windows, out / "latents")

@@ -10,7 +10,7 @@ from nl_rewrite.llm.base import ChatRequest
 from nl_rewrite.llm.cache import CachedBackend
 
 from fakes import FakeBackend
-from test_latents import make_coder, make_windows
+from helpers import make_coder, make_windows
 
 
 def _build(tiny, folder):

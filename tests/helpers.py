@@ -1,0 +1,72 @@
+"""Builders shared by several test modules (importable as ``helpers``: pyproject puts tests/ on sys.path).
+
+Test modules import from here, never from each other: importing a ``test_*`` module from another one makes pytest
+collect its tests twice and couples unrelated files. Subprocess scripts in tests add tests/ to ``sys.path`` and
+import from here too.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nl_rewrite.coders.sparse_coder import CoderConfig, SparseCoder
+from nl_rewrite.data.windows import TokenWindows
+from nl_rewrite.llm.base import ChatRequest, ScoreRequest
+
+# ---- a transcoder on the tiny model's MLP 1, and token windows for it ----------------------------------------
+
+N_LATENTS, K = 64, 4
+"""Width and TopK of :func:`make_coder`'s transcoder."""
+
+
+def make_coder(seed: int = 0) -> SparseCoder:
+    """A random transcoder mlp_in.1 → mlp_out.1 for the ``tiny`` fixture (d_model 32), whose latents' encoder biases
+    run from -0.6 to 0.3, so most latents fire sometimes and a few never (a realistic mix)."""
+    cfg = CoderConfig(d_in=32, d_out=32, n_latents=N_LATENTS, k=K, read_site="mlp_in.1", write_site="mlp_out.1",
+                      model="tiny")
+    coder = SparseCoder(cfg, seed=seed)
+    with torch.no_grad():
+        coder.encoder.bias.copy_(torch.linspace(-0.6, 0.3, N_LATENTS))
+    return coder
+
+
+def make_windows(n: int = 24, window: int = 12, seed: int = 0) -> TokenWindows:
+    """``n`` seeded random windows of ``window`` character tokens (ids 1-89), three windows per document."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, 90, (n, window), generator=gen)
+    return TokenWindows(tokens, [f"doc{i // 3}" for i in range(n)], "explain")
+
+
+# ---- a deterministic LLM backend that counts its calls --------------------------------------------------------
+
+class CountingBackend:
+    """A deterministic backend: replies derive from the request key, so any mix-up of rows shows."""
+
+    backend_id = "counting:v1"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def chat(self, requests):
+        self.calls += len(requests)
+        return [f"reply to {r.messages[-1][1]} ({r.key()[:6]})" for r in requests]
+
+    def score(self, requests):
+        self.calls += len(requests)
+        out = []
+        for r in requests:
+            seed = int(r.key()[:8], 16)
+            values = torch.randn(len(r.read_after), len(r.choices), generator=torch.Generator().manual_seed(seed))
+            values[0, 0] = float("-inf")  # must survive the round trip
+            out.append(values)
+        return out
+
+
+def chat_requests(n: int) -> list[ChatRequest]:
+    """``n`` distinct short chat requests."""
+    return [ChatRequest((("user", f"question {i}"),), max_tokens=5) for i in range(n)]
+
+
+def score_requests(n: int) -> list[ScoreRequest]:
+    """``n`` distinct score requests sharing a prefix, each read at two points."""
+    return [ScoreRequest("shared prefix\n", (f"w{i}\t", "x\n", "y\t"), (0, 2)) for i in range(n)]

@@ -1,0 +1,277 @@
+"""`nl-rewrite run`'s configuration: presets, None = the preset's, nested stage options, choices checked while
+parsing, TOML files (--config) and the resolved config a run writes (docs/configuration.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+
+import pytest
+
+from nl_rewrite.cli.main import build_parser, main
+from nl_rewrite.coders.train import DEFAULT_LAYER
+from nl_rewrite.evaluation.evaluator import POSITION_MODES
+from nl_rewrite.interp.calibrate import CALIBRATIONS
+from nl_rewrite.interp.explain import ExplainConfig
+from nl_rewrite.interp.score import ScoreConfig
+from nl_rewrite.interp.simulate import SimulatorConfig
+from nl_rewrite.latents.sampling import SamplingConfig
+from nl_rewrite.model.sites import SITE_HOOKS, SiteKind
+from nl_rewrite.pipeline.config import (PRESETS, Calibration, ExplainOptions, PositionMode, RunConfig,
+                                        SamplingOptions)
+
+# What each preset resolved to before the configs were nested, in the flat names of then (RunConfig after its
+# __post_init__, the layer run_experiment set, and the stage configs run_experiment built from it).
+BEFORE_COMMON = dict(model="smollm2-135m", layer=10, out="runs/nl_rewrite", llm="embedded", simulator_mode="all_at_once",
+                     calibrations=("linear", "quantile", "isotonic"), order="explanation_score", pool_selection="mass",
+                     lexical_budget=12, lexical_budgets=(3, 6, 12, 24), noise_targets=(0.9, 0.7, 0.5, 0.3),
+                     sweep_fractions=(0.001, 0.01, 0.1, 0.5), window=32, seed=0, batch_size=8)
+BEFORE = {
+    "smoke": dict(transcoder="small", train_tokens=40_000, width=1024, pool=2, explain_windows=96, calib_windows=4,
+                  eval_windows=8, llm_eval_windows=4, lexical_calib_windows=16, fractions=(1.0,),
+                  position_modes=("all", "last"), n_train_examples=6, n_heldout=3, n_negatives=3, explain_max_tokens=24),
+    "default": dict(transcoder="default", train_tokens=0, width=4096, pool=6, explain_windows=768, calib_windows=6,
+                    eval_windows=128, llm_eval_windows=24, lexical_calib_windows=128, fractions=(0.5, 1.0),
+                    position_modes=("all",), n_train_examples=10, n_heldout=4, n_negatives=4, explain_max_tokens=32),
+    "paper": dict(transcoder="default", train_tokens=0, width=4096, pool=0, explain_windows=20_000, calib_windows=64,
+                  eval_windows=1000, llm_eval_windows=1000, lexical_calib_windows=1000,
+                  fractions=(0.001, 0.01, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0), position_modes=("all", "last"),
+                  n_train_examples=40, n_heldout=20, n_negatives=20, explain_max_tokens=120),
+}
+
+
+def flat_view(cfg: RunConfig) -> dict:
+    """A resolved config in the flat names the presets used before nesting."""
+    r = cfg.resolved()
+    flat = {k: v for k, v in dataclasses.asdict(r).items() if k not in ("preset", "sampling", "explain", "score",
+                                                                         "simulator")}
+    return {**flat, "simulator_mode": r.simulator.mode, "n_train_examples": r.sampling.n_train,
+            "n_heldout": r.sampling.n_heldout, "n_negatives": r.sampling.n_negatives,
+            "explain_max_tokens": r.explain.max_tokens}
+
+
+def parse(*argv: str) -> RunConfig:
+    return build_parser().parse_args(["run", *argv]).cfg
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_presets_resolve_to_the_same_settings_as_before(preset):
+    before = {**BEFORE_COMMON, **BEFORE[preset]}
+    cfg = RunConfig(preset=preset)
+    assert flat_view(cfg) == before
+    assert parse("--preset", preset) == cfg, "the CLI's defaults are the dataclass's"
+    resolved = cfg.resolved()
+    assert resolved.sampling_config() == SamplingConfig(n_train=before["n_train_examples"], n_heldout=before["n_heldout"],
+                                                        n_negatives=before["n_negatives"], seed=0)
+    assert resolved.explain_config() == ExplainConfig(max_tokens=before["explain_max_tokens"])
+    assert resolved.score == ScoreConfig() and resolved.simulator == SimulatorConfig()
+    assert (SimulatorConfig().placeholder, SimulatorConfig().requests_per_call) == ("0", 64)  # Simulator's defaults
+
+
+def test_none_means_the_preset_and_explicit_values_win():
+    cfg = RunConfig(preset="smoke", eval_windows=6, sampling=SamplingOptions(n_train=5), seed=3)
+    assert cfg.eval_windows == 6 and cfg.calib_windows is None and cfg.layer is None
+    assert cfg.sampling.n_heldout is None and cfg.explain.max_tokens is None
+    r = cfg.resolved()
+    assert (r.eval_windows, r.calib_windows, r.layer, r.transcoder) == (6, 4, DEFAULT_LAYER, "small")
+    assert (r.sampling.n_train, r.sampling.n_heldout, r.sampling.seed, r.explain.max_tokens) == (5, 3, 3, 24)
+    assert r.llm_eval_windows == 4 and RunConfig(preset="smoke", eval_windows=2).resolved().llm_eval_windows == 2
+    assert r.is_resolved and not cfg.is_resolved and r.resolved() == r
+    assert RunConfig(preset="paper", explain=ExplainOptions(max_tokens=7)).resolved().explain.max_tokens == 7
+
+
+def test_configs_are_frozen_and_resolving_makes_a_new_one():
+    cfg = RunConfig(preset="smoke")
+    resolved = cfg.resolved()
+    assert resolved is not cfg and cfg.eval_windows is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.layer = 3  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        resolved.sampling.n_train = 3  # type: ignore[misc]
+
+
+def test_every_preset_key_is_an_option_left_to_the_preset():
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    none_default = {name for name, f in fields.items() if f.default is None} - {"layer"}
+    for preset, values in PRESETS.items():
+        top = {k for k in values if k not in ("sampling", "explain")}
+        assert top == none_default, preset
+        for table, cls in (("sampling", SamplingOptions), ("explain", ExplainOptions)):
+            for key in values[table]:
+                assert getattr(cls(), key) is None, (preset, table, key)
+
+
+def test_literal_types_match_the_runtime_lists():
+    assert typing.get_args(PositionMode) == POSITION_MODES
+    assert typing.get_args(Calibration) == CALIBRATIONS
+    assert set(typing.get_args(SiteKind)) == set(SITE_HOOKS)
+
+
+def test_help_names_the_preset_default_not_a_sentinel(capsys):
+    assert main(["run", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--eval-windows int, --eval_windows int eval-split windows evaluated (default: the preset's)" in text
+    assert "(default: -1)" not in text and "(default: None)" not in text
+    assert "--explain.max-tokens int, --explain.max_tokens int reply length limit in tokens (default: the preset's)" \
+        in text
+    assert "--sampling.seed int sampling seed (combined with the latent id) (default: the run's --seed)" in text
+
+
+def test_every_stage_option_is_an_option_of_run(capsys):
+    assert main(["run", "--help"]) == 0
+    text = capsys.readouterr().out
+    for table, cls in (("sampling", SamplingConfig), ("explain", ExplainConfig), ("score", ScoreConfig),
+                       ("simulator", SimulatorConfig)):
+        for f in dataclasses.fields(cls):
+            assert f"--{table}.{f.name}" in text, (table, f.name)
+
+
+def test_nested_and_top_level_flags_reach_the_config():
+    cfg = parse("--preset", "smoke", "--explain.max_tokens", "16", "--sampling.n_train", "5", "--sampling.n-heldout",
+                "2", "--score.batch_size", "8", "--simulator.mode", "paper", "--simulator.requests-per-call", "7",
+                "--explain.retry-temperatures", "0.5", "--explain.variant", "contrastive", "--eval-windows", "6",
+                "--eval_windows", "5", "--llm", "openai:m@http://h/v1", "--out", "somewhere")
+    assert (cfg.explain.max_tokens, cfg.explain.retry_temperatures, cfg.explain.variant) == (16, (0.5,), "contrastive")
+    assert (cfg.sampling.n_train, cfg.sampling.n_heldout, cfg.score.batch_size) == (5, 2, 8)
+    assert cfg.simulator == SimulatorConfig(mode="paper", requests_per_call=7)
+    assert (cfg.eval_windows, cfg.llm, cfg.out) == (5, "openai:m@http://h/v1", "somewhere")  # the last one wins
+    r = cfg.resolved()
+    assert r.sampling_config().n_train == 5 and r.explain_config().max_tokens == 16
+
+
+def test_list_options_take_several_values_or_repeat():
+    assert parse("--fractions", "0.5", "1").fractions == (0.5, 1.0)
+    assert parse("--fractions", "0.5", "--fractions", "1").fractions == (0.5, 1.0)
+    assert parse("--position-modes", "last").position_modes == ("last",)
+    assert parse("--calibrations", "linear", "isotonic").calibrations == ("linear", "isotonic")
+    assert build_parser().parse_args(["evaluate", "--replacement", "zero", "--replacement", "mean"]).cfg.replacement \
+        == ("zero", "mean")
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Loading a model fails the test: options must be refused before."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    import nl_rewrite.model.loading
+    import nl_rewrite.pipeline.experiment
+
+    monkeypatch.setattr(nl_rewrite.model.loading, "load_model", refuse)
+    monkeypatch.setattr(nl_rewrite.pipeline.experiment, "load_model", refuse)
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "--preset", "huge"], ["run", "--simulator.mode", "token_by_token"], ["run", "--order", "best"],
+    ["run", "--position-modes", "all", "first"], ["run", "--calibrations", "linear", "spline"],
+    ["run", "--pool-selection", "largest"], ["run", "--explain.variant", "short"],
+    ["run", "--sampling.train-source", "bottom"], ["generate", "--prompt", "x", "--order", "best"],
+    ["evaluate", "--split", "test"], ["evaluate", "--positions", "first"], ["layers", "--split", "test"],
+    ["cache", "--split", "test"], ["train", "--kind", "mlp"], ["train", "--skip", "maybe"],
+    ["train", "--sae-site", "mlp_mid"], ["explain", "--select", "best"], ["explain", "--variant", "short"],
+    ["explain", "--train-source", "bottom"],
+])
+def test_choices_are_refused_while_parsing(argv, no_model, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "invalid choice" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["run", "--eval-windows", "0"], "eval_windows must be at least 1"),
+    (["run", "--fractions", "2"], "fractions must lie in [0, 1]"),
+    (["run", "--preset", "smoke", "--lexical-calib-windows", "200"], "must be fewer than explain_windows"),
+    (["run", "--explain.threshold", "2"], "threshold must be in (0, 1]"),
+    (["run", "--sampling.n-train", "0"], "n_train must be >= 1"),
+    (["run", "--simulator.placeholder", "\t"], "placeholder must not contain"),
+    (["run", "--score.yes", " No"], "yes and .no must differ"),
+    (["evaluate", "--replacement", "half"], "unknown replacement"),
+    (["explain", "--latents", "0"], "--latents must be >= 1"),
+])
+def test_invalid_values_are_usage_errors_before_any_model(argv, message, no_model, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+# ---- TOML files ------------------------------------------------------------------------------------------------
+
+RUN_TOML = """
+preset = "smoke"
+eval_windows = 6
+fractions = [0.5, 1]
+
+[explain]
+max_tokens = 16
+
+[sampling]
+n_train = 5
+"""
+
+
+def test_config_file_sets_options_and_flags_override_it(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text(RUN_TOML)
+    from_file = parse("--config", str(path))
+    assert from_file == RunConfig.from_toml(path)
+    assert (from_file.preset, from_file.eval_windows, from_file.fractions) == ("smoke", 6, (0.5, 1.0))
+    assert (from_file.explain.max_tokens, from_file.sampling.n_train, from_file.sampling.n_heldout) == (16, 5, None)
+    both = parse("--eval-windows", "7", "--config", str(path), "--explain.max-tokens", "20", "--preset", "default")
+    assert (both.preset, both.eval_windows, both.explain.max_tokens, both.sampling.n_train) == ("default", 7, 20, 5)
+
+
+def test_the_resolved_config_round_trips_through_its_toml_file(tmp_path):
+    cfg = parse("--preset", "smoke", "--explain.max-tokens", "20", "--fractions", "0.5", "1", "--simulator.mode",
+                "paper", "--out", str(tmp_path / "run"), "--sampling.n-bins", "3").resolved()
+    path = tmp_path / "config.toml"
+    path.write_text(cfg.to_toml())
+    assert RunConfig.from_toml(path) == cfg
+    assert parse("--config", str(path)) == cfg
+    assert parse("--config", str(path)).resolved() == cfg
+    assert tomllib.loads(cfg.to_toml()) == tomllib.loads(path.read_text())
+
+
+def test_run_experiment_writes_its_resolved_config_first(tmp_path, monkeypatch):
+    import nl_rewrite.pipeline.experiment as experiment
+
+    def stop(*args, **kwargs):
+        raise RuntimeError("stop before the model")
+
+    monkeypatch.setattr(experiment, "load_model", stop)
+    cfg = RunConfig(preset="smoke", out=str(tmp_path / "run"), explain=ExplainOptions(max_tokens=20))
+    with pytest.raises(RuntimeError, match="stop before the model"):
+        experiment.run_experiment(cfg)
+    assert cfg.layer is None and cfg.eval_windows is None, "the caller's config is never changed"
+    written = tmp_path / "run" / experiment.CONFIG_FILE
+    assert RunConfig.from_toml(written) == cfg.resolved()
+    assert parse("--config", str(written)).resolved() == cfg.resolved()
+
+
+@pytest.mark.parametrize("text,message", [
+    ("n_train_examples = 6", "unknown key 'n_train_examples'; valid keys at the top level: preset, model, layer"),
+    ("[explain]\nmax_tokenz = 3", "unknown key 'explain.max_tokenz'; valid keys at table [explain]: variant"),
+    ("[sampler]\nn_train = 3", "unknown key 'sampler'"),
+    ('eval_windows = "many"', "eval_windows must be an integer, got 'many' (str)"),
+    ("eval_windows = true", "eval_windows must be an integer, got True (bool)"),
+    ('preset = "huge"', "preset must be one of 'smoke', 'default', 'paper', got 'huge'"),
+    ('position_modes = ["all", "first"]', "position_modes[1] must be one of 'all', 'last'"),
+    ("[sampling]\nn_train = 1.5", "sampling.n_train must be an integer"),
+    ("explain = 3", "explain must be a table"),
+    ("fractions = 0.5", "fractions must be an array (items: a number)"),
+    ("eval_windows = 0", "eval_windows must be at least 1"),
+    ("eval_windows = ", "is not valid TOML"),
+])
+def test_config_file_errors_name_the_key(tmp_path, capsys, no_model, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text + "\n")
+    assert main(["run", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    with pytest.raises(ValueError, match="."):
+        RunConfig.from_toml(path)
+
+
+def test_a_missing_config_file_is_a_usage_error(tmp_path, capsys):
+    assert main(["run", "--config", str(tmp_path / "nowhere.toml")]) == 2
+    assert "cannot read" in capsys.readouterr().err
