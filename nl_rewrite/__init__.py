@@ -31,13 +31,11 @@ _EXPORTS = by_module({
     "nl_rewrite.coders.sparse_coder": ("SparseCoder", "CoderConfig"),
     "nl_rewrite.coders.checkpoint": ("load_coder", "save_coder"),
     "nl_rewrite.latents.cache": ("LatentCache",),
-    "nl_rewrite.replacements.base": ("Replacement", "BatchInfo"),
-    "nl_rewrite.replacements.baselines": ("ZeroReplacement", "IdentityReplacement", "MeanReplacement"),
-    "nl_rewrite.replacements.coders": ("CoderReplacement", "TranscoderReplacement", "SAEReplacement",
-                                       "ZeroLatentsReplacement", "RandomLatentsReplacement"),
-    "nl_rewrite.replacements.oracles": ("OracleReplacement",),
-    "nl_rewrite.replacements.simulated": ("NLSimulatorReplacement",),
-    "nl_rewrite.replacements.live": ("LiveSimulatorReplacement",),
+    # the subpackage resolves these lazily itself (nl_rewrite/replacements/__init__.py says which module holds each)
+    "nl_rewrite.replacements": ("Replacement", "BatchInfo", "ZeroReplacement", "IdentityReplacement",
+                                "MeanReplacement", "CoderReplacement", "TranscoderReplacement", "SAEReplacement",
+                                "ZeroLatentsReplacement", "RandomLatentsReplacement", "OracleReplacement",
+                                "NLSimulatorReplacement", "LiveSimulatorReplacement"),
     "nl_rewrite.interp.simulate": ("Simulator", "SimulationItem"),
     "nl_rewrite.interp.lexical": ("LexicalSimulator",),
     "nl_rewrite.interp.calibrate": ("Calibrator", "LinearCalibrator", "QuantileCalibrator", "IsotonicCalibrator",
@@ -76,10 +74,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs (tests/test_publ
     from nl_rewrite.llm.sglang_backend import SGLangBackend
     from nl_rewrite.model.loading import load_model, tiny_model
     from nl_rewrite.model.sites import Site
-    from nl_rewrite.replacements.base import BatchInfo, Replacement
-    from nl_rewrite.replacements.baselines import IdentityReplacement, MeanReplacement, ZeroReplacement
-    from nl_rewrite.replacements.coders import (CoderReplacement, RandomLatentsReplacement, SAEReplacement,
-                                                TranscoderReplacement, ZeroLatentsReplacement)
-    from nl_rewrite.replacements.live import LiveSimulatorReplacement
-    from nl_rewrite.replacements.oracles import OracleReplacement
-    from nl_rewrite.replacements.simulated import NLSimulatorReplacement
+    from nl_rewrite.replacements import (BatchInfo, CoderReplacement, IdentityReplacement, LiveSimulatorReplacement,
+                                         MeanReplacement, NLSimulatorReplacement, OracleReplacement,
+                                         RandomLatentsReplacement, Replacement, SAEReplacement, TranscoderReplacement,
+                                         ZeroLatentsReplacement, ZeroReplacement)

@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from nl_rewrite.cli.parsing import add_command
 from nl_rewrite.data.windows import Split
 from nl_rewrite.paths import cache_dir
 
@@ -86,7 +87,5 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("cache", help="cache a coder's latent activations on the explain split",
-                                   description=__doc__)
-    parser.add_arguments(CacheConfig, dest="cfg")
-    parser.set_defaults(func=run)
+    add_command(subparsers, "cache", "cache a coder's latent activations on the explain split", run,
+                {"cfg": CacheConfig}, description=__doc__)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from nl_rewrite.cli.parsing import add_command
 from nl_rewrite import io
 from nl_rewrite.coders.train import DEFAULT_LAYER
 from nl_rewrite.data.windows import Split
@@ -73,9 +74,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("evaluate", help="CE/KL deltas of replacements of one MLP")
-    parser.add_arguments(EvaluateConfig, dest="cfg")
-    parser.set_defaults(func=run)
+    add_command(subparsers, "evaluate", "CE/KL deltas of replacements of one MLP", run, {"cfg": EvaluateConfig})
 
 
 def run(args) -> int:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from nl_rewrite.cli.parsing import add_command
 from nl_rewrite.interp.explain import ExplainConfig
 from nl_rewrite.paths import cache_dir
 from nl_rewrite.latents.sampling import SamplingConfig
@@ -80,8 +81,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("explain", help="explain latents with an LLM", description=__doc__)
-    for dest, cls in (("job", ExplainRun), ("explain", ExplainConfig), ("sampling", SamplingConfig),
-                      ("llm", LLMOptions)):
-        parser.add_arguments(cls, dest=dest)
-    parser.set_defaults(func=run)
+    add_command(subparsers, "explain", "explain latents with an LLM", run,
+                {"job": ExplainRun, "explain": ExplainConfig, "sampling": SamplingConfig, "llm": LLMOptions},
+                description=__doc__)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from nl_rewrite.cli.parsing import add_command
 from nl_rewrite import io
 from nl_rewrite.data.windows import Split
 
@@ -65,10 +66,8 @@ def measure(cfg: LayersConfig) -> dict:
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("layers", help="ablation cost of every MLP layer (choose the layer to rewrite)",
-                                   description=__doc__)
-    parser.add_arguments(LayersConfig, dest="cfg")
-    parser.set_defaults(func=run)
+    add_command(subparsers, "layers", "ablation cost of every MLP layer (choose the layer to rewrite)", run,
+                {"cfg": LayersConfig}, description=__doc__)
 
 
 def run(args) -> int:

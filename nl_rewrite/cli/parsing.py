@@ -163,3 +163,12 @@ class ConfigParser(simple_parsing.ArgumentParser):
             return super().parse_known_args(args, namespace, attempt_to_reorder)
         except ValueError as exc:  # a config's validation, while its dataclass is built
             self.error(str(exc))
+
+
+def add_command(subparsers, name: str, help: str, func, configs: dict[str, type], description: str | None = None):
+    """A subcommand whose options are the fields of ``configs`` (dest → dataclass); ``func(args)`` runs it."""
+    parser = subparsers.add_parser(name, help=help, description=description)
+    for dest, cls in configs.items():
+        parser.add_arguments(cls, dest=dest)
+    parser.set_defaults(func=func)
+    return parser

@@ -10,6 +10,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from nl_rewrite.cli.parsing import add_command
 from nl_rewrite.latents.sampling import SamplingConfig
 from nl_rewrite.interp.score import ScoreConfig
 from nl_rewrite.cli.explain import LLMOptions, make_llm, open_cache
@@ -49,7 +50,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("score", help="detection-score explanations", description=__doc__)
-    for dest, cls in (("job", ScoreRun), ("score", ScoreConfig), ("sampling", SamplingConfig), ("llm", LLMOptions)):
-        parser.add_arguments(cls, dest=dest)
-    parser.set_defaults(func=run)
+    add_command(subparsers, "score", "detection-score explanations", run,
+                {"job": ScoreRun, "score": ScoreConfig, "sampling": SamplingConfig, "llm": LLMOptions},
+                description=__doc__)

@@ -7,6 +7,8 @@ import argparse
 import logging
 from dataclasses import dataclass
 
+from nl_rewrite.cli.parsing import add_command
+
 log = logging.getLogger(__name__)
 
 
@@ -42,7 +44,5 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("serve", help="serve the embedded model with OpenAI's HTTP schema",
-                                   description=__doc__)
-    parser.add_arguments(ServeConfig, dest="cfg")
-    parser.set_defaults(func=run)
+    add_command(subparsers, "serve", "serve the embedded model with OpenAI's HTTP schema", run,
+                {"cfg": ServeConfig}, description=__doc__)

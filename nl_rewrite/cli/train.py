@@ -9,15 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 
+from nl_rewrite.cli.parsing import add_command
 from nl_rewrite.coders.train import DONE_FILE, TrainConfig, train
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("train", help="train a sparse coder (transcoder or SAE) on CPU",
-                                   description=__doc__)
-    parser.add_arguments(TrainConfig, dest="cfg")
+    parser = add_command(subparsers, "train", "train a sparse coder (transcoder or SAE) on CPU", run,
+                         {"cfg": TrainConfig}, description=__doc__)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
