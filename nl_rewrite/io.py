@@ -31,8 +31,12 @@ class DiskFullError(NLRewriteError, OSError):
     """No space left while writing; the previous version of the file is untouched."""
 
 
-def replace_file(path: Path | str, fill: Callable[[Path], None]) -> None:
-    """Write ``path`` by calling ``fill(temporary_path)``, then make it durable and rename it into place."""
+def replace_file(path: Path | str, fill: Callable[[Path], None], sync: bool = True) -> None:
+    """Write ``path`` by calling ``fill(temporary_path)``, then make it durable and rename it into place.
+
+    ``sync=False`` skips the two fsyncs: the rename is still atomic, so a killed process leaves the old file or
+    the new one, but a power loss may leave a truncated file. Only for recomputable caches written thousands of
+    times a run, whose readers treat a corrupt file as missing (the simulation store)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_orphans(path)
@@ -42,9 +46,11 @@ def replace_file(path: Path | str, fill: Callable[[Path], None]) -> None:
     try:
         fill(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results and caches are meant to be shared
-        _fsync_file(tmp)
+        if sync:
+            _fsync_file(tmp)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        if sync:
+            _fsync_dir(path.parent)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -62,15 +68,16 @@ def write_json(path: Path | str, obj: object) -> None:
     write_text(path, json.dumps(obj, indent=1, default=str))
 
 
-def write_bytes(path: Path | str, data: bytes) -> None:
-    replace_file(path, lambda tmp: tmp.write_bytes(data))
+def write_bytes(path: Path | str, data: bytes, sync: bool = True) -> None:
+    replace_file(path, lambda tmp: tmp.write_bytes(data), sync)
 
 
-def save_tensors(path: Path | str, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
+def save_tensors(path: Path | str, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None,
+                 sync: bool = True) -> None:
     """A safetensors file (tensors made contiguous and detached, as safetensors requires)."""
     from safetensors.torch import save
 
-    write_bytes(path, save({k: v.detach().contiguous() for k, v in tensors.items()}, metadata=metadata))
+    write_bytes(path, save({k: v.detach().contiguous() for k, v in tensors.items()}, metadata=metadata), sync)
 
 
 def torch_save(path: Path | str, obj: object) -> None:

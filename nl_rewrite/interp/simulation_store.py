@@ -20,6 +20,7 @@ calibration) is stored as JSON beside the simulations and serves as a latent ran
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -31,7 +32,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 from jaxtyping import Float
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from nl_rewrite import io
@@ -54,7 +55,13 @@ def text_hash(text: str) -> str:
 
 def window_key(tokens: Sequence[str]) -> int:
     """A window's content key: 63 bits of a hash of its token strings (fits an int64 tensor)."""
-    digest = hashlib.sha256(json.dumps(list(tokens)).encode()).digest()  # unambiguous, whatever the tokens hold
+    return _content_key(tuple(tokens))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _content_key(tokens: tuple[str, ...]) -> int:
+    # cached: a run asks for the same few hundred windows' keys once per latent (millions of times)
+    digest = hashlib.sha256(json.dumps(tokens).encode()).digest()  # unambiguous, whatever the tokens hold
     return int.from_bytes(digest[:8], "big") >> 1
 
 
@@ -65,6 +72,8 @@ class SimulationStore:
         self.identity = simulator_identity
         self.folder = Path(folder) / text_hash(f"{simulator_identity}|{LAYOUT}")
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.corrupt_files = 0
+        """Store files found unreadable (and re-simulated), for logs and reports."""
         marker = self.folder / "identity.json"
         if not marker.exists():
             io.write_json(marker, {"simulator": simulator_identity})
@@ -77,10 +86,15 @@ class SimulationStore:
         path = self._path(latent)
         if not path.exists():
             return {}
-        with safe_open(str(path), framework="pt") as fh:
-            if (fh.metadata() or {}).get("explanation_hash") != text_hash(explanation):
-                return {}
-            keys, scores = fh.get_tensor("window_keys"), fh.get_tensor("scores")
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                if (fh.metadata() or {}).get("explanation_hash") != text_hash(explanation):
+                    return {}
+                keys, scores = fh.get_tensor("window_keys"), fh.get_tensor("scores")
+        except (SafetensorError, OSError) as exc:  # written without fsync (see put): a power loss may truncate it
+            self.corrupt_files += 1
+            log.warning("%s is unreadable (%s); its windows will be simulated again", path, exc)
+            return {}
         return {int(k): s for k, s in zip(keys.tolist(), scores)}
 
     def load(self, latent: int, explanation: str, windows: Windows) -> dict[int, Float[Tensor, " pos"]]:
@@ -112,8 +126,10 @@ class SimulationStore:
         order = sorted(merged)
         tensors = {"window_keys": torch.tensor(order, dtype=torch.int64),
                    "scores": torch.stack([merged[w] for w in order]).contiguous()}
-        io.save_tensors(self._path(latent), tensors,
-                             metadata={"explanation_hash": text_hash(explanation), "latent": str(latent)})
+        # No fsync: a run writes one file per latent and chunk (tens of thousands), and fsyncs cost minutes; the
+        # rename stays atomic, and a file a power loss truncates is read as missing and simulated again.
+        io.save_tensors(self._path(latent), tensors, sync=False,
+                        metadata={"explanation_hash": text_hash(explanation), "latent": str(latent)})
 
     def get(self, latent: int, explanation: str, windows: Windows) -> Float[Tensor, "n pos"]:
         """Scores for exactly these windows, in their order, or a ``MissingSimulationError`` naming what is

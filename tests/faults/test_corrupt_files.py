@@ -56,3 +56,22 @@ def test_a_corrupt_call_cache_names_the_file_and_the_fix(tmp_path):
     path.write_bytes(b"this is not a database" * 100)
     with pytest.raises(LLMError, match=r"calls.sqlite is not a readable sqlite call cache.*delete it"):
         CachedBackend(FakeBackend(), path).chat([ChatRequest((("user", "hi"),))])
+
+
+def test_a_truncated_simulation_store_file_is_simulated_again(tmp_path, caplog):
+    import logging
+
+    import torch
+
+    from nl_rewrite.interp.simulation_store import SimulationStore
+
+    windows = {0: ["a", "b", "c"], 1: ["d", "e", "f"]}
+    store = SimulationStore(tmp_path, "sim-v1")
+    store.put(3, "dogs", list(windows.values()), torch.ones(2, 3))
+    assert store.missing(3, "dogs", windows) == []
+    _truncate(next(store.folder.glob("latent_3.safetensors")))
+    with caplog.at_level(logging.WARNING, logger="nl_rewrite.interp.simulation_store"):
+        assert sorted(store.missing(3, "dogs", windows)) == [0, 1]
+    assert store.corrupt_files == 1 and "latent_3.safetensors is unreadable" in caplog.text
+    store.put(3, "dogs", list(windows.values()), torch.zeros(2, 3))  # the rewrite replaces the bad file
+    assert torch.equal(store.get(3, "dogs", windows), torch.zeros(2, 3))
