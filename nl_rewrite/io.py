@@ -13,6 +13,7 @@ with its errno, which becomes a ``DiskFullError`` naming the file and what to do
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import os
@@ -116,11 +117,19 @@ def _umask() -> int:
 
 
 def _remove_orphans(path: Path) -> None:
-    """Temporary files of ``path`` left by processes that no longer run (a kill -9 mid-write)."""
-    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
-        if pid.isdigit() and not _running(int(pid)):
-            tmp.unlink(missing_ok=True)
+    """Temporary files left in ``path``'s folder by processes that no longer run (a kill -9 mid-write)."""
+    _clean_folder_once(str(path.parent.resolve()))
+
+
+@functools.lru_cache(maxsize=None)
+def _clean_folder_once(folder: str) -> None:
+    # Once per folder and process: a folder can hold thousands of files written thousands of times a run, and a
+    # temporary left by a process that died is an orphan forever after, so one sweep per process finds them all.
+    for entry in os.scandir(folder):
+        if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+            pid = entry.name[:-4].rsplit(".", 2)[-2] if entry.name.count(".") >= 4 else ""
+            if pid.isdigit() and not _running(int(pid)):
+                Path(entry.path).unlink(missing_ok=True)
 
 
 def _running(pid: int) -> bool:
