@@ -98,8 +98,8 @@ class TrainConfig:
     """weight of the AuxK dead-latent loss"""
     dead_tokens: int = 50_000
     """a latent silent for this many tokens is dead"""
-    linear_init: bool = True
-    """initialise skip + bias by least squares on buffer 0"""
+    linear_init: bool = simple_parsing.helpers.flag(True, negative_prefix="--no-")
+    """initialise skip + bias by least squares on buffer 0 (--no-linear-init: random init)"""
     seed: int = 0
     """seed for init, window order and shuffles"""
     corpus: str = "default"
