@@ -38,9 +38,12 @@ class _BadRequest(Exception):
 def make_server(backend: EmbeddedBackend, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
     """A server bound to ``host:port`` (port 0 picks a free one: read ``server.server_address``)."""
     handler = type("Handler", (_Handler,), {"backend": backend})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    return server
+    return _Server((host, port), handler)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # socketserver's default backlog of 5 resets connections when many clients connect at once
 
 
 class _Handler(BaseHTTPRequestHandler):
