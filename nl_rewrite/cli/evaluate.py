@@ -10,7 +10,7 @@ from nl_rewrite import io
 from nl_rewrite.coders.train import DEFAULT_LAYER
 from nl_rewrite.data.windows import Split
 from nl_rewrite.pipeline.conditions import CONDITIONS
-from nl_rewrite.pipeline.config import PositionMode
+from nl_rewrite.evaluation.evaluator import PositionMode
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence, get_args
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,8 @@ from nl_rewrite.evaluation.stats import RatioCI, bootstrap_indices, mean_ci, pai
 
 log = logging.getLogger(__name__)
 CLEAN = "clean"
-POSITION_MODES = ("all", "last")
+PositionMode = Literal["all", "last"]
+POSITION_MODES: tuple[str, ...] = get_args(PositionMode)
 
 
 @dataclass

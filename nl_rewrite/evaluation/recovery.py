@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from nl_rewrite.evaluation.evaluator import EvalResults
-from nl_rewrite.evaluation.stats import bootstrap_indices, paired_wilcoxon, ratio_ci
+from nl_rewrite.evaluation.stats import bootstrap_indices, mean_ci, paired_wilcoxon, ratio_ci
 
 METRICS = ("ce", "kl")
 LEVEL = 0.95
@@ -58,17 +58,10 @@ def _metric(res: EvalResults, metric: str, name: str) -> Tensor:
     return torch.tensor(table[name], dtype=torch.double)
 
 
-def _percentiles(samples: Tensor) -> tuple[float, float]:
-    alpha = (1 - LEVEL) / 2
-    lo, hi = torch.quantile(samples, torch.tensor([alpha, 1 - alpha], dtype=torch.double))
-    return float(lo), float(hi)
-
-
 def gap(res: EvalResults, metric: str, worse: str = "zero_latents", better: str = "transcoder") -> Interval:
     """Mean per-window ``M_worse − M_better`` with its window-bootstrap CI."""
     diff = _metric(res, metric, worse) - _metric(res, metric, better)
-    means = diff[bootstrap_indices(len(diff), res.n_bootstrap, res.seed)].mean(1)
-    return Interval(float(diff.mean()), *_percentiles(means))
+    return Interval(float(diff.mean()), *mean_ci(diff, bootstrap_indices(len(diff), res.n_bootstrap, res.seed), LEVEL))
 
 
 def recovered(res: EvalResults, name: str, metric: str, worse: str = "zero_latents",

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Protocol, runtime_checkable
+from typing import Any, ClassVar, Iterable, Literal, Protocol, get_args, runtime_checkable
 
 import numpy as np
 import torch
@@ -32,7 +32,8 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 MAX_DIGIT = 9.0
-CALIBRATIONS = ("linear", "quantile", "isotonic")
+Calibration = Literal["linear", "quantile", "isotonic"]
+CALIBRATIONS: tuple[str, ...] = get_args(Calibration)
 _MAX_KNOTS = 1024
 """Quantile tables are thinned to this many points so one latent's JSON stays a few kB."""
 

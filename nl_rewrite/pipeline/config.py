@@ -19,6 +19,8 @@ from typing import Any, Literal, Optional
 from simple_parsing.docstring import get_attribute_docstring
 
 from nl_rewrite.coders.train import DEFAULT_LAYER
+from nl_rewrite.evaluation.evaluator import PositionMode
+from nl_rewrite.interp.calibrate import Calibration
 from nl_rewrite.config_io import read_toml, to_toml
 from nl_rewrite.interp.explain import ExplainConfig
 from nl_rewrite.interp.score import ScoreConfig
@@ -27,10 +29,6 @@ from nl_rewrite.interp.simulate import SimulatorConfig
 from nl_rewrite.latents.sampling import SamplingConfig
 
 Preset = Literal["smoke", "default", "paper"]
-PositionMode = Literal["all", "last"]
-"""``evaluation.evaluator.POSITION_MODES`` as a type."""
-Calibration = Literal["linear", "quantile", "isotonic"]
-"""``interp.calibrate.CALIBRATIONS`` as a type."""
 PoolSelection = Literal["mass", "frequent", "random"]
 
 PAPER_FRACTIONS = (0.001, 0.01, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0)
