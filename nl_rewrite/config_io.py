@@ -23,6 +23,10 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+SCALARS: dict[type, tuple[type, ...]] = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
+"""The TOML values each scalar field type accepts (an integer is a valid float)."""
+
+
 def _qualified(where: str, key: str) -> str:
     return f"{where}.{key}" if where else key
 
@@ -66,21 +70,10 @@ def _check(kind: Any, value: Any, key: str) -> Any:
         if not isinstance(value, Mapping):
             raise wrong
         return kind(**check_fields(kind, value, key))
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        raise wrong
-    if kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise wrong
-    if kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise wrong
-    if kind is str:
-        if isinstance(value, str):
-            return value
+    if kind in SCALARS:
+        # bool is an int subclass: true/false is accepted only where the field is a bool
+        if isinstance(value, SCALARS[kind]) and (kind is bool or not isinstance(value, bool)):
+            return float(value) if kind is float else value
         raise wrong
     raise TypeError(f"{key}: config files cannot hold a {kind!r}")
 
