@@ -5,7 +5,8 @@ The content goes to a uniquely named temporary file in the target's folder (``.<
 the permissions the umask gives a new file), which is flushed and fsynced, renamed over the target, and then the
 folder is fsynced so the rename itself survives a power loss. A crash, a kill or a full disk therefore leaves
 either the old file or the new one, never a partial one. On any error the temporary file is removed; one left by
-a killed process (its pid no longer running) is removed by the next write of the same file. Tensors are
+a killed process (its pid no longer running) is removed by the first write into its folder of each later
+process. Tensors are
 serialised to bytes first and written with Python's I/O, so a full disk (ENOSPC, EDQUOT) is always an ``OSError``
 with its errno, which becomes a ``DiskFullError`` naming the file and what to do.
 """
