@@ -6,9 +6,8 @@ the permissions the umask gives a new file), which is flushed and fsynced, renam
 folder is fsynced so the rename itself survives a power loss. A crash, a kill or a full disk therefore leaves
 either the old file or the new one, never a partial one. On any error the temporary file is removed; one left by
 a killed process (its pid no longer running) is removed by the first write into its folder of each later
-process. Tensors are
-serialised to bytes first and written with Python's I/O, so a full disk (ENOSPC, EDQUOT) is always an ``OSError``
-with its errno, which becomes a ``DiskFullError`` naming the file and what to do.
+process. Tensors are serialised to bytes first and written with Python's I/O, so a full disk (ENOSPC, EDQUOT) is
+always an ``OSError`` with its errno, which becomes a ``DiskFullError`` naming the file and what to do.
 """
 
 from __future__ import annotations
