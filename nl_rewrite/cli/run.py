@@ -1,10 +1,5 @@
-"""``nl-rewrite run``: the whole experiment (see :mod:`nl_rewrite.pipeline.experiment`); rerun the same --out to resume.
-
-Options come from :class:`~nl_rewrite.pipeline.config.RunConfig`: a preset (``--preset``), options left to it, and
-nested stage options (``--sampling.n_train``, ``--explain.max_tokens``, ``--score.batch_size``,
-``--simulator.mode``). ``--config FILE.toml`` reads options from a file (``<out>/config.toml`` of an earlier run
-repeats it); flags override the file. See docs/configuration.md.
-"""
+"""``nl-rewrite run``: the whole experiment (see :mod:`nl_rewrite.pipeline.experiment`); ``DESCRIPTION`` is its
+--help text."""
 
 from __future__ import annotations
 
@@ -32,8 +27,8 @@ def run(args: argparse.Namespace) -> int:
     from nl_rewrite.pipeline.experiment import CONFIG_FILE, run_experiment
     from nl_rewrite.pipeline.report import summary_text, write_outputs
 
-    cfg = args.cfg.resolved()
-    artifacts = run_experiment(cfg)
+    artifacts = run_experiment(args.cfg)  # resolves the config (presets filled in) and records it
+    cfg = artifacts.cfg
     data = write_outputs(artifacts, Path(cfg.out))
     print(summary_text(data))
     print(f"outputs in {cfg.out}: results.json results.csv ladder.png fractions.png budgets.png report.html "
