@@ -40,6 +40,25 @@ def test_malformed_explanation_is_a_counted_logged_fallback(caplog):
     assert bad.current == {" tax": 9} and any("outside 1-9" in p for p in bad.problems)
 
 
+def test_reading_all_windows_at_once_equals_reading_them_one_by_one():
+    gen = torch.Generator().manual_seed(0)
+    vocab = [" the", " tax", "\n", 'say "hi"', " duty", "x", " never"]
+    windows = [[vocab[i] for i in torch.randint(0, 6, (9,), generator=gen)] for _ in range(5)]
+    texts = {0: 'Fires on " tax" (9); weakly on " duty" (2). After " the" (4), "\\n" (3).',
+             3: write_explanation([LexicalItem('say "hi"', 5), LexicalItem("x", 2, True), LexicalItem(" never", 7)]),
+             7: "no items at all", 8: "Fires on no particular token."}
+    sim = LexicalSimulator()
+    at_once = sim.simulate_windows(texts, windows)
+    for latent, text in texts.items():
+        one_by_one = sim.simulate_many([SimulationItem(text, tuple(w)) for w in windows])
+        assert torch.equal(at_once[latent], torch.stack(one_by_one)), latent
+    assert at_once[0].abs().sum() > 0 and at_once[3].abs().sum() > 0  # the windows do hit the items
+    assert sim.fallbacks == 1
+    assert sim.simulate_windows(texts, [])[0].shape == (0, 0)
+    with pytest.raises(ValueError, match="different lengths"):
+        sim.simulate_windows(texts, [["a"], ["a", "b"]])
+
+
 @pytest.fixture(scope="module")
 def tiny_cache(tiny, tmp_path_factory):
     cfg = CoderConfig(d_in=32, d_out=32, n_latents=24, k=3, read_site="mlp_in.1", write_site="mlp_out.1", model="tiny")

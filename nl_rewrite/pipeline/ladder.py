@@ -1,9 +1,9 @@
 """Simulators that cover every latent, and the oracle ladder they are measured against.
 
 - **Lexical arms**: one per explanation budget. Lexical explanations are written from the ``explain`` split's
-  statistics (windows not used for calibration), read back by :class:`.lexical.LexicalSimulator` into the
-  same :class:`.SimulationStore` as LLM simulations, calibrated per latent on held-out ``explain`` windows
-  and patched through :class:`NLSimulatorReplacement`.
+  statistics (windows not used for calibration), read back by :class:`.lexical.LexicalSimulator` (all latents
+  on all windows in seconds, so recomputed on a rerun rather than stored), calibrated per latent on held-out
+  ``explain`` windows and patched through :class:`NLSimulatorReplacement`.
 - **Oracles**: true, binary and noise-degraded activations (:mod:`.replacements.oracles`), with the noise
   set on ``explain`` windows to reach each target Pearson r.
 
@@ -29,7 +29,7 @@ from nl_rewrite.latents.cache import LatentCache
 from nl_rewrite.interp.lexical import LEXICAL_VERSION, Candidates, LexicalSimulator, explanation_problems, lexical_explanations
 from nl_rewrite.replacements.oracles import OracleReplacement, mean_pearson, noise_multiplier
 from nl_rewrite.replacements.simulated import NLSimulatorReplacement
-from nl_rewrite.interp.simulation_store import SimulationQuality, SimulationStore, simulate_into_store, simulation_quality
+from nl_rewrite.interp.simulation_store import SimulationQuality, simulation_quality
 from nl_rewrite.coders.sparse_coder import SparseCoder
 
 log = logging.getLogger(__name__)
@@ -73,16 +73,12 @@ def lexical_arm(cache: LatentCache, stat_ids: Sequence[int], calib_ids: Sequence
     texts = lexical_explanations(cache, stat_ids, budget, candidates)
     save_explanations(out / f"explanations_lexical_b{budget}.jsonl", texts, budget)
     sim = LexicalSimulator()
-    folder = out / "simulations" / f"lexical_b{budget}"
-    calib_windows = {w: cache.token_strings(cache.window_tokens(w)) for w in calib_ids}
-    stores = {}
-    for split, windows in (("explain", calib_windows), ("eval", eval_windows)):
-        stores[split] = SimulationStore(folder / split, sim.identity)
-        simulate_into_store(sim, stores[split], texts, windows, chunk=max(1, len(windows)), progress=False)
+    calib_windows = [cache.token_strings(cache.window_tokens(w)) for w in calib_ids]
+    calib_sims = sim.simulate_windows(texts, calib_windows)
     acts = rearrange(cache.dense_windows(calib_ids), TOKENS_AS_ROWS)
     calibrators, quality = {}, {}
-    for lat, text in texts.items():
-        sims = stores["explain"].get(lat, text, calib_windows).reshape(-1)
+    for lat in texts:
+        sims = calib_sims[lat].reshape(-1)
         calibrators[lat] = calibrated(lat, sims, acts[:, lat], cache)
         quality[lat] = simulation_quality(lat, sims, acts[:, lat], calibrators[lat](sims))
     linear = sum(1 for c in calibrators.values() if isinstance(c, LinearCalibrator))
@@ -90,7 +86,9 @@ def lexical_arm(cache: LatentCache, stat_ids: Sequence[int], calib_ids: Sequence
     log.info("lexical budget %d: %d latents explained, %d unparseable, %d with partial parse problems, %d calibrated "
              "linearly (never fired on the %d calibration windows)", budget, len(texts), unparseable, partial, linear,
              len(calib_ids))
-    eval_sims = {lat: stores["eval"].load(lat, text, eval_windows) for lat, text in texts.items()}
+    ids = list(eval_windows)
+    eval_sims = {lat: dict(zip(ids, rows.unbind(0)))
+                 for lat, rows in sim.simulate_windows(texts, [eval_windows[w] for w in ids]).items()}
     return LexicalArm(budget, texts, calibrators, quality, eval_sims, unparseable, linear)
 
 
