@@ -69,6 +69,20 @@ def write_json(path: Path | str, obj: object) -> None:
     write_text(path, json.dumps(obj, indent=1, default=str))
 
 
+def read_json_object(path: Path, error: type[Exception], what: str, fix: str) -> dict:
+    """The JSON object in ``path``, or ``error`` saying that ``what`` is missing, corrupt or not an object, and
+    ``fix``."""
+    if not path.is_file():
+        raise error(f"{what} not found: {path}; {fix}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{what} {path} is not valid JSON ({exc}); is the file corrupt? {fix}") from None
+    if not isinstance(data, dict):
+        raise error(f"{what} {path} must hold a JSON object, got {type(data).__name__}; {fix}")
+    return data
+
+
 def write_bytes(path: Path | str, data: bytes, sync: bool = True) -> None:
     replace_file(path, lambda tmp: tmp.write_bytes(data), sync)
 

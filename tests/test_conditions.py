@@ -114,7 +114,7 @@ def test_coder_path_errors_name_the_problem(tiny, tmp_path):
 def test_unknown_names_are_refused_before_any_coder_is_loaded(tiny, name):
     loader = CountingLoader()
     with pytest.raises(ValueError, match=f"unknown condition {name!r}; valid: zero, mean, identity, transcoder, "
-                                         r"zero_latents, random_latents or coder:PATH"):
+                                         r"zero_latents, random_latents, coder:PATH or MODULE:FACTORY\[:JSON\]"):
         build_condition(name, tiny, 1, loader)
     assert loader.calls == 0
 

@@ -149,6 +149,7 @@ def test_evaluate_cli_writes_results_and_split_manifest(tmp_cache, tmp_path):
     assert main(["evaluate", "--layer", "6", "--replacement", "zero", "--max-windows", "4", "--window", "16",
                  "--out", str(out)]) == 0
     data = json.loads((out / "results.json").read_text())
-    assert data["summaries"]["zero_mlp"]["kl_mean"] > 0
+    assert data["blocks"]["eval/all"]["summaries"]["zero_mlp"]["kl_mean"] > 0
+    assert data["references"] == {"zero_mlp": "zero_mlp"} and data["fingerprint_parts"]["suite"]["name"] == "custom"
     splits = json.loads((out / "splits.json").read_text())["splits"]
     assert not set(splits["eval"]) & set(splits["explain"])

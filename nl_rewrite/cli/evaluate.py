@@ -1,4 +1,9 @@
-"""``nl-rewrite evaluate``: CE and KL deltas of baseline replacements of one MLP, with CIs."""
+"""``nl-rewrite evaluate``: CE and KL deltas of replacements (built-in or the user's own), with CIs and paired tests.
+
+``--suite standard`` fixes splits, windows, seed and position modes so that runs can be merged by
+``nl-rewrite compare``; without it, the flags define a one-block suite. Either way ``results.json`` carries the
+suite's fingerprint, and ``results.md`` the table.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,8 @@ from nl_rewrite.coders.train import DEFAULT_LAYER
 from nl_rewrite.data.windows import Split
 from nl_rewrite.pipeline.conditions import CONDITIONS
 from nl_rewrite.evaluation.evaluator import PositionMode
+from nl_rewrite.evaluation.suite import SUITES, Suite
+from nl_rewrite.replacements.plugin import is_plugin_spec, parse_spec
 
 
 @dataclass(frozen=True)
@@ -22,7 +29,11 @@ class EvaluateConfig:
     layer: int = DEFAULT_LAYER
     """layer whose MLP output is replaced"""
     replacement: tuple[str, ...] = ("zero", "mean")
-    """conditions to evaluate: zero, mean, identity, transcoder, zero_latents, random_latents, or coder:PATH"""
+    """conditions to evaluate (repeatable): zero, mean, identity, transcoder, zero_latents, random_latents,
+    coder:PATH, or your own MODULE:FACTORY[:JSON-kwargs] (see docs/replacements.md)"""
+    suite: str | None = None
+    """a named benchmark suite (standard, smoke) that fixes corpus, splits, window, windows, seed and positions;
+    those flags are then ignored. Runs of one suite can be merged by nl-rewrite compare"""
     split: Split = "eval"
     """corpus split to evaluate on (eval, or eval_ood for out-of-domain text)"""
     corpus: str = "default"
@@ -43,33 +54,46 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         if not self.replacement:
             raise ValueError("give at least one --replacement")
-        bad = [r for r in self.replacement if r not in CONDITIONS and not r.startswith("coder:")]
+        bad = [r for r in self.replacement if r not in CONDITIONS and not r.startswith("coder:")
+               and not is_plugin_spec(r)]
         if bad:
-            raise ValueError(f"unknown replacement(s) {bad}; valid: {', '.join(CONDITIONS)} or coder:PATH")
+            raise ValueError(f"unknown replacement(s) {bad}; valid: {', '.join(CONDITIONS)}, coder:PATH or "
+                             "MODULE:FACTORY[:JSON]")
+        for spec in filter(is_plugin_spec, self.replacement):
+            parse_spec(spec)  # a malformed spec fails before the model loads
+        if self.suite is not None and self.suite not in SUITES:
+            raise ValueError(f"unknown suite {self.suite!r}; valid: {', '.join(SUITES)}")
         if min(self.max_windows, self.batch_size) < 1 or self.window < 2:
             raise ValueError("max_windows and batch_size must be at least 1, window at least 2")
+
+    def chosen_suite(self) -> Suite:
+        """The named suite, or a one-block suite made of the flags."""
+        if self.suite is not None:
+            return SUITES[self.suite]
+        return Suite("custom", (self.split,), self.window, self.max_windows, self.seed, (self.positions,), self.corpus)
 
 
 def evaluate(cfg: EvaluateConfig) -> dict:
     from nl_rewrite.pipeline.conditions import build_condition, default_coder_loader
-    from nl_rewrite.data.windows import split_manifest, token_windows
-    from nl_rewrite.evaluation.evaluator import Evaluator
+    from nl_rewrite.data.windows import split_manifest
+    from nl_rewrite.evaluation.comparison import Run, write_report
+    from nl_rewrite.evaluation.suite import run_suite
     from nl_rewrite.model.loading import load_model, prepend_bos_for
 
+    suite = cfg.chosen_suite()
     model = load_model(cfg.model)
-    windows = token_windows(model, cfg.split, corpus=cfg.corpus, window=cfg.window, max_windows=cfg.max_windows,
-                            seed=cfg.seed, prepend_bos=prepend_bos_for(cfg.model))
     coder = default_coder_loader(model, cfg.layer)
-    reps = [build_condition(name, model, cfg.layer, coder, cfg.seed) for name in cfg.replacement]
-    results = Evaluator(model, windows, cfg.batch_size, cfg.positions, seed=cfg.seed).run(reps)
-    print(results.table())
+    reps = [build_condition(name, model, cfg.layer, coder, suite.seed) for name in cfg.replacement]
+    results = run_suite(model, cfg.model, suite, reps, prepend_bos=prepend_bos_for(cfg.model),
+                        batch_size=cfg.batch_size)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     payload = {"config": asdict(cfg), **results.to_json()}
     io.write_json(out / "results.json", payload)
     # which documents were in which split, so the evaluation set can be audited
-    io.write_json(out / "splits.json", split_manifest(cfg.corpus, cfg.seed))
-    print(f"wrote {out / 'results.json'}")
+    io.write_json(out / "splits.json", split_manifest(suite.corpus, suite.seed))
+    print(write_report([Run(str(out), results)], out / "results"))
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'} (fingerprint {results.fingerprint})")
     return payload
 
 

@@ -18,6 +18,7 @@ COMMANDS = [
     "nl_rewrite.cli.run",
     "nl_rewrite.cli.generate",
     "nl_rewrite.cli.evaluate",
+    "nl_rewrite.cli.compare",
     "nl_rewrite.cli.layers",
     "nl_rewrite.cli.cache",
     "nl_rewrite.cli.explain",

@@ -62,15 +62,8 @@ def save_coder(coder: SparseCoder, folder: "str | Path") -> Path:
 
 # ---- reading files with clear errors -------------------------------------------------------------------------
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint config not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"checkpoint config {path} is not valid JSON ({exc}); is the file corrupt?") from exc
-    if not isinstance(data, dict):
-        raise CheckpointError(f"checkpoint config {path} must hold a JSON object, got {type(data).__name__}")
-    return data
+    return io.read_json_object(path, CheckpointError, "checkpoint config",
+                               "save the checkpoint again (save_coder) or point to the folder holding cfg.json")
 
 
 def _read_tensors(path: Path) -> dict[str, Tensor]:

@@ -96,6 +96,12 @@ class EvalResults:
         """Paired two-sided Wilcoxon p-value between two conditions' per-window CE."""
         return paired_wilcoxon(self._tensor(self.ce, a), self._tensor(self.ce, b))
 
+    def difference(self, a: str, b: str, metric: Literal["ce", "kl"] = "ce") -> tuple[float, tuple[float, float]]:
+        """Mean per-window (a − b) of CE or KL, with its window-bootstrap CI: a paired comparison."""
+        table = {"ce": self.ce, "kl": self.kl}[metric]
+        per_window = self._tensor(table, a) - self._tensor(table, b)
+        return float(per_window.mean()), mean_ci(per_window, self._resamples())
+
     def fraction_recovered(self, condition: str, worse: str, better: str = CLEAN) -> tuple[float, RatioCI]:
         """(CE_worse − CE_condition) / (CE_worse − CE_better) with a window-bootstrap CI.
 

@@ -10,11 +10,13 @@ from typing import Callable
 from nl_rewrite.data.windows import token_windows
 from nl_rewrite.model.loading import model_name
 from nl_rewrite.replacements import IdentityReplacement, MeanReplacement, Replacement, ZeroReplacement
+from nl_rewrite.replacements.plugin import is_plugin_spec, load_plugin
 from nl_rewrite.coders.checkpoint import load_coder
 from nl_rewrite.coders.sparse_coder import SparseCoder
 
 CONDITIONS = ("zero", "mean", "identity", "transcoder", "zero_latents", "random_latents")
-"""Names accepted by :func:`build_condition`; ``coder:PATH`` loads a transcoder checkpoint instead."""
+"""Names accepted by :func:`build_condition`; ``coder:PATH`` loads a transcoder checkpoint instead, and
+``MODULE:FACTORY[:JSON]`` calls the user's factory (:mod:`nl_rewrite.replacements.plugin`)."""
 
 MEAN_WINDOWS = 256
 """Train-split windows averaged for mean ablation (64 tokens each: ~16k tokens)."""
@@ -34,10 +36,13 @@ def build_condition(name: str, model, layer: int, coder: Callable[[], SparseCode
         return MeanReplacement.fit(model, windows, site, name="mean_mlp")
     if name.startswith("coder:"):
         return TranscoderReplacement(load_coder(name[len("coder:"):], model=model), name=name)
+    if is_plugin_spec(name):
+        return load_plugin(name, model, layer)
     builders = {"transcoder": TranscoderReplacement, "zero_latents": ZeroLatentsReplacement,
                 "random_latents": lambda c: RandomLatentsReplacement(c, seed=seed)}
     if name not in builders:
-        raise ValueError(f"unknown condition {name!r}; valid: {', '.join(CONDITIONS)} or coder:PATH")
+        raise ValueError(f"unknown condition {name!r}; valid: {', '.join(CONDITIONS)}, coder:PATH or "
+                         "MODULE:FACTORY[:JSON]")
     return builders[name](coder())
 
 
