@@ -234,8 +234,9 @@ def evaluate_cached(model, windows: TokenWindows, build: Callable[[], list[Repla
     """One Evaluator run, reused from ``path`` when its fingerprint matches (conditions are then never built)."""
     if path.is_file() and json.loads(path.read_text()).get("fingerprint") == fingerprint:
         return EvalResults.from_json(json.loads(path.read_text())["results"])
+    conditions = stages.timed(f"conditions_{path.stem}", build)  # fits mean ablation and noise, tabulates simulations
     res = stages.timed(f"evaluate_{path.stem}", Evaluator(model, windows, cfg.batch_size, mode, seed=cfg.seed).run,
-                       build())
+                       conditions)
     io.write_json(path, {"fingerprint": fingerprint, "results": res.to_json()})
     return res
 
