@@ -110,9 +110,11 @@ def rows(results: SuiteResults, block: str, sources: dict[str, str]) -> list[lis
     out = []
     for name, tests in results.tests(block).items():
         c, z = tests["vs_clean"], tests["vs_zero"]
+        versus_zero = (["(is the reference)", "", "", ""] if z["reference"] == name else
+                       [z["reference"], f"{z['ce_diff']:+.4f} {_ci(*z['ce_diff_ci'])}", _p(z["wilcoxon_p"]),
+                        describe_recovered(z)])
         out.append([name, sources.get(name, ""), f"{c['ce_delta']:+.4f} {_ci(*c['ce_delta_ci'])}",
-                    f"{c['kl']:.4f} {_ci(*c['kl_ci'])}", _p(c["wilcoxon_p"]), z["reference"],
-                    f"{z['ce_diff']:+.4f} {_ci(*z['ce_diff_ci'])}", _p(z["wilcoxon_p"]), describe_recovered(z)])
+                    f"{c['kl']:.4f} {_ci(*c['kl_ci'])}", _p(c["wilcoxon_p"]), *versus_zero])
     return out
 
 
