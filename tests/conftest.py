@@ -6,8 +6,10 @@ embedded model, which is linked from the user cache to avoid a 25 s GGUF convers
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import jaxtyping
@@ -45,15 +47,51 @@ def smol():
     return load_model("smollm2-135m")
 
 
-@pytest.fixture
-def tmp_cache(tmp_path: Path, monkeypatch) -> Path:
-    """An empty nl_rewrite cache for one test, with the converted embedded models linked in."""
+def empty_cache(root: Path) -> Path:
+    """An empty nl_rewrite cache folder at ``root``, with the user cache's converted embedded models linked in."""
     from nl_rewrite.paths import cache_dir
 
     real_models = cache_dir() / "models"
     real_models.mkdir(parents=True, exist_ok=True)
-    root = tmp_path / "cache"
-    root.mkdir()
+    root.mkdir(parents=True)
     (root / "models").symlink_to(real_models)
+    return root
+
+
+@pytest.fixture
+def tmp_cache(tmp_path: Path, monkeypatch) -> Path:
+    """An empty nl_rewrite cache for one test, with the converted embedded models linked in."""
+    root = empty_cache(tmp_path / "cache")
     monkeypatch.setenv("NL_REWRITE_CACHE", str(root))
     return root
+
+
+@dataclass(frozen=True)
+class SmokeRun:
+    out: Path
+    cache: Path
+    """The cache the run started empty (models linked) and filled: its transcoder, windows and LLM calls."""
+    results: dict
+    """results.json as the uninterrupted run wrote it (tests may rerun into ``out`` later)."""
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> SmokeRun:
+    """One uninterrupted `nl-rewrite run --preset smoke` from an empty cache, in this process (so with the runtime
+    shape checks on), shared by the end-to-end test, the kill -9 test (its reference) and the secrets test (its
+    transcoder): the run takes about 100 s, once per session instead of three times."""
+    from nl_rewrite.cli.main import main
+
+    root = tmp_path_factory.mktemp("smoke")
+    cache, out = empty_cache(root / "cache"), root / "run"
+    saved = os.environ.get("NL_REWRITE_CACHE")
+    os.environ["NL_REWRITE_CACHE"] = str(cache)
+    try:
+        code = main(["run", "--preset", "smoke", "--out", str(out)])
+    finally:
+        if saved is None:
+            del os.environ["NL_REWRITE_CACHE"]
+        else:
+            os.environ["NL_REWRITE_CACHE"] = saved
+    assert code == 0, "the shared smoke run failed; see its log above"
+    return SmokeRun(out, cache, json.loads((out / "results.json").read_text()))

@@ -34,12 +34,12 @@ def test_cli_reports_bad_fraction_without_traceback(capsys):
 
 
 @pytest.mark.slow
-def test_smoke_run_end_to_end_and_cached_rerun(tmp_cache, tmp_path):
-    out = tmp_path / "run"
-    assert main(["run", "--preset", "smoke", "--out", str(out)]) == 0
+def test_smoke_run_end_to_end_and_cached_rerun(smoke_run, monkeypatch):
+    out = smoke_run.out
+    monkeypatch.setenv("NL_REWRITE_CACHE", str(smoke_run.cache))
     for name in OUTPUTS:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
-    data = json.loads((out / "results.json").read_text())
+    data = smoke_run.results
     validate_results(data)
     for mode in ("all", "last"):
         conds = data["modes"][mode]["conditions"]

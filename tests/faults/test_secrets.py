@@ -4,6 +4,7 @@ output file (manifest, results, report) or message."""
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 
 import pytest
@@ -15,9 +16,11 @@ pytestmark = pytest.mark.slow
 KEY = "sk-secret-run-9f8e7d6c5b4a"
 
 
-def test_the_key_never_leaves_the_process(tmp_cache, tmp_path, monkeypatch, caplog, capsys):
+def test_the_key_never_leaves_the_process(tmp_cache, tmp_path, monkeypatch, caplog, capsys, smoke_run):
     from nl_rewrite.llm.embedded import EmbeddedBackend
     from nl_rewrite.llm.server import make_server
+
+    shutil.copytree(smoke_run.cache / "coders", tmp_cache / "coders")  # its transcoder: no key is involved in training
 
     server = make_server(EmbeddedBackend("smollm2-135m"), "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
