@@ -170,17 +170,25 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu"):
     return bridge
 
 
-def tiny_model(n_layers: int = 2, d_model: int = 32, d_mlp: int = 64, seed: int = 0):
-    """A randomly initialised Llama-style bridge with a character-level tokenizer, for fast unit tests."""
+def tiny_tokenizer():
+    """A character-level tokenizer (printable ASCII, newline, tab; id 0 is ``<unk>``) for tiny test models."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformer_lens.model_bridge import TransformerBridge
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     chars = [chr(i) for i in range(32, 127)] + ["\n", "\t"]
     vocab = {"<unk>": 0, **{c: i + 1 for i, c in enumerate(chars)}}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="<unk>", pad_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="<unk>", pad_token="<unk>")
+
+
+def tiny_model(n_layers: int = 2, d_model: int = 32, d_mlp: int = 64, seed: int = 0):
+    """A randomly initialised Llama-style bridge with a character-level tokenizer, for fast unit tests."""
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = tiny_tokenizer()
+    vocab = tok.get_vocab()
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=len(vocab), hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layers,

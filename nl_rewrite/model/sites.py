@@ -80,6 +80,10 @@ def resolve(model, site: "str | Site") -> str:
     if not 0 <= site.layer < n_layers:
         raise SiteError(f"layer {site.layer} out of range for a model with {n_layers} layers (valid: 0..{n_layers - 1})")
     name = site.hook_name
+    if name not in model.hook_dict and site.kind == "resid_mid" and getattr(model.cfg, "parallel_attn_mlp", False):
+        raise SiteError(f"site {site}: this model's blocks run attention and the MLP in parallel on the same input "
+                        "(GPT-NeoX/Pythia's parallel residual), so there is no residual stream between them; use "
+                        f"resid_pre.{site.layer} (what both read) or resid_post.{site.layer}")
     if name not in model.hook_dict:
         raise SiteError(f"model has no hook {name!r} for site {site}; valid kinds: {', '.join(SITE_HOOKS)}")
     return name
