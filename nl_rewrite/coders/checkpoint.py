@@ -156,8 +156,12 @@ def _saelens_config(folder: Path, raw: dict, overrides: dict[str, str | None]) -
     if arch != "topk" or not k:
         raise CheckpointError(f"{path}: SAELens architecture {arch!r} is not a TopK SAE; only TopK SAEs can be "
                               "loaded as a SparseCoder (ReLU/JumpReLU/gated SAEs compute a different function)")
-    if raw.get("normalize_activations") not in (None, "none"):
-        raise CheckpointError(f"{path}: normalize_activations={raw['normalize_activations']!r} is not supported")
+    unsupported = {key: raw[key] for key, plain in (("normalize_activations", "none"), ("reshape_activations", "none"),
+                                                    ("rescale_acts_by_decoder_norm", False))
+                   if raw.get(key, plain) not in (plain, None)}
+    if unsupported:
+        raise CheckpointError(f"{path}: SAELens options {unsupported} change what the SAE computes and are not "
+                              "supported; load an SAE saved without them")
     hook = raw.get("hook_name") or meta.get("hook_name") or ""
     site = _site_from_hook_name(hook)
     d_in = _cfg_int(raw, "d_in", path)
