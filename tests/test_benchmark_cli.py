@@ -5,7 +5,6 @@ import json
 import textwrap
 
 import pytest
-import torch
 
 from nl_rewrite.cli.main import main
 
