@@ -148,3 +148,33 @@ def test_quantile_calibrated_simulations_run_end_to_end(tiny, coder):
     assert ((indices == 1) | (indices == 2)).any(), "some simulated value must reach the TopK for this test to bite"
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(logits, plain, atol=1e-6, rtol=0), "the simulations must change the output"
+
+
+def test_an_sae_on_the_residual_is_rewritten_the_same_way(tiny):
+    """The paper's second experiment: an SAE on resid_post.0. True activations as simulations reproduce the SAE's
+    reconstruction; the true oracle equals it; zero latents leave only b_dec in the residual stream."""
+    from nl_rewrite.replacements.coders import SAEReplacement, ZeroLatentsReplacement
+    from nl_rewrite.replacements.oracles import OracleReplacement
+
+    sae = SparseCoder(CoderConfig(d_in=32, d_out=32, n_latents=N_LATENTS, k=K, skip=False, kind="sae",
+                                  read_site="resid_post.0", write_site="resid_post.0", model="tiny"), seed=3)
+    tokens, batch = tokens_and_batch()
+    _, cache = tiny.run_with_cache(tokens, names_filter=lambda n: n == "blocks.0.hook_resid_post")
+    dense = sae.pre_acts(cache["blocks.0.hook_resid_post"]).clamp(max=9.0).detach()
+    chosen = [1, 7, 30]
+    sims = simulations_from({int(w): dense[i] for i, w in enumerate(batch.window_ids)}, chosen)
+    replacements = {"simulated": NLSimulatorReplacement(sae, sims, {lat: identity_calibrator() for lat in chosen},
+                                                        chosen),
+                    "oracle": OracleReplacement(sae, "true"), "sae": SAEReplacement(sae),
+                    "zero_latents": ZeroLatentsReplacement(sae)}
+    logits = {}
+    for name, rep in replacements.items():
+        with torch.no_grad(), rep.attached(tiny, batch):
+            logits[name] = tiny(tokens)
+    with torch.no_grad():
+        only_bias = tiny.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_post",
+                                                            lambda act, hook: sae.b_dec.expand_as(act).clone())])
+    torch.testing.assert_close(logits["simulated"], logits["sae"])
+    torch.testing.assert_close(logits["oracle"], logits["sae"])
+    torch.testing.assert_close(logits["zero_latents"], only_bias)
+    assert not torch.allclose(logits["zero_latents"], logits["sae"])

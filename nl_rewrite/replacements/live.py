@@ -28,8 +28,6 @@ log = logging.getLogger(__name__)
 class LiveSimulatorReplacement(CoderReplacement):
     """See the module docstring. ``token_strings`` maps token ids to the strings the simulator reads."""
 
-    required_kind = "transcoder"
-
     def __init__(self, transcoder: SparseCoder, simulator, explanations: Mapping[int, str],
                  calibrators: Mapping[int, Calibrator], token_strings: Callable[[list[int]], list[str]],
                  name: str = "live_simulated"):

@@ -29,8 +29,6 @@ ORACLE_MODES = ("true", "binary", "noisy")
 class OracleReplacement(CoderReplacement):
     """See the module docstring. ``latents``: the overwritten latent ids (None: all of them)."""
 
-    required_kind = "transcoder"
-
     def __init__(self, coder: SparseCoder, mode: str, latents: list[int] | None = None,
                  mean_active: Float[Tensor, " n_latents"] | None = None,
                  noise_sd: Float[Tensor, " n_latents"] | None = None, seed: int = 0, name: str = "oracle"):

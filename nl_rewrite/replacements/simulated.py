@@ -1,9 +1,10 @@
-"""The NL-simulator replacement: a transcoder whose chosen latents are predicted by an LLM from explanations.
+"""The NL-simulator replacement: a sparse coder whose chosen latents are predicted by an LLM from explanations.
 
 For the chosen latents, the values come from stored simulations (looked up by window id and position)
 mapped through each latent's calibrator; every other latent keeps its real encoder value; TopK is
 re-applied over all latents, then decode + skip (``SparseCoder.forward(..., retopk=True)``, the paper's
-protocol). Calibration is applied once, at construction, so a forward pass is a table lookup.
+protocol). The coder may be a transcoder or an SAE (the paper's second experiment): an SAE has no skip path, so
+its decoded latents replace the site's activation. Calibration is applied once, at construction, so a forward pass is a table lookup.
 
 A window that has no simulation for a chosen latent is a clear error, never a silent zero. A NaN
 simulated value (the simulator got no usable logprobs there) becomes 0 — counted and logged.
@@ -26,14 +27,13 @@ from nl_rewrite.replacements.coders import CoderReplacement
 
 log = logging.getLogger(__name__)
 
+
 class NLSimulatorReplacement(CoderReplacement):
     """See the module docstring.
 
     ``simulations``: latent → window id → raw simulated scores ``[pos]`` (as ``SimulationStore.load`` gives).
     ``calibrators``: latent → fitted calibrator. ``latents``: the chosen latent ids (may be empty: then
-    this is the plain transcoder)."""
-
-    required_kind = "transcoder"
+    this is the plain coder)."""
 
     def __init__(self, transcoder: SparseCoder, simulations: Mapping[int, Mapping[int, Tensor]],
                  calibrators: Mapping[int, Calibrator], latents: Sequence[int], name: str = "nl_simulated"):
