@@ -81,6 +81,21 @@ def test_coder_conditions_use_the_loaded_coder(tiny, name, cls):
         assert rep.seed == 7
 
 
+def test_an_sae_run_builds_its_conditions_at_the_saes_site(tiny, small_train_split):
+    from nl_rewrite.replacements.coders import SAEReplacement
+
+    sae = SparseCoder(CoderConfig(d_in=32, d_out=32, n_latents=16, k=2, skip=False, kind="sae",
+                                  read_site="resid_post.1", write_site="resid_post.1"), seed=0)
+    reps = {name: build_condition(name, tiny, 1, CountingLoader(sae), site="resid_post.1")
+            for name in ("sae", "zero_latents", "zero", "mean")}
+    assert type(reps["sae"]) is SAEReplacement and reps["sae"].name == "sae"
+    assert [(r.name, str(r.write_site)) for r in reps.values()] == [
+        ("sae", "resid_post.1"), ("zero_latents", "resid_post.1"), ("zero_resid_post", "resid_post.1"),
+        ("mean_resid_post", "resid_post.1")]
+    with pytest.raises(ValueError, match="SAEReplacement needs a coder of kind 'sae'"):
+        build_condition("sae", tiny, 1, CountingLoader())  # a transcoder loader
+
+
 def test_every_listed_condition_builds_and_runs(tiny, small_train_split):
     windows = make_windows(n=4, window=8)
     reps = [build_condition(name, tiny, 1, CountingLoader()) for name in CONDITIONS]

@@ -76,3 +76,22 @@ def test_smoke_run_end_to_end_and_cached_rerun(smoke_run, monkeypatch):
     assert again["answer"] == data["answer"]
     print(f"cached rerun took {rerun_s:.1f}s")
     assert rerun_s < 60
+
+
+@pytest.mark.slow
+def test_smoke_run_with_an_sae_on_the_residual_stream(tmp_cache, tmp_path):
+    """The paper's second experiment end to end: an SAE on resid_post.10 through cache, explanations, simulation,
+    calibration and patching, with the SAE's own baselines."""
+    out = tmp_path / "sae_run"
+    assert main(["run", "--preset", "smoke", "--coder", "sae", "--position-modes", "all", "--out", str(out)]) == 0
+    data = json.loads((out / "results.json").read_text())
+    validate_results(data)
+    conds = data["modes"]["all"]["conditions"]
+    for name in ("sae", "zero_latents", "zero_resid_post", "mean_resid_post", "random_latents", "oracle", "lexical"):
+        assert name in conds, name
+    assert "transcoder" not in conds and "zero_mlp" not in conds
+    assert abs(conds["oracle"]["mean_ce"] - conds["sae"]["mean_ce"]) < 1e-5, "true oracle = the SAE"
+    assert conds["sae"]["mean_ce"] < conds["zero_latents"]["mean_ce"]
+    assert data["answer"][0].startswith("The gap zero-latents − sae")
+    assert "the SAE on resid_post.10" in (out / "report.html").read_text()
+    assert data["config"]["coder"] == "sae" and "sae" in data["stage_seconds"]

@@ -506,6 +506,12 @@ def _finish(state: TrainState, cfg: TrainConfig, folder: Path) -> None:
 
 def default_transcoder(model_name: str = "smollm2-135m", layer: int = DEFAULT_LAYER, model=None) -> SparseCoder:
     """The cached default transcoder (width 4096, k 32) for ``model_name``'s MLP ``layer``; trains it if absent."""
-    cfg = TrainConfig(model=model_name, layer=layer, kind="transcoder", width=4096, k=32,
+    return default_coder(model_name, layer, model=model)
+
+
+def default_coder(model_name: str = "smollm2-135m", layer: int = DEFAULT_LAYER, model=None, kind: Kind = "transcoder",
+                  sae_site: SiteKind = "resid_post") -> SparseCoder:
+    """The cached default coder (width 4096, k 32, the same training budget) of either kind; trains it if absent."""
+    cfg = TrainConfig(model=model_name, layer=layer, kind=kind, sae_site=sae_site, width=4096, k=32,
                       buffer_passes=DEFAULT_BUFFER_PASSES)
     return train(cfg, model=model)

@@ -1,4 +1,4 @@
-"""The run's answer in words: how much of the transcoder's computation explanations carry.
+"""The run's answer in words: how much of the coder's computation (transcoder or SAE) explanations carry.
 
 Every number comes from the results payload (``report.results_payload``); when a fraction is undefined (the
 gap's CI reaches 0, or too many bootstrap resamples have a non-positive gap) the text says so instead of
@@ -12,6 +12,11 @@ import math
 from nl_rewrite.evaluation.recovery import Interval, Recovered, describe, format_p
 
 HALF = 0.5
+
+
+def run_coder(data: dict) -> str:
+    """The run's coder kind (results written before SAE runs existed are transcoder runs)."""
+    return data["config"].get("coder", "transcoder")
 
 
 def _recovered(entry: dict) -> Recovered:
@@ -62,7 +67,7 @@ def ladder_points(data: dict, metric: str) -> list[tuple[float, float]]:
 def answer_lines(data: dict) -> list[str]:
     cfg, rec, info = data["config"], data["recovery"], data["conditions_info"]
     n_latents = data["pool"]["n_latents"]
-    lines = [gap_sentence(data["gap"], data["n_tokens"])]
+    lines = [gap_sentence(data["gap"], data["n_tokens"], better=run_coder(data))]
     lex = info.get("lexical")
     if lex:
         lines.append(f"Lexical explanations (≤ {cfg['lexical_budget']} items) of all {n_latents} latents "
@@ -89,9 +94,9 @@ def _pool_sentence(data: dict) -> str:
     rec, info = pool["recovery_vs_pool_zeroed"], pool["conditions_info"]
     g = pool["gap_vs_pool_zeroed"]
     return (f"The LLM simulator ({data['config']['llm']}, {llm}) on the pool of {data['pool']['size']} latents "
-            f"({100 * data['pool']['mass_share']:.1f}% of the transcoder's output mass; r {info[llm]['pearson']:.2f}), "
+            f"({100 * data['pool']['mass_share']:.1f}% of the {run_coder(data)}'s output mass; r {info[llm]['pearson']:.2f}), "
             f"on the first {pool['n_windows']} eval windows, with every other latent kept true: of the gap between "
-            f"zeroing the pool and the transcoder (KL {g['kl'][0]:+.4f} [{g['kl'][1]:+.4f}, {g['kl'][2]:+.4f}], "
+            f"zeroing the pool and the {run_coder(data)} (KL {g['kl'][0]:+.4f} [{g['kl'][1]:+.4f}, {g['kl'][2]:+.4f}], "
             f"CE {g['ce'][0]:+.4f} [{g['ce'][1]:+.4f}, {g['ce'][2]:+.4f}] nats) it recovers "
             f"{condition_sentence(rec, llm, 'pool-zeroed')}; lexical explanations of the same latents "
             f"(r {info['lexical_pool']['pearson']:.2f}) recover {condition_sentence(rec, 'lexical_pool', 'pool-zeroed')}.")

@@ -1,4 +1,4 @@
-"""Build named baseline replacements ("zero", "mean", "transcoder", ...) for one MLP layer.
+"""Build named baseline replacements ("zero", "mean", "transcoder", "sae", ...) for one layer's MLP or site.
 
 Shared by ``nl-rewrite evaluate`` and ``nl-rewrite run`` so both spell conditions the same way.
 """
@@ -9,41 +9,53 @@ from typing import Callable
 
 from nl_rewrite.data.windows import token_windows
 from nl_rewrite.model.loading import model_name
+from nl_rewrite.model.sites import Site
 from nl_rewrite.replacements import IdentityReplacement, MeanReplacement, Replacement, ZeroReplacement
 from nl_rewrite.replacements.plugin import is_plugin_spec, load_plugin
 from nl_rewrite.coders.checkpoint import load_coder
 from nl_rewrite.coders.sparse_coder import SparseCoder
 
 CONDITIONS = ("zero", "mean", "identity", "transcoder", "zero_latents", "random_latents")
-"""Names accepted by :func:`build_condition`; ``coder:PATH`` loads a transcoder checkpoint instead, and
-``MODULE:FACTORY[:JSON]`` calls the user's factory (:mod:`nl_rewrite.replacements.plugin`)."""
+"""Names accepted by :func:`build_condition`; ``coder:PATH`` loads a checkpoint (transcoder or SAE) instead, and
+``MODULE:FACTORY[:JSON]`` calls the user's factory (:mod:`nl_rewrite.replacements.plugin`). ``sae`` (an SAE's
+reconstruction) is built too, for `nl-rewrite run --coder sae`, whose loader gives an SAE."""
 
 MEAN_WINDOWS = 256
 """Train-split windows averaged for mean ablation (64 tokens each: ~16k tokens)."""
 
 
-def build_condition(name: str, model, layer: int, coder: Callable[[], SparseCoder], seed: int = 0) -> Replacement:
-    """One replacement of MLP ``layer``. ``coder`` is called only for coder-based conditions (it may train)."""
-    from nl_rewrite.replacements.coders import RandomLatentsReplacement, TranscoderReplacement, ZeroLatentsReplacement
+def build_condition(name: str, model, layer: int, coder: Callable[[], SparseCoder], seed: int = 0,
+                    site: str | None = None) -> Replacement:
+    """One replacement at ``site`` (default: MLP ``layer``'s output). ``coder`` is called only for coder-based
+    conditions (it may train)."""
+    from nl_rewrite.replacements.coders import (RandomLatentsReplacement, SAEReplacement, TranscoderReplacement,
+                                                ZeroLatentsReplacement)
 
-    site = f"mlp_out.{layer}"
+    site = site or f"mlp_out.{layer}"
     if name == "zero":
-        return ZeroReplacement(site, name="zero_mlp")
+        return ZeroReplacement(site, name=ablation_name("zero", site))
     if name == "identity":
         return IdentityReplacement(site)
     if name == "mean":
         windows = token_windows(model, "train", max_windows=MEAN_WINDOWS, seed=seed)
-        return MeanReplacement.fit(model, windows, site, name="mean_mlp")
+        return MeanReplacement.fit(model, windows, site, name=ablation_name("mean", site))
     if name.startswith("coder:"):
-        return TranscoderReplacement(load_coder(name[len("coder:"):], model=model), name=name)
+        loaded = load_coder(name[len("coder:"):], model=model)
+        return (SAEReplacement if loaded.cfg.kind == "sae" else TranscoderReplacement)(loaded, name=name)
     if is_plugin_spec(name):
         return load_plugin(name, model, layer)
-    builders = {"transcoder": TranscoderReplacement, "zero_latents": ZeroLatentsReplacement,
+    builders = {"transcoder": TranscoderReplacement, "sae": SAEReplacement, "zero_latents": ZeroLatentsReplacement,
                 "random_latents": lambda c: RandomLatentsReplacement(c, seed=seed)}
     if name not in builders:
         raise ValueError(f"unknown condition {name!r}; valid: {', '.join(CONDITIONS)}, coder:PATH or "
                          "MODULE:FACTORY[:JSON]")
     return builders[name](coder())
+
+
+def ablation_name(how: str, site: str) -> str:
+    """``zero_mlp`` / ``mean_mlp`` for an MLP's output (the names results have always used), else ``zero_<kind>``."""
+    kind = Site.parse(site).kind
+    return f"{how}_{'mlp' if kind == 'mlp_out' else kind}"
 
 
 def default_coder_loader(model, layer: int) -> Callable[[], SparseCoder]:

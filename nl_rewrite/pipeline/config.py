@@ -18,7 +18,9 @@ from typing import Any, Literal, Optional
 
 from simple_parsing.docstring import get_attribute_docstring
 
+from nl_rewrite.coders.sparse_coder import Kind
 from nl_rewrite.coders.train import DEFAULT_LAYER
+from nl_rewrite.model.sites import SiteKind
 from nl_rewrite.evaluation.evaluator import PositionMode
 from nl_rewrite.interp.calibrate import Calibration
 from nl_rewrite.config_io import read_toml, to_toml
@@ -95,7 +97,12 @@ class RunConfig:
     model: str = "smollm2-135m"
     """subject model: embedded name, HF dir or .gguf"""
     layer: int | None = None
-    """MLP layer to rewrite (default: the default transcoder's layer)"""
+    """layer to rewrite: its MLP (transcoder) or its --sae-site (SAE) (default: the default transcoder's layer)"""
+    coder: Kind = "transcoder"
+    """transcoder (the MLP's input → output, the paper's first experiment) or sae (an SAE on --sae-site of
+    --layer, the paper's second experiment)"""
+    sae_site: SiteKind = "resid_post"
+    """site kind an SAE reads and writes (with --coder sae)"""
     out: str = "runs/nl_rewrite"
     """output directory (rerun the same to resume)"""
     llm: str = "embedded"
@@ -124,11 +131,12 @@ class RunConfig:
     batch_size: int = 8
     """windows per evaluation forward pass"""
     transcoder: str | None = None
-    """default (cached 4096×k32), small (quick), or a checkpoint path"""
+    """the sparse coder (transcoder or SAE, per --coder): default (cached 4096×k32), small (quick), or a checkpoint
+    path"""
     train_tokens: int | None = None
-    """training tokens for a 'small' transcoder"""
+    """training tokens for a 'small' coder"""
     width: int | None = None
-    """latents of a 'small' transcoder"""
+    """latents of a 'small' coder"""
     pool: int | None = None
     """latents explained and simulated (0: all alive latents)"""
     explain_windows: int | None = None
@@ -208,7 +216,7 @@ def _validate(v: dict[str, Any]) -> None:
         if not v[name]:
             raise ValueError(f"{name} must not be empty")
     for name, kind in (("calibrations", Calibration), ("position_modes", PositionMode), ("order", Order),
-                       ("pool_selection", PoolSelection)):
+                       ("pool_selection", PoolSelection), ("coder", Kind), ("sae_site", SiteKind)):
         allowed = typing.get_args(kind)
         given = v[name] if isinstance(v[name], tuple) else (v[name],)
         if any(x not in allowed for x in given):

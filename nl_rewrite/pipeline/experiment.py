@@ -13,6 +13,7 @@ the LLM pool's conditions on the first ``llm_eval_windows`` of them (a separate 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -29,7 +30,8 @@ from torch import Tensor
 
 from nl_rewrite import io
 from nl_rewrite.interp.calibrate import Calibrator, count_fallbacks, make_calibrator
-from nl_rewrite.pipeline.conditions import build_condition
+from nl_rewrite.errors import CheckpointError
+from nl_rewrite.pipeline.conditions import ablation_name, build_condition
 from nl_rewrite.data.windows import TokenWindows, token_windows
 from nl_rewrite.evaluation.evaluator import EvalResults, Evaluator
 from nl_rewrite.interp.explain import Explanation, explain_latents
@@ -57,7 +59,8 @@ from nl_rewrite.coders.sparse_coder import SparseCoder
 log = logging.getLogger(__name__)
 CONFIG_FILE = "config.toml"
 """The resolved config of a run, in its output folder."""
-BASELINES = ("transcoder", "zero_latents", "zero", "mean", "random_latents")
+BASELINES = ("zero_latents", "zero", "mean", "random_latents")
+"""Built for every run, after the coder's own reconstruction (condition ``transcoder`` or ``sae``)."""
 HEADLINE_LEXICAL = "lexical"
 
 
@@ -121,17 +124,29 @@ class Artifacts:
 
 # ---- stages 1-3: coder, latent cache, pool ------------------------------------------------------------------
 
-def load_transcoder(cfg: RunConfig, model) -> SparseCoder:
-    from nl_rewrite.coders.train import TrainConfig, default_transcoder, train
+def coder_site(cfg: RunConfig) -> str:
+    """The site the run's coder writes: the MLP's output (transcoder) or the SAE's site."""
+    return f"mlp_out.{cfg.layer}" if cfg.coder == "transcoder" else f"{cfg.sae_site}.{cfg.layer}"
+
+
+def load_run_coder(cfg: RunConfig, model) -> SparseCoder:
+    """The run's transcoder or SAE: the cached default, a quickly trained small one, or a checkpoint."""
+    from nl_rewrite.coders.train import TrainConfig, default_coder, train
 
     if cfg.transcoder == "default":
-        return default_transcoder(model_name(model), cfg.layer, model=model)
+        return default_coder(model_name(model), cfg.layer, model=model, kind=cfg.coder, sae_site=cfg.sae_site)
     if cfg.transcoder == "small":
-        folder = cache_dir() / "coders" / model_name(model) / f"mlp_in.{cfg.layer}-w{cfg.width}-k32-t{cfg.train_tokens}"
-        tcfg = TrainConfig(model=model_name(model), layer=cfg.layer, width=cfg.width, tokens=cfg.train_tokens,
-                           out=str(folder), seed=cfg.seed)
-        return train(tcfg, model=model)
-    return load_coder(cfg.transcoder, model=model)
+        tcfg = TrainConfig(model=model_name(model), layer=cfg.layer, kind=cfg.coder, sae_site=cfg.sae_site,
+                           width=cfg.width, tokens=cfg.train_tokens, seed=cfg.seed)
+        suffix = "" if cfg.coder == "transcoder" else "-sae"
+        folder = cache_dir() / "coders" / model_name(model) / f"{tcfg.sites[0]}{suffix}-w{cfg.width}-k32-t{cfg.train_tokens}"
+        return train(dataclasses.replace(tcfg, out=str(folder)), model=model)
+    coder = load_coder(cfg.transcoder, model=model)
+    if coder.cfg.kind != cfg.coder or coder.cfg.write_site != coder_site(cfg):
+        raise CheckpointError(f"{cfg.transcoder} is a {coder.cfg.kind} writing {coder.cfg.write_site}, but the run asks "
+                              f"for a {cfg.coder} writing {coder_site(cfg)}; pass --coder and --layer (and --sae-site) "
+                              "to match the checkpoint")
+    return coder
 
 
 def windows_for(cfg: RunConfig, model, split: str, n: int) -> TokenWindows:
@@ -349,8 +364,10 @@ def main_conditions(ctx: Context, arms: dict[int, LexicalArm]) -> tuple[Callable
     headline = arms[cfg.lexical_budget]
     ranking = sorted(headline.texts, key=lambda lat: -_finite_or(headline.ranking().get(lat), -2.0))
     ranking += sorted(set(range(n)) - set(ranking))  # latents without an explanation (never fired) go last
-    plan = {"transcoder": ("baseline", 1.0, "transcoder"), "zero_latents": ("baseline", 0.0, "no active latents"),
-            "zero_mlp": ("baseline", 0.0, "MLP zero-ablated"), "mean_mlp": ("baseline", 0.0, "MLP mean-ablated"),
+    site = coder_site(cfg)
+    plan = {cfg.coder: ("baseline", 1.0, cfg.coder), "zero_latents": ("baseline", 0.0, "no active latents"),
+            ablation_name("zero", site): ("baseline", 0.0, f"{site} zero-ablated"),
+            ablation_name("mean", site): ("baseline", 0.0, f"{site} mean-ablated"),
             "random_latents": ("baseline", 1.0, "random active latents"),
             "oracle": ("oracle", 1.0, "true activations"), "binary_oracle": ("oracle", 1.0, "binary oracle"),
             **{f"noisy_r{r:g}": ("oracle", 1.0, f"noisy oracle, target r={r:g}") for r in cfg.noise_targets},
@@ -366,7 +383,8 @@ def main_conditions(ctx: Context, arms: dict[int, LexicalArm]) -> tuple[Callable
 
     def build() -> list[Replacement]:
         noise = fit_noise(cache, heldout_windows(cfg, len(cache)), cfg.noise_targets, cfg.seed)
-        baselines = [build_condition(name, ctx.model, cfg.layer, lambda: tc, cfg.seed) for name in BASELINES]
+        baselines = [build_condition(name, ctx.model, cfg.layer, lambda: tc, cfg.seed, coder_site(cfg))
+                     for name in (cfg.coder, *BASELINES)]
         lexical = [lexical_condition(tc, headline, range(n), HEADLINE_LEXICAL)]
         lexical += [lexical_condition(tc, arm, range(n), f"lexical_b{b}") for b, arm in arms.items()
                     if b != cfg.lexical_budget]
@@ -383,7 +401,7 @@ def pool_conditions(ctx: Context, arm: PoolArm, lexical: LexicalArm) -> tuple[Ca
     cfg, tc = ctx.cfg, ctx.transcoder
     pool = sorted(arm.texts)
     share = len(pool) / ctx.cache.n_latents
-    plan = {"transcoder": ("baseline", 1.0, "transcoder"), "zero_latents": ("baseline", 0.0, "no active latents"),
+    plan = {cfg.coder: ("baseline", 1.0, cfg.coder), "zero_latents": ("baseline", 0.0, "no active latents"),
             "pool_zeroed": ("baseline", share, "pool latents set to 0"),
             "lexical_pool": ("lexical", share, f"lexical on the pool, ≤{lexical.budget} items"),
             "binary_oracle_pool": ("oracle", share, "binary oracle on the pool"),
@@ -391,7 +409,7 @@ def pool_conditions(ctx: Context, arm: PoolArm, lexical: LexicalArm) -> tuple[Ca
                for k in cfg.calibrations for f in cfg.fractions}}
 
     def build() -> list[Replacement]:
-        refs = [build_condition(name, ctx.model, cfg.layer, lambda: tc, cfg.seed) for name in ("transcoder", "zero_latents")]
+        refs = [build_condition(name, ctx.model, cfg.layer, lambda: tc, cfg.seed) for name in (cfg.coder, "zero_latents")]
         mean_active = torch.nan_to_num(ctx.cache.stats.mean.float(), nan=0.0)
         return refs + [zeroed_condition(tc, pool, "pool_zeroed"), lexical_condition(tc, lexical, pool, "lexical_pool"),
                        OracleReplacement(tc, "binary", pool, mean_active=mean_active, name="binary_oracle_pool")
@@ -422,9 +440,9 @@ GENERATION_PROMPTS, PROMPT_TOKENS, NEW_TOKENS = 3, 16, 12
 
 
 def rewritten_models(ctx: Context, arm: LexicalArm) -> dict[str, Replacement | None]:
-    """Clean, transcoder, the lexically rewritten MLP (live: simulates any text) and zero-latents."""
+    """Clean, the coder, the lexically rewritten layer (live: simulates any text) and zero-latents."""
     tc = ctx.transcoder
-    return {"clean": None, "transcoder": build_condition("transcoder", ctx.model, ctx.cfg.layer, lambda: tc),
+    return {"clean": None, ctx.cfg.coder: build_condition(ctx.cfg.coder, ctx.model, ctx.cfg.layer, lambda: tc),
             f"lexical rewrite (≤{arm.budget} items)": LiveSimulatorReplacement(
                 tc, LexicalSimulator(), arm.texts, arm.calibrators, ctx.cache.token_strings, name="lexical_live"),
             "zero_latents": build_condition("zero_latents", ctx.model, ctx.cfg.layer, lambda: tc)}
@@ -453,7 +471,7 @@ def run_experiment(cfg: RunConfig) -> Artifacts:
     stages = Stage()
     torch.manual_seed(cfg.seed)
     model = stages.timed("load_model", load_model, cfg.model)
-    transcoder = stages.timed("transcoder", load_transcoder, cfg, model)
+    transcoder = stages.timed(cfg.coder, load_run_coder, cfg, model)
     explain_windows = windows_for(cfg, model, "explain", cfg.explain_windows)
     cache = stages.timed("latent_cache", LatentCache.build, model, transcoder, explain_windows, out / "latents")
     ctx = Context(cfg, model, transcoder, cache, out, stages)

@@ -31,24 +31,26 @@ from dataclasses import asdict
 from pathlib import Path
 
 from nl_rewrite import io
-from nl_rewrite.pipeline.answer import answer_lines
+from nl_rewrite.pipeline.answer import answer_lines, run_coder
 from nl_rewrite.evaluation.evaluator import EvalResults
 from nl_rewrite.pipeline.experiment import Artifacts
 from nl_rewrite.evaluation.recovery import format_p, gap, recovered_json, recovery_table
 from nl_rewrite.pipeline.report_plots import PLOTS
 
 SCHEMA = "nl_rewrite.run/2"
-REFERENCE = ("transcoder", "zero_latents")
-"""The gap: M(zero_latents) − M(transcoder), which simulated latents should recover."""
+def reference(coder: str) -> tuple[str, str]:
+    """The gap's two ends: M(zero_latents) − M(coder), which simulated latents should recover; ``coder`` is the
+    condition of the run's own coder (``transcoder`` or ``sae``)."""
+    return coder, "zero_latents"
 
 
-def _gap_json(res: EvalResults, worse: str = "zero_latents") -> dict:
-    return {m: gap(res, m, worse=worse).as_list() for m in ("ce", "kl")}
+def _gap_json(res: EvalResults, coder: str, worse: str = "zero_latents") -> dict:
+    return {m: gap(res, m, worse=worse, better=coder).as_list() for m in ("ce", "kl")}
 
 
-def _recovery_json(res: EvalResults, names: list[str], worse: str = "zero_latents") -> dict:
+def _recovery_json(res: EvalResults, names: list[str], coder: str, worse: str = "zero_latents") -> dict:
     return {name: {m: recovered_json(r) for m, r in by_metric.items()}
-            for name, by_metric in recovery_table(res, names, worse=worse).items()}
+            for name, by_metric in recovery_table(res, names, worse=worse, better=coder).items()}
 
 
 def _default_llm_condition(art: Artifacts) -> str:
@@ -58,14 +60,15 @@ def _default_llm_condition(art: Artifacts) -> str:
 
 
 def pool_payload(art: Artifacts) -> dict:
-    res = art.pool_results
-    simulated = [n for n in res.conditions if n not in ("clean", *REFERENCE)]
+    res, coder = art.pool_results, art.cfg.coder
+    simulated = [n for n in res.conditions if n not in ("clean", *reference(coder))]
     info = {k.split(":", 1)[1]: asdict(v) for k, v in art.info.items() if k.startswith("pool:")}
     return {"n_windows": len(res.window_ids), "llm_condition": _default_llm_condition(art),
             "conditions": {n: asdict(s) for n, s in res.summaries.items()}, "conditions_info": info,
-            "gap": _gap_json(res), "recovery": _recovery_json(res, simulated),
-            "gap_vs_pool_zeroed": _gap_json(res, worse="pool_zeroed"),
-            "recovery_vs_pool_zeroed": _recovery_json(res, [n for n in simulated if n != "pool_zeroed"], "pool_zeroed")}
+            "gap": _gap_json(res, coder), "recovery": _recovery_json(res, simulated, coder),
+            "gap_vs_pool_zeroed": _gap_json(res, coder, worse="pool_zeroed"),
+            "recovery_vs_pool_zeroed": _recovery_json(res, [n for n in simulated if n != "pool_zeroed"], coder,
+                                                      "pool_zeroed")}
 
 
 def latent_rows(art: Artifacts) -> list[dict]:
@@ -92,16 +95,16 @@ def _lexical_summary(art: Artifacts) -> dict:
 
 
 def results_payload(art: Artifacts) -> dict:
-    main = art.results["all"]
-    names = [n for n in main.conditions if n not in ("clean", *REFERENCE)]
+    main, coder = art.results["all"], art.cfg.coder
+    names = [n for n in main.conditions if n not in ("clean", *reference(coder))]
     data = {
         "schema": SCHEMA, "config": art.cfg.to_dict(),
-        "n_tokens": len(main.window_ids) * main.tokens_per_window, "gap": _gap_json(main),
+        "n_tokens": len(main.window_ids) * main.tokens_per_window, "gap": _gap_json(main, coder),
         "pool": {"size": len(art.pool), "n_latents": art.n_latents, "share_of_latents": len(art.pool) / art.n_latents,
                  "mass_share": art.pool_mass_share, "chosen": {str(f): ids for f, ids in art.chosen.items()}},
         "modes": {mode: {"conditions": {n: asdict(s) for n, s in res.summaries.items()},
                          "per_window_ce": res.ce, "per_window_kl": res.kl} for mode, res in art.results.items()},
-        "recovery": _recovery_json(main, names),
+        "recovery": _recovery_json(main, names, coder),
         "conditions_info": {k: asdict(v) for k, v in art.info.items() if not k.startswith("pool:")},
         "pool_run": pool_payload(art), "lexical": _lexical_summary(art),
         "latents": latent_rows(art), "counts": art.counts, "calibration_fallbacks": art.fallbacks,
@@ -121,7 +124,7 @@ def validate_results(data: dict) -> None:
         raise ValueError(f"unexpected schema {data['schema']!r}")
     for mode, payload in data["modes"].items():
         conds = payload["conditions"]
-        for name in ("clean", *REFERENCE):
+        for name in ("clean", *reference(run_coder(data))):
             if name not in conds:
                 raise ValueError(f"mode {mode}: condition {name!r} missing")
         for name, summary in conds.items():
@@ -193,10 +196,10 @@ def _recovery_cell(entry: dict | None) -> str:
     return f"{frac[0]:.3f} [{frac[1]:.3f}, {frac[2]:.3f}]{note}"
 
 
-def _summary_table(conds: dict, rec: dict, info: dict) -> str:
+def _summary_table(conds: dict, rec: dict, info: dict, coder: str) -> str:
     head = ("<tr><th>condition</th><th>what</th><th>latents</th><th>r (eval)</th><th>mean CE</th>"
             "<th>ΔCE vs clean [95% CI]</th><th>KL(clean‖patched) [95% CI]</th><th>KL gap recovered</th>"
-            "<th>CE gap recovered</th><th>p vs zero-latents (CE / KL)</th><th>p vs transcoder (CE / KL)</th></tr>")
+            f"<th>CE gap recovered</th><th>p vs zero-latents (CE / KL)</th><th>p vs {coder} (CE / KL)</th></tr>")
     rows = []
     for n, s in conds.items():
         meta, r = info.get(n, {}), rec.get(n, {})
@@ -233,26 +236,31 @@ def write_html(data: dict, art: Artifacts, path: Path, decode) -> None:
     pool = data["pool_run"]
     modes = "".join(f"<h2>All conditions, positions: {mode} ({data['modes'][mode]['conditions']['clean']['n_tokens']} "
                     f"tokens)</h2>" + _summary_table(p["conditions"], data["recovery"] if mode == "all" else {},
-                                                      data["conditions_info"])
+                                                      data["conditions_info"], art.cfg.coder)
                     for mode, p in data["modes"].items())
     body = f"""<html><head><meta charset="utf-8"><title>nl_rewrite report</title><style>
 body {{font-family: sans-serif; max-width: 1200px; margin: auto}} table {{border-collapse: collapse; font-size: 12px}}
 td, th {{border: 1px solid #ccc; padding: 3px 6px}} .ex {{font-family: monospace; font-size: 12px; margin: 4px 0;
 white-space: pre-wrap; background: #f7f7f7; padding: 4px}} .answer li {{margin: 6px 0}}</style></head><body>
-<h1>Partially rewriting {html.escape(art.cfg.model)} MLP {art.cfg.layer} in natural language</h1>
+<h1>Partially rewriting {html.escape(art.cfg.model)} {html.escape(rewritten_part(art.cfg))} in natural language</h1>
 <h2>The answer</h2><ul class=answer>{answer}</ul>
 <h2>What quality a simulator needs</h2><img src="ladder.png" width="100%">
 <h2>Fraction of latents simulated</h2><img src="fractions.png" width="100%">
 <h2>Explanation length</h2><img src="budgets.png">
 {modes}
 <h2>LLM pool run: first {pool['n_windows']} eval windows</h2>
-<p>Recovery here is of the gap between zeroing only the pool's latents and the transcoder (every other latent
+<p>Recovery here is of the gap between zeroing only the pool's latents and the {art.cfg.coder} (every other latent
 keeps its true value, so the gap to zero-latents is trivially almost fully recovered).</p>
-{_summary_table(pool['conditions'], pool['recovery_vs_pool_zeroed'], pool['conditions_info'])}
+{_summary_table(pool['conditions'], pool['recovery_vs_pool_zeroed'], pool['conditions_info'], art.cfg.coder)}
 {_generations_html(data)}
 <h2>LLM pool latents, best detection score first</h2>{best}
 </body></html>"""
     io.write_text(path, body)
+
+
+def rewritten_part(cfg) -> str:
+    """What the run rewrites, in words: "MLP 10" (transcoder) or "the SAE on resid_post.10"."""
+    return f"MLP {cfg.layer}" if cfg.coder == "transcoder" else f"the SAE on {cfg.sae_site}.{cfg.layer}"
 
 
 def summary_text(data: dict) -> str:

@@ -38,7 +38,7 @@ def _legend(ax) -> None:
 
 
 def _reference_lines(ax) -> None:
-    """0 = no better than zero-latents, 1 = as good as the transcoder."""
+    """0 = no better than zero-latents, 1 = as good as the run's coder."""
     ax.axhline(0, color="red", lw=0.8, ls="--")
     ax.axhline(1, color="green", lw=0.8, ls="--")
 
@@ -94,7 +94,8 @@ def plot_ladder(data: dict, path: Path) -> None:
         _reference_lines(ax)
         _clip_low(ax, FLOOR)
         _label(ax, "mean per-latent Pearson r with true activations (eval)", METRIC_LABEL[metric])
-    _save(plt, fig, "What quality a simulator needs: gap zero-latents → transcoder recovered (95% CIs)", path)
+    coder = data["config"].get("coder", "transcoder")
+    _save(plt, fig, f"What quality a simulator needs: gap zero-latents → {coder} recovered (95% CIs)", path)
 
 
 def plot_fractions(data: dict, path: Path) -> None:
