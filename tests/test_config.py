@@ -144,7 +144,7 @@ def test_nested_and_top_level_flags_reach_the_config():
 def test_list_options_take_several_values_or_repeat():
     assert parse("--fractions", "0.5", "1").fractions == (0.5, 1.0)
     assert parse("--fractions", "0.5", "--fractions", "1").fractions == (0.5, 1.0)
-    assert parse("--position-modes", "last").position_modes == ("last",)
+    assert parse("--position-modes", "last", "all").position_modes == ("last", "all")
     assert parse("--calibrations", "linear", "isotonic").calibrations == ("linear", "isotonic")
     assert build_parser().parse_args(["evaluate", "--replacement", "zero", "--replacement", "mean"]).cfg.replacement \
         == ("zero", "mean")
@@ -276,3 +276,10 @@ def test_config_file_errors_name_the_key(tmp_path, capsys, no_model, text, messa
 def test_a_missing_config_file_is_a_usage_error(tmp_path, capsys):
     assert main(["run", "--config", str(tmp_path / "nowhere.toml")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_a_run_without_all_positions_is_refused_before_it_starts(capsys):
+    from nl_rewrite.cli.main import main
+
+    assert main(["run", "--preset", "smoke", "--position-modes", "last"]) == 2
+    assert "position_modes must include 'all'" in capsys.readouterr().err

@@ -222,6 +222,9 @@ def _validate(v: dict[str, Any]) -> None:
         if any(x not in allowed for x in given):
             raise ValueError(f"{name} must be {'among' if isinstance(v[name], tuple) else 'one of'} "
                              f"{', '.join(allowed)}; got {v[name]!r}")
+    if "all" not in v["position_modes"]:
+        raise ValueError(f"position_modes must include 'all' (the answer and recovery fractions are measured on all "
+                         f"positions; add 'last' for the paper's protocol); got {v['position_modes']}")
     if any(not 0 < r < 1 for r in v["noise_targets"]):
         raise ValueError(f"noise_targets are correlations in (0, 1); got {v['noise_targets']}")
     if v["lexical_budget"] < 1 or any(b < 1 for b in v["lexical_budgets"]):
