@@ -14,6 +14,10 @@ from nl_rewrite.evaluation.recovery import Interval, Recovered, describe, format
 HALF = 0.5
 
 
+CODER_WORDS = {"transcoder": "transcoder", "sae": "SAE"}
+"""How the answer names the run's coder in a sentence (its condition keeps the kind's name)."""
+
+
 def run_coder(data: dict) -> str:
     """The run's coder kind (results written before SAE runs existed are transcoder runs)."""
     return data["config"].get("coder", "transcoder")
@@ -94,9 +98,10 @@ def _pool_sentence(data: dict) -> str:
     rec, info = pool["recovery_vs_pool_zeroed"], pool["conditions_info"]
     g = pool["gap_vs_pool_zeroed"]
     return (f"The LLM simulator ({data['config']['llm']}, {llm}) on the pool of {data['pool']['size']} latents "
-            f"({100 * data['pool']['mass_share']:.1f}% of the {run_coder(data)}'s output mass; r {info[llm]['pearson']:.2f}), "
+            f"({100 * data['pool']['mass_share']:.1f}% of the {CODER_WORDS[run_coder(data)]}'s output mass; "
+            f"r {info[llm]['pearson']:.2f}), "
             f"on the first {pool['n_windows']} eval windows, with every other latent kept true: of the gap between "
-            f"zeroing the pool and the {run_coder(data)} (KL {g['kl'][0]:+.4f} [{g['kl'][1]:+.4f}, {g['kl'][2]:+.4f}], "
+            f"zeroing the pool and the {CODER_WORDS[run_coder(data)]} (KL {g['kl'][0]:+.4f} [{g['kl'][1]:+.4f}, {g['kl'][2]:+.4f}], "
             f"CE {g['ce'][0]:+.4f} [{g['ce'][1]:+.4f}, {g['ce'][2]:+.4f}] nats) it recovers "
             f"{condition_sentence(rec, llm, 'pool-zeroed')}; lexical explanations of the same latents "
             f"(r {info['lexical_pool']['pearson']:.2f}) recover {condition_sentence(rec, 'lexical_pool', 'pool-zeroed')}.")
