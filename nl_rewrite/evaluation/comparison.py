@@ -138,11 +138,9 @@ def markdown(results: SuiteResults, sources: dict[str, str]) -> str:
 
 def plot(results: SuiteResults, path: Path) -> None:
     """ΔCE vs clean and KL per condition with 95% CIs, one row of panels per block."""
-    import matplotlib
+    from nl_rewrite.evaluation.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     blocks = list(results.blocks)
     fig, axes = plt.subplots(len(blocks), 2, figsize=(11, 1.2 + 0.45 * _n_conditions(results) * len(blocks)),
                              squeeze=False)

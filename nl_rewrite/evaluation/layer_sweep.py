@@ -106,11 +106,9 @@ def table(rows: list[LayerRow]) -> str:
 
 
 def plot(rows: list[LayerRow], path: Path, chosen: int | None) -> None:
-    import matplotlib
+    from nl_rewrite.evaluation.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     layers = [r.layer for r in rows]
     for ax, (zero, mean, label) in zip(axes, ((lambda r: r.zero_delta_ce, lambda r: r.mean_delta_ce, "ΔCE (nats)"),

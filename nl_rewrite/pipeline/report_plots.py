@@ -7,16 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from nl_rewrite.evaluation.plotting import pyplot
+from nl_rewrite.pipeline.answer import run_coder
+
 METRIC_LABEL = {"kl": "KL(clean‖patched) gap recovered", "ce": "CE gap recovered"}
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 FLOOR = -1.5
@@ -73,7 +67,7 @@ def _errorbar(ax, xs, points, **style) -> None:
 
 def plot_ladder(data: dict, path: Path) -> None:
     """Fraction of the gap recovered vs the simulation's Pearson r: oracles as a curve, simulators as points."""
-    plt = _pyplot()
+    plt = pyplot()
     info, rec = data["conditions_info"], data["recovery"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.3))
     for ax, metric in zip(axes, ("kl", "ce")):
@@ -94,13 +88,12 @@ def plot_ladder(data: dict, path: Path) -> None:
         _reference_lines(ax)
         _clip_low(ax, FLOOR)
         _label(ax, "mean per-latent Pearson r with true activations (eval)", METRIC_LABEL[metric])
-    coder = data["config"].get("coder", "transcoder")
-    _save(plt, fig, f"What quality a simulator needs: gap zero-latents → {coder} recovered (95% CIs)", path)
+    _save(plt, fig, f"What quality a simulator needs: gap zero-latents → {run_coder(data)} recovered (95% CIs)", path)
 
 
 def plot_fractions(data: dict, path: Path) -> None:
     """Recovered fraction vs fraction of all latents simulated (best-explained first)."""
-    plt = _pyplot()
+    plt = pyplot()
     info, rec = data["conditions_info"], data["recovery"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.3))
     families = {"lexical": ("lexical_f", "lexical"), "binary oracle": ("binary_oracle_f", "binary_oracle")}
@@ -118,7 +111,7 @@ def plot_fractions(data: dict, path: Path) -> None:
 
 def plot_budgets(data: dict, path: Path) -> None:
     """Recovered fraction vs explanation length budget (items), all latents."""
-    plt = _pyplot()
+    plt = pyplot()
     rec, budget = data["recovery"], data["config"]["lexical_budget"]
     names = {budget: "lexical", **{int(n.split("_b")[1]): n for n in rec if n.startswith("lexical_b")}}
     budgets = sorted(names)
