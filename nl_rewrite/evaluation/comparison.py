@@ -121,7 +121,8 @@ HEADER = ["condition", "run", "ΔCE vs clean [95% CI]", "KL(clean‖patched) [95
           "CE − zero ref [95% CI]", "p vs zero", "zero's CE gap recovered [95% CI]"]
 
 
-def markdown(results: SuiteResults, sources: dict[str, str]) -> str:
+def markdown(results: SuiteResults, tables: dict[str, list[list[str]]]) -> str:
+    """The report as markdown; ``tables``: block → its :func:`rows`."""
     suite = results.parts["suite"]
     lines = [f"# Benchmark `{suite['name']}` on {results.parts['model']} (fingerprint `{results.fingerprint}`)", "",
              f"{suite['windows']} windows of {suite['window']} tokens per split, seed {suite['seed']}, corpus "
@@ -130,8 +131,7 @@ def markdown(results: SuiteResults, sources: dict[str, str]) -> str:
         n = results.blocks[block].summaries[CLEAN].n_tokens
         lines += [f"## {block} ({n} scored tokens)", "", "| " + " | ".join(HEADER) + " |",
                   "|" + "---|" * len(HEADER)]
-        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |"
-                  for row in rows(results, block, sources)]
+        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in tables[block]]
         lines.append("")
     return "\n".join(lines)
 
@@ -165,7 +165,7 @@ def _n_conditions(results: SuiteResults) -> int:
     return max(len(b.conditions) for b in results.blocks.values())
 
 
-def html_page(results: SuiteResults, sources: dict[str, str], png: Path) -> str:
+def html_page(results: SuiteResults, tables: dict[str, list[list[str]]], png: Path) -> str:
     image = base64.b64encode(png.read_bytes()).decode()
     parts = [f"<h1>Benchmark {html.escape(results.parts['suite']['name'])} on "
              f"{html.escape(results.parts['model'])}</h1><p>fingerprint <code>{results.fingerprint}</code></p>",
@@ -173,7 +173,7 @@ def html_page(results: SuiteResults, sources: dict[str, str], png: Path) -> str:
     for block in results.blocks:
         head = "".join(f"<th>{html.escape(h)}</th>" for h in HEADER)
         body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
-                       for row in rows(results, block, sources))
+                       for row in tables[block])
         parts.append(f"<h2>{html.escape(block)}</h2><table border=1><tr>{head}</tr>{body}</table>")
     return "<!doctype html><meta charset=utf-8><title>nl-rewrite compare</title>" + "".join(parts)
 
@@ -181,9 +181,10 @@ def html_page(results: SuiteResults, sources: dict[str, str], png: Path) -> str:
 def write_report(runs: Sequence[Run], stem: Path) -> str:
     """``stem``.md, .png and .html for the merged runs; returns the markdown."""
     merged, sources = merge_runs(runs)
+    tables = {block: rows(merged, block, sources) for block in merged.blocks}  # paired tests, computed once
     stem.parent.mkdir(parents=True, exist_ok=True)
-    text = markdown(merged, sources)
+    text = markdown(merged, tables)
     io.write_text(stem.with_suffix(".md"), text)
     plot(merged, stem.with_suffix(".png"))
-    io.write_text(stem.with_suffix(".html"), html_page(merged, sources, stem.with_suffix(".png")))
+    io.write_text(stem.with_suffix(".html"), html_page(merged, tables, stem.with_suffix(".png")))
     return text
