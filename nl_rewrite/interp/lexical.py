@@ -15,7 +15,7 @@ The reader (:class:`LexicalSimulator`) parses only the text, never the cache, an
 strength of the current token's item plus that of the previous token's item; calibrators map that score to an
 activation, exactly as for the LLM simulator. It has the LLM simulator's interface (``identity``, ``stats``,
 ``simulate_many``) so it can fill a :class:`SimulationStore`, and ``simulate_windows`` reads every latent on a set
-of windows by table lookups: the whole SAE in seconds, so the pipeline recomputes it instead of storing it. A
+of windows by table lookups: every latent of a coder in seconds, so the pipeline recomputes it instead of storing it. A
 text it cannot parse is a counted, logged fallback (score 0 for that latent), never a crash.
 """
 

@@ -131,16 +131,15 @@ def coder_site(cfg: RunConfig) -> str:
 
 def load_run_coder(cfg: RunConfig, model) -> SparseCoder:
     """The run's transcoder or SAE: the cached default, a quickly trained small one, or a checkpoint."""
-    from nl_rewrite.coders.train import TrainConfig, default_coder, train
+    from nl_rewrite.coders.train import TrainConfig, coder_folder, default_coder, train
 
     if cfg.transcoder == "default":
         return default_coder(model_name(model), cfg.layer, model=model, kind=cfg.coder, sae_site=cfg.sae_site)
     if cfg.transcoder == "small":
         tcfg = TrainConfig(model=model_name(model), layer=cfg.layer, kind=cfg.coder, sae_site=cfg.sae_site,
                            width=cfg.width, tokens=cfg.train_tokens, seed=cfg.seed)
-        suffix = "" if cfg.coder == "transcoder" else "-sae"
-        folder = cache_dir() / "coders" / model_name(model) / f"{tcfg.sites[0]}{suffix}-w{cfg.width}-k32-t{cfg.train_tokens}"
-        return train(dataclasses.replace(tcfg, out=str(folder)), model=model)
+        folder = f"{coder_folder(tcfg.model, tcfg.sites[0], tcfg.kind, tcfg.width, tcfg.k)}-t{cfg.train_tokens}"
+        return train(dataclasses.replace(tcfg, out=folder), model=model)
     coder = load_coder(cfg.transcoder, model=model)
     if coder.cfg.kind != cfg.coder or coder.cfg.write_site != coder_site(cfg):
         raise CheckpointError(f"{cfg.transcoder} is a {coder.cfg.kind} writing {coder.cfg.write_site}, but the run asks "
@@ -383,7 +382,7 @@ def main_conditions(ctx: Context, arms: dict[int, LexicalArm]) -> tuple[Callable
 
     def build() -> list[Replacement]:
         noise = fit_noise(cache, heldout_windows(cfg, len(cache)), cfg.noise_targets, cfg.seed)
-        baselines = [build_condition(name, ctx.model, cfg.layer, lambda: tc, cfg.seed, coder_site(cfg))
+        baselines = [build_condition(name, ctx.model, cfg.layer, lambda: tc, cfg.seed, site)
                      for name in (cfg.coder, *BASELINES)]
         lexical = [lexical_condition(tc, headline, range(n), HEADLINE_LEXICAL)]
         lexical += [lexical_condition(tc, arm, range(n), f"lexical_b{b}") for b, arm in arms.items()
