@@ -125,8 +125,10 @@ class Artifacts:
 # ---- stages 1-3: coder, latent cache, pool ------------------------------------------------------------------
 
 def coder_site(cfg: RunConfig) -> str:
-    """The site the run's coder writes: the MLP's output (transcoder) or the SAE's site."""
-    return f"mlp_out.{cfg.layer}" if cfg.coder == "transcoder" else f"{cfg.sae_site}.{cfg.layer}"
+    """The site the run's coder writes: the MLP's output (transcoder) or the SAE's site (as its trainer places it)."""
+    from nl_rewrite.coders.train import TrainConfig
+
+    return TrainConfig(layer=cfg.layer, kind=cfg.coder, sae_site=cfg.sae_site).sites[1]
 
 
 def load_run_coder(cfg: RunConfig, model) -> SparseCoder:
