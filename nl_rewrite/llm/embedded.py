@@ -142,7 +142,7 @@ class EmbeddedBackend:
             entry = _Prefix(None, 0, None)
         else:
             out = self.model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
-            entry = _Prefix(_returned_cache(out), len(ids), out.logits[0, -1].float().log_softmax(-1))
+            entry = _Prefix(returned_cache(out), len(ids), out.logits[0, -1].float().log_softmax(-1))
         self._prefixes[text] = entry
         while len(self._prefixes) > self.max_prefixes:
             self._prefixes.popitem(last=False)
@@ -157,7 +157,7 @@ class EmbeddedBackend:
         needed = sorted({p for r in reads for p in r if p >= 0})
         if not needed:  # every read point is at the prefix's end: no forward pass at all
             return [prefix.last_logprobs.expand(len(r), -1) for r in reads]  # type: ignore[union-attr]
-        tokens = _right_pad(suffixes, self.tokenizer.pad_token_id or 0)
+        tokens = right_padded(suffixes, self.tokenizer.pad_token_id or 0)
         past = None
         if prefix.cache is not None:
             past = copy.deepcopy(prefix.cache)
@@ -193,7 +193,7 @@ class EmbeddedBackend:
         """Logits for ``ids`` continuing from ``cache`` (``None``: from scratch), and the cache to continue from."""
         extra = {self._cache_arg: cache} if cache is not None else {}
         out = self.model(ids, use_cache=True, **extra)
-        return out.logits[0], _returned_cache(out)
+        return out.logits[0], returned_cache(out)
 
     # ---- chat ---------------------------------------------------------------------------------
 
@@ -229,7 +229,7 @@ class EmbeddedBackend:
         return out[0, ids.shape[1]:].tolist()
 
 
-def _returned_cache(output):
+def returned_cache(output):
     """The KV cache a forward pass returned, under either name transformers has used for it."""
     cache = getattr(output, "cache", None)
     return cache if cache is not None else output.past_key_values
@@ -243,7 +243,7 @@ def _group_by_prefix(requests: Sequence[ScoreRequest], batch_size: int) -> list[
     return [idx[j:j + batch_size] for idx in by_prefix.values() for j in range(0, len(idx), batch_size)]
 
 
-def _right_pad(rows: Sequence[list[int]], pad_id: int) -> Int[Tensor, "batch pos"]:
+def right_padded(rows: Sequence[list[int]], pad_id: int, device: torch.device | str = "cpu") -> Int[Tensor, "batch pos"]:
     """Right padding needs no attention mask: under causal attention, real tokens never see later pads."""
     width = max(len(r) for r in rows)
-    return torch.tensor([r + [pad_id] * (width - len(r)) for r in rows])
+    return torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=device)

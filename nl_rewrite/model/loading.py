@@ -116,10 +116,16 @@ def _hf_dir_for(name: str) -> tuple[Path | str, str]:
     )
 
 
+TINY_HF = "tiny-llama"
+"""The name :func:`load_hf` gives :func:`tiny_hf`'s random model, for unit tests of code that loads by name."""
+
+
 def load_hf(name: str = DEFAULT_MODEL):
     """Load a plain transformers causal LM and tokenizer in fp32 on CPU (no hooks). Returns ``(model, tokenizer)``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if name == TINY_HF:
+        return tiny_hf()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     hf_dir, _ = _hf_dir_for(name)
     try:
@@ -182,21 +188,27 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="<unk>", pad_token="<unk>")
 
 
-def tiny_model(n_layers: int = 2, d_model: int = 32, d_mlp: int = 64, seed: int = 0):
-    """A randomly initialised Llama-style bridge with a character-level tokenizer, for fast unit tests."""
-    from transformer_lens.model_bridge import TransformerBridge
+def tiny_hf(n_layers: int = 2, d_model: int = 32, d_mlp: int = 64, seed: int = 0):
+    """A randomly initialised Llama-style HF causal LM and its character-level tokenizer: ``(model, tokenizer)``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = tiny_tokenizer()
-    vocab = tok.get_vocab()
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layers,
+        vocab_size=len(tok.get_vocab()), hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
     )
     hf = LlamaForCausalLM(cfg)
     hf.config.architectures = ["LlamaForCausalLM"]
     hf.eval()
+    return hf, tok
+
+
+def tiny_model(n_layers: int = 2, d_model: int = 32, d_mlp: int = 64, seed: int = 0):
+    """A randomly initialised Llama-style bridge with a character-level tokenizer, for fast unit tests."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    hf, tok = tiny_hf(n_layers, d_model, d_mlp, seed)
     bridge = TransformerBridge.boot_transformers("tiny-llama", hf_model=hf, tokenizer=tok, device="cpu")
     bridge.eval()
     bridge.nl_rewrite_name = f"tiny-{n_layers}x{d_model}-seed{seed}"  # type: ignore[attr-defined]
