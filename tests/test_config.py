@@ -27,7 +27,8 @@ BEFORE_COMMON = dict(model="smollm2-135m", layer=10, out="runs/nl_rewrite", llm=
                      calibrations=("linear", "quantile", "isotonic"), order="explanation_score", pool_selection="mass",
                      lexical_budget=12, lexical_budgets=(3, 6, 12, 24), noise_targets=(0.9, 0.7, 0.5, 0.3),
                      sweep_fractions=(0.001, 0.01, 0.1, 0.5), window=32, seed=0, batch_size=8,
-                     coder="transcoder", sae_site="resid_post")  # added with the SAE runs; defaults keep the old run
+                     coder="transcoder", sae_site="resid_post",  # added with the SAE runs; defaults keep the old run
+                     trained_simulator="none", trained_eval_windows=8, trained_calib_windows=16)  # off by default
 BEFORE = {
     "smoke": dict(transcoder="small", train_tokens=40_000, width=1024, pool=2, explain_windows=96, calib_windows=4,
                   eval_windows=8, llm_eval_windows=4, lexical_calib_windows=16, fractions=(1.0,),
@@ -46,7 +47,7 @@ def flat_view(cfg: RunConfig) -> dict:
     """A resolved config in the flat names the presets used before nesting."""
     r = cfg.resolved()
     flat = {k: v for k, v in dataclasses.asdict(r).items() if k not in ("preset", "sampling", "explain", "score",
-                                                                         "simulator")}
+                                                                         "simulator", "trained")}
     return {**flat, "simulator_mode": r.simulator.mode, "n_train_examples": r.sampling.n_train,
             "n_heldout": r.sampling.n_heldout, "n_negatives": r.sampling.n_negatives,
             "explain_max_tokens": r.explain.max_tokens}

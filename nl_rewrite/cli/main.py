@@ -25,6 +25,7 @@ COMMANDS = [
     "nl_rewrite.cli.score",
     "nl_rewrite.cli.serve",
     "nl_rewrite.cli.train",
+    "nl_rewrite.cli.train_simulator",
 ]
 
 

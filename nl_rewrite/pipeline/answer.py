@@ -82,6 +82,8 @@ def answer_lines(data: dict) -> list[str]:
         curve = ", ".join(f"≤{b} items: {describe(_recovered(rec[f'lexical_b{b}']['kl']))}" for b in budgets)
         lines.append(f"Explanation length (KL gap recovered): {curve}; ≤{cfg['lexical_budget']} is the headline.")
     lines.append(_pool_sentence(data))
+    if data.get("trained_run"):
+        lines.append(_trained_sentence(data))
     lines.append(f"By the noisy-oracle ladder, a simulator would need Pearson r {r_for_half(ladder_points(data, 'kl'))} "
                  f"to recover half of the KL gap, and r {r_for_half(ladder_points(data, 'ce'))} for half of the CE gap.")
     if "binary_oracle" in rec:
@@ -105,3 +107,13 @@ def _pool_sentence(data: dict) -> str:
             f"CE {g['ce'][0]:+.4f} [{g['ce'][1]:+.4f}, {g['ce'][2]:+.4f}] nats) it recovers "
             f"{condition_sentence(rec, llm, 'pool-zeroed')}; lexical explanations of the same latents "
             f"(r {info['lexical_pool']['pearson']:.2f}) recover {condition_sentence(rec, 'lexical_pool', 'pool-zeroed')}.")
+
+
+def _trained_sentence(data: dict) -> str:
+    trained = data["trained_run"]
+    rec, info, g = trained["recovery"], trained["conditions_info"], trained["gap"]
+    return (f"The trained simulator reading the lexical explanations of all {data['pool']['n_latents']} latents "
+            f"(r {info['trained']['pearson']:.2f}), on the first {trained['n_windows']} eval windows (gap KL "
+            f"{g['kl'][0]:+.4f} [{g['kl'][1]:+.4f}, {g['kl'][2]:+.4f}], CE {g['ce'][0]:+.4f} [{g['ce'][1]:+.4f}, "
+            f"{g['ce'][2]:+.4f}] nats), recovers {condition_sentence(rec, 'trained')}; the lexical reader on the same "
+            f"windows (r {info['lexical']['pearson']:.2f}) recovers {condition_sentence(rec, 'lexical')}.")

@@ -29,6 +29,7 @@ from nl_rewrite.interp.score import ScoreConfig
 from nl_rewrite.interp.selection import Order
 from nl_rewrite.interp.simulate import SimulatorConfig
 from nl_rewrite.latents.sampling import SamplingConfig
+from nl_rewrite.trained.training import TrainSimulatorConfig
 
 Preset = Literal["smoke", "default", "paper"]
 PoolSelection = Literal["mass", "frequent", "random"]
@@ -159,6 +160,16 @@ class RunConfig:
     """detection scoring of the explanations"""
     simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
     """the LLM simulator"""
+    trained_simulator: str = "none"
+    """the trained single-pass simulator: none, default (trained with --trained.* on this run's explain split, or
+    reused from the user cache) or a checkpoint folder (nl-rewrite train-simulator); rewrites 100%% of latents on the
+    first --trained-eval-windows eval windows"""
+    trained_eval_windows: int = 8
+    """eval windows (the first ones) the trained simulator rewrites at 100%% of latents"""
+    trained_calib_windows: int = 16
+    """held-out explain windows (of the lexical calibration windows) the trained simulator is calibrated on"""
+    trained: TrainSimulatorConfig = field(default_factory=TrainSimulatorConfig)
+    """training of the default trained simulator"""
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -229,7 +240,8 @@ def _validate(v: dict[str, Any]) -> None:
         raise ValueError(f"noise_targets are correlations in (0, 1); got {v['noise_targets']}")
     if v["lexical_budget"] < 1 or any(b < 1 for b in v["lexical_budgets"]):
         raise ValueError("lexical budgets must be at least 1 item")
-    for name in ("calib_windows", "eval_windows", "explain_windows", "window", "lexical_calib_windows", "batch_size"):
+    for name in ("calib_windows", "eval_windows", "explain_windows", "window", "lexical_calib_windows", "batch_size",
+                 "trained_eval_windows", "trained_calib_windows"):
         if v[name] < 1:
             raise ValueError(f"{name} must be at least 1, got {v[name]}")
     if v["lexical_calib_windows"] >= v["explain_windows"]:

@@ -88,7 +88,7 @@ class ConditionInfo:
     """What a condition is, for tables, plots and the answer: its family and how much it simulates."""
 
     family: str
-    """baseline, oracle, lexical or llm."""
+    """baseline, oracle, lexical, llm or trained."""
     fraction_of_latents: float
     pearson: float
     """Mean per-latent Pearson r of the written values with the true activations on the evaluated windows."""
@@ -120,6 +120,9 @@ class Artifacts:
     """token ids → token strings, for showing examples."""
     generations: list[dict] = field(default_factory=list)
     """Greedy continuations of eval prompts from the clean and rewritten models."""
+    trained_results: EvalResults | None = None
+    """The trained simulator at 100% of latents and its references on the first ``trained_eval_windows`` eval
+    windows (None unless ``--trained-simulator`` is set)."""
 
 
 # ---- stages 1-3: coder, latent cache, pool ------------------------------------------------------------------
@@ -500,6 +503,8 @@ def run_experiment(cfg: RunConfig) -> Artifacts:
     pool_info = measured_info(pool_plan, build_pool, eval_cache, list(range(cfg.llm_eval_windows)),
                               out / "conditions_pool.json", pool_fp)
 
+    trained_results, trained_info = trained_stage(ctx, arms[cfg.lexical_budget], explain_windows, eval_windows,
+                                                  eval_cache, eval_strings, base_fp + [main_fp])
     generations = stages.timed("generate", generation_stage, ctx, arms[cfg.lexical_budget], eval_windows, main_fp)
     mass = output_mass(cache, transcoder)
     backend_counts = {k: getattr(backend, k) for k in ("new_calls", "hits") if hasattr(backend, k)}
@@ -508,8 +513,31 @@ def run_experiment(cfg: RunConfig) -> Artifacts:
               "simulated_nan_predictions": pool.nan_predictions,
               "lexical_explained": len(arms[cfg.lexical_budget].texts),
               "lexical_parse_fallbacks": sum(a.fallbacks for a in arms.values()), **backend_counts}
-    return Artifacts(cfg, results, pool_results, {**info, **{f"pool:{k}": v for k, v in pool_info.items()}}, arms,
+    info = {**info, **{f"pool:{k}": v for k, v in pool_info.items()}, **{f"trained:{k}": v for k, v in trained_info.items()}}
+    return Artifacts(cfg, results, pool_results, info, arms,
                      float(mass[sorted(pool.texts)].sum()) if pool.texts else 0.0,
                      pool.explanations, pool.scores, pool.quality, sorted(pool.texts), cache.n_latents, pool.chosen,
                      {k: count_fallbacks(v.values()) for k, v in pool.calibrators.items()}, counts, stages.seconds,
-                     cache.token_strings, generations)
+                     cache.token_strings, generations, trained_results)
+
+
+def trained_stage(ctx: Context, headline: LexicalArm, explain_windows: TokenWindows, eval_windows: TokenWindows,
+                  eval_cache: LatentCache, eval_strings: dict[int, list[str]], base_fp: list
+                  ) -> tuple[EvalResults | None, dict[str, ConditionInfo]]:
+    """The trained simulator's block (see :mod:`.trained_arm`); nothing unless ``--trained-simulator`` is set."""
+    from nl_rewrite.pipeline.trained_arm import get_simulator, trained_arm, trained_conditions, trained_windows
+
+    cfg, stages = ctx.cfg, ctx.stages
+    if cfg.trained_simulator == "none":
+        return None, {}
+    simulator = stages.timed("train_simulator", get_simulator, cfg, ctx.cache, explain_windows.doc_ids)
+    calib_ids = heldout_windows(cfg, len(ctx.cache))[:cfg.trained_calib_windows]
+    windows = trained_windows(cfg, eval_windows)
+    arm = stages.timed("simulate_trained", trained_arm, simulator, headline, ctx.cache, calib_ids,
+                       {w: eval_strings[w] for w in range(len(windows))}, ctx.out / "simulations" / "trained")
+    build, plan = trained_conditions(cfg, ctx.model, ctx.transcoder, ctx.cache, arm, headline, coder_site(cfg))
+    fingerprint = json.dumps(base_fp + [simulator.identity, calib_ids, len(windows)], default=str)
+    results = evaluate_cached(ctx.model, windows, build, ctx.out / "eval_trained.json", "all", cfg, fingerprint, stages)
+    info = measured_info(plan, build, eval_cache, list(range(len(windows))), ctx.out / "conditions_trained.json",
+                         fingerprint)
+    return results, info

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 from einops import rearrange
@@ -39,8 +39,19 @@ TOKENS_AS_ROWS = "window pos latent -> (window pos) latent"
 """Dense per-window latent values as one row per token, the layout calibrators and correlations are fitted on."""
 
 
+@runtime_checkable
+class WindowSimulator(Protocol):
+    """Simulates every latent of ``explanations`` on equal-length windows at once: latent → scores [window, pos]."""
+
+    def simulate_windows(self, explanations: Mapping[int, str], windows: Sequence[Sequence[str]]
+                         ) -> Mapping[int, Tensor]: ...
+
+
 @dataclass
 class LexicalArm:
+    """Explanations of every latent, read by one simulator, calibrated per latent (the lexical arms; also the trained
+    simulator's arm, which reads the headline lexical explanations)."""
+
     budget: int
     texts: dict[int, str]
     calibrators: dict[int, Calibrator]
@@ -72,9 +83,19 @@ def lexical_arm(cache: LatentCache, stat_ids: Sequence[int], calib_ids: Sequence
     """Explain every latent with at most ``budget`` items, simulate, calibrate (see the module docstring)."""
     texts = lexical_explanations(cache, stat_ids, budget, candidates)
     save_explanations(out / f"explanations_lexical_b{budget}.jsonl", texts, budget)
-    sim = LexicalSimulator()
+    arm = simulated_arm(LexicalSimulator(), texts, budget, cache, calib_ids, eval_windows)
+    log.info("lexical budget %d: %d latents explained, %d unparseable, %d with partial parse problems, %d calibrated "
+             "linearly (never fired on the %d calibration windows)", budget, len(texts), arm.fallbacks,
+             explanation_problems(texts)[1], arm.linear_calibrations, len(calib_ids))
+    return arm
+
+
+def simulated_arm(simulator: WindowSimulator, texts: dict[int, str], budget: int, cache: LatentCache,
+                  calib_ids: Sequence[int], eval_windows: Mapping[int, list[str]]) -> LexicalArm:
+    """Simulate ``texts`` on the held-out explain windows ``calib_ids``, calibrate per latent, then simulate the eval
+    windows. ``simulator`` is the lexical reader or the trained simulator (anything with ``simulate_windows``)."""
     calib_windows = [cache.token_strings(cache.window_tokens(w)) for w in calib_ids]
-    calib_sims = sim.simulate_windows(texts, calib_windows)
+    calib_sims = simulator.simulate_windows(texts, calib_windows)
     acts = rearrange(cache.dense_windows(calib_ids), TOKENS_AS_ROWS)
     calibrators, quality = {}, {}
     for lat in texts:
@@ -82,13 +103,10 @@ def lexical_arm(cache: LatentCache, stat_ids: Sequence[int], calib_ids: Sequence
         calibrators[lat] = calibrated(lat, sims, acts[:, lat], cache)
         quality[lat] = simulation_quality(lat, sims, acts[:, lat], calibrators[lat](sims))
     linear = sum(1 for c in calibrators.values() if isinstance(c, LinearCalibrator))
-    unparseable, partial = explanation_problems(texts)  # counted from the texts, so a resumed run counts the same
-    log.info("lexical budget %d: %d latents explained, %d unparseable, %d with partial parse problems, %d calibrated "
-             "linearly (never fired on the %d calibration windows)", budget, len(texts), unparseable, partial, linear,
-             len(calib_ids))
+    unparseable, _ = explanation_problems(texts)  # counted from the texts, so a resumed run counts the same
     ids = list(eval_windows)
     eval_sims = {lat: dict(zip(ids, rows.unbind(0)))
-                 for lat, rows in sim.simulate_windows(texts, [eval_windows[w] for w in ids]).items()}
+                 for lat, rows in simulator.simulate_windows(texts, [eval_windows[w] for w in ids]).items()}
     return LexicalArm(budget, texts, calibrators, quality, eval_sims, unparseable, linear)
 
 

@@ -71,6 +71,18 @@ def pool_payload(art: Artifacts) -> dict:
                                                       "pool_zeroed")}
 
 
+def trained_payload(art: Artifacts) -> dict | None:
+    """The trained simulator's block: 100% of latents and its references on the first eval windows."""
+    res, coder = art.trained_results, art.cfg.coder
+    if res is None:
+        return None
+    info = {k.split(":", 1)[1]: asdict(v) for k, v in art.info.items() if k.startswith("trained:")}
+    names = [n for n in res.conditions if n not in ("clean", *reference(coder))]
+    return {"n_windows": len(res.window_ids), "simulator": art.cfg.trained_simulator,
+            "conditions": {n: asdict(s) for n, s in res.summaries.items()}, "conditions_info": info,
+            "gap": _gap_json(res, coder), "recovery": _recovery_json(res, names, coder)}
+
+
 def latent_rows(art: Artifacts) -> list[dict]:
     scores = {s.latent: s for s in art.scores}
     rows = []
@@ -105,8 +117,8 @@ def results_payload(art: Artifacts) -> dict:
         "modes": {mode: {"conditions": {n: asdict(s) for n, s in res.summaries.items()},
                          "per_window_ce": res.ce, "per_window_kl": res.kl} for mode, res in art.results.items()},
         "recovery": _recovery_json(main, names, coder),
-        "conditions_info": {k: asdict(v) for k, v in art.info.items() if not k.startswith("pool:")},
-        "pool_run": pool_payload(art), "lexical": _lexical_summary(art),
+        "conditions_info": {k: asdict(v) for k, v in art.info.items() if ":" not in k},
+        "pool_run": pool_payload(art), "trained_run": trained_payload(art), "lexical": _lexical_summary(art),
         "latents": latent_rows(art), "counts": art.counts, "calibration_fallbacks": art.fallbacks,
         "stage_seconds": art.stages,
     }
@@ -151,6 +163,9 @@ def write_csv(data: dict, path: Path) -> None:
                 for mode, p in data["modes"].items()]
         pool = data["pool_run"]
         runs.append(("eval_pool", pool["conditions"], pool["recovery"], pool["conditions_info"]))
+        if data.get("trained_run"):
+            trained = data["trained_run"]
+            runs.append(("eval_trained", trained["conditions"], trained["recovery"], trained["conditions_info"]))
         for run, conds, rec, info in runs:
             for name, s in conds.items():
                 meta = info.get(name, {})
@@ -228,6 +243,16 @@ def _generations_html(data: dict) -> str:
     return "<h2>Greedy continuations of eval prompts</h2>" + "".join(blocks)
 
 
+def _trained_html(data: dict, coder: str) -> str:
+    trained = data.get("trained_run")
+    if not trained:
+        return ""
+    return (f"<h2>Trained simulator at 100% of latents: first {trained['n_windows']} eval windows</h2>"
+            f"<p>Every latent read by the trained simulator from its lexical explanation, beside the lexical reader "
+            f"and the oracles on the same windows (recovery of the zero-latents gap).</p>"
+            + _summary_table(trained["conditions"], trained["recovery"], trained["conditions_info"], coder))
+
+
 def write_html(data: dict, art: Artifacts, path: Path, decode) -> None:
     records = {r.latent: r for r in art.explanations}
     ranked = _ranked(data["latents"])
@@ -252,6 +277,7 @@ white-space: pre-wrap; background: #f7f7f7; padding: 4px}} .answer li {{margin: 
 <p>Recovery here is of the gap between zeroing only the pool's latents and the {art.cfg.coder} (every other latent
 keeps its true value, so the gap to zero-latents is trivially almost fully recovered).</p>
 {_summary_table(pool['conditions'], pool['recovery_vs_pool_zeroed'], pool['conditions_info'], art.cfg.coder)}
+{_trained_html(data, art.cfg.coder)}
 {_generations_html(data)}
 <h2>LLM pool latents, best detection score first</h2>{best}
 </body></html>"""

@@ -85,6 +85,11 @@ def plot_ladder(data: dict, path: Path) -> None:
             _errorbar(ax, [pool["conditions_info"][llm]["pearson"]],
                       [_point(pool["recovery_vs_pool_zeroed"][llm][metric])],
                       ls="none", marker="^", color="tab:red", label=f"LLM on its pool ({llm}; gap of zeroing the pool)")
+        trained = data.get("trained_run")
+        if trained:
+            _errorbar(ax, [trained["conditions_info"]["trained"]["pearson"]], [_point(trained["recovery"]["trained"][metric])],
+                      ls="none", marker="*", color="tab:green", ms=10,
+                      label=f"trained simulator, all latents (first {trained['n_windows']} eval windows)")
         _reference_lines(ax)
         _clip_low(ax, FLOOR)
         _label(ax, "mean per-latent Pearson r with true activations (eval)", METRIC_LABEL[metric])

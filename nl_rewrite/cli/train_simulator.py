@@ -1,0 +1,46 @@
+"""``nl-rewrite train-simulator``: train the single-pass simulator on a run's explain split.
+
+It uses the run options that define the data (--model, --layer, --coder, --transcoder, --explain-windows, --window,
+--seed, --out: the explain split's latent cache goes to <out>/latents, shared with ``nl-rewrite run --out`` the
+same folder) and the training options under --trained.* (layers kept, head, steps, ...). The checkpoint goes to
+--save-to, by default the user cache, where ``nl-rewrite run --trained-simulator default`` finds it. Ctrl-C saves
+the last finished step; the same command resumes it. See docs/trained_simulator.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_parser(subparsers) -> None:
+    from nl_rewrite.cli.run import add_run_config
+
+    parser = add_run_config(subparsers, "train-simulator", help="train the single-pass simulator (explain split only)",
+                            description=__doc__)
+    parser.add_argument("--save-to", default="", help="checkpoint folder (default: the user cache, keyed by options "
+                                                       "and data)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (training and simulation)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from nl_rewrite.errors import NLRewriteError
+    from nl_rewrite.pipeline.trained_arm import default_folder, explain_cache
+    from nl_rewrite.trained.training import LOG_FILE, train_simulator
+
+    cfg = args.cfg.resolved()
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise NLRewriteError(f"--device {args.device}: this torch sees no CUDA device; use --device cpu")
+    cache, doc_ids = explain_cache(cfg)
+    folder = Path(args.save_to) if args.save_to else default_folder(cfg.trained, cache, doc_ids)
+    simulator = train_simulator(cfg.trained, cache, doc_ids, folder, device=args.device,
+                                progress=not args.no_progress)
+    last = (folder / LOG_FILE).read_text().strip().splitlines()[-1]
+    print(json.dumps({"folder": str(folder), "identity": simulator.identity, **json.loads(last)}))
+    return 0

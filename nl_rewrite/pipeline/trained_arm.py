@@ -1,0 +1,114 @@
+"""The trained simulator in a run: get it (train, reuse or load), read the headline lexical explanations of every
+latent with it, calibrate on held-out explain windows, and rewrite 100% of latents on the first eval windows.
+
+Its block of the evaluation (``eval_trained.json``) has its own references on the same windows: the coder, zero
+ablation of its site, no active latents, the lexical reader and the oracles, so its recovery sits beside the ladder.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from nl_rewrite.data.windows import TokenWindows
+from nl_rewrite.interp.simulation_store import SimulationStore, simulate_into_store
+from nl_rewrite.latents.cache import LatentCache
+from nl_rewrite.paths import cache_dir
+from nl_rewrite.pipeline.conditions import ablation_name, build_condition
+from nl_rewrite.pipeline.config import RunConfig
+from nl_rewrite.pipeline.ladder import LexicalArm, lexical_condition, simulated_arm
+from nl_rewrite.replacements.base import Replacement
+from nl_rewrite.replacements.oracles import OracleReplacement
+from nl_rewrite.coders.sparse_coder import SparseCoder
+from nl_rewrite.trained.simulator import TrainedSimulator
+from nl_rewrite.trained.training import TrainSimulatorConfig, data_fingerprint, load_simulator, train_simulator
+
+log = logging.getLogger(__name__)
+TRAINED = "trained"
+"""The condition: the trained simulator on every latent."""
+
+
+def default_folder(cfg: TrainSimulatorConfig, cache: LatentCache, doc_ids: list[str]) -> Path:
+    """Where the default simulator of this explain cache is kept: the user cache, keyed by options and data."""
+    name = Path(cfg.base_model).stem
+    return cache_dir() / "simulators" / f"{name}-L{cfg.n_layers}-{cfg.head}-{cfg.key(data_fingerprint(cache, doc_ids, None))}"
+
+
+def explain_cache(cfg: RunConfig) -> tuple[LatentCache, list[str]]:
+    """The run's explain-split latent cache (``<out>/latents``, built if needed) and its windows' document ids."""
+    from nl_rewrite.model.loading import load_model
+    from nl_rewrite.pipeline.experiment import load_run_coder, windows_for
+
+    model = load_model(cfg.model)
+    windows = windows_for(cfg, model, "explain", cfg.explain_windows)
+    cache = LatentCache.build(model, load_run_coder(cfg, model), windows, Path(cfg.out) / "latents")
+    return cache, windows.doc_ids
+
+
+def get_simulator(cfg: RunConfig, cache: LatentCache, doc_ids: list[str], device: str = "cpu",
+                  progress: bool = True) -> TrainedSimulator:
+    """``cfg.trained_simulator``: ``default`` trains (or resumes, or reuses) on ``cache``; else a checkpoint folder."""
+    if cfg.trained_simulator == "default":
+        folder = default_folder(cfg.trained, cache, doc_ids)
+        return train_simulator(cfg.trained, cache, doc_ids, folder, device=device, progress=progress)
+    return load_simulator(cfg.trained_simulator, device)
+
+
+@dataclass
+class StoredSimulator:
+    """The trained simulator through a :class:`SimulationStore`: a rerun reads what an earlier one simulated."""
+
+    simulator: TrainedSimulator
+    store: SimulationStore
+
+    def simulate_windows(self, explanations: Mapping[int, str], windows: Sequence[Sequence[str]]
+                         ) -> dict[int, Tensor]:
+        ids = dict(enumerate(windows))
+        simulate_into_store(self.simulator, self.store, explanations, ids, chunk=max(1, len(ids)))
+        return {lat: self.store.get(lat, text, ids) for lat, text in explanations.items()}
+
+
+def trained_arm(simulator: TrainedSimulator, headline: LexicalArm, cache: LatentCache, calib_ids: list[int],
+                eval_strings: dict[int, list[str]], folder: Path) -> LexicalArm:
+    """The headline lexical explanations read by the trained simulator, for every latent that fired on the explain
+    split; the others (explained as firing on no particular token) keep the lexical reader's silence."""
+    alive = set(cache.stats.alive().tolist())
+    texts = {lat: text for lat, text in headline.texts.items() if lat in alive}
+    stored = StoredSimulator(simulator, SimulationStore(folder, simulator.identity))
+    arm = simulated_arm(stored, texts, headline.budget, cache, calib_ids, eval_strings)
+    silent = [lat for lat in headline.texts if lat not in alive]
+    arm.texts.update({lat: headline.texts[lat] for lat in silent})
+    arm.calibrators.update({lat: headline.calibrators[lat] for lat in silent})
+    arm.eval_sims.update({lat: headline.eval_sims[lat] for lat in silent})
+    return arm
+
+
+def trained_conditions(cfg: RunConfig, model, coder: SparseCoder, cache: LatentCache, arm: LexicalArm,
+                       headline: LexicalArm, site: str) -> tuple[Callable[[], list[Replacement]], dict]:
+    share = len(arm.texts) / cache.n_latents
+    plan = {cfg.coder: ("baseline", 1.0, cfg.coder), "zero_latents": ("baseline", 0.0, "no active latents"),
+            ablation_name("zero", site): ("baseline", 0.0, f"{site} zero-ablated"),
+            "lexical": ("lexical", 1.0, f"lexical reader, ≤{headline.budget} items"),
+            "oracle": ("oracle", 1.0, "true activations"), "binary_oracle": ("oracle", 1.0, "binary oracle"),
+            TRAINED: ("trained", share, f"trained simulator on the lexical explanations (≤{headline.budget} items)")}
+
+    def build() -> list[Replacement]:
+        refs = [build_condition(name, model, cfg.layer, lambda: coder, cfg.seed, site)
+                for name in (cfg.coder, "zero_latents", "zero")]
+        mean_active = torch.nan_to_num(cache.stats.mean.float(), nan=0.0)
+        return refs + [lexical_condition(coder, headline, range(cache.n_latents), "lexical"),
+                       OracleReplacement(coder, "true", None, name="oracle"),
+                       OracleReplacement(coder, "binary", None, mean_active=mean_active, name="binary_oracle"),
+                       lexical_condition(coder, arm, range(cache.n_latents), TRAINED)]
+
+    return functools.cache(build), plan
+
+
+def trained_windows(cfg: RunConfig, eval_windows: TokenWindows) -> TokenWindows:
+    return eval_windows.subset(list(range(min(cfg.trained_eval_windows, len(eval_windows)))))
