@@ -1,6 +1,7 @@
 """End to end: `nl-rewrite run --preset smoke` on the real embedded model (a few minutes on 2 cores)."""
 
 import json
+import shutil
 import time
 import tomllib
 
@@ -95,3 +96,30 @@ def test_smoke_run_with_an_sae_on_the_residual_stream(tmp_cache, tmp_path):
     assert data["answer"][0].startswith("The gap zero-latents − sae")
     assert "the SAE on resid_post.10" in (out / "report.html").read_text()
     assert data["config"]["coder"] == "sae" and "sae" in data["stage_seconds"]
+
+
+@pytest.mark.slow
+def test_smoke_run_with_the_trained_simulator(smoke_run, tmp_path, monkeypatch):
+    """Adding --trained-simulator to a finished run trains a (tiny) simulator on its explain split and evaluates only
+    the trained block: every latent read by it on the first eval windows, beside the lexical reader and the oracles."""
+    out = tmp_path / "run"
+    shutil.copytree(smoke_run.out, out)
+    monkeypatch.setenv("NL_REWRITE_CACHE", str(smoke_run.cache))
+    argv = ["run", "--preset", "smoke", "--out", str(out), "--trained-simulator", "default", "--trained.steps", "4",
+            "--trained.n_layers", "1", "--trained.eval_every", "2", "--trained.batch_size", "4",
+            "--trained-eval-windows", "2", "--trained-calib-windows", "2"]
+    assert main(argv) == 0
+    data = json.loads((out / "results.json").read_text())
+    validate_results(data)
+    trained = data["trained_run"]
+    assert trained["n_windows"] == 2
+    for name in ("transcoder", "zero_latents", "zero_mlp", "lexical", "oracle", "binary_oracle", "trained"):
+        assert name in trained["conditions"], name
+    assert abs(trained["conditions"]["oracle"]["mean_ce"] - trained["conditions"]["transcoder"]["mean_ce"]) < 1e-5
+    assert trained["conditions_info"]["trained"]["fraction_of_latents"] > 0.5
+    assert "trained" in trained["recovery"] and any("trained simulator" in line for line in data["answer"])
+    assert data["modes"]["all"]["conditions"] == smoke_run.results["modes"]["all"]["conditions"]
+    assert not any(k.startswith("evaluate_eval_all") for k in data["stage_seconds"]), "the main block was re-evaluated"
+    assert "Trained simulator at 100% of latents" in (out / "report.html").read_text()
+    stored = list((out / "simulations" / "trained").rglob("latent_*.safetensors"))
+    assert len(stored) > 100, "the trained simulator's scores go through the simulation store"

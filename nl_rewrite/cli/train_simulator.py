@@ -21,6 +21,9 @@ def add_parser(subparsers) -> None:
                             description=__doc__)
     parser.add_argument("--save-to", default="", help="checkpoint folder (default: the user cache, keyed by options "
                                                        "and data)")
+    parser.add_argument("--llm-explanations", default="", metavar="FILE.jsonl",
+                        help="LLM explanations (nl-rewrite explain, or a run's explanations.jsonl) added as training "
+                             "items of kind 'llm' for the training latents they cover")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (training and simulation)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(func=run)
@@ -38,9 +41,14 @@ def run(args: argparse.Namespace) -> int:
         if not torch.cuda.is_available():
             raise NLRewriteError(f"--device {args.device}: this torch sees no CUDA device; use --device cpu")
     cache, doc_ids = explain_cache(cfg)
-    folder = Path(args.save_to) if args.save_to else default_folder(cfg.trained, cache, doc_ids)
-    simulator = train_simulator(cfg.trained, cache, doc_ids, folder, device=args.device,
-                                progress=not args.no_progress)
+    llm = {}
+    if args.llm_explanations:
+        from nl_rewrite.interp.explain import load_explanations
+
+        llm = {r.latent: r.text for r in load_explanations(args.llm_explanations) if r.ok}
+    folder = Path(args.save_to) if args.save_to else default_folder(cfg.trained, cache, doc_ids, llm)
+    simulator = train_simulator(cfg.trained, cache, doc_ids, folder, llm_explanations=llm or None,
+                                device=args.device, progress=not args.no_progress)
     last = (folder / LOG_FILE).read_text().strip().splitlines()[-1]
     print(json.dumps({"folder": str(folder), "identity": simulator.identity, **json.loads(last)}))
     return 0

@@ -487,7 +487,9 @@ def run_experiment(cfg: RunConfig) -> Artifacts:
     backend = make_backend(cfg.llm, cache=cache_dir() / "llm_calls.sqlite")
     pool = llm_stage(ctx, backend, eval_strings)
 
-    base_fp = [cfg.to_dict(), eval_windows.fingerprint(), cache.meta.coder_fingerprint, code_version()]
+    # the trained simulator's options key only its own block: adding it to a finished run evaluates nothing else again
+    run_options = {k: v for k, v in cfg.to_dict().items() if not k.startswith("trained")}
+    base_fp = [run_options, eval_windows.fingerprint(), cache.meta.coder_fingerprint, code_version()]
     build, plan = main_conditions(ctx, arms)
     main_fp = json.dumps(base_fp + [LexicalSimulator().identity, LEXICAL_CALIBRATION,
                                     {b: arm_digest(a) for b, a in arms.items()}], default=str)
@@ -504,7 +506,7 @@ def run_experiment(cfg: RunConfig) -> Artifacts:
                               out / "conditions_pool.json", pool_fp)
 
     trained_results, trained_info = trained_stage(ctx, arms[cfg.lexical_budget], explain_windows, eval_windows,
-                                                  eval_cache, eval_strings, base_fp + [main_fp])
+                                                  eval_cache, eval_strings, [cfg.to_dict(), main_fp])
     generations = stages.timed("generate", generation_stage, ctx, arms[cfg.lexical_budget], eval_windows, main_fp)
     mass = output_mass(cache, transcoder)
     backend_counts = {k: getattr(backend, k) for k in ("new_calls", "hits") if hasattr(backend, k)}

@@ -34,10 +34,11 @@ TRAINED = "trained"
 """The condition: the trained simulator on every latent."""
 
 
-def default_folder(cfg: TrainSimulatorConfig, cache: LatentCache, doc_ids: list[str]) -> Path:
+def default_folder(cfg: TrainSimulatorConfig, cache: LatentCache, doc_ids: list[str],
+                   llm_explanations: dict[int, str] | None = None) -> Path:
     """Where the default simulator of this explain cache is kept: the user cache, keyed by options and data."""
-    name = Path(cfg.base_model).stem
-    return cache_dir() / "simulators" / f"{name}-L{cfg.n_layers}-{cfg.head}-{cfg.key(data_fingerprint(cache, doc_ids, None))}"
+    key = cfg.key(data_fingerprint(cache, doc_ids, llm_explanations or None))
+    return cache_dir() / "simulators" / f"{Path(cfg.base_model).stem}-L{cfg.n_layers}-{cfg.head}-{key}"
 
 
 def explain_cache(cfg: RunConfig) -> tuple[LatentCache, list[str]]:
