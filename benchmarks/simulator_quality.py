@@ -72,15 +72,16 @@ def main() -> None:
     from nl_rewrite.interp.simulate import SimulationItem, Simulator
     from nl_rewrite.llm.embedded import EmbeddedBackend
     from nl_rewrite.pipeline.config import RunConfig
-    from nl_rewrite.pipeline.trained_arm import explain_cache
+    from nl_rewrite.pipeline.experiment import explain_cache
     from nl_rewrite.trained.data import build_data
     from nl_rewrite.trained.training import TrainSimulatorConfig, heldout_latents, load_simulator, read_checkpoint_config
 
     cache, doc_ids = explain_cache(RunConfig(out=args.out).resolved())
     tcfg = TrainSimulatorConfig(**read_checkpoint_config(Path(args.trained))["config"])
-    data = build_data(cache, doc_ids, tcfg.data_config())
+    data = build_data(cache, doc_ids, tcfg)
     assert data.val_latents == heldout_latents(args.trained), "the split differs from the checkpoint's"
-    latents = data.val_latents[: args.latents]
+    with_items = sorted({i.latent for i in data.val_items})  # held-out latents that fire on a held-out document
+    latents = with_items[: args.latents]
     items = [i for i in data.val_items if i.latent in set(latents)]
     sim_items = [SimulationItem(i.explanation, tuple(cache.token_strings(cache.window_tokens(i.window)))) for i in items]
     truth_rows = [cache.dense_window(i.window)[:, i.latent].numpy() for i in items]

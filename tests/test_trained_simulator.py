@@ -63,7 +63,7 @@ def test_training_refuses_a_heldout_latent(explain_cache):
 def test_loss_goes_down(explain_cache, tmp_path):
     cache, doc_ids = explain_cache
     cfg = dataclasses.replace(CFG, steps=40, eval_every=40)
-    trainer = Trainer(cfg, build_data(cache, doc_ids, cfg.data_config()), cache, tmp_path, "k")
+    trainer = Trainer(cfg, build_data(cache, doc_ids, cfg), cache, tmp_path, "k")
     items = trainer.batch_items(0) + trainer.batch_items(1)
 
     def loss() -> float:
@@ -123,3 +123,11 @@ def test_corrupt_checkpoint_is_a_clear_error(explain_cache, tmp_path):
     (tmp_path / "simulator.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="retrain"):
         load_simulator(tmp_path)
+
+
+def test_train_simulator_cli_refuses_cuda_without_a_gpu(capsys, monkeypatch):
+    from nl_rewrite.cli.main import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["train-simulator", "--preset", "smoke", "--device", "cuda"]) != 0
+    assert "sees no CUDA device; use --device cpu" in capsys.readouterr().err

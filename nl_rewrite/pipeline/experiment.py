@@ -49,6 +49,7 @@ from nl_rewrite.replacements.oracles import OracleReplacement
 from nl_rewrite.interp.selection import choose_latents, usable_pool
 from nl_rewrite.replacements.simulated import NLSimulatorReplacement
 from nl_rewrite.pipeline.config import RunConfig
+from nl_rewrite.pipeline.trained_arm import get_simulator, trained_arm, trained_conditions, trained_windows
 from nl_rewrite.latents.sampling import select_latents
 from nl_rewrite.interp.score import DetectionScore, score_explanations
 from nl_rewrite.interp.simulate import Simulator
@@ -151,6 +152,14 @@ def load_run_coder(cfg: RunConfig, model) -> SparseCoder:
                               f"for a {cfg.coder} writing {coder_site(cfg)}; pass --coder and --layer (and --sae-site) "
                               "to match the checkpoint")
     return coder
+
+
+def explain_cache(cfg: RunConfig) -> tuple[LatentCache, list[str]]:
+    """The run's explain-split latent cache (``<out>/latents``, built if needed) and its windows' document ids."""
+    model = load_model(cfg.model)
+    windows = windows_for(cfg, model, "explain", cfg.explain_windows)
+    cache = LatentCache.build(model, load_run_coder(cfg, model), windows, Path(cfg.out) / "latents")
+    return cache, windows.doc_ids
 
 
 def windows_for(cfg: RunConfig, model, split: str, n: int) -> TokenWindows:
@@ -527,8 +536,6 @@ def trained_stage(ctx: Context, headline: LexicalArm, explain_windows: TokenWind
                   eval_cache: LatentCache, eval_strings: dict[int, list[str]], base_fp: list
                   ) -> tuple[EvalResults | None, dict[str, ConditionInfo]]:
     """The trained simulator's block (see :mod:`.trained_arm`); nothing unless ``--trained-simulator`` is set."""
-    from nl_rewrite.pipeline.trained_arm import get_simulator, trained_arm, trained_conditions, trained_windows
-
     cfg, stages = ctx.cfg, ctx.stages
     if cfg.trained_simulator == "none":
         return None, {}

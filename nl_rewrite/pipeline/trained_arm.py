@@ -41,17 +41,6 @@ def default_folder(cfg: TrainSimulatorConfig, cache: LatentCache, doc_ids: list[
     return cache_dir() / "simulators" / f"{Path(cfg.base_model).stem}-L{cfg.n_layers}-{cfg.head}-{key}"
 
 
-def explain_cache(cfg: RunConfig) -> tuple[LatentCache, list[str]]:
-    """The run's explain-split latent cache (``<out>/latents``, built if needed) and its windows' document ids."""
-    from nl_rewrite.model.loading import load_model
-    from nl_rewrite.pipeline.experiment import load_run_coder, windows_for
-
-    model = load_model(cfg.model)
-    windows = windows_for(cfg, model, "explain", cfg.explain_windows)
-    cache = LatentCache.build(model, load_run_coder(cfg, model), windows, Path(cfg.out) / "latents")
-    return cache, windows.doc_ids
-
-
 def get_simulator(cfg: RunConfig, cache: LatentCache, doc_ids: list[str], device: str = "cpu",
                   progress: bool = True) -> TrainedSimulator:
     """``cfg.trained_simulator``: ``default`` trains (or resumes, or reuses) on ``cache``; else a checkpoint folder."""

@@ -48,7 +48,7 @@ class DataConfig:
     heldout_documents: float = 0.2
     """fraction of explain documents held out for validation"""
     seed: int = 0
-    """seed of both splits and of the window draws"""
+    """seed of the splits and window draws (and, in training, of the head's start and the batch order)"""
 
     def __post_init__(self) -> None:
         if not (0 < self.heldout_latents < 1 and 0 < self.heldout_documents < 1):

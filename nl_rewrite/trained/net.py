@@ -20,7 +20,8 @@ final norm and the head are trained; the token embeddings stay frozen (tied to t
 parameters).
 """
 
-from __future__ import annotations
+# no `from __future__ import annotations`: TrainSimulatorConfig inherits NetConfig, and simple_parsing resolves the
+# inherited `head: HeadKind` annotation outside this module, so it must be the Literal itself, not a string
 
 import copy
 import inspect

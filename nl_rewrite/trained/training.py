@@ -30,7 +30,7 @@ from nl_rewrite.errors import CheckpointError, NLRewriteError
 from nl_rewrite.latents.cache import LatentCache
 from nl_rewrite.llm.embedded import right_padded
 from nl_rewrite.trained.data import DataConfig, Item, SimulatorData, build_data, targets
-from nl_rewrite.trained.net import HeadKind, InputEncoder, NetConfig, SimulatorNet
+from nl_rewrite.trained.net import InputEncoder, NetConfig, SimulatorNet
 from nl_rewrite.trained.simulator import TrainedSimulator
 
 log = logging.getLogger(__name__)
@@ -38,23 +38,10 @@ CONFIG_FILE, WEIGHTS_FILE, OPTIMIZER_FILE, LOG_FILE = "cfg.json", "simulator.saf
 
 
 @dataclass(frozen=True)
-class TrainSimulatorConfig:
-    """Options of nl-rewrite train-simulator (see docs/trained_simulator.md)."""
+class TrainSimulatorConfig(NetConfig, DataConfig):
+    """Options of nl-rewrite train-simulator: the network's (:class:`NetConfig`), the data's (:class:`DataConfig`)
+    and the optimisation's (see docs/trained_simulator.md)."""
 
-    base_model: str = "smollm2-135m"
-    """model whose first layers the simulator keeps (embedded name, HF dir or .gguf)"""
-    n_layers: int = 4
-    """transformer layers kept (fewer: faster; more: reads explanations better)"""
-    head: HeadKind = "bins"
-    """bins (10-way, score = expected bin) or regression (the score directly)"""
-    budget: int = 12
-    """items per lexical explanation"""
-    windows_per_latent: int = 4
-    """windows where a latent fires per latent (and as many where it does not)"""
-    heldout_latents: float = 0.1
-    """fraction of explained latents held out for validation"""
-    heldout_documents: float = 0.2
-    """fraction of explain documents held out for validation"""
     steps: int = 800
     """optimizer steps"""
     batch_size: int = 16
@@ -65,23 +52,15 @@ class TrainSimulatorConfig:
     """steps between validations (and checkpoints)"""
     val_items: int = 512
     """held-out items scored at each validation (the first, in a fixed order)"""
-    seed: int = 0
-    """seed of the splits, the head's start and the batch order"""
 
     def __post_init__(self) -> None:
-        NetConfig(self.base_model, self.n_layers, self.head)
-        self.data_config()
+        NetConfig.__post_init__(self)
+        DataConfig.__post_init__(self)
         for name in ("steps", "batch_size", "eval_every", "val_items"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
-
-    def net_config(self) -> NetConfig:
-        return NetConfig(self.base_model, self.n_layers, self.head)
-
-    def data_config(self) -> DataConfig:
-        return DataConfig(self.budget, self.windows_per_latent, self.heldout_latents, self.heldout_documents, self.seed)
 
     def key(self, data_fingerprint: str) -> str:
         """Hash of everything that changes the weights: the options and the data they are trained on."""
@@ -108,7 +87,7 @@ class Trainer:
                  digest_key: str, device: str = "cpu") -> None:
         torch.manual_seed(cfg.seed)
         self.cfg, self.data, self.cache, self.folder, self.key = cfg, data, cache, folder, digest_key
-        net, tokenizer = SimulatorNet.from_base(cfg.net_config())
+        net, tokenizer = SimulatorNet.from_base(cfg)
         self.net = net.to(device)
         self.encoder = InputEncoder(tokenizer)
         self.optimizer = torch.optim.AdamW([p for p in self.net.parameters() if p.requires_grad], lr=cfg.lr)
@@ -259,7 +238,7 @@ def train_simulator(cfg: TrainSimulatorConfig, cache: LatentCache, doc_ids: list
                     llm_explanations: dict[int, str] | None = None, device: str = "cpu", progress: bool = True,
                     on_step: Callable[[int], None] | None = None) -> TrainedSimulator:
     """Train (or resume, or reuse a finished run in ``folder``) on the explain split's ``cache``."""
-    data = build_data(cache, doc_ids, cfg.data_config(), llm_explanations)
+    data = build_data(cache, doc_ids, cfg, llm_explanations)
     trainer = Trainer(cfg, data, cache, Path(folder), cfg.key(data_fingerprint(cache, doc_ids, llm_explanations)),
                       device)
     log.info("trained simulator: %d training items over %d latents, %d validation items over %d held-out latents",
@@ -283,7 +262,7 @@ def load_simulator(folder: Path | str, device: str = "cpu", batch_size: int = 64
         cfg = TrainSimulatorConfig(**saved["config"])
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{folder / CONFIG_FILE} has an unusable config ({exc}); retrain the simulator") from exc
-    net, tokenizer = SimulatorNet.from_base(cfg.net_config())
+    net, tokenizer = SimulatorNet.from_base(cfg)
     missing, unexpected = net.load_state_dict(read_weights(folder), strict=False)
     if unexpected or any(not k.startswith("backbone.embed_tokens.") for k in missing):
         raise CheckpointError(f"{folder / WEIGHTS_FILE} does not match a {cfg.n_layers}-layer {cfg.head} simulator on "
