@@ -8,7 +8,6 @@ ablation of its site, no active latents, the lexical reader and the oracles, so 
 from __future__ import annotations
 
 import functools
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -29,7 +28,6 @@ from nl_rewrite.coders.sparse_coder import SparseCoder
 from nl_rewrite.trained.simulator import TrainedSimulator
 from nl_rewrite.trained.training import TrainSimulatorConfig, data_fingerprint, load_simulator, train_simulator
 
-log = logging.getLogger(__name__)
 TRAINED = "trained"
 """The condition: the trained simulator on every latent."""
 
