@@ -496,8 +496,9 @@ def run_experiment(cfg: RunConfig) -> Artifacts:
     backend = make_backend(cfg.llm, cache=cache_dir() / "llm_calls.sqlite")
     pool = llm_stage(ctx, backend, eval_strings)
 
-    # the trained simulator's options key only its own block: adding it to a finished run evaluates nothing else again
-    run_options = {k: v for k, v in cfg.to_dict().items() if not k.startswith("trained")}
+    # what changes results: not the output folder (a moved or copied run stays cached), and the trained simulator's
+    # options key only its own block (adding it to a finished run evaluates nothing else again)
+    run_options = {k: v for k, v in cfg.to_dict().items() if k != "out" and not k.startswith("trained")}
     base_fp = [run_options, eval_windows.fingerprint(), cache.meta.coder_fingerprint, code_version()]
     build, plan = main_conditions(ctx, arms)
     main_fp = json.dumps(base_fp + [LexicalSimulator().identity, LEXICAL_CALIBRATION,
