@@ -14,6 +14,7 @@ where both are defined. The eval split is never read. The last line of stdout is
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -76,7 +77,9 @@ def main() -> None:
     from nl_rewrite.trained.data import build_data
     from nl_rewrite.trained.training import TrainSimulatorConfig, heldout_latents, load_simulator, read_checkpoint_config
 
-    cache, doc_ids = explain_cache(RunConfig(out=args.out).resolved())
+    saved = Path(args.out) / "config.toml"  # the run's own options: another run's cache is never rebuilt over it
+    run_cfg = dataclasses.replace(RunConfig.from_toml(saved), out=args.out) if saved.is_file() else RunConfig(out=args.out)
+    cache, doc_ids = explain_cache(run_cfg.resolved())
     tcfg = TrainSimulatorConfig(**read_checkpoint_config(Path(args.trained))["config"])
     data = build_data(cache, doc_ids, tcfg)
     assert data.val_latents == heldout_latents(args.trained), "the split differs from the checkpoint's"

@@ -131,3 +131,33 @@ def test_train_simulator_cli_refuses_cuda_without_a_gpu(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["train-simulator", "--preset", "smoke", "--device", "cuda"]) != 0
     assert "sees no CUDA device; use --device cpu" in capsys.readouterr().err
+
+
+def test_bad_training_requests_are_clear_errors(explain_cache, tmp_path):
+    cache, doc_ids = explain_cache
+    with pytest.raises(ValueError, match="no training items"):
+        build_data(cache, doc_ids, DataConfig(), train_latents=[])
+    data = build_data(cache, doc_ids, DataConfig())
+    silent = sorted(set(range(cache.n_latents)) - set(data.train_latents) - set(data.val_latents))
+    with pytest.raises(ValueError, match="no lexical explanation or never fire"):
+        build_data(cache, doc_ids, DataConfig(), train_latents=data.train_latents[:1] + silent[:1])
+    sim = train_simulator(dataclasses.replace(CFG, steps=1), cache, doc_ids, tmp_path, progress=False)
+    with pytest.raises(ValueError, match="different lengths"):
+        sim.simulate_windows({1: "x"}, [("a", "b"), ("a",)])
+
+
+def test_calibration_uses_windows_the_simulator_never_trained_on(explain_cache, tmp_path):
+    from nl_rewrite.pipeline.config import RunConfig
+    from nl_rewrite.pipeline.experiment import trained_calibration_windows
+    from nl_rewrite.pipeline.trained_arm import check_trained_simulator
+
+    cache, doc_ids = explain_cache
+    sim = train_simulator(dataclasses.replace(CFG, steps=1), cache, doc_ids, tmp_path, progress=False)
+    data = build_data(cache, doc_ids, CFG)
+    cfg = RunConfig(preset="smoke", trained_calib_windows=4, lexical_calib_windows=8).resolved()
+    chosen = trained_calibration_windows(cfg, sim, cache)
+    assert len(chosen) == 4 and set(chosen) <= set(data.val_windows)
+    assert set(load_simulator(tmp_path).heldout[1]) == set(data.val_windows)
+    check_trained_simulator(str(tmp_path))
+    with pytest.raises(CheckpointError, match="neither none, default nor a checkpoint folder"):
+        check_trained_simulator("Default")

@@ -3,7 +3,8 @@
 It uses the run options that define the data (--model, --layer, --coder, --transcoder, --explain-windows, --window,
 --seed, --out: the explain split's latent cache goes to <out>/latents, shared with ``nl-rewrite run --out`` the
 same folder) and the training options under --trained.* (layers kept, head, steps, ...). The checkpoint goes to
---save-to, by default the user cache, where ``nl-rewrite run --trained-simulator default`` finds it. Ctrl-C saves
+--save-to, by default the user cache, where ``nl-rewrite run --trained-simulator default`` finds it (not with
+--llm-explanations, which key it apart: pass its folder to ``run --trained-simulator FOLDER``). Ctrl-C saves
 the last finished step; the same command resumes it. See docs/trained_simulator.md.
 """
 
@@ -50,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     folder = Path(args.save_to) if args.save_to else default_folder(cfg.trained, cache, doc_ids, llm)
     simulator = train_simulator(cfg.trained, cache, doc_ids, folder, llm_explanations=llm or None,
                                 device=args.device, progress=not args.no_progress)
-    last = (folder / LOG_FILE).read_text().strip().splitlines()[-1]
-    print(json.dumps({"folder": str(folder), "identity": simulator.identity, **json.loads(last)}))
+    log_lines = (folder / LOG_FILE).read_text().strip().splitlines() if (folder / LOG_FILE).is_file() else []
+    last = json.loads(log_lines[-1]) if log_lines else {}  # empty when Ctrl-C hit the last validation
+    print(json.dumps({"folder": str(folder), "identity": simulator.identity, **last}))
     return 0

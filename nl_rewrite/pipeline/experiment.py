@@ -49,7 +49,8 @@ from nl_rewrite.replacements.oracles import OracleReplacement
 from nl_rewrite.interp.selection import choose_latents, usable_pool
 from nl_rewrite.replacements.simulated import NLSimulatorReplacement
 from nl_rewrite.pipeline.config import RunConfig
-from nl_rewrite.pipeline.trained_arm import get_simulator, trained_arm, trained_conditions, trained_windows
+from nl_rewrite.pipeline.trained_arm import (check_trained_simulator, get_simulator, trained_arm, trained_conditions,
+                                             trained_windows)
 from nl_rewrite.latents.sampling import select_latents
 from nl_rewrite.interp.score import DetectionScore, score_explanations
 from nl_rewrite.interp.simulate import Simulator
@@ -281,6 +282,20 @@ def fraction_choices(cfg: RunConfig, pool: list[int], scores: list[DetectionScor
     return {f: choose_latents(f, cfg.order, ranking, cfg.seed, pool) for f in cfg.fractions}
 
 
+def result_options(cfg: RunConfig) -> dict:
+    """The options cached results are keyed by: all but the output folder (a moved or copied run stays cached)."""
+    return {k: v for k, v in cfg.to_dict().items() if k != "out"}
+
+
+def trained_calibration_windows(cfg: RunConfig, simulator, cache: LatentCache) -> list[int]:
+    """Explain windows the trained simulator never trained on: its held-out documents' windows when it was trained on
+    this cache, else the lexical calibration windows (another cache's training windows are not these)."""
+    fingerprint, heldout = simulator.heldout
+    if fingerprint != cache.meta.windows_fingerprint or not heldout:
+        return heldout_windows(cfg, len(cache))[:cfg.trained_calib_windows]
+    return sorted(random.Random(cfg.seed).sample(list(heldout), min(cfg.trained_calib_windows, len(heldout))))
+
+
 def code_version() -> str:
     """The installed nl_rewrite version: part of every cached result's key, so a new release never reuses them."""
     from importlib.metadata import PackageNotFoundError, version
@@ -478,6 +493,7 @@ def run_experiment(cfg: RunConfig) -> Artifacts:
     The resolved config (every preset value filled in) is written to ``<out>/config.toml`` first: ``nl-rewrite run
     --config <out>/config.toml`` repeats the run."""
     cfg = cfg.resolved()
+    check_trained_simulator(cfg.trained_simulator)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     io.write_text(out / CONFIG_FILE, cfg.to_toml())
@@ -496,9 +512,8 @@ def run_experiment(cfg: RunConfig) -> Artifacts:
     backend = make_backend(cfg.llm, cache=cache_dir() / "llm_calls.sqlite")
     pool = llm_stage(ctx, backend, eval_strings)
 
-    # what changes results: not the output folder (a moved or copied run stays cached), and the trained simulator's
-    # options key only its own block (adding it to a finished run evaluates nothing else again)
-    run_options = {k: v for k, v in cfg.to_dict().items() if k != "out" and not k.startswith("trained")}
+    # the trained simulator's options key only its own block (adding it to a finished run evaluates nothing else)
+    run_options = {k: v for k, v in result_options(cfg).items() if not k.startswith("trained")}
     base_fp = [run_options, eval_windows.fingerprint(), cache.meta.coder_fingerprint, code_version()]
     build, plan = main_conditions(ctx, arms)
     main_fp = json.dumps(base_fp + [LexicalSimulator().identity, LEXICAL_CALIBRATION,
@@ -516,7 +531,7 @@ def run_experiment(cfg: RunConfig) -> Artifacts:
                               out / "conditions_pool.json", pool_fp)
 
     trained_results, trained_info = trained_stage(ctx, arms[cfg.lexical_budget], explain_windows, eval_windows,
-                                                  eval_cache, eval_strings, [cfg.to_dict(), main_fp])
+                                                  eval_cache, eval_strings, [result_options(cfg), main_fp])
     generations = stages.timed("generate", generation_stage, ctx, arms[cfg.lexical_budget], eval_windows, main_fp)
     mass = output_mass(cache, transcoder)
     backend_counts = {k: getattr(backend, k) for k in ("new_calls", "hits") if hasattr(backend, k)}
@@ -541,7 +556,7 @@ def trained_stage(ctx: Context, headline: LexicalArm, explain_windows: TokenWind
     if cfg.trained_simulator == "none":
         return None, {}
     simulator = stages.timed("train_simulator", get_simulator, cfg, ctx.cache, explain_windows.doc_ids)
-    calib_ids = heldout_windows(cfg, len(ctx.cache))[:cfg.trained_calib_windows]
+    calib_ids = trained_calibration_windows(cfg, simulator, ctx.cache)
     windows = trained_windows(cfg, eval_windows)
     arm = stages.timed("simulate_trained", trained_arm, simulator, headline, ctx.cache, calib_ids,
                        {w: eval_strings[w] for w in range(len(windows))}, ctx.out / "simulations" / "trained")

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from nl_rewrite.data.windows import TokenWindows
+from nl_rewrite.errors import CheckpointError
 from nl_rewrite.interp.simulation_store import SimulationStore, simulate_into_store
 from nl_rewrite.latents.cache import LatentCache
 from nl_rewrite.paths import cache_dir
@@ -26,6 +27,7 @@ from nl_rewrite.replacements.base import Replacement
 from nl_rewrite.replacements.oracles import OracleReplacement
 from nl_rewrite.coders.sparse_coder import SparseCoder
 from nl_rewrite.trained.simulator import TrainedSimulator
+from nl_rewrite.trained.training import CONFIG_FILE as SIMULATOR_CONFIG
 from nl_rewrite.trained.training import TrainSimulatorConfig, data_fingerprint, load_simulator, train_simulator
 
 TRAINED = "trained"
@@ -37,6 +39,13 @@ def default_folder(cfg: TrainSimulatorConfig, cache: LatentCache, doc_ids: list[
     """Where the default simulator of this explain cache is kept: the user cache, keyed by options and data."""
     key = cfg.key(data_fingerprint(cache, doc_ids, llm_explanations or None))
     return cache_dir() / "simulators" / f"{Path(cfg.base_model).stem}-L{cfg.n_layers}-{cfg.head}-{key}"
+
+
+def check_trained_simulator(spec: str) -> None:
+    """Fail before any stage runs when ``--trained-simulator`` names neither a mode nor a checkpoint folder."""
+    if spec not in ("none", "default") and not (Path(spec) / SIMULATOR_CONFIG).is_file():
+        raise CheckpointError(f"--trained-simulator {spec!r} is neither none, default nor a checkpoint folder (no "
+                              f"{Path(spec) / SIMULATOR_CONFIG}); train one with nl-rewrite train-simulator --save-to {spec}")
 
 
 def get_simulator(cfg: RunConfig, cache: LatentCache, doc_ids: list[str], device: str = "cpu",

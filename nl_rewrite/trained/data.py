@@ -149,6 +149,10 @@ def build_data(cache: LatentCache, doc_ids: Sequence[str], cfg: DataConfig,
     val_latents, default_train = sorted(shuffled[:n_val]), sorted(shuffled[n_val:])
     chosen = default_train if train_latents is None else sorted(train_latents)
     check_disjoint("latent", chosen, val_latents)
+    unexplained = sorted(set(chosen) - set(explained))
+    if unexplained:
+        raise ValueError(f"{len(unexplained)} training latent(s) have no lexical explanation or never fire on a training "
+                         f"document (first: {unexplained[:5]}); choose among latents that do")
     scale = {lat: firing[lat].max_on(train_set) for lat in explained}
     train_items = [Item(lat, w, "lexical", lexical[lat])
                    for lat in chosen for w in balanced_windows(firing[lat].windows, train_windows, cfg.windows_per_latent, rng)]
@@ -156,6 +160,9 @@ def build_data(cache: LatentCache, doc_ids: Sequence[str], cfg: DataConfig,
         if lat in scale and lat not in val_latents and lat in chosen:
             train_items += [Item(lat, w, "llm", text)
                             for w in balanced_windows(firing[lat].windows, train_windows, cfg.windows_per_latent, rng)]
+    if not train_items:
+        raise ValueError(f"no training items: {len(explained)} latent(s) are explained and fire on the training "
+                         "documents; cache more explain windows (--explain-windows) or use a wider coder")
     val_items = [Item(lat, w, "lexical", lexical[lat])
                  for lat in val_latents for w in balanced_windows(firing[lat].windows, val_windows, cfg.windows_per_latent, rng)]
     return SimulatorData(train_items, val_items, chosen, val_latents, train_windows, val_windows, scale, lexical)

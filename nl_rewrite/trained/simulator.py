@@ -31,6 +31,9 @@ class TrainedSimulator:
     reuse_prefix: bool = True
     progress: bool = False
     stats: SimulatorStats = field(default_factory=SimulatorStats)
+    heldout: tuple[str, tuple[int, ...]] = ("", ())
+    """(windows fingerprint of the explain cache it was trained on, the windows of its held-out documents there):
+    windows it never trained on, for calibrating it on that cache."""
 
     @property
     def identity(self) -> str:
@@ -50,6 +53,10 @@ class TrainedSimulator:
                          ) -> dict[int, Float[Tensor, "n pos"]]:
         """Every latent on every window (equal lengths): latent → scores [window, pos]."""
         from tqdm import tqdm
+
+        if len({len(w) for w in windows}) > 1:
+            raise ValueError(f"windows of different lengths {sorted({len(w) for w in windows})}: read them in groups "
+                             "of one length, or use simulate_many")
 
         return {latent: torch.stack(self.simulate_latent(text, windows))
                 for latent, text in tqdm(explanations.items(), desc="trained simulator", unit="latent",

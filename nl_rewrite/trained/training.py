@@ -193,7 +193,8 @@ class Trainer:
         io.save_tensors(self.folder / WEIGHTS_FILE, self.net.trainable_state())
         io.torch_save(self.folder / OPTIMIZER_FILE, self.optimizer.state_dict())
         io.write_json(self.folder / CONFIG_FILE, {"config": asdict(self.cfg), "step": self.step, "digest": self.digest(),
-                                                  "key": self.key, "val_latents": self.data.val_latents})
+                                                  "key": self.key, "val_latents": self.data.val_latents,
+                                                  "heldout": self.heldout()})
 
     def resume(self) -> None:
         """Continue from the folder's checkpoint, if it has one."""
@@ -202,14 +203,19 @@ class Trainer:
         saved = read_checkpoint_config(self.folder)
         if saved["key"] != self.key:
             raise CheckpointError(f"{self.folder} holds a simulator trained with other options or data "
-                                  f"(key {saved['key']} ≠ {self.key}); use another --out")
+                                  f"(key {saved['key']} ≠ {self.key}); save to another folder (--save-to)")
         self.net.load_state_dict(read_weights(self.folder), strict=False)
-        self.optimizer.load_state_dict(torch.load(self.folder / OPTIMIZER_FILE, weights_only=True))
+        self.optimizer.load_state_dict(torch.load(self.folder / OPTIMIZER_FILE, weights_only=True,
+                                                  map_location=self.net.device))
         self.step = int(saved["step"])
         log.info("resuming the simulator in %s from step %d", self.folder, self.step)
 
+    def heldout(self) -> list:
+        return [self.cache.meta.windows_fingerprint, self.data.val_windows]
+
     def simulator(self) -> TrainedSimulator:
-        return TrainedSimulator(self.net.eval(), self.encoder, self.digest())
+        fingerprint, windows = self.heldout()
+        return TrainedSimulator(self.net.eval(), self.encoder, self.digest(), heldout=(fingerprint, tuple(windows)))
 
 
 def pearson(a: Tensor, b: Tensor) -> float:
@@ -267,7 +273,12 @@ def load_simulator(folder: Path | str, device: str = "cpu", batch_size: int = 64
     if unexpected or any(not k.startswith("backbone.embed_tokens.") for k in missing):
         raise CheckpointError(f"{folder / WEIGHTS_FILE} does not match a {cfg.n_layers}-layer {cfg.head} simulator on "
                               f"{cfg.base_model} (missing {missing[:3]}, unexpected {unexpected[:3]}); retrain it")
-    return TrainedSimulator(net.to(device).eval(), InputEncoder(tokenizer), saved["digest"], batch_size=batch_size)
+    if int(saved["step"]) < cfg.steps:
+        log.warning("%s was interrupted at step %s of %d: using those weights; run nl-rewrite train-simulator with the "
+                    "same options to finish it", folder, saved["step"], cfg.steps)
+    fingerprint, windows = saved.get("heldout", ["", []])
+    return TrainedSimulator(net.to(device).eval(), InputEncoder(tokenizer), saved["digest"], batch_size=batch_size,
+                            heldout=(fingerprint, tuple(windows)))
 
 
 def heldout_latents(folder: Path | str) -> list[int]:
