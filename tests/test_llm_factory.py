@@ -16,7 +16,7 @@ def test_openai_spec_with_model_and_url(tmp_path):
     assert isinstance(inner, OpenAIBackend)
     assert (inner.model, inner.base_url) == ("my-model", "http://127.0.0.1:9999/v1")
     assert inner.calls.settings.concurrency == 3
-    assert backend.backend_id == "openai:my-model@http://127.0.0.1:9999/v1"
+    assert backend.backend_id == "openai:my-model"  # the URLs are not part of the cache key (replicas)
 
 
 def test_openai_spec_falls_back_to_environment(monkeypatch):

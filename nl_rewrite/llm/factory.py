@@ -5,6 +5,9 @@
 - ``openai:<model>`` or ``openai:<model>@<base_url>`` (either part may be empty: ``openai:@http://localhost:8000/v1``)
 - ``sglang:<model>@<server root>``: :class:`SGLangBackend` on SGLang's native ``/generate``
 
+Several replicas of one model: comma-separated URLs, ``openai:<model>@http://h1:8000/v1,http://h2:8000/v1`` (load
+balanced, a dead one taken out of rotation; see :mod:`.http_calls`).
+
 Remote backends render prompts with the model's own chat template: from ``<model>`` when it is an embedded
 name, a HF directory or a ``.gguf`` path, else from ``NL_REWRITE_CHAT_TEMPLATE`` or a ``chat_template`` option.
 

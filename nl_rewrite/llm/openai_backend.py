@@ -5,6 +5,14 @@ Settings come from the arguments, else the environment: ``NL_REWRITE_BASE_URL`` 
 line, whose ``--llm`` spec names only model and URL, can choose them). The key is never logged and never in
 ``repr`` or ``backend_id``.
 
+**Several endpoints.** ``base_url`` (or ``NL_REWRITE_BASE_URL``) may list replicas of one model, comma-separated
+or as a sequence: ``concurrency`` then applies to each, every request goes to the live endpoint with the fewest
+in flight, and one that stops answering (connection refused or reset, or a timeout, after the client's retries) is
+taken out of rotation with a warning while its requests run again on the others (:mod:`.http_calls`).
+``endpoint_report()`` gives per URL the requests served and failed and whether it is out. The endpoints' model
+lists (``/v1/models``) must agree. ``backend_id`` names the model, not the URLs, so one cache serves any list of
+replicas. The probes below run once, on the first live endpoint; every replica is assumed to answer alike.
+
 **The model's own chat template** (:mod:`.templates`) renders every prompt, so a simulator request is the same
 text here as in the embedded backend. It comes from ``chat_template`` (an embedded model name, a HF directory or
 a ``.gguf``), the environment, or the served model's name when that is a local path (llama.cpp names a model by
@@ -50,7 +58,7 @@ from torch import Tensor
 
 from nl_rewrite.errors import LLMError
 from nl_rewrite.llm.base import ChatRequest, ScoreRequest
-from nl_rewrite.llm.http_calls import CallSettings, Rejected, ServerCalls, Sink, short
+from nl_rewrite.llm.http_calls import CallSettings, EndpointStatus, Rejected, ServerCalls, Sink, short
 from nl_rewrite.llm.readout import choice_matrix, choice_row, topk_floor
 from nl_rewrite.llm.templates import HOW_TO_PASS, ChatTemplate, find_template
 from nl_rewrite.llm.token_layout import layout
@@ -86,21 +94,24 @@ class ServerReport:
 
 
 class OpenAIBackend:
-    """Chat and score requests against ``base_url`` (an OpenAI-compatible ``/v1`` root)."""
+    """Chat and score requests against ``base_url``: an OpenAI-compatible ``/v1`` root, or several (replicas)."""
 
-    def __init__(self, base_url: str | None = None, model: str | None = None, api_key: str | None = None, *,
-                 chat_template: str | None = None, concurrency: int = 8, timeout: float = 60.0, max_retries: int = 4,
-                 top_logprobs: int = 20, max_logprobs: int = 20, score_mode: str | None = None,
-                 prefill_mode: str = "auto", check_repeat: bool = True, progress: bool = False) -> None:
-        self.base_url = (base_url or os.environ.get("NL_REWRITE_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
-                         or "https://api.openai.com/v1").rstrip("/")
+    def __init__(self, base_url: str | Sequence[str] | None = None, model: str | None = None,
+                 api_key: str | None = None, *, chat_template: str | None = None, concurrency: int = 8,
+                 timeout: float = 60.0, max_retries: int = 4, top_logprobs: int = 20, max_logprobs: int = 20,
+                 score_mode: str | None = None, prefill_mode: str = "auto", check_repeat: bool = True,
+                 progress: bool = False) -> None:
+        urls = (base_url or os.environ.get("NL_REWRITE_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
+                or "https://api.openai.com/v1")
+        key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"  # local servers need none
+        self.calls = ServerCalls(urls, key, CallSettings(concurrency, timeout, max_retries, progress))
+        self.base_url = self.calls.base_url
+        """The endpoint, or every endpoint separated by commas."""
         self.model = model or os.environ.get("NL_REWRITE_MODEL")
         if not self.model:
             raise LLMError(f"no model for {self.base_url}: pass model= or set NL_REWRITE_MODEL")
         score_mode = score_mode or os.environ.get("NL_REWRITE_SCORE_MODE") or "auto"
         _check_modes(top_logprobs, max_logprobs, score_mode, prefill_mode)
-        key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"  # local servers need none
-        self.calls = ServerCalls(self.base_url, key, CallSettings(concurrency, timeout, max_retries, progress))
         self.top_logprobs, self.max_logprobs = top_logprobs, max(max_logprobs, top_logprobs)
         self.requested_score_mode = score_mode
         self.score_mode, self.prefill_mode = score_mode, prefill_mode
@@ -111,12 +122,17 @@ class OpenAIBackend:
         self._settling = threading.Lock()  # one probe at a time when several threads share the backend
         self.template: ChatTemplate | None = find_template(chat_template, self.model)
         self.report = ServerReport()
-        # the template decides the chat route and every prompt's text, so it is part of the cache key
+        # the template decides the chat route and every prompt's text, so it is part of the cache key; the URLs are
+        # not: replicas of one model give the same answers, whichever of them and however many are listed
         via = f"|template={self.template.source}" if self.template is not None else ""
-        self.backend_id = f"openai:{self.model}@{self.base_url}{via}"
+        self.backend_id = f"openai:{self.model}{via}"
 
     def __repr__(self) -> str:
         return f"OpenAIBackend(base_url={self.base_url!r}, model={self.model!r}, score_mode={self.score_mode!r})"
+
+    def endpoint_report(self) -> list[EndpointStatus]:
+        """Per endpoint: requests served and failed, and whether it was taken out of rotation (and why)."""
+        return self.calls.endpoint_report()
 
     def chat_prompt(self, request: ChatRequest) -> str:
         """The request in the model's own chat template; an ``LLMError`` saying how to pass one if unknown."""
@@ -141,7 +157,7 @@ class OpenAIBackend:
         prompt = self.chat_prompt(request)
         response = await self.calls.call(lambda: client.completions.create(
             model=self.model, prompt=prompt, max_tokens=request.max_tokens, temperature=request.temperature))
-        return _first_choice(response, self.base_url).text or ""
+        return _first_choice(response, self.calls.url()).text or ""
 
     async def _chat_endpoint(self, client: Any, request: ChatRequest) -> str:
         messages = [{"role": role, "content": content} for role, content in request.messages]
@@ -153,7 +169,7 @@ class OpenAIBackend:
         response = await self.calls.call(lambda: client.chat.completions.create(
             model=self.model, messages=messages, max_tokens=request.max_tokens,
             temperature=request.temperature, extra_body=extra or None))
-        text = _first_choice(response, self.base_url).message.content or ""
+        text = _first_choice(response, self.calls.url()).message.content or ""
         return self._after_prefill(request.prefill, text)
 
     def _after_prefill(self, prefill: str, text: str) -> str:
@@ -185,7 +201,7 @@ class OpenAIBackend:
         messages.append({"role": "assistant", "content": request.prefill})
         response = await self.calls.call(lambda: client.chat.completions.create(
             model=self.model, messages=messages, max_tokens=request.max_tokens, temperature=0.0))
-        return _first_choice(response, self.base_url).message.content or ""
+        return _first_choice(response, self.calls.url()).message.content or ""
 
     # ---- score --------------------------------------------------------------------------------
 
@@ -261,7 +277,7 @@ class OpenAIBackend:
         starts = [j for j, o in enumerate(data["text_offset"]) if 0 < o < len(prompt)][-3:]
         for j in starts:
             cut = await self._completion(client, prompt[:data["text_offset"][j]], echo=False, k=5)
-            if not _same_top(_top_at(data, j), _top_at(_logprobs_of(cut, self.base_url), 0)):
+            if not _same_top(_top_at(data, j), _top_at(_logprobs_of(cut, self.calls.url()), 0)):
                 return (f"its echoed log-probs at token {j} ({data['tokens'][j]!r}) differ from those of a "
                         "completion cut there (echo reads the distribution of another position)")
         return None
@@ -271,12 +287,12 @@ class OpenAIBackend:
         of a multi-byte character split across tokens, shifts every later offset) and each read point must start
         a token. Where either fails, ``auto`` reads that request per-read (counted) and ``echo`` refuses."""
         data = _logprobs_of(await self._completion(client, request.prompt, echo=True, k=self.top_logprobs),
-                            self.base_url)
+                            self.calls.url())
         problem = _spelling_problem(data.get("tokens") or [], data.get("text_offset") or [], request.prompt)
         indices = [] if problem else [_token_starting_at(data["text_offset"], end) for end in _read_offsets(request)]
         if problem or None in indices:
             if self.requested_score_mode == "echo":
-                raise LLMError(f"{self.base_url}: {problem}" if problem else
+                raise LLMError(f"{self.calls.url()}: {problem}" if problem else
                                _inside_token_message(data, request, indices))
             self.report.echo_fallbacks += 1
             return await self._score_per_read(client, request)
@@ -288,7 +304,7 @@ class OpenAIBackend:
             if end == 0:
                 raise LLMError("a read point falls before the first token: the prompt is empty up to there")
             response = await self._completion(client, request.prompt[:end], echo=False, k=self.top_logprobs)
-            tops.append(_top_at(_logprobs_of(response, self.base_url), 0))
+            tops.append(_top_at(_logprobs_of(response, self.calls.url()), 0))
         return self._rows(tops, request.choices)
 
     def _rows(self, tops: list[dict[str, float]], choices: Sequence[str]) -> Tensor:
@@ -322,9 +338,9 @@ class OpenAIBackend:
                                    k: int) -> list[list[float]]:
         response = await self.calls.call(lambda: client.completions.create(
             model=self.model, prompt=ids, max_tokens=1, temperature=0.0, extra_body={"prompt_logprobs": k}))
-        positions = getattr(_first_choice(response, self.base_url), "prompt_logprobs", None)
+        positions = getattr(_first_choice(response, self.calls.url()), "prompt_logprobs", None)
         if not positions or len(positions) != len(ids):
-            raise LLMError(f"{self.base_url} returned {len(positions or [])} prompt_logprobs for {len(ids)} prompt "
+            raise LLMError(f"{self.calls.url()} returned {len(positions or [])} prompt_logprobs for {len(ids)} prompt "
                            "tokens; is this a vLLM server? (other servers: score_mode='echo' or 'per_read')")
         return [_vllm_row(positions[r + 1], choice_ids, k) for r in reads]
 

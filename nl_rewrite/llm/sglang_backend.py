@@ -14,7 +14,9 @@ each a list of ``[logprob, token_id, text]``; the entry of the token at exactly 
 of the prompt, has a scored position.
 
 Chat: the request is rendered with the model's template and sent as ``text``; the reply is ``text`` of the answer.
-``base_url`` is the server root (``http://host:30000``), not ``/v1``.
+``base_url`` is the server root (``http://host:30000``), not ``/v1``; several roots (replicas of one model,
+comma-separated or a sequence) share the load as in the OpenAI backend (:mod:`.http_calls`), and ``backend_id``
+names the model only, so one cache serves any list of replicas.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from torch import Tensor
 
 from nl_rewrite.errors import LLMError
 from nl_rewrite.llm.base import ChatRequest, ScoreRequest
-from nl_rewrite.llm.http_calls import CallSettings, ServerCalls, Sink
+from nl_rewrite.llm.http_calls import CallSettings, EndpointStatus, ServerCalls, Sink
 from nl_rewrite.llm.readout import choice_matrix, exact_row
 from nl_rewrite.llm.templates import HOW_TO_PASS, ChatTemplate, find_template
 from nl_rewrite.llm.token_layout import layout
@@ -36,22 +38,28 @@ from nl_rewrite.llm.token_layout import layout
 class SGLangBackend:
     """Chat and score requests against an SGLang server's native API."""
 
-    def __init__(self, base_url: str | None = None, model: str | None = None, api_key: str | None = None, *,
-                 chat_template: str | None = None, concurrency: int = 8, timeout: float = 60.0, max_retries: int = 4,
-                 progress: bool = False) -> None:
-        self.base_url = (base_url or os.environ.get("NL_REWRITE_BASE_URL") or "http://127.0.0.1:30000").rstrip("/")
+    def __init__(self, base_url: str | Sequence[str] | None = None, model: str | None = None,
+                 api_key: str | None = None, *, chat_template: str | None = None, concurrency: int = 8,
+                 timeout: float = 60.0, max_retries: int = 4, progress: bool = False) -> None:
+        urls = base_url or os.environ.get("NL_REWRITE_BASE_URL") or "http://127.0.0.1:30000"
+        key = api_key or os.environ.get("SGLANG_API_KEY") or "EMPTY"  # the server's --api-key, if it has one
+        # SGLang also serves the OpenAI-compatible /v1/models, which lists what each replica serves
+        self.calls = ServerCalls(urls, key, CallSettings(concurrency, timeout, max_retries, progress), "/v1/models")
+        self.base_url = self.calls.base_url
         self.model = model or os.environ.get("NL_REWRITE_MODEL") or ""
         template = find_template(chat_template, self.model)
         if template is None:
             raise LLMError(f"the SGLang backend tokenises prompts locally and needs the model's tokenizer and chat "
                            f"template; {HOW_TO_PASS}")
         self.template: ChatTemplate = template
-        key = api_key or os.environ.get("SGLANG_API_KEY") or "EMPTY"  # the server's --api-key, if it has one
-        self.calls = ServerCalls(self.base_url, key, CallSettings(concurrency, timeout, max_retries, progress))
-        self.backend_id = f"sglang:{self.model or template.source}@{self.base_url}"
+        self.backend_id = f"sglang:{self.model or template.source}"  # not the URLs: replicas answer alike
 
     def __repr__(self) -> str:
         return f"SGLangBackend(base_url={self.base_url!r}, model={self.model!r})"
+
+    def endpoint_report(self) -> list[EndpointStatus]:
+        """Per endpoint: requests served and failed, and whether it was taken out of rotation (and why)."""
+        return self.calls.endpoint_report()
 
     def chat_prompt(self, request: ChatRequest) -> str:
         return self.template.render(request)
@@ -85,7 +93,7 @@ class SGLangBackend:
         positions = self._single(await self._generate(client, body)).get("meta_info", {}).get(
             "input_token_ids_logprobs")
         if positions is None or len(positions) != len(ids) - start:
-            raise LLMError(f"{self.base_url} returned {len(positions or [])} input_token_ids_logprobs for "
+            raise LLMError(f"{self.calls.url()} returned {len(positions or [])} input_token_ids_logprobs for "
                            f"{len(ids) - start} scored tokens; is this an SGLang server (POST /generate)?")
         names = [str(i) for i in choice_ids]
         return choice_matrix([_row(positions[r + 1 - start], names) for r in lay.reads], len(names))
@@ -97,7 +105,7 @@ class SGLangBackend:
         """A single prompt's answer (SGLang answers a batch with a list)."""
         out = response[0] if isinstance(response, list) and response else response
         if not isinstance(out, dict):
-            raise LLMError(f"{self.base_url}/generate answered {type(out).__name__}, not a JSON object")
+            raise LLMError(f"{self.calls.url()}/generate answered {type(out).__name__}, not a JSON object")
         return out
 
 
