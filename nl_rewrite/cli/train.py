@@ -2,6 +2,11 @@
 
 Example: ``nl-rewrite train --model smollm2-135m --layer 15 --kind transcoder --width 4096 --k 32 --tokens 2M``.
 Interrupting with Ctrl-C saves the last finished step; the same command resumes it.
+
+Data-parallel on N processes (gloo on CPU; the global batch stays --batch-size tokens, which N must divide, as it
+must --buffer-windows): ``torchrun --standalone --nproc_per_node 2 -m nl_rewrite.cli train --model smollm2-135m
+--layer 15 --tokens 2M``. Each process runs the model on its share of the train split; only rank 0 writes the
+output folder, and the same torchrun command resumes an interrupted run.
 """
 
 from __future__ import annotations

@@ -12,6 +12,12 @@ component parallel to each row is removed before the step and rows are renormali
 
 Output folder (``out``): ``cfg.json`` + ``sae.safetensors`` (sparsify layout, updated at each checkpoint),
 ``train_state.pt`` (resume), ``train_log.jsonl`` and, when finished, ``training.json``.
+
+Under ``torchrun --nproc_per_node N`` (see :mod:`nl_rewrite.coders.distributed`) every buffer is the same set of
+windows as in one process, but rank r runs the model on its interleaved 1/N share only and takes
+``batch_size / N`` tokens of it per step; gradients are averaged over the ranks, so the global batch stays
+``batch_size`` tokens. The ranks share the initialisation buffer, rank 0's initial weights and the dead-latent
+counters, so all hold the same coder after every step; rank 0 alone writes the output folder.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from tqdm.auto import tqdm
 
 from nl_rewrite import io
 from nl_rewrite.coders.checkpoint import is_checkpoint, load_coder, save_coder
+from nl_rewrite.coders.distributed import SINGLE_PROCESS, Ranks, check_divisible, ranks_from_env
 from nl_rewrite.errors import CheckpointError
 from nl_rewrite.paths import cache_dir
 from nl_rewrite.model.sites import Site, SiteKind, resolve, site_width
@@ -176,12 +183,14 @@ def site_activations(model, tokens: Tensor, read_site: str, write_site: str, chu
 
 
 class ActivationStream:
-    """Deterministic buffers of shuffled (x, y) token activations; buffer b is a pure function of (seed, b)."""
+    """Deterministic buffers of shuffled (x, y) token activations; buffer b is a pure function of (seed, b).
 
-    def __init__(self, model, tokens: Tensor, cfg: TrainConfig):
+    Under several ranks, each computes only its share of every buffer's windows (``ranks.share``)."""
+
+    def __init__(self, model, tokens: Tensor, cfg: TrainConfig, ranks: Ranks = SINGLE_PROCESS):
         if tokens.shape[0] < cfg.buffer_windows:
             raise ValueError(f"only {tokens.shape[0]} training windows, fewer than one buffer of {cfg.buffer_windows}")
-        self.model, self.tokens, self.cfg = model, tokens, cfg
+        self.model, self.tokens, self.cfg, self.ranks = model, tokens, cfg, ranks
         self._orders: dict[int, Tensor] = {}
         self._last: tuple[int, Tensor, Tensor] | None = None  # the initialisation reuses buffer 0 in the loop
 
@@ -197,6 +206,7 @@ class ActivationStream:
         per_epoch = self.tokens.shape[0] // self.cfg.buffer_windows  # drop the ragged tail of each epoch
         epoch, slot = divmod(index, per_epoch)
         ids = self._order(epoch)[slot * self.cfg.buffer_windows:(slot + 1) * self.cfg.buffer_windows]
+        ids = self.ranks.share(ids)
         x, y = site_activations(self.model, self.tokens[ids], *self.cfg.sites)
         self._last = (index, x, y)
         return x, y
@@ -207,8 +217,10 @@ class ActivationStream:
         return self.buffer(self.tokens.shape[0] // self.cfg.buffer_windows - 1)
 
     def step_order(self, index: int, n_tokens: int) -> Tensor:
-        """Token order for all passes over buffer ``index``, concatenated."""
-        gen = torch.Generator().manual_seed(self.cfg.seed * 104_729 + index)
+        """Token order for all passes over this rank's share of buffer ``index``, concatenated."""
+        # each rank its own order, so the ranks' batches do not draw the same window positions; one process: as ever
+        seed = (self.cfg.seed * 104_729 + index) * self.ranks.world + self.ranks.rank
+        gen = torch.Generator().manual_seed(seed)
         return torch.cat([torch.randperm(n_tokens, generator=gen) for _ in range(self.cfg.buffer_passes)])
 
 
@@ -300,7 +312,9 @@ def auxk_loss(coder: SparseCoder, raw: Tensor, error: Tensor, dead: Tensor, tota
     return scale * (error_hat - error.detach()).pow(2).sum() / total_variance
 
 
-def train_step(state: TrainState, cfg: TrainConfig, x: Tensor, y: Tensor) -> StepMetrics:
+def train_step(state: TrainState, cfg: TrainConfig, x: Tensor, y: Tensor,
+               ranks: Ranks = SINGLE_PROCESS) -> StepMetrics:
+    """One optimiser step on this rank's ``x → y`` tokens; under several ranks, on the mean of their gradients."""
     coder = state.coder
     raw = coder.encoder_out(x)
     top = coder.topk(torch.relu(raw))
@@ -314,12 +328,21 @@ def train_step(state: TrainState, cfg: TrainConfig, x: Tensor, y: Tensor) -> Ste
         group["lr"] = cfg.lr * min(1.0, (state.step + 1) / max(1, cfg.lr_warmup))
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    # every exchange between ranks happens before the weights change: a rank that fails or is interrupted in one
+    # leaves its state at the last finished step, which is what an interrupted run saves
+    ranks.average_gradients(coder)
+    fired = ranks.any_rank(_fired(state.since_fired, top.indices, top.values))
+    metrics = _step_metrics(ranks, loss, fvu, aux, (top.values > 0).sum(-1).float().mean(), dead.float().mean())
     _remove_parallel_decoder_grad(coder)
     state.optimizer.step()
     coder.normalize_decoder()
-    _update_firing(state, top.indices, top.values, x.shape[0])
-    return StepMetrics(loss.item(), fvu.item(), aux.item(), (top.values > 0).sum(-1).float().mean().item(),
-                       dead.float().mean().item())
+    _update_firing(state, fired, x.shape[0] * ranks.world)
+    return metrics
+
+
+def _step_metrics(ranks: Ranks, *values: Tensor) -> StepMetrics:
+    """Loss, FVU, AuxK, L0 and dead fraction, averaged over the ranks (one all-reduce for the five)."""
+    return StepMetrics(*ranks.mean(torch.stack([v.detach() for v in values])).tolist())
 
 
 @torch.no_grad()
@@ -332,9 +355,15 @@ def _remove_parallel_decoder_grad(coder: SparseCoder) -> None:
 
 
 @torch.no_grad()
-def _update_firing(state: TrainState, indices: Tensor, values: Tensor, n_tokens: int) -> None:
-    fired = torch.zeros_like(state.since_fired, dtype=torch.bool)
+def _fired(since_fired: Tensor, indices: Tensor, values: Tensor) -> Tensor:
+    """Which latents fired on at least one token of the batch."""
+    fired = torch.zeros_like(since_fired, dtype=torch.bool)
     fired[indices[values > 0]] = True
+    return fired
+
+
+@torch.no_grad()
+def _update_firing(state: TrainState, fired: Tensor, n_tokens: int) -> None:
     state.since_fired += n_tokens
     state.since_fired[fired] = 0
 
@@ -401,8 +430,10 @@ def _append_log(folder: Path, rows: list[dict]) -> None:
 
 
 def _buffer_batches(stream: ActivationStream, cfg: TrainConfig, start_step: int) -> Iterator[tuple[int, Tensor, Tensor]]:
-    """(step, x, y) from ``start_step`` on; a buffer interrupted midway is recomputed and its done steps skipped."""
-    spb = cfg.steps_per_buffer
+    """(step, x, y) from ``start_step`` on; a buffer interrupted midway is recomputed and its done steps skipped.
+
+    Each rank's batch is its ``1 / world`` of the step's ``batch_size`` tokens."""
+    spb, batch = cfg.steps_per_buffer, cfg.batch_size // stream.ranks.world
     for buffer_index in range(start_step // spb, (cfg.total_steps + spb - 1) // spb):
         x, y = stream.buffer(buffer_index)
         order = stream.step_order(buffer_index, x.shape[0])
@@ -412,7 +443,7 @@ def _buffer_batches(stream: ActivationStream, cfg: TrainConfig, start_step: int)
                 continue
             if step >= cfg.total_steps:
                 return
-            rows = order[j * cfg.batch_size:(j + 1) * cfg.batch_size]
+            rows = order[j * batch:(j + 1) * batch]
             yield step, x[rows], y[rows]
 
 
@@ -423,22 +454,48 @@ def train(cfg: TrainConfig, model=None, windows=None, on_step: Callable[[int, St
     ``windows``: a ``TokenWindows`` or a ``[n, window]`` token tensor (default: the corpus train split).
     ``on_step(step, metrics)`` is called after every step. On KeyboardInterrupt the last finished step is
     saved before the interrupt propagates, so rerunning resumes without losing work.
+
+    Under ``torchrun`` every rank calls this with the same arguments (see the module docstring); each returns the
+    same coder, and rank 0 writes the folder.
     """
     folder = cfg.output_folder()
     if _finished(folder, cfg):
         return load_coder(folder)
-    if model is None:
-        from nl_rewrite.model.loading import load_model
+    with ranks_from_env() as ranks:  # training runs on CPU, hence gloo
+        return _train_on_ranks(cfg, ranks, folder, model, windows, on_step, progress)
 
-        model = load_model(cfg.model)
+
+def _train_on_ranks(cfg: TrainConfig, ranks: Ranks, folder: Path, model, windows,
+                    on_step: Callable[[int, StepMetrics], None] | None, progress: bool) -> SparseCoder:
+    check_divisible(ranks.world, batch_size=cfg.batch_size, buffer_windows=cfg.buffer_windows)
+    with ranks.main_first():  # rank 0 converts the model and tokenises the corpus into the cache; the rest read it
+        model = _loaded(model, cfg)
+        tokens = _training_tokens(model, cfg, windows)
     folder.mkdir(parents=True, exist_ok=True)
-    stream = ActivationStream(model, _training_tokens(model, cfg, windows), cfg)
+    stream = ActivationStream(model, tokens, cfg, ranks)
     state = _start_state(model, cfg, folder)
-    if state.step == 0:
-        _initialise(state, cfg, *stream.init_buffer())
+    if state.step == 0:  # every rank initialises from the whole buffer, as one process would
+        _initialise(state, cfg, *(ranks.gather_rows(part) for part in stream.init_buffer()))
+    _agree_on_start(state, ranks)
     _run_steps(state, cfg, stream, folder, on_step, progress)
-    _finish(state, cfg, folder)
+    if ranks.is_main:
+        _finish(state, cfg, folder, ranks.world)
+    ranks.barrier()  # no rank leaves before the folder is complete
     return state.exported()
+
+
+def _loaded(model, cfg: TrainConfig):
+    if model is not None:
+        return model
+    from nl_rewrite.model.loading import load_model
+
+    return load_model(cfg.model)
+
+
+def _agree_on_start(state: TrainState, ranks: Ranks) -> None:
+    """Every rank starts from rank 0's weights and scales (they should already agree; this makes it certain)."""
+    ranks.copy_from_main(state.coder)
+    state.x_scale, state.y_scale = ranks.float_from_main(state.x_scale), ranks.float_from_main(state.y_scale)
 
 
 def _initialise(state: TrainState, cfg: TrainConfig, x: Tensor, y: Tensor) -> None:
@@ -451,13 +508,14 @@ def _initialise(state: TrainState, cfg: TrainConfig, x: Tensor, y: Tensor) -> No
 
 def _run_steps(state: TrainState, cfg: TrainConfig, stream: ActivationStream, folder: Path,
                on_step: Callable[[int, StepMetrics], None] | None, progress: bool) -> None:
+    ranks = stream.ranks
     pending: list[dict] = []
     bar = tqdm(total=cfg.total_steps, initial=state.step, desc=f"train {cfg.kind} {cfg.sites[0]}",
-               disable=not progress, unit="step")
+               disable=not (progress and ranks.is_main), unit="step")
     started = time.perf_counter() - state.seconds
     try:
         for step, x, y in _buffer_batches(stream, cfg, state.step):
-            metrics = train_step(state, cfg, x / state.x_scale, y / state.y_scale)
+            metrics = train_step(state, cfg, x / state.x_scale, y / state.y_scale, ranks)
             state.step, state.seconds = step + 1, time.perf_counter() - started
             pending.append({"step": state.step, "tokens": state.step * cfg.batch_size // cfg.buffer_passes,
                             **asdict(metrics)})
@@ -467,17 +525,21 @@ def _run_steps(state: TrainState, cfg: TrainConfig, stream: ActivationStream, fo
             if on_step is not None:
                 on_step(state.step, metrics)
             if state.step % cfg.checkpoint_every == 0:
-                save_state(folder, cfg, state)
-                _append_log(folder, pending)
-                pending = []
+                pending = _checkpoint(folder, cfg, state, pending, ranks)
     except KeyboardInterrupt:
-        save_state(folder, cfg, state)  # state.step counts only finished steps: resuming is exact
-        _append_log(folder, pending)
+        _checkpoint(folder, cfg, state, pending, ranks)  # state.step counts only finished steps: resuming is exact
         raise
     finally:
         bar.close()
-    save_state(folder, cfg, state)
-    _append_log(folder, pending)
+    _checkpoint(folder, cfg, state, pending, ranks)
+
+
+def _checkpoint(folder: Path, cfg: TrainConfig, state: TrainState, pending: list[dict], ranks: Ranks) -> list[dict]:
+    """Rank 0 saves the state and appends the pending log rows (the ranks hold the same state); returns no rows."""
+    if ranks.is_main:
+        save_state(folder, cfg, state)
+        _append_log(folder, pending)
+    return []
 
 
 def _finished(folder: Path, cfg: TrainConfig) -> bool:
@@ -495,12 +557,14 @@ def _finished(folder: Path, cfg: TrainConfig) -> bool:
     return done["steps"] >= cfg.total_steps
 
 
-def _finish(state: TrainState, cfg: TrainConfig, folder: Path) -> None:
+def _finish(state: TrainState, cfg: TrainConfig, folder: Path, world: int = 1) -> None:
     rows = [json.loads(line) for line in (folder / LOG_FILE).read_text().splitlines()[-20:]] \
         if (folder / LOG_FILE).is_file() else []
     tail = {key: sum(r[key] for r in rows) / len(rows) for key in ("fvu", "l0", "dead_fraction")} if rows else {}
     summary = {"complete": True, "steps": state.step, "tokens": state.step * cfg.batch_size // cfg.buffer_passes,
                "seconds": round(state.seconds, 1), "final_train_metrics_last20": tail, "config": asdict(cfg)}
+    if world > 1:  # a single process's summary stays exactly as it always was
+        summary["world_size"] = world
     io.write_json(folder / DONE_FILE, summary)
 
 
