@@ -13,7 +13,7 @@ import pytest
 import nl_rewrite
 
 # Highest first: a layer may import any layer below it, never one above. This is the pipeline, read bottom-up.
-LAYERS = ("cli", "pipeline", "evaluation", "replacements", "trained", "interp", "latents", "coders", "llm", "data", "model")
+LAYERS = ("cli", "pipeline", "evaluation", "replacements", "trained", "interp", "latents", "coders", "llm", "data", "model", "parallel")
 
 # Underscore names that are public API of a third-party library, not private members.
 PUBLIC_UNDERSCORE = {"_replace", "_asdict", "_fields", "_make"}

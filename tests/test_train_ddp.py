@@ -27,7 +27,7 @@ from nl_rewrite.coders.train import DONE_FILE, STATE_FILE, TrainConfig, site_act
 
 FVU_TOLERANCE = 0.02
 """Largest accepted |FVU(2 ranks) − FVU(1 process)| on held-out activations (absolute). Measured gap on this setup:
-about 0.003 at an FVU near 0.2 (see docs/scaling_training.md); 0.02 leaves room for other CPUs' float rounding."""
+about 0.003 at an FVU near 0.2 (see docs/scaling.md, "Distributed training"); 0.02 leaves room for other CPUs' float rounding."""
 TORCHRUN_TIMEOUT = 240  # seconds; a hung rendezvous fails the test instead of hanging the suite
 WORDS = ("the", "state", "union", "people", "nation", "congress", "we", "will", "work", "future", "year", "law",
          "and", "of", "to", "a", "in", "for", "our", "is")

@@ -8,7 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nl_rewrite.cli.parsing import add_command
+from nl_rewrite.cli.plan import add_plan_options, cache_plan, planned
+from nl_rewrite.cli.ray_option import add_ray_option, runner_from
 from nl_rewrite.data.windows import Split
+from nl_rewrite.parallel.runner import ShardRunner
 from nl_rewrite.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -61,7 +64,7 @@ def coder_from_arg(path: str, model_name: str = ""):
     return default_transcoder(model_name or "smollm2-135m")
 
 
-def build(cfg: CacheConfig):
+def build(cfg: CacheConfig, runner: "ShardRunner | None" = None):
     from nl_rewrite.data.windows import token_windows
     from nl_rewrite.latents.cache import LatentCache
     from nl_rewrite.model.loading import load_model, prepend_bos_for
@@ -73,11 +76,13 @@ def build(cfg: CacheConfig):
                             max_windows=cfg.max_windows or None, prepend_bos=prepend_bos_for(name))
     folder = Path(cfg.out) if cfg.out else default_cache_folder(coder, cfg.split, cfg.window)
     return LatentCache.build(model, coder, windows, folder, shard_windows=cfg.shard_windows,
-                             batch_size=cfg.batch_size, sample_cap=cfg.sample_cap)
+                             batch_size=cfg.batch_size, sample_cap=cfg.sample_cap, runner=runner)
 
 
 def run(args: argparse.Namespace) -> int:
-    cache = build(args.cfg)
+    if planned(args, lambda opts: cache_plan(args.cfg), Path(args.cfg.out or ".")):
+        return 0
+    cache = build(args.cfg, runner_from(args))
     stats = cache.stats
     alive = int((stats.count > 0).sum())
     print(f"latent cache: {cache.folder}")
@@ -87,5 +92,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
-    add_command(subparsers, "cache", "cache a coder's latent activations on the explain split", run,
-                {"cfg": CacheConfig}, description=__doc__)
+    parser = add_command(subparsers, "cache", "cache a coder's latent activations on the explain split", run,
+                         {"cfg": CacheConfig}, description=__doc__)
+    add_ray_option(parser)
+    add_plan_options(parser)

@@ -11,12 +11,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from nl_rewrite.cli.parsing import add_command
+from nl_rewrite.cli.plan import add_plan_options, evaluate_plan, planned
+from nl_rewrite.cli.ray_option import add_ray_option, runner_from
 from nl_rewrite import io
 from nl_rewrite.coders.train import DEFAULT_LAYER
 from nl_rewrite.data.windows import Split
 from nl_rewrite.pipeline.conditions import CONDITIONS
 from nl_rewrite.evaluation.evaluator import PositionMode
 from nl_rewrite.evaluation.suite import SUITES, Suite
+from nl_rewrite.parallel.runner import ShardRunner
 from nl_rewrite.replacements.plugin import is_plugin_spec, parse_spec
 
 
@@ -73,7 +76,7 @@ class EvaluateConfig:
         return Suite("custom", (self.split,), self.window, self.max_windows, self.seed, (self.positions,), self.corpus)
 
 
-def evaluate(cfg: EvaluateConfig) -> dict:
+def evaluate(cfg: EvaluateConfig, runner: "ShardRunner | None" = None) -> dict:
     from nl_rewrite.pipeline.conditions import build_condition, default_coder_loader
     from nl_rewrite.data.windows import split_manifest
     from nl_rewrite.evaluation.comparison import Run, write_report
@@ -85,7 +88,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     coder = default_coder_loader(model, cfg.layer)
     reps = [build_condition(name, model, cfg.layer, coder, suite.seed) for name in cfg.replacement]
     results = run_suite(model, cfg.model, suite, reps, prepend_bos=prepend_bos_for(cfg.model),
-                        batch_size=cfg.batch_size)
+                        batch_size=cfg.batch_size, runner=runner)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     payload = {"config": asdict(cfg), **results.to_json()}
@@ -98,9 +101,14 @@ def evaluate(cfg: EvaluateConfig) -> dict:
 
 
 def add_parser(subparsers) -> None:
-    add_command(subparsers, "evaluate", "CE/KL deltas of replacements of one MLP", run, {"cfg": EvaluateConfig})
+    parser = add_command(subparsers, "evaluate", "CE/KL deltas of replacements of one MLP", run,
+                         {"cfg": EvaluateConfig})
+    add_ray_option(parser)
+    add_plan_options(parser)
 
 
 def run(args) -> int:
-    evaluate(args.cfg)
+    if planned(args, lambda opts: evaluate_plan(args.cfg), args.cfg.out):
+        return 0
+    evaluate(args.cfg, runner_from(args))
     return 0

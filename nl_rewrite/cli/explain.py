@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Literal
 
 from nl_rewrite.cli.parsing import add_command
+from nl_rewrite.cli.plan import add_plan_options, explain_plan, planned
+from nl_rewrite.cli.ray_option import add_ray_option, runner_from
 from nl_rewrite.interp.explain import ExplainConfig
 from nl_rewrite.paths import cache_dir
 from nl_rewrite.latents.sampling import SamplingConfig
@@ -69,10 +71,13 @@ def run(args: argparse.Namespace) -> int:
     from nl_rewrite.latents.sampling import select_latents
 
     job: ExplainRun = args.job
+    if planned(args, lambda opts: explain_plan(args, opts), Path(job.out).parent if job.out else Path(".")):
+        return 0
     cache = open_cache(job.cache)
     latents = select_latents(cache, job.latents, job.select, job.select_seed)
     out = Path(job.out) if job.out else cache.folder / "explanations.jsonl"
-    records = explain_latents(make_llm(args.llm), cache, latents, args.explain, args.sampling, out)
+    records = explain_latents(make_llm(args.llm), cache, latents, args.explain, args.sampling, out,
+                              runner=runner_from(args))
     failed = [r for r in records if not r.ok]
     print(f"{len(records) - len(failed)} explanations, {len(failed)} failed → {out}")
     for r in records[:10]:
@@ -81,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
-    add_command(subparsers, "explain", "explain latents with an LLM", run,
-                {"job": ExplainRun, "explain": ExplainConfig, "sampling": SamplingConfig, "llm": LLMOptions},
-                description=__doc__)
+    parser = add_command(subparsers, "explain", "explain latents with an LLM", run,
+                         {"job": ExplainRun, "explain": ExplainConfig, "sampling": SamplingConfig, "llm": LLMOptions},
+                         description=__doc__)
+    add_ray_option(parser)
+    add_plan_options(parser)

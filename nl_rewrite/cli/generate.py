@@ -22,13 +22,15 @@ def continuations(cfg: RunConfig, prompts: list[str], new_tokens: int) -> list[d
     from nl_rewrite.evaluation.generate import side_by_side
     from nl_rewrite.latents.cache import LatentCache
     from nl_rewrite.model.loading import load_model, prepend_bos_for
+    from nl_rewrite.parallel.runner import InProcess
 
     cfg = cfg.resolved()
     folder = Path(cfg.out) / "latents"
     if not (folder / "stats.safetensors").is_file():
         raise NLRewriteError(f"no latent cache in {folder}: run `nl-rewrite run --out {cfg.out}` (same options) first")
     model = load_model(cfg.model)
-    ctx = Context(cfg, model, load_run_coder(cfg, model), LatentCache.open(folder), Path(cfg.out), Stage())
+    ctx = Context(cfg, model, load_run_coder(cfg, model), LatentCache.open(folder), Path(cfg.out), Stage(),
+                  InProcess())
     arm = lexical_budget_arm(ctx, cfg.lexical_budget, heldout_windows(cfg, len(ctx.cache)))
     tok = model.tokenizer
     bos = [tok.bos_token_id] if prepend_bos_for(cfg.model) and tok.bos_token_id is not None else []

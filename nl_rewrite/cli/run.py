@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from nl_rewrite.cli.plan import add_plan_options, planned, run_plan
+from nl_rewrite.cli.ray_option import add_ray_option, runner_from
 from nl_rewrite.pipeline.config import RunConfig
 
 DESCRIPTION = """The whole experiment; rerun the same --out to resume. A preset (--preset) sets the sizes; any option
@@ -27,7 +29,9 @@ def run(args: argparse.Namespace) -> int:
     from nl_rewrite.pipeline.experiment import CONFIG_FILE, run_experiment
     from nl_rewrite.pipeline.report import summary_text, write_outputs
 
-    artifacts = run_experiment(args.cfg)  # resolves the config (presets filled in) and records it
+    if planned(args, lambda opts: run_plan(args.cfg, opts), args.cfg.resolved().out):
+        return 0
+    artifacts = run_experiment(args.cfg, runner_from(args))  # resolves the config (presets filled in) and records it
     cfg = artifacts.cfg
     data = write_outputs(artifacts, Path(cfg.out))
     print(summary_text(data))
@@ -39,4 +43,6 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(subparsers) -> None:
     parser = add_run_config(subparsers, "run", help="the full rewrite experiment: explain, simulate, patch, evaluate",
                             description=DESCRIPTION)
+    add_plan_options(parser)
+    add_ray_option(parser)
     parser.set_defaults(func=run)

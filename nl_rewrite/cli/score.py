@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nl_rewrite.cli.parsing import add_command
+from nl_rewrite.cli.plan import add_plan_options, planned, score_plan
+from nl_rewrite.cli.ray_option import add_ray_option, runner_from
 from nl_rewrite.latents.sampling import SamplingConfig
 from nl_rewrite.interp.score import ScoreConfig
 from nl_rewrite.cli.explain import LLMOptions, make_llm, open_cache
@@ -33,13 +35,16 @@ def run(args: argparse.Namespace) -> int:
     from nl_rewrite.interp.score import rank_latents, score_explanations
 
     job: ScoreRun = args.job
+    if planned(args, lambda opts: score_plan(args, opts), Path(job.out).parent if job.out else Path(".")):
+        return 0
     cache = open_cache(job.cache)
     source = Path(job.explanations) if job.explanations else cache.folder / "explanations.jsonl"
     if not source.is_file():
         raise ValueError(f"no explanations at {source}; run `nl-rewrite explain` first or pass --explanations")
     out = Path(job.out) if job.out else cache.folder / "detection.jsonl"
     records = load_explanations(source)
-    scores = score_explanations(make_llm(args.llm), cache, records, args.score, args.sampling, out)
+    scores = score_explanations(make_llm(args.llm), cache, records, args.score, args.sampling, out,
+                                runner=runner_from(args))
     by_latent = {s.latent: s for s in scores}
     print(f"scored {len(scores)} latents ({sum(not r.ok for r in records)} failed explanations skipped) → {out}")
     for latent in rank_latents(scores)[:10]:
@@ -50,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
-    add_command(subparsers, "score", "detection-score explanations", run,
-                {"job": ScoreRun, "score": ScoreConfig, "sampling": SamplingConfig, "llm": LLMOptions},
-                description=__doc__)
+    parser = add_command(subparsers, "score", "detection-score explanations", run,
+                         {"job": ScoreRun, "score": ScoreConfig, "sampling": SamplingConfig, "llm": LLMOptions},
+                         description=__doc__)
+    add_ray_option(parser)
+    add_plan_options(parser)

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from nl_rewrite import io
 from nl_rewrite.data.windows import TokenWindows
 from nl_rewrite.evaluation.prefix import capture_block_inputs, first_layer, resume_reproduces, resumed_at
+from nl_rewrite.parallel.runner import InProcess, ShardRunner
 from nl_rewrite.replacements.base import BatchInfo, Replacement, replacement_names
 from nl_rewrite.evaluation.stats import RatioCI, bootstrap_indices, mean_ci, paired_wilcoxon, ratio_ci
 
@@ -215,19 +216,63 @@ class Evaluator:
             with resumed_at(self.model, start, resid[start]):
                 return self.model(tokens)
 
-    def run(self, replacements: Sequence[Replacement] = ()) -> EvalResults:
-        """Evaluate the clean model and every replacement on all windows; returns per-window means and summaries."""
+    def run(self, replacements: Sequence[Replacement] = (), runner: ShardRunner | None = None) -> EvalResults:
+        """Evaluate the clean model and every replacement on all windows; returns per-window means and summaries.
+
+        With a ``runner`` (e.g. Ray), spans of ``SHARD_BATCHES`` batches run on its workers, each holding a copy of
+        the model and the replacements; batches are the same as in one process, so the numbers are too."""
         names = [CLEAN] + replacement_names(list(replacements))
         if CLEAN in names[1:]:
             raise ValueError(f"{CLEAN!r} is reserved for the unpatched model")
-        ce: dict[str, list[float]] = {n: [] for n in names}
-        kl: dict[str, list[float]] = {n: [] for n in names}
         self._check_prefix_reuse(replacements)
-        batches = self.windows.batches(self.batch_size)
-        total = math.ceil(len(self.windows) / self.batch_size)
-        for ids, tokens in tqdm(batches, total=total, desc=f"evaluate ({len(names)} conditions)", disable=not self.progress):
-            for name, (tok_ce, tok_kl) in self._batch(ids, tokens, replacements).items():
-                ce[name].extend(tok_ce.mean(1).tolist())
-                kl[name].extend(tok_kl.mean(1).tolist())
+        spans = self._spans(SHARD_BATCHES if runner is not None else None)
+        tables: dict[int, WindowTable] = {}
+        (runner or InProcess(progress=False)).map(EvalShard(self, list(replacements)), evaluate_span, spans,
+                                                  tables.__setitem__, desc=f"evaluate ({len(names)} conditions)")
+        ce = {n: [v for i in range(len(spans)) for v in tables[i].ce.get(n, [])] for n in names}
+        kl = {n: [v for i in range(len(spans)) for v in tables[i].kl.get(n, [])] for n in names}
         per_window = 1 if self.positions == "last" else self.windows.window - 1
         return EvalResults(self.positions, list(range(len(self.windows))), ce, kl, per_window, self.n_bootstrap, self.seed)
+
+    def _spans(self, batches_per_span: int | None) -> list[tuple[int, int]]:
+        """Window ranges that start on batch boundaries (one range for the whole set when not sharded)."""
+        n = len(self.windows)
+        step = n if batches_per_span is None else self.batch_size * batches_per_span
+        return [(start, min(start + step, n)) for start in range(0, max(n, 1), max(step, 1))]
+
+    def table(self, replacements: Sequence[Replacement], span: tuple[int, int], progress: bool) -> "WindowTable":
+        """Per-window mean CE and KL of every condition on windows ``[start, stop)``, in batches of ``batch_size``."""
+        out = WindowTable({}, {})
+        starts = range(span[0], span[1], self.batch_size)
+        desc = f"evaluate ({len(replacements) + 1} conditions)"
+        for start in tqdm(starts, desc=desc, disable=not progress):
+            ids = torch.arange(start, min(start + self.batch_size, span[1]))
+            for name, (tok_ce, tok_kl) in self._batch(ids, self.windows.tokens[ids], replacements).items():
+                out.ce.setdefault(name, []).extend(tok_ce.mean(1).tolist())
+                out.kl.setdefault(name, []).extend(tok_kl.mean(1).tolist())
+        return out
+
+
+SHARD_BATCHES = 4
+"""Batches per sharded evaluation task: small enough to balance workers, large enough to amortise a call."""
+
+
+@dataclass
+class WindowTable:
+    """Per-window mean CE and KL of each condition on one span of windows."""
+
+    ce: dict[str, list[float]]
+    kl: dict[str, list[float]]
+
+
+@dataclass
+class EvalShard:
+    """What each worker evaluates with: the evaluator (model and windows) and the conditions."""
+
+    evaluator: Evaluator
+    replacements: list[Replacement]
+
+
+def evaluate_span(shard: EvalShard, span: tuple[int, int]) -> WindowTable:
+    whole = span == (0, len(shard.evaluator.windows))  # one process: its own progress bar over batches
+    return shard.evaluator.table(shard.replacements, span, progress=whole and shard.evaluator.progress)

@@ -19,6 +19,7 @@ from typing import Sequence
 
 from nl_rewrite.data.windows import Split, TokenWindows, token_windows
 from nl_rewrite.evaluation.evaluator import CLEAN, EvalResults, Evaluator, PositionMode
+from nl_rewrite.parallel.runner import ShardRunner
 from nl_rewrite.replacements.base import Replacement
 from nl_rewrite.replacements.baselines import ZeroReplacement
 
@@ -154,13 +155,14 @@ def suite_windows(model, suite: Suite, prepend_bos: bool) -> dict[str, TokenWind
 
 
 def run_suite(model, model_name: str, suite: Suite, replacements: Sequence[Replacement], *, prepend_bos: bool,
-              batch_size: int = 8, progress: bool = True) -> SuiteResults:
-    """Every replacement (plus clean and the zero-ablation references) on every block of ``suite``."""
+              batch_size: int = 8, progress: bool = True, runner: ShardRunner | None = None) -> SuiteResults:
+    """Every replacement (plus clean and the zero-ablation references) on every block of ``suite``; ``runner``
+    (default: this process) evaluates each block in shards of windows."""
     windows = suite_windows(model, suite, prepend_bos)
     conditions = with_references(replacements)
     sites = zero_references(replacements)
     references = {r.name: sites.get(str(r.write_site), r.name) for r in conditions}
     blocks = {block_name(split, mode): Evaluator(model, windows[split], batch_size, mode, seed=suite.seed,
-                                                 progress=progress).run(conditions)
+                                                 progress=progress).run(conditions, runner)
               for split in suite.splits for mode in suite.positions}
     return SuiteResults(fingerprint_parts(suite, model_name, windows), blocks, references)

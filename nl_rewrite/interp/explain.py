@@ -23,9 +23,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence, get_args
 
-from tqdm import tqdm
 
 from nl_rewrite.io import RecordStore
+from nl_rewrite.parallel.runner import InProcess, ShardRunner
 from nl_rewrite.errors import NLRewriteError
 from nl_rewrite.latents.cache import LatentCache
 from nl_rewrite.llm.base import ChatRequest, LLMBackend
@@ -276,24 +276,46 @@ def _prepare(cache: LatentCache, latent: int, cfg: ExplainConfig, sampling: Samp
     return _Pending(latent, examples, build_messages(cache, examples, cfg))
 
 
+@dataclass(frozen=True)
+class ExplainInputs:
+    """What a worker explains with; the backend pickles as its recipe, so each worker builds its own."""
+
+    backend: LLMBackend
+    cache: LatentCache
+    cfg: ExplainConfig
+    sampling: SamplingConfig
+    settings: str
+
+
+def explain_batch(inputs: ExplainInputs, latents: list[int]) -> list[Explanation]:
+    """One record per latent of ``latents``: sampled, asked for in one batch of chats, parsed (with retries)."""
+    prepared = [_prepare(inputs.cache, latent, inputs.cfg, inputs.sampling, inputs.settings) for latent in latents]
+    records = [p for p in prepared if isinstance(p, Explanation)]
+    return records + _ask(inputs.backend, [p for p in prepared if isinstance(p, _Pending)], inputs.cfg,
+                          inputs.settings)
+
+
 def explain_latents(backend: LLMBackend, cache: LatentCache, latents: Sequence[int], cfg: ExplainConfig,
                     sampling: SamplingConfig | None = None, path: "str | Path | None" = None,
-                    progress: bool = True) -> list[Explanation]:
+                    progress: bool = True, runner: ShardRunner | None = None) -> list[Explanation]:
     """One explanation record per latent (in the order given). With ``path``, records already there are reused
-    and new ones are appended batch by batch."""
+    and new ones are appended batch by batch. ``runner`` (default: this process) asks for the batches; on Ray each
+    worker holds its own backend."""
     sampling = sampling or SamplingConfig()
     settings = cfg.settings_key(sampling, backend.backend_id)
     store = RecordStore(path, settings, Explanation.from_dict) if path is not None else None
     have = store.records if store else {}
     todo = [latent for latent in dict.fromkeys(latents) if latent not in have]
     made: dict[int, Explanation] = {}
-    for start in tqdm(range(0, len(todo), cfg.batch_size), desc="explain", disable=not progress):
-        prepared = [_prepare(cache, latent, cfg, sampling, settings) for latent in todo[start:start + cfg.batch_size]]
-        records = [p for p in prepared if isinstance(p, Explanation)]
-        records += _ask(backend, [p for p in prepared if isinstance(p, _Pending)], cfg, settings)
+
+    def keep(_: int, records: list[Explanation]) -> None:
         if store:
             store.add(records)
         made.update((r.latent, r) for r in records)
+
+    batches = [todo[start:start + cfg.batch_size] for start in range(0, len(todo), cfg.batch_size)]
+    (runner or InProcess(progress)).map(ExplainInputs(backend, cache, cfg, sampling, settings), explain_batch,
+                                        batches, keep, desc="explain")
     out = [have.get(latent) or made[latent] for latent in latents]
     failed = sum(not r.ok for r in out)
     log.info("explanations: %d ok, %d failed, %d reused from %s", len(out) - failed, failed, len(latents) - len(todo),

@@ -22,11 +22,11 @@ from typing import Sequence
 import numpy as np
 import torch
 from scipy.stats import rankdata
-from tqdm import tqdm
 
 from nl_rewrite.errors import LLMError, NLRewriteError
 from nl_rewrite.interp.explain import Explanation
 from nl_rewrite.io import RecordStore
+from nl_rewrite.parallel.runner import InProcess, ShardRunner
 from nl_rewrite.latents.cache import LatentCache
 from nl_rewrite.llm.base import LLMBackend, ScoreRequest
 from nl_rewrite.latents.sampling import Example, SamplingConfig, sample_latent
@@ -181,23 +181,42 @@ def score_latent(backend: LLMBackend, cache: LatentCache, record: Explanation, c
     return score
 
 
+@dataclass(frozen=True)
+class ScoreInputs:
+    """What a worker scores with; the backend pickles as its recipe, so each worker builds its own."""
+
+    backend: LLMBackend
+    cache: LatentCache
+    cfg: ScoreConfig
+    sampling: SamplingConfig
+    settings: str
+
+
+def score_record(inputs: ScoreInputs, record: Explanation) -> DetectionScore:
+    return score_latent(inputs.backend, inputs.cache, record, inputs.cfg, inputs.sampling, inputs.settings)
+
+
 def score_explanations(backend: LLMBackend, cache: LatentCache, explanations: Sequence[Explanation],
                        cfg: ScoreConfig, sampling: SamplingConfig | None = None, path: "str | Path | None" = None,
-                       progress: bool = True) -> list[DetectionScore]:
-    """Scores of every ok explanation (failed ones are skipped and counted); resumes from ``path``."""
+                       progress: bool = True, runner: ShardRunner | None = None) -> list[DetectionScore]:
+    """Scores of every ok explanation (failed ones are skipped and counted); resumes from ``path``. ``runner``
+    (default: this process) scores the latents; on Ray each worker holds its own backend."""
     sampling = sampling or SamplingConfig()
     settings = cfg.settings_key(sampling, backend.backend_id)
     store = RecordStore(path, settings, DetectionScore.from_dict) if path is not None else None
     have = store.records if store else {}
     usable = [r for r in explanations if r.ok]
-    out = []
-    for record in tqdm(usable, desc="detection", disable=not progress):
-        done = have.get(record.latent)
-        if done is None or done.explanation != record.text:  # a new explanation needs a new score
-            done = score_latent(backend, cache, record, cfg, sampling, settings)
-            if store:
-                store.add([done])
-        out.append(done)
+    todo = [r for r in usable if r.latent not in have or have[r.latent].explanation != r.text]  # new text, new score
+    made: dict[int, DetectionScore] = {}
+
+    def keep(_: int, score: DetectionScore) -> None:
+        if store:
+            store.add([score])
+        made[score.latent] = score
+
+    (runner or InProcess(progress)).map(ScoreInputs(backend, cache, cfg, sampling, settings), score_record, todo,
+                                        keep, desc="detection")
+    out = [made.get(r.latent) or have[r.latent] for r in usable]
     log.info("detection: scored %d latents, skipped %d failed explanations", len(out), len(explanations) - len(usable))
     return out
 

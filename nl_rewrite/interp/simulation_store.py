@@ -38,6 +38,7 @@ from torch import Tensor
 from nl_rewrite import io
 from nl_rewrite.errors import MissingSimulationError
 from nl_rewrite.interp.simulate import SimulationItem, TokenSimulator
+from nl_rewrite.parallel.runner import InProcess, ShardRunner
 
 log = logging.getLogger(__name__)
 
@@ -166,29 +167,53 @@ class SimulationRun:
     nan_predictions: int
 
 
+@dataclass(frozen=True)
+class SimulationJob:
+    """One chunk of one latent's windows: simulated together so the backend shares the explanation's prefix."""
+
+    latent: int
+    explanation: str
+    window_ids: tuple[int, ...]
+    windows: tuple[tuple[str, ...], ...]
+
+
+def simulate_job(simulator: TokenSimulator, job: SimulationJob) -> Float[Tensor, "n pos"]:
+    items = [SimulationItem(job.explanation, tokens, (("latent", str(job.latent)), ("window", str(w))))
+             for w, tokens in zip(job.window_ids, job.windows)]
+    return torch.stack(simulator.simulate_many(items))
+
+
+def simulation_jobs(store: SimulationStore, explanations: Mapping[int, str], windows: Mapping[int, Sequence[str]],
+                    chunk: int) -> list[SimulationJob]:
+    """Every (latent, window) not yet in ``store``, in chunks of at most ``chunk`` windows of one latent."""
+    jobs = []
+    for latent, explanation in explanations.items():
+        todo = store.missing(latent, explanation, windows)
+        for start in range(0, len(todo), chunk):
+            ids = tuple(todo[start:start + chunk])
+            jobs.append(SimulationJob(latent, explanation, ids, tuple(tuple(windows[w]) for w in ids)))
+    return jobs
+
+
 def simulate_into_store(simulator: TokenSimulator, store: SimulationStore, explanations: Mapping[int, str],
-                        windows: Mapping[int, Sequence[str]], *, chunk: int = 16,
-                        progress: bool = True) -> SimulationRun:
+                        windows: Mapping[int, Sequence[str]], *, chunk: int = 16, progress: bool = True,
+                        runner: ShardRunner | None = None) -> SimulationRun:
     """Simulate every (latent, window) not yet stored. ``windows``: window id → token strings.
 
-    Writes after each chunk of one latent's windows (the backend shares that latent's prefix within it)."""
-    from tqdm import tqdm
-
+    Writes after each chunk of one latent's windows (the backend shares that latent's prefix within it). ``runner``
+    (default: this process) runs the chunks; on Ray each worker holds its own simulator and backend."""
     if simulator.identity != store.identity:
         raise ValueError(f"store is for simulator {store.identity!r}, not {simulator.identity!r}")
-    simulated = reused = 0
-    nan_before = simulator.stats.nan_predictions
-    for latent, explanation in tqdm(explanations.items(), desc="simulate latents", unit="latent",
-                                    disable=not progress):
-        todo = store.missing(latent, explanation, windows)
-        reused += len(windows) - len(todo)
-        for start in range(0, len(todo), chunk):
-            ids = todo[start:start + chunk]
-            items = [SimulationItem(explanation, tuple(windows[w]), (("latent", str(latent)), ("window", str(w))))
-                     for w in ids]
-            store.put(latent, explanation, [windows[w] for w in ids], torch.stack(simulator.simulate_many(items)))
-            simulated += len(ids)
-    return SimulationRun(len(explanations), simulated, reused, simulator.stats.nan_predictions - nan_before)
+    jobs = simulation_jobs(store, explanations, windows, chunk)
+    nan = [0]
+
+    def keep(index: int, values: Tensor) -> None:
+        store.put(jobs[index].latent, jobs[index].explanation, jobs[index].windows, values)
+        nan[0] += int(torch.isnan(values).sum())
+
+    (runner or InProcess(progress)).map(simulator, simulate_job, jobs, keep, desc="simulate")
+    simulated = sum(len(job.window_ids) for job in jobs)
+    return SimulationRun(len(explanations), simulated, len(explanations) * len(windows) - simulated, nan[0])
 
 
 @dataclass(frozen=True)

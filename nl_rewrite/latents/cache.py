@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from nl_rewrite.data.windows import TokenWindows
 from nl_rewrite import io
+from nl_rewrite.parallel.runner import InProcess, ShardRunner
 from nl_rewrite.errors import NLRewriteError
 from nl_rewrite.model.loading import model_name
 from nl_rewrite.model.sites import Site, resolve
@@ -150,6 +151,21 @@ def _build_shard(model, coder, windows: TokenWindows, start: int, stop: int, bat
     return {**rows, "tokens": windows.tokens[start:stop].to(torch.int32)}
 
 
+@dataclass(frozen=True)
+class ShardInputs:
+    """What a worker needs to encode shards: sent once to each worker of a runner."""
+
+    model: object
+    coder: object
+    windows: TokenWindows
+    batch_size: int
+
+
+def encode_span(inputs: ShardInputs, span: tuple[int, int]) -> dict[str, Tensor]:
+    """The rows of windows ``[start, stop)``: one shard's tensors."""
+    return _build_shard(inputs.model, inputs.coder, inputs.windows, span[0], span[1], inputs.batch_size)
+
+
 def _token_strings(model) -> list[str]:
     tok = model.tokenizer
     return [tok.decode([i]) for i in range(len(tok))]
@@ -219,10 +235,11 @@ class LatentCache:
     @classmethod
     def build(cls, model, coder, windows: TokenWindows, folder: "str | Path", *, shard_windows: int = 512,
               batch_size: int = 16, n_bins: int = 10, sample_cap: int = 256, max_index_rows: int = 20_000_000,
-              progress: bool = True) -> "LatentCache":
+              progress: bool = True, runner: ShardRunner | None = None) -> "LatentCache":
         """Encode every window and store the sparse activations; resumes a killed build of the same inputs.
 
-        Memory: one shard of rows while encoding; at most ``max_index_rows`` rows while indexing.
+        Memory: one shard of rows while encoding; at most ``max_index_rows`` rows while indexing. ``runner``
+        (default: this process) computes the missing shards; this process writes each one as it arrives.
         """
         if shard_windows < 1 or batch_size < 1 or n_bins < 1 or sample_cap < 1:
             raise ValueError("shard_windows, batch_size, n_bins and sample_cap must all be >= 1")
@@ -234,7 +251,8 @@ class LatentCache:
         _check_meta(folder, meta)
         if not (folder / "token_strings.json").is_file():
             io.write_json(folder / "token_strings.json", _token_strings(model))
-        built = cls._build_shards(model, coder, windows, folder, meta, batch_size, progress)
+        built = cls._build_shards(ShardInputs(model, coder, windows, batch_size), folder, meta,
+                                  runner or InProcess(progress))
         if built or not _index_intact(folder):
             cls._build_index(folder, meta, n_bins, sample_cap, max_index_rows, progress)
         cache = cls.open(folder)
@@ -242,15 +260,16 @@ class LatentCache:
         return cache
 
     @staticmethod
-    def _build_shards(model, coder, windows, folder: Path, meta: CacheMeta, batch_size: int, progress: bool) -> int:
+    def _build_shards(inputs: "ShardInputs", folder: Path, meta: CacheMeta, runner: ShardRunner) -> int:
         todo = [i for i in range(meta.n_shards) if not _readable(_shard_path(folder, i))]
         if todo:
             log.info("latent cache %s: %d of %d shards to compute", folder, len(todo), meta.n_shards)
             _remove(folder / "stats.safetensors")  # stale once shards change
-        coder.eval()
-        for i in tqdm(todo, desc="latent cache shards", disable=not progress):
-            start, stop = i * meta.shard_windows, min((i + 1) * meta.shard_windows, meta.n_windows)
-            io.save_tensors(_shard_path(folder, i), _build_shard(model, coder, windows, start, stop, batch_size))
+        inputs.coder.eval()
+        spans = [(i * meta.shard_windows, min((i + 1) * meta.shard_windows, meta.n_windows)) for i in todo]
+        runner.map(inputs, encode_span, spans,
+                   lambda index, rows: io.save_tensors(_shard_path(folder, todo[index]), rows),
+                   desc="latent cache shards")
         return len(todo)
 
     @staticmethod
@@ -286,6 +305,10 @@ class LatentCache:
         tensors = _read(folder / "stats.safetensors")
         ranges = [tuple(r) for r in tensors.pop("ranges").tolist()]
         return cls(folder, meta, LatentStats.from_tensors(tensors), ranges)  # type: ignore[arg-type]
+
+    def __reduce__(self):
+        """Pickled as its folder: a worker that receives a cache reopens it (no tensors cross the wire)."""
+        return (open_cache, (self.folder,))
 
     def _index_path(self, r: int) -> Path:
         return self.folder / "index" / f"{r:05d}.safetensors"
@@ -364,6 +387,11 @@ class LatentCache:
         if self._token_strings is None:
             self._token_strings = json.loads((self.folder / "token_strings.json").read_text())
         return [self._token_strings[i] for i in ids]
+
+
+def open_cache(folder: "str | Path") -> LatentCache:
+    """:meth:`LatentCache.open` as a module-level function, which pickles by name."""
+    return LatentCache.open(folder)
 
 
 def _shard_path(folder: Path, i: int) -> Path:

@@ -63,6 +63,10 @@ class CachedBackend:
         self._db = _open(self.path)
         self._lock = threading.Lock()
 
+    def __reduce__(self):
+        """Pickled as its recipe: a worker that receives it opens its own connection to the same sqlite file."""
+        return (CachedBackend, (self.inner, self.path, self.chunk_size))
+
     def __repr__(self) -> str:
         return f"CachedBackend({self.inner!r}, path={str(self.path)!r})"
 

@@ -13,6 +13,7 @@ before the read point and use bare digits as choices.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import logging
 import threading
@@ -68,6 +69,12 @@ class EmbeddedBackend:
         # transformers 5.x renamed `past_key_values` to `cache` (the old name warns, then goes away)
         self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self._lock = threading.RLock()  # one forward at a time: the server calls us from many threads
+
+    def __reduce__(self):
+        """Pickled as its recipe: a worker that receives it loads its own copy of the model."""
+        options = dict(reuse_prefix=self.reuse_prefix, batch_size=self.batch_size, max_prefixes=self.max_prefixes,
+                       progress=self.progress)
+        return (functools.partial(EmbeddedBackend, **options), (self.model_name,))
 
     def __repr__(self) -> str:
         return f"EmbeddedBackend(model={self.model_name!r}, reuse_prefix={self.reuse_prefix})"

@@ -54,6 +54,13 @@ _current_url: ContextVar[str] = ContextVar("nl_rewrite_endpoint_url")
 """The endpoint the running request was sent to (each request is its own asyncio task, with its own value)."""
 
 
+class Secret(str):
+    """An API key kept to rebuild a backend in another process: the key itself, but never shown by ``repr``."""
+
+    def __repr__(self) -> str:
+        return "'***'"
+
+
 class Rejected(LLMError):
     """The server refused the request (4xx, or a 5xx that says it cannot do this); retrying would not help."""
 

@@ -45,6 +45,7 @@ A choice missing from a top-K list is ``-inf`` only when provably negligible, el
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -58,7 +59,7 @@ from torch import Tensor
 
 from nl_rewrite.errors import LLMError
 from nl_rewrite.llm.base import ChatRequest, ScoreRequest
-from nl_rewrite.llm.http_calls import CallSettings, EndpointStatus, Rejected, ServerCalls, Sink, short
+from nl_rewrite.llm.http_calls import CallSettings, EndpointStatus, Rejected, Secret, ServerCalls, Sink, short
 from nl_rewrite.llm.readout import choice_matrix, choice_row, topk_floor
 from nl_rewrite.llm.templates import HOW_TO_PASS, ChatTemplate, find_template
 from nl_rewrite.llm.token_layout import layout
@@ -126,6 +127,15 @@ class OpenAIBackend:
         # not: replicas of one model give the same answers, whichever of them and however many are listed
         via = f"|template={self.template.source}" if self.template is not None else ""
         self.backend_id = f"openai:{self.model}{via}"
+        # how to build it again (the key stays out of repr): a Ray worker that receives it makes its own client
+        self._recipe = (urls, self.model, Secret(key), dict(
+            chat_template=chat_template, concurrency=concurrency, timeout=timeout, max_retries=max_retries,
+            top_logprobs=top_logprobs, max_logprobs=max_logprobs, score_mode=score_mode, prefill_mode=prefill_mode,
+            check_repeat=check_repeat, progress=progress))
+
+    def __reduce__(self):
+        urls, model, key, options = self._recipe
+        return (functools.partial(OpenAIBackend, **options), (urls, model, key))
 
     def __repr__(self) -> str:
         return f"OpenAIBackend(base_url={self.base_url!r}, model={self.model!r}, score_mode={self.score_mode!r})"

@@ -21,6 +21,7 @@ names the model only, so one cache serves any list of replicas.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Sequence
 
@@ -29,7 +30,7 @@ from torch import Tensor
 
 from nl_rewrite.errors import LLMError
 from nl_rewrite.llm.base import ChatRequest, ScoreRequest
-from nl_rewrite.llm.http_calls import CallSettings, EndpointStatus, ServerCalls, Sink
+from nl_rewrite.llm.http_calls import CallSettings, EndpointStatus, Secret, ServerCalls, Sink
 from nl_rewrite.llm.readout import choice_matrix, exact_row
 from nl_rewrite.llm.templates import HOW_TO_PASS, ChatTemplate, find_template
 from nl_rewrite.llm.token_layout import layout
@@ -53,6 +54,13 @@ class SGLangBackend:
                            f"template; {HOW_TO_PASS}")
         self.template: ChatTemplate = template
         self.backend_id = f"sglang:{self.model or template.source}"  # not the URLs: replicas answer alike
+        # how to build it again (the key stays out of repr): a Ray worker that receives it makes its own client
+        self._recipe = (urls, self.model, Secret(key), dict(chat_template=chat_template, concurrency=concurrency,
+                                                    timeout=timeout, max_retries=max_retries, progress=progress))
+
+    def __reduce__(self):
+        urls, model, key, options = self._recipe
+        return (functools.partial(SGLangBackend, **options), (urls, model, key))
 
     def __repr__(self) -> str:
         return f"SGLangBackend(base_url={self.base_url!r}, model={self.model!r})"

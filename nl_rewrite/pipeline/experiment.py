@@ -54,7 +54,9 @@ from nl_rewrite.pipeline.trained_arm import (check_trained_simulator, get_simula
 from nl_rewrite.latents.sampling import select_latents
 from nl_rewrite.interp.score import DetectionScore, score_explanations
 from nl_rewrite.interp.simulate import Simulator
-from nl_rewrite.interp.simulation_store import SimulationQuality, SimulationStore, simulate_into_store, simulation_quality
+from nl_rewrite.interp.simulation_store import (SimulationQuality, SimulationRun, SimulationStore, simulate_into_store,
+                                               simulation_quality)
+from nl_rewrite.parallel.runner import InProcess, ShardRunner
 from nl_rewrite.coders.checkpoint import load_coder
 from nl_rewrite.coders.sparse_coder import SparseCoder
 
@@ -186,12 +188,12 @@ def choose_pool(cfg: RunConfig, cache: LatentCache, coder: SparseCoder, min_coun
 # ---- stages 4-5: explanations and scores --------------------------------------------------------------------
 
 def explain_and_score(cfg: RunConfig, backend, cache: LatentCache, pool: list[int], out: Path,
-                      stages: Stage) -> tuple[list[Explanation], list[DetectionScore]]:
+                      stages: Stage, runner: ShardRunner) -> tuple[list[Explanation], list[DetectionScore]]:
     sampling = cfg.sampling_config()
     explanations = stages.timed("explain", explain_latents, backend, cache, pool, cfg.explain_config(), sampling,
-                                out / "explanations.jsonl")
+                                out / "explanations.jsonl", runner=runner)
     scores = stages.timed("score", score_explanations, backend, cache, explanations, cfg.score, sampling,
-                          out / "scores.jsonl")
+                          out / "scores.jsonl", runner=runner)
     return explanations, scores
 
 
@@ -201,13 +203,13 @@ def window_strings(cache: LatentCache, windows: TokenWindows) -> dict[int, list[
     return {i: cache.token_strings(row.tolist()) for i, row in enumerate(windows.tokens)}
 
 
-def simulate_split(simulator: Simulator, folder: Path, texts: dict[int, str], windows: dict[int, list[str]]
-                   ) -> SimulationStore:
+def simulate_split(simulator: Simulator, folder: Path, texts: dict[int, str], windows: dict[int, list[str]],
+                   runner: ShardRunner) -> tuple[SimulationStore, SimulationRun]:
     store = SimulationStore(folder, simulator.identity)
-    run = simulate_into_store(simulator, store, texts, windows)
+    run = simulate_into_store(simulator, store, texts, windows, runner=runner)
     log.info("simulations in %s: %d new, %d reused, %d NaN predictions", folder, run.windows_simulated,
              run.windows_reused, run.nan_predictions)
-    return store
+    return store, run
 
 
 # ---- stage 7: calibration -------------------------------------------------------------------------------------
@@ -259,13 +261,13 @@ def simulated_conditions(cfg: RunConfig, transcoder: SparseCoder, sims: dict[int
 
 
 def evaluate_cached(model, windows: TokenWindows, build: Callable[[], list[Replacement]], path: Path, mode: str,
-                    cfg: RunConfig, fingerprint: str, stages: Stage) -> EvalResults:
+                    cfg: RunConfig, fingerprint: str, stages: Stage, runner: ShardRunner) -> EvalResults:
     """One Evaluator run, reused from ``path`` when its fingerprint matches (conditions are then never built)."""
     if path.is_file() and json.loads(path.read_text()).get("fingerprint") == fingerprint:
         return EvalResults.from_json(json.loads(path.read_text())["results"])
     conditions = stages.timed(f"conditions_{path.stem}", build)  # fits mean ablation and noise, tabulates simulations
     res = stages.timed(f"evaluate_{path.stem}", Evaluator(model, windows, cfg.batch_size, mode, seed=cfg.seed).run,
-                       conditions)
+                       conditions, runner)
     io.write_json(path, {"fingerprint": fingerprint, "results": res.to_json()})
     return res
 
@@ -325,6 +327,8 @@ class Context:
     cache: LatentCache
     out: Path
     stages: Stage
+    runner: ShardRunner
+    """Where the sharded stages run (this process, or Ray workers)."""
 
 
 def lexical_stage(ctx: Context, eval_strings: dict[int, list[str]]) -> dict[int, LexicalArm]:
@@ -367,22 +371,22 @@ class PoolArm:
 def llm_stage(ctx: Context, backend, eval_strings: dict[int, list[str]]) -> PoolArm:
     cfg, cache, stages = ctx.cfg, ctx.cache, ctx.stages
     pool = choose_pool(cfg, cache, ctx.transcoder, min_count=max(2, cfg.sampling.n_heldout))
-    explanations, scores = explain_and_score(cfg, backend, cache, pool, ctx.out, stages)
+    explanations, scores = explain_and_score(cfg, backend, cache, pool, ctx.out, stages, ctx.runner)
     usable, _ = usable_pool(explanations)
     texts = {r.latent: r.text for r in explanations if r.latent in set(usable)}
     simulator = Simulator.from_config(backend, cfg.simulator)
     calib_ids = sorted(random.Random(cfg.seed).sample(range(len(cache)), min(cfg.calib_windows, len(cache))))
     calib_windows = {w: cache.token_strings(cache.window_tokens(w)) for w in calib_ids}
-    calib_store = stages.timed("simulate_explain", simulate_split, simulator, ctx.out / "simulations" / "explain",
-                               texts, calib_windows)
+    calib_store, calib_run = stages.timed("simulate_explain", simulate_split, simulator,
+                                          ctx.out / "simulations" / "explain", texts, calib_windows, ctx.runner)
     llm_windows = {w: eval_strings[w] for w in range(cfg.llm_eval_windows)}
-    eval_store = stages.timed("simulate_eval", simulate_split, simulator, ctx.out / "simulations" / "eval", texts,
-                              llm_windows)
+    eval_store, eval_run = stages.timed("simulate_eval", simulate_split, simulator,
+                                        ctx.out / "simulations" / "eval", texts, llm_windows, ctx.runner)
     calibrators, quality = stages.timed("calibrate", calibrate, cfg, cache, calib_store, texts, calib_windows)
     chosen = fraction_choices(cfg, list(texts), scores, quality)
     eval_sims = {lat: eval_store.load(lat, text, llm_windows) for lat, text in texts.items()}
     return PoolArm(pool, explanations, scores, texts, calibrators, quality, chosen, eval_sims, simulator.identity,
-                   simulator.stats.nan_predictions)
+                   calib_run.nan_predictions + eval_run.nan_predictions)
 
 
 def main_conditions(ctx: Context, arms: dict[int, LexicalArm]) -> tuple[Callable[[], list[Replacement]], dict]:
@@ -487,26 +491,29 @@ def generation_stage(ctx: Context, arm: LexicalArm, eval_windows: TokenWindows, 
     return gens
 
 
-def run_experiment(cfg: RunConfig) -> Artifacts:
+def run_experiment(cfg: RunConfig, runner: ShardRunner | None = None) -> Artifacts:
     """Run (or resume) the experiment ``cfg`` describes; writes into ``cfg.out`` and returns the artifacts.
 
     The resolved config (every preset value filled in) is written to ``<out>/config.toml`` first: ``nl-rewrite run
-    --config <out>/config.toml`` repeats the run."""
+    --config <out>/config.toml`` repeats the run. ``runner`` (default: this process; ``--ray``: Ray workers) runs
+    the latent caches, explanation, scoring, simulation and evaluation in shards; the results are the same."""
     cfg = cfg.resolved()
     check_trained_simulator(cfg.trained_simulator)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     io.write_text(out / CONFIG_FILE, cfg.to_toml())
     stages = Stage()
+    runner = runner or InProcess()
     torch.manual_seed(cfg.seed)
     model = stages.timed("load_model", load_model, cfg.model)
     transcoder = stages.timed(cfg.coder, load_run_coder, cfg, model)
     explain_windows = windows_for(cfg, model, "explain", cfg.explain_windows)
-    cache = stages.timed("latent_cache", LatentCache.build, model, transcoder, explain_windows, out / "latents")
-    ctx = Context(cfg, model, transcoder, cache, out, stages)
+    cache = stages.timed("latent_cache", LatentCache.build, model, transcoder, explain_windows, out / "latents",
+                         runner=runner)
+    ctx = Context(cfg, model, transcoder, cache, out, stages, runner)
     eval_windows = windows_for(cfg, model, "eval", cfg.eval_windows)
     eval_cache = stages.timed("latent_cache_eval", LatentCache.build, model, transcoder, eval_windows,
-                              out / "latents_eval", progress=False)
+                              out / "latents_eval", progress=False, runner=runner)
     eval_strings = window_strings(cache, eval_windows)
     arms = stages.timed("lexical", lexical_stage, ctx, eval_strings)
     backend = make_backend(cfg.llm, cache=cache_dir() / "llm_calls.sqlite")
@@ -518,7 +525,8 @@ def run_experiment(cfg: RunConfig) -> Artifacts:
     build, plan = main_conditions(ctx, arms)
     main_fp = json.dumps(base_fp + [LexicalSimulator().identity, LEXICAL_CALIBRATION,
                                     {b: arm_digest(a) for b, a in arms.items()}], default=str)
-    results = {mode: evaluate_cached(model, eval_windows, build, out / f"eval_{mode}.json", mode, cfg, main_fp, stages)
+    results = {mode: evaluate_cached(model, eval_windows, build, out / f"eval_{mode}.json", mode, cfg, main_fp, stages,
+                                 runner)
                for mode in cfg.position_modes}
     ids = list(range(len(eval_windows)))
     info = stages.timed("measure_pearson", measured_info, plan, build, eval_cache, ids, out / "conditions.json", main_fp)
@@ -526,7 +534,8 @@ def run_experiment(cfg: RunConfig) -> Artifacts:
     llm_windows = eval_windows.subset(list(range(cfg.llm_eval_windows)))
     build_pool, pool_plan = pool_conditions(ctx, pool, arms[cfg.lexical_budget])
     pool_fp = json.dumps(base_fp + [pool.simulator_identity, sorted(pool.texts.items()), main_fp], default=str)
-    pool_results = evaluate_cached(model, llm_windows, build_pool, out / "eval_pool.json", "all", cfg, pool_fp, stages)
+    pool_results = evaluate_cached(model, llm_windows, build_pool, out / "eval_pool.json", "all", cfg, pool_fp, stages,
+                                   runner)
     pool_info = measured_info(pool_plan, build_pool, eval_cache, list(range(cfg.llm_eval_windows)),
                               out / "conditions_pool.json", pool_fp)
 
@@ -562,7 +571,8 @@ def trained_stage(ctx: Context, headline: LexicalArm, explain_windows: TokenWind
                        {w: eval_strings[w] for w in range(len(windows))}, ctx.out / "simulations" / "trained")
     build, plan = trained_conditions(cfg, ctx.model, ctx.transcoder, ctx.cache, arm, headline, coder_site(cfg))
     fingerprint = json.dumps(base_fp + [simulator.identity, calib_ids, len(windows)], default=str)
-    results = evaluate_cached(ctx.model, windows, build, ctx.out / "eval_trained.json", "all", cfg, fingerprint, stages)
+    results = evaluate_cached(ctx.model, windows, build, ctx.out / "eval_trained.json", "all", cfg, fingerprint, stages,
+                              ctx.runner)
     info = measured_info(plan, build, eval_cache, list(range(len(windows))), ctx.out / "conditions_trained.json",
                          fingerprint)
     return results, info

@@ -1,0 +1,145 @@
+"""Where a sharded stage runs: in this process, or on the workers of a Ray cluster.
+
+A stage hands a runner a *context* (what every worker needs: a model, a coder, an LLM backend, a latent cache),
+a *work* function ``work(context, shard) -> result`` and its shards. The runner calls ``on_result(index, result)``
+in the calling process as each shard finishes, so the stage's store (latent-cache shards, JSONL records,
+simulation files) keeps one writer, and a rerun resumes from whatever any worker finished.
+
+On Ray (:class:`RayRunner`) the context is put in the object store once and every worker actor unpickles its own
+copy: an LLM backend pickles as its recipe, so each worker loads its own embedded model or opens its own client
+and cache connection. A worker killed mid-shard is restarted by Ray and the shard retried
+(``max_restarts``/``max_task_retries``); its result reaches ``on_result`` once. Ray is an optional extra:
+``pip install 'nl_rewrite[ray]'``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Generic, Protocol, Sequence, TypeVar, runtime_checkable
+
+from tqdm import tqdm
+
+from nl_rewrite.errors import NLRewriteError
+from nl_rewrite.parallel.portable import dumps, loads
+
+log = logging.getLogger(__name__)
+
+C = TypeVar("C")
+S = TypeVar("S")
+R = TypeVar("R")
+INSTALL_RAY = "pip install -c constraints.txt -e '.[ray]'"
+
+
+class RayUnavailableError(NLRewriteError):
+    """``--ray`` asked for, but Ray is not installed or its cluster cannot be reached."""
+
+
+@runtime_checkable
+class ShardRunner(Protocol):
+    """Runs ``work(context, shard)`` for every shard and reports each result once, in the calling process."""
+
+    def map(self, context: C, work: Callable[[C, S], R], shards: Sequence[S],
+            on_result: Callable[[int, R], None], desc: str = "shards") -> None: ...
+
+
+class InProcess:
+    """The default: every shard in this process, in order, with a progress bar."""
+
+    def __init__(self, progress: bool = True) -> None:
+        self.progress = progress
+
+    def map(self, context: C, work: Callable[[C, S], R], shards: Sequence[S],
+            on_result: Callable[[int, R], None], desc: str = "shards") -> None:
+        for index, shard in enumerate(tqdm(shards, desc=desc, disable=not self.progress)):
+            on_result(index, work(context, shard))
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """How sharded stages use Ray."""
+
+    address: str = ""
+    """cluster address (``auto``, ``ray://host:10001``); empty starts a local cluster"""
+    workers: int = 0
+    """worker actors per stage (0: one per CPU the cluster has)"""
+    cpus_per_worker: float = 1.0
+    """CPUs each worker reserves (and torch threads it uses)"""
+    gpus_per_worker: float = 0.0
+    """GPUs each worker reserves (``--device cuda`` stages on a GPU cluster)"""
+    retries: int = 3
+    """restarts of a killed worker, and retries of the shard it was running"""
+
+
+class ShardWorker(Generic[C]):
+    """One Ray actor: holds its own copy of the context and runs shards against it."""
+
+    def __init__(self, payload: bytes, threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, threads))  # workers share the node's cores; oversubscription slows all
+        self.context = loads(payload)
+
+    def run(self, work: Callable[[C, S], R], index: int, shard: S) -> tuple[int, R]:
+        return index, work(self.context, shard)
+
+
+class RayRunner:
+    """Shards over a pool of :class:`ShardWorker` actors (``ray.util.ActorPool``), results in completion order."""
+
+    def __init__(self, options: RayOptions = RayOptions(), progress: bool = True) -> None:
+        self.options = options
+        self.progress = progress
+        self.ray = connect(options.address)
+
+    def n_workers(self, n_shards: int) -> int:
+        cpus = int(self.ray.cluster_resources().get("CPU", 1) // max(self.options.cpus_per_worker, 1e-9))
+        return max(1, min(n_shards, self.options.workers or cpus))
+
+    def map(self, context: C, work: Callable[[C, S], R], shards: Sequence[S],
+            on_result: Callable[[int, R], None], desc: str = "shards") -> None:
+        if not shards:
+            return
+        from ray.util import ActorPool
+
+        actors = self._start_workers(context, self.n_workers(len(shards)))
+        try:
+            results = ActorPool(actors).map_unordered(lambda actor, item: actor.run.remote(work, *item),
+                                                      list(enumerate(shards)))
+            for index, result in tqdm(results, total=len(shards), desc=f"{desc} (ray)", disable=not self.progress):
+                on_result(index, result)
+        finally:
+            for actor in actors:
+                self.ray.kill(actor)
+
+    def _start_workers(self, context: C, n: int) -> list:
+        opts = self.options
+        actor = self.ray.remote(ShardWorker).options(
+            num_cpus=opts.cpus_per_worker, num_gpus=opts.gpus_per_worker, max_restarts=opts.retries,
+            max_task_retries=opts.retries)
+        shared = self.ray.put(dumps(context))
+        log.info("ray: %d workers", n)
+        return [actor.remote(shared, int(opts.cpus_per_worker)) for _ in range(n)]
+
+
+def connect(address: str):
+    """The ``ray`` module, connected to ``address`` (empty: a local cluster), with clear errors."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise RayUnavailableError(f"--ray needs Ray, which is not installed ({exc}); install it with "
+                                  f"`{INSTALL_RAY}`") from exc
+    if not ray.is_initialized():
+        try:
+            ray.init(address=address or None, include_dashboard=False, log_to_driver=False)
+        except ConnectionError as exc:
+            raise RayUnavailableError(f"cannot reach the Ray cluster at {address!r} ({exc}); start one with "
+                                      "`ray start --head` or pass --ray with no address for a local one") from exc
+    return ray
+
+
+def make_runner(ray_address: str | None, progress: bool = True) -> ShardRunner:
+    """``InProcess`` when ``ray_address`` is None, else a :class:`RayRunner` on that cluster ('' = local)."""
+    if ray_address is None:
+        return InProcess(progress)
+    return RayRunner(RayOptions(address=ray_address), progress)
