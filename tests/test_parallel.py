@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import sys
 from pathlib import Path
 
@@ -229,3 +230,30 @@ def test_an_openai_backend_pickles_as_its_recipe(monkeypatch):
     assert copy is not backend and copy.calls is not backend.calls  # its own client
     assert (copy.base_url, copy.backend_id, copy.score_mode) == (backend.base_url, backend.backend_id, "per_read")
     assert "secret-key" not in repr(copy) and "secret-key" not in str(vars(copy))
+
+
+@pytest.mark.slow
+def test_the_smoke_run_on_ray_resumes_and_matches_one_process(cluster, smoke_run, tmp_path, monkeypatch):
+    """The shared smoke run, copied with a latent-cache shard, the explanations, scores, simulations and every
+    evaluation removed, finished by `nl-rewrite run --ray` (the real SmolLM2; LLM calls answered by the run's cache):
+    the same explanations and, within TOLERANCE, the same numbers."""
+    from nl_rewrite.cli.main import main
+
+    out = tmp_path / "run"
+    shutil.copytree(smoke_run.out, out)
+    for lost in ["latents/shards/00000.safetensors", "explanations.jsonl", "scores.jsonl", "simulations/explain",
+                 "simulations/eval", "eval_all.json", "eval_last.json", "eval_pool.json"]:
+        shutil.rmtree(out / lost) if (out / lost).is_dir() else (out / lost).unlink()
+    monkeypatch.setenv("NL_REWRITE_CACHE", str(smoke_run.cache))
+    assert main(["run", "--preset", "smoke", "--out", str(out), "--ray"]) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert {"latent_cache", "explain", "score", "simulate_eval", "evaluate_eval_all", "evaluate_eval_pool"} <= \
+        set(data["stage_seconds"]), "every removed stage ran again"
+    before = [json.loads(line)["text"] for line in (smoke_run.out / "explanations.jsonl").read_text().splitlines()]
+    after = [json.loads(line)["text"] for line in (out / "explanations.jsonl").read_text().splitlines()]
+    assert sorted(after) == sorted(before)
+    for block in ("all", "last"):
+        expect, got = smoke_run.results["modes"][block]["conditions"], data["modes"][block]["conditions"]
+        assert expect.keys() == got.keys()
+        for name in expect:
+            assert got[name]["mean_ce"] == pytest.approx(expect[name]["mean_ce"], abs=1e-4), (block, name)
