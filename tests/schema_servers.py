@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from nl_rewrite.llm.server import send_json
+
 
 class _Handler(BaseHTTPRequestHandler):
     flavor: str
@@ -47,12 +49,7 @@ class _Handler(BaseHTTPRequestHandler):
                 status, out = self._answer(body)
         except Exception as exc:  # a bug in the fake should show up as an HTTP error, not a hang
             status, out = 500, {"error": {"message": f"fake server: {type(exc).__name__}: {exc}"}}
-        data = json.dumps(out).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, status, out)
 
     def _answer(self, body: dict[str, Any]) -> tuple[int, Any]:
         if self.flavor == "sglang" and self.path == "/generate":

@@ -27,6 +27,7 @@ from nl_rewrite.errors import LLMError
 from nl_rewrite.llm import make_backend
 from nl_rewrite.llm.base import ChatRequest, ScoreRequest
 from nl_rewrite.llm.openai_backend import OpenAIBackend
+from nl_rewrite.llm.server import send_json
 
 CHATS = [ChatRequest((("user", f"question {i}"),), max_tokens=4) for i in range(24)]
 SCORES = [ScoreRequest(f"prompt {i}: ", ("a", "b", "c"), (0, 2), ("0", "1")) for i in range(12)]
@@ -94,12 +95,7 @@ class _Handler(BaseHTTPRequestHandler):
             threading.Thread(target=_close, args=(self.server_ref[0],), daemon=True).start()
 
     def _send(self, status: int, payload: dict[str, Any]) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, status, payload)
 
 
 def chat_reply(body: dict[str, Any]) -> dict[str, Any]:

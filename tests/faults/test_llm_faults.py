@@ -12,6 +12,7 @@ from nl_rewrite.errors import LLMError
 from nl_rewrite.llm.base import ChatRequest
 from nl_rewrite.llm.cache import CachedBackend
 from nl_rewrite.llm.openai_backend import OpenAIBackend
+from nl_rewrite.llm.server import send_json
 
 
 class Flaky:
@@ -41,12 +42,7 @@ class Flaky:
                      "finish_reason": "stop"}]})
 
             def _send(self, status, body):
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, status, body)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()

@@ -3,7 +3,6 @@ echo the API key back."""
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import threading
@@ -14,6 +13,7 @@ import pytest
 from nl_rewrite.errors import LLMError
 from nl_rewrite.llm.base import ChatRequest, ScoreRequest
 from nl_rewrite.llm.openai_backend import OpenAIBackend
+from nl_rewrite.llm.server import send_json
 
 KEY = "sk-test-0123456789abcdef"
 REQUEST = ScoreRequest("Rate 0-9:\n", ("cat\t", "0\n", "dog\t"), (0, 2))
@@ -37,12 +37,7 @@ def serve(jitter: float, status: int = 200):
                 body = {"id": "x", "object": "text_completion", "created": 0, "model": "m", "choices": [
                     {"index": 0, "text": "0", "finish_reason": "length",
                      "logprobs": {"tokens": ["0"], "token_logprobs": [-2.3], "top_logprobs": [top], "text_offset": [0]}}]}
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            send_json(self, status, body)
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
