@@ -40,12 +40,16 @@ SAMPLING = SamplingConfig(n_train=6, n_heldout=4, n_negatives=4, n_bins=3)
 
 @pytest.fixture(scope="module")
 def cluster():
+    """A fresh local cluster of 2 CPUs (never one `ray start` left running), its workers able to import the tests."""
     tests = str(Path(__file__).parent)
-    os.environ["PYTHONPATH"] = os.pathsep.join([tests, *filter(None, [os.environ.get("PYTHONPATH")])])
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield RayRunner(RayOptions(workers=2, retries=2), progress=False)
-    ray.shutdown()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("PYTHONPATH", os.pathsep.join([tests, *filter(None, [os.environ.get("PYTHONPATH")])]))
+        started = not ray.is_initialized()
+        if started:
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        yield RayRunner(RayOptions(workers=2, retries=2))
+        if started:
+            ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -229,6 +233,7 @@ def test_an_openai_backend_pickles_as_its_recipe(monkeypatch):
     copy = pickle.loads(pickle.dumps(backend))
     assert copy is not backend and copy.calls is not backend.calls  # its own client
     assert (copy.base_url, copy.backend_id, copy.score_mode) == (backend.base_url, backend.backend_id, "per_read")
+    assert b"secret-key" in pickle.dumps(backend)  # the worker's client authenticates like this one
     assert "secret-key" not in repr(copy) and "secret-key" not in str(vars(copy))
 
 
@@ -257,3 +262,13 @@ def test_the_smoke_run_on_ray_resumes_and_matches_one_process(cluster, smoke_run
         assert expect.keys() == got.keys()
         for name in expect:
             assert got[name]["mean_ce"] == pytest.approx(expect[name]["mean_ce"], abs=1e-4), (block, name)
+
+
+def test_a_cache_opened_by_a_relative_path_reopens_from_another_directory(built, tmp_path, monkeypatch):
+    """Ray workers run where the cluster started, not here: a cache travels as its absolute folder."""
+    cache, _, _ = built
+    monkeypatch.chdir(cache.folder.parent)
+    relative = LatentCache.open(cache.folder.name)
+    payload = pickle.dumps(relative)
+    monkeypatch.chdir(tmp_path)
+    assert pickle.loads(payload).folder == cache.folder.resolve()

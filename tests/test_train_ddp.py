@@ -26,8 +26,9 @@ from nl_rewrite.coders.sparse_coder import SparseCoder
 from nl_rewrite.coders.train import DONE_FILE, STATE_FILE, TrainConfig, site_activations, train
 
 FVU_TOLERANCE = 0.02
-"""Largest accepted |FVU(2 ranks) − FVU(1 process)| on held-out activations (absolute). Measured gap on this setup:
-about 0.003 at an FVU near 0.2 (see docs/scaling.md, "Distributed training"); 0.02 leaves room for other CPUs' float rounding."""
+"""Largest accepted |FVU(2 ranks) − FVU(1 process)| on held-out activations (absolute). Measured on this setup:
+0.0890 (1 process) vs 0.0892 (2 ranks), see docs/scaling.md, "Distributed training"; 0.02 leaves room for other
+CPUs' float rounding."""
 TORCHRUN_TIMEOUT = 240  # seconds; a hung rendezvous fails the test instead of hanging the suite
 WORDS = ("the", "state", "union", "people", "nation", "congress", "we", "will", "work", "future", "year", "law",
          "and", "of", "to", "a", "in", "for", "our", "is")

@@ -1,6 +1,6 @@
 """``--ray [ADDRESS]`` on the commands with sharded stages (run, cache, explain, score, evaluate).
 
-Without it a stage runs in this process. ``--ray`` alone starts a local Ray cluster; ``--ray auto`` joins the
+Without it a stage runs in this process. ``--ray`` alone (``--ray local``) starts a local Ray cluster; ``--ray auto`` joins the
 cluster ``ray start`` made on this node; ``--ray ray://host:10001`` joins a remote one. Results are the same as
 in one process (see :mod:`nl_rewrite.parallel.runner`); the runner is not part of any cache key.
 """
@@ -13,12 +13,24 @@ from nl_rewrite.parallel.runner import INSTALL_RAY, ShardRunner, make_runner
 
 
 def add_ray_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+    parser.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                         help="run the heavy stages as Ray actors: no ADDRESS starts a local cluster, 'auto' joins "
                              f"this node's, ray://host:port a remote one; needs `{INSTALL_RAY}` "
                              "(default: off, this process)")
 
 
+    parser.add_argument("--ray-workers", type=at_least_one, default=None, metavar="N",
+                        help="worker actors per stage under --ray; each holds its own copy of the model and, with the "
+                             "embedded LLM, of that too (default: one per CPU of the cluster)")
+
+
+def at_least_one(text: str) -> int:
+    """argparse type: a whole number ≥ 1 (a usage error, before anything loads, otherwise)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
 def runner_from(args: argparse.Namespace) -> ShardRunner:
     """The runner ``--ray`` asks for (this process when it is absent)."""
-    return make_runner(getattr(args, "ray", None), progress=not getattr(args, "no_progress", False))
+    return make_runner(args.ray, args.ray_workers)

@@ -225,10 +225,11 @@ class Evaluator:
         if CLEAN in names[1:]:
             raise ValueError(f"{CLEAN!r} is reserved for the unpatched model")
         self._check_prefix_reuse(replacements)
-        spans = self._spans(SHARD_BATCHES if runner is not None else None)
+        runner = runner or InProcess()
+        spans = self._spans(SHARD_BATCHES if runner.parallel else None)
         tables: dict[int, WindowTable] = {}
-        (runner or InProcess(progress=False)).map(EvalShard(self, list(replacements)), evaluate_span, spans,
-                                                  tables.__setitem__, desc=f"evaluate ({len(names)} conditions)")
+        runner.map(EvalShard(self, list(replacements)), evaluate_span, spans, tables.__setitem__,
+                   desc=f"evaluate ({len(names)} conditions)", progress=self.progress and runner.parallel)
         ce = {n: [v for i in range(len(spans)) for v in tables[i].ce.get(n, [])] for n in names}
         kl = {n: [v for i in range(len(spans)) for v in tables[i].kl.get(n, [])] for n in names}
         per_window = 1 if self.positions == "last" else self.windows.window - 1

@@ -314,8 +314,8 @@ def explain_latents(backend: LLMBackend, cache: LatentCache, latents: Sequence[i
         made.update((r.latent, r) for r in records)
 
     batches = [todo[start:start + cfg.batch_size] for start in range(0, len(todo), cfg.batch_size)]
-    (runner or InProcess(progress)).map(ExplainInputs(backend, cache, cfg, sampling, settings), explain_batch,
-                                        batches, keep, desc="explain")
+    (runner or InProcess()).map(ExplainInputs(backend, cache, cfg, sampling, settings), explain_batch, batches, keep,
+                                desc="explain", progress=progress)
     out = [have.get(latent) or made[latent] for latent in latents]
     failed = sum(not r.ok for r in out)
     log.info("explanations: %d ok, %d failed, %d reused from %s", len(out) - failed, failed, len(latents) - len(todo),

@@ -214,8 +214,8 @@ def score_explanations(backend: LLMBackend, cache: LatentCache, explanations: Se
             store.add([score])
         made[score.latent] = score
 
-    (runner or InProcess(progress)).map(ScoreInputs(backend, cache, cfg, sampling, settings), score_record, todo,
-                                        keep, desc="detection")
+    (runner or InProcess()).map(ScoreInputs(backend, cache, cfg, sampling, settings), score_record, todo, keep,
+                                desc="detection", progress=progress)
     out = [made.get(r.latent) or have[r.latent] for r in usable]
     log.info("detection: scored %d latents, skipped %d failed explanations", len(out), len(explanations) - len(usable))
     return out

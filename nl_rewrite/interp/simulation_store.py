@@ -174,13 +174,20 @@ class SimulationJob:
     latent: int
     explanation: str
     window_ids: tuple[int, ...]
-    windows: tuple[tuple[str, ...], ...]
 
 
-def simulate_job(simulator: TokenSimulator, job: SimulationJob) -> Float[Tensor, "n pos"]:
-    items = [SimulationItem(job.explanation, tokens, (("latent", str(job.latent)), ("window", str(w))))
-             for w, tokens in zip(job.window_ids, job.windows)]
-    return torch.stack(simulator.simulate_many(items))
+@dataclass(frozen=True)
+class SimulationInputs:
+    """What a worker simulates with: the simulator and every window's tokens (sent once, not with each job)."""
+
+    simulator: TokenSimulator
+    windows: Mapping[int, Sequence[str]]
+
+
+def simulate_job(inputs: SimulationInputs, job: SimulationJob) -> Float[Tensor, "n pos"]:
+    meta = [(("latent", str(job.latent)), ("window", str(w))) for w in job.window_ids]
+    items = [SimulationItem(job.explanation, tuple(inputs.windows[w]), m) for w, m in zip(job.window_ids, meta)]
+    return torch.stack(inputs.simulator.simulate_many(items))
 
 
 def simulation_jobs(store: SimulationStore, explanations: Mapping[int, str], windows: Mapping[int, Sequence[str]],
@@ -189,9 +196,8 @@ def simulation_jobs(store: SimulationStore, explanations: Mapping[int, str], win
     jobs = []
     for latent, explanation in explanations.items():
         todo = store.missing(latent, explanation, windows)
-        for start in range(0, len(todo), chunk):
-            ids = tuple(todo[start:start + chunk])
-            jobs.append(SimulationJob(latent, explanation, ids, tuple(tuple(windows[w]) for w in ids)))
+        jobs += [SimulationJob(latent, explanation, tuple(todo[start:start + chunk]))
+                 for start in range(0, len(todo), chunk)]
     return jobs
 
 
@@ -208,10 +214,12 @@ def simulate_into_store(simulator: TokenSimulator, store: SimulationStore, expla
     nan = [0]
 
     def keep(index: int, values: Tensor) -> None:
-        store.put(jobs[index].latent, jobs[index].explanation, jobs[index].windows, values)
+        job = jobs[index]
+        store.put(job.latent, job.explanation, [windows[w] for w in job.window_ids], values)
         nan[0] += int(torch.isnan(values).sum())
 
-    (runner or InProcess(progress)).map(simulator, simulate_job, jobs, keep, desc="simulate")
+    (runner or InProcess()).map(SimulationInputs(simulator, windows), simulate_job, jobs, keep, desc="simulate",
+                                progress=progress)
     simulated = sum(len(job.window_ids) for job in jobs)
     return SimulationRun(len(explanations), simulated, len(explanations) * len(windows) - simulated, nan[0])
 

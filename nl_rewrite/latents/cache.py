@@ -252,7 +252,7 @@ class LatentCache:
         if not (folder / "token_strings.json").is_file():
             io.write_json(folder / "token_strings.json", _token_strings(model))
         built = cls._build_shards(ShardInputs(model, coder, windows, batch_size), folder, meta,
-                                  runner or InProcess(progress))
+                                  runner or InProcess(), progress)
         if built or not _index_intact(folder):
             cls._build_index(folder, meta, n_bins, sample_cap, max_index_rows, progress)
         cache = cls.open(folder)
@@ -260,7 +260,8 @@ class LatentCache:
         return cache
 
     @staticmethod
-    def _build_shards(inputs: "ShardInputs", folder: Path, meta: CacheMeta, runner: ShardRunner) -> int:
+    def _build_shards(inputs: "ShardInputs", folder: Path, meta: CacheMeta, runner: ShardRunner, progress: bool
+                      ) -> int:
         todo = [i for i in range(meta.n_shards) if not _readable(_shard_path(folder, i))]
         if todo:
             log.info("latent cache %s: %d of %d shards to compute", folder, len(todo), meta.n_shards)
@@ -269,7 +270,7 @@ class LatentCache:
         spans = [(i * meta.shard_windows, min((i + 1) * meta.shard_windows, meta.n_windows)) for i in todo]
         runner.map(inputs, encode_span, spans,
                    lambda index, rows: io.save_tensors(_shard_path(folder, todo[index]), rows),
-                   desc="latent cache shards")
+                   desc="latent cache shards", progress=progress)
         return len(todo)
 
     @staticmethod
@@ -308,7 +309,7 @@ class LatentCache:
 
     def __reduce__(self):
         """Pickled as its folder: a worker that receives a cache reopens it (no tensors cross the wire)."""
-        return (open_cache, (self.folder,))
+        return (open_cache, (self.folder.resolve(),))  # workers may run in another directory
 
     def _index_path(self, r: int) -> Path:
         return self.folder / "index" / f"{r:05d}.safetensors"

@@ -65,7 +65,7 @@ class CachedBackend:
 
     def __reduce__(self):
         """Pickled as its recipe: a worker that receives it opens its own connection to the same sqlite file."""
-        return (CachedBackend, (self.inner, self.path, self.chunk_size))
+        return (CachedBackend, (self.inner, self.path.resolve(), self.chunk_size))  # workers may run elsewhere
 
     def __repr__(self) -> str:
         return f"CachedBackend({self.inner!r}, path={str(self.path)!r})"

@@ -39,19 +39,21 @@ class RayUnavailableError(NLRewriteError):
 class ShardRunner(Protocol):
     """Runs ``work(context, shard)`` for every shard and reports each result once, in the calling process."""
 
-    def map(self, context: C, work: Callable[[C, S], R], shards: Sequence[S],
-            on_result: Callable[[int, R], None], desc: str = "shards") -> None: ...
+    parallel: bool
+    """Whether shards run side by side elsewhere (a stage may then cut its work finer than it would in-process)."""
+
+    def map(self, context: C, work: Callable[[C, S], R], shards: Sequence[S], on_result: Callable[[int, R], None],
+            desc: str = "shards", progress: bool = True) -> None: ...
 
 
 class InProcess:
     """The default: every shard in this process, in order, with a progress bar."""
 
-    def __init__(self, progress: bool = True) -> None:
-        self.progress = progress
+    parallel = False
 
-    def map(self, context: C, work: Callable[[C, S], R], shards: Sequence[S],
-            on_result: Callable[[int, R], None], desc: str = "shards") -> None:
-        for index, shard in enumerate(tqdm(shards, desc=desc, disable=not self.progress)):
+    def map(self, context: C, work: Callable[[C, S], R], shards: Sequence[S], on_result: Callable[[int, R], None],
+            desc: str = "shards", progress: bool = True) -> None:
+        for index, shard in enumerate(tqdm(shards, desc=desc, disable=not progress)):
             on_result(index, work(context, shard))
 
 
@@ -59,10 +61,10 @@ class InProcess:
 class RayOptions:
     """How sharded stages use Ray."""
 
-    address: str = ""
-    """cluster address (``auto``, ``ray://host:10001``); empty starts a local cluster"""
-    workers: int = 0
-    """worker actors per stage (0: one per CPU the cluster has)"""
+    address: str = "local"
+    """cluster address: ``local`` starts one on this machine, ``auto`` joins ``ray start``'s, or ``ray://host:10001``"""
+    workers: int | None = None
+    """worker actors per stage (None: one per CPU of the cluster); each holds its own copy of the model"""
     cpus_per_worker: float = 1.0
     """CPUs each worker reserves (and torch threads it uses)"""
     gpus_per_worker: float = 0.0
@@ -87,17 +89,18 @@ class ShardWorker(Generic[C]):
 class RayRunner:
     """Shards over a pool of :class:`ShardWorker` actors (``ray.util.ActorPool``), results in completion order."""
 
-    def __init__(self, options: RayOptions = RayOptions(), progress: bool = True) -> None:
+    parallel = True
+
+    def __init__(self, options: RayOptions = RayOptions()) -> None:
         self.options = options
-        self.progress = progress
         self.ray = connect(options.address)
 
     def n_workers(self, n_shards: int) -> int:
         cpus = int(self.ray.cluster_resources().get("CPU", 1) // max(self.options.cpus_per_worker, 1e-9))
         return max(1, min(n_shards, self.options.workers or cpus))
 
-    def map(self, context: C, work: Callable[[C, S], R], shards: Sequence[S],
-            on_result: Callable[[int, R], None], desc: str = "shards") -> None:
+    def map(self, context: C, work: Callable[[C, S], R], shards: Sequence[S], on_result: Callable[[int, R], None],
+            desc: str = "shards", progress: bool = True) -> None:
         if not shards:
             return
         from ray.util import ActorPool
@@ -106,7 +109,7 @@ class RayRunner:
         try:
             results = ActorPool(actors).map_unordered(lambda actor, item: actor.run.remote(work, *item),
                                                       list(enumerate(shards)))
-            for index, result in tqdm(results, total=len(shards), desc=f"{desc} (ray)", disable=not self.progress):
+            for index, result in tqdm(results, total=len(shards), desc=f"{desc} (ray)", disable=not progress):
                 on_result(index, result)
         finally:
             for actor in actors:
@@ -123,7 +126,10 @@ class RayRunner:
 
 
 def connect(address: str):
-    """The ``ray`` module, connected to ``address`` (empty: a local cluster), with clear errors."""
+    """The ``ray`` module, connected to ``address`` (``local``: a new cluster on this machine), with clear errors.
+
+    Workers' log records reach this terminal (``log_to_driver``): an endpoint taken out of rotation or a NaN
+    simulation is said where the run was started."""
     try:
         import ray
     except ImportError as exc:
@@ -131,15 +137,15 @@ def connect(address: str):
                                   f"`{INSTALL_RAY}`") from exc
     if not ray.is_initialized():
         try:
-            ray.init(address=address or None, include_dashboard=False, log_to_driver=False)
+            ray.init(address=address, include_dashboard=False, log_to_driver=True)
         except ConnectionError as exc:
             raise RayUnavailableError(f"cannot reach the Ray cluster at {address!r} ({exc}); start one with "
-                                      "`ray start --head` or pass --ray with no address for a local one") from exc
+                                      "`ray start --head`, or pass --ray with no address for a local one") from exc
     return ray
 
 
-def make_runner(ray_address: str | None, progress: bool = True) -> ShardRunner:
-    """``InProcess`` when ``ray_address`` is None, else a :class:`RayRunner` on that cluster ('' = local)."""
+def make_runner(ray_address: str | None, workers: int | None = None) -> ShardRunner:
+    """This process when ``ray_address`` is None, else a :class:`RayRunner` on that cluster."""
     if ray_address is None:
-        return InProcess(progress)
-    return RayRunner(RayOptions(address=ray_address), progress)
+        return InProcess()
+    return RayRunner(RayOptions(address=ray_address, workers=workers))

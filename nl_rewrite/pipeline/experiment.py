@@ -543,7 +543,9 @@ def run_experiment(cfg: RunConfig, runner: ShardRunner | None = None) -> Artifac
                                                   eval_cache, eval_strings, [result_options(cfg), main_fp])
     generations = stages.timed("generate", generation_stage, ctx, arms[cfg.lexical_budget], eval_windows, main_fp)
     mass = output_mass(cache, transcoder)
-    backend_counts = {k: getattr(backend, k) for k in ("new_calls", "hits") if hasattr(backend, k)}
+    # under Ray the calls are made by the workers' own copies of the backend, which this process cannot count
+    backend_counts = {k: getattr(backend, k) for k in ("new_calls", "hits")
+                      if hasattr(backend, k) and not runner.parallel}
     counts = {"pool": len(pool.pool), "explained_ok": len(pool.texts),
               "explanations_failed": len(pool.explanations) - len(pool.texts),
               "simulated_nan_predictions": pool.nan_predictions,
