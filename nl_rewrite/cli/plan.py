@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from nl_rewrite import io
 from nl_rewrite.pipeline.plan import Plan, ThroughputOptions
@@ -24,19 +24,20 @@ class PlanOptions:
 
     plan: bool = False
     """print the cost plan (LLM calls, prompt tokens, predictions, time per stage) and write it as JSON; no LLM work"""
-    plan_json: str = ""
+    plan_json: Optional[str] = None
     """where --plan writes its JSON (default: plan.json in the command's output folder)"""
     no_probe: bool = False
     """--plan: use stated throughput assumptions instead of timing a few requests of the embedded backend"""
-    calls_per_second: float = 0.0
-    """--plan: assumed paper-protocol simulator calls per second (one prediction each); 0 = probe (embedded) or the
-    paper's 38 per A40-second (remote)"""
-    generated_tokens_per_second: float = 0.0
-    """--plan: assumed generated tokens per second; 0 = probe (embedded) or a stated default (remote)"""
+    calls_per_second: Optional[float] = None
+    """--plan: assumed paper-protocol simulator calls per second (one prediction each); default: probe (embedded) or
+    the paper's 38 per A40-second (remote)"""
+    generated_tokens_per_second: Optional[float] = None
+    """--plan: assumed generated tokens per second; default: probe (embedded) or a stated default (remote)"""
 
     def __post_init__(self) -> None:
-        if self.calls_per_second < 0 or self.generated_tokens_per_second < 0:
-            raise ValueError("--calls-per-second and --generated-tokens-per-second must be >= 0 (0: not given)")
+        rates = (self.calls_per_second, self.generated_tokens_per_second)
+        if any(rate is not None and rate <= 0 for rate in rates):
+            raise ValueError("--calls-per-second and --generated-tokens-per-second must be > 0")
 
     def throughput(self) -> ThroughputOptions:
         return ThroughputOptions(probe=not self.no_probe, calls_per_second=self.calls_per_second,

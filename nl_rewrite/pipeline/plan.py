@@ -24,7 +24,7 @@ import dataclasses
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 from nl_rewrite.errors import LLMError
 from nl_rewrite.interp.explain import SYSTEM_PROMPT as EXPLAIN_SYSTEM_PROMPT
@@ -205,10 +205,10 @@ class ThroughputOptions:
 
     probe: bool = True
     """time a few real requests of the embedded backend (a few seconds, plus loading it)"""
-    calls_per_second: float = 0.0
-    """assumed paper-protocol calls (one prediction each) per second; 0: probe (embedded) or the paper's 38/s"""
-    generated_tokens_per_second: float = 0.0
-    """assumed generated tokens per second; 0: probe (embedded) or the planner's stated default"""
+    calls_per_second: Optional[float] = None
+    """assumed paper-protocol calls (one prediction each) per second; None: probe (embedded) or the paper's 38/s"""
+    generated_tokens_per_second: Optional[float] = None
+    """assumed generated tokens per second; None: probe (embedded) or the planner's stated default"""
     probe_seconds: float = 3.0
     """time budget of the probe's timed requests (loading the model is not counted)"""
 
@@ -220,9 +220,9 @@ def assumed_throughput(spec: str, prompts: PromptSizes, opts: ThroughputOptions)
     calls, calls_source = (CPU_CALLS_PER_SECOND, CPU_SOURCE) if local else (PAPER_CALLS_PER_SECOND, PAPER_SOURCE)
     gen, gen_source = ((CPU_GENERATED_PER_SECOND, CPU_GENERATED_SOURCE) if local
                        else (REMOTE_GENERATED_PER_SECOND, REMOTE_GENERATED_SOURCE))
-    if opts.calls_per_second > 0:
+    if opts.calls_per_second is not None:
         calls, calls_source = opts.calls_per_second, f"given: {opts.calls_per_second:g} paper-protocol calls/s"
-    if opts.generated_tokens_per_second > 0:
+    if opts.generated_tokens_per_second is not None:
         gen, gen_source = opts.generated_tokens_per_second, f"given: {opts.generated_tokens_per_second:g} tokens/s"
     return Throughput(calls * prompts.paper_last, gen, f"prompts: {calls_source}; generation: {gen_source}")
 
@@ -257,7 +257,7 @@ def probe_generation(backend, tokenizer: PromptTokenizer, prompt_rate: float) ->
 def choose_throughput(spec: str, prompts: PromptSizes, tokenizer: PromptTokenizer, window: int,
                       opts: ThroughputOptions) -> Throughput:
     """The probe for the embedded backend (unless ``opts`` says otherwise), else the stated assumption."""
-    given = opts.calls_per_second > 0 or opts.generated_tokens_per_second > 0
+    given = opts.calls_per_second is not None or opts.generated_tokens_per_second is not None
     if opts.probe and not given and spec_model(spec)[0] == "embedded":
         return probe_throughput(spec, window, opts.probe_seconds, tokenizer)
     return assumed_throughput(spec, prompts, opts)
@@ -550,7 +550,9 @@ def paper_line(plan: Plan) -> list[str]:
 
 
 def plan_text(plan: Plan) -> str:
-    lines = [f"plan of nl-rewrite {plan.command} (no LLM work done)",
+    probed = plan.throughput is not None and plan.throughput.source.startswith("measured")
+    work = "no LLM work beyond the throughput probe" if probed else "no LLM work"
+    lines = [f"plan of nl-rewrite {plan.command} ({work} done)",
              "sizes: " + ", ".join(f"{k}={v}" for k, v in plan.sizes.items()), "",
              *table([*map(row, plan.stages), row(plan.totals(), at_least=bool(plan.totals().note))])]
     if plan.alternatives:
