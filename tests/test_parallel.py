@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import shutil
+import time
 import sys
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from nl_rewrite.interp.score import ScoreConfig, score_explanations
 from nl_rewrite.interp.simulation_store import SimulationStore, simulate_into_store
 from nl_rewrite.latents.cache import LatentCache
 from nl_rewrite.latents.sampling import SamplingConfig, select_latents
-from nl_rewrite.parallel.runner import InProcess, RayOptions, RayRunner, make_runner
+from nl_rewrite.parallel.runner import RayOptions, RayRunner
 from nl_rewrite.replacements.baselines import ZeroReplacement
 from nl_rewrite.replacements.coders import TranscoderReplacement
 
@@ -70,8 +71,23 @@ def test_ray_runner_reports_every_shard_once(cluster):
     assert seen == {i: i * i for i in range(7)}
 
 
-def test_no_ray_address_means_this_process():
-    assert isinstance(make_runner(None), InProcess)
+def _slow_square(_: None, x: int) -> int:
+    time.sleep(0.5)
+    return x * x
+
+
+def test_ray_kill_on_a_worker_mid_stage_loses_no_shard(cluster):
+    """``ray.kill`` on a busy actor (restart allowed): Ray restarts it and re-runs the shard it held."""
+    seen: dict[int, int] = {}
+
+    def keep(index: int, result: int) -> None:
+        if not seen:
+            ray.kill(cluster.workers[0], no_restart=False)
+        seen[index] = seen.get(index, 0) + result
+
+    cluster.map(None, _slow_square, list(range(8)), keep)
+    assert seen == {i: i * i for i in range(8)}
+    assert cluster.workers == []  # the stage's actors are gone
 
 
 def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], name: str) -> None:

@@ -94,6 +94,8 @@ class RayRunner:
     def __init__(self, options: RayOptions = RayOptions()) -> None:
         self.options = options
         self.ray = connect(options.address)
+        self.workers: list = []
+        """The running stage's actor handles (empty between stages), for monitoring or fault injection."""
 
     def n_workers(self, n_shards: int) -> int:
         cpus = int(self.ray.cluster_resources().get("CPU", 1) // max(self.options.cpus_per_worker, 1e-9))
@@ -105,24 +107,26 @@ class RayRunner:
             return
         from ray.util import ActorPool
 
-        actors = self._start_workers(context, self.n_workers(len(shards)))
+        payload = self.ray.put(dumps(context))  # held until the stage ends: a restarted worker reads it again
+        actors = self.workers = self._start_workers(payload, self.n_workers(len(shards)))
         try:
             results = ActorPool(actors).map_unordered(lambda actor, item: actor.run.remote(work, *item),
                                                       list(enumerate(shards)))
             for index, result in tqdm(results, total=len(shards), desc=f"{desc} (ray)", disable=not progress):
                 on_result(index, result)
         finally:
+            self.workers = []
             for actor in actors:
                 self.ray.kill(actor)
+            del payload
 
-    def _start_workers(self, context: C, n: int) -> list:
+    def _start_workers(self, payload, n: int) -> list:
         opts = self.options
         actor = self.ray.remote(ShardWorker).options(
             num_cpus=opts.cpus_per_worker, num_gpus=opts.gpus_per_worker, max_restarts=opts.retries,
             max_task_retries=opts.retries)
-        shared = self.ray.put(dumps(context))
         log.info("ray: %d workers", n)
-        return [actor.remote(shared, int(opts.cpus_per_worker)) for _ in range(n)]
+        return [actor.remote(payload, int(opts.cpus_per_worker)) for _ in range(n)]
 
 
 def connect(address: str):
