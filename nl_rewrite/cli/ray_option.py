@@ -1,8 +1,8 @@
 """``--ray [ADDRESS]`` on the commands with sharded stages (run, cache, explain, score, evaluate).
 
-Without it a stage runs in this process. ``--ray`` alone (``--ray local``) starts a local Ray cluster; ``--ray auto`` joins the
-cluster ``ray start`` made on this node; ``--ray ray://host:10001`` joins a remote one. Results are the same as
-in one process (see :mod:`nl_rewrite.parallel.runner`); the runner is not part of any cache key.
+Without it a stage runs in this process. ``--ray`` alone (``--ray local``) starts a local Ray cluster; ``--ray
+auto`` joins the cluster ``ray start`` made on this node; ``--ray ray://host:10001`` joins a remote one. Results
+are the same as in one process (see :mod:`nl_rewrite.parallel.runner`); the runner is not part of any cache key.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ def add_ray_option(parser: argparse.ArgumentParser) -> None:
                         help="run the heavy stages as Ray actors: no ADDRESS starts a local cluster, 'auto' joins "
                              f"this node's, ray://host:port a remote one; needs `{INSTALL_RAY}` "
                              "(default: off, this process)")
-
-
     parser.add_argument("--ray-workers", type=at_least_one, default=None, metavar="N",
                         help="worker actors per stage under --ray; each holds its own copy of the model and, with the "
                              "embedded LLM, of that too (default: one per CPU of the cluster)")

@@ -228,12 +228,18 @@ class Evaluator:
         runner = runner or InProcess()
         spans = self._spans(SHARD_BATCHES if runner.parallel else None)
         tables: dict[int, WindowTable] = {}
-        runner.map(EvalShard(self, list(replacements)), evaluate_span, spans, tables.__setitem__,
-                   desc=f"evaluate ({len(names)} conditions)", progress=self.progress and runner.parallel)
+        # one bar: over spans when they run elsewhere, over batches when the one span runs here
+        shard = EvalShard(self, list(replacements), batch_progress=self.progress and not runner.parallel)
+        runner.map(shard, evaluate_span, spans, tables.__setitem__, desc=self.label(len(names)),
+                   progress=self.progress and runner.parallel)
         ce = {n: [v for i in range(len(spans)) for v in tables[i].ce.get(n, [])] for n in names}
         kl = {n: [v for i in range(len(spans)) for v in tables[i].kl.get(n, [])] for n in names}
         per_window = 1 if self.positions == "last" else self.windows.window - 1
         return EvalResults(self.positions, list(range(len(self.windows))), ce, kl, per_window, self.n_bootstrap, self.seed)
+
+    @staticmethod
+    def label(n_conditions: int) -> str:
+        return f"evaluate ({n_conditions} conditions)"
 
     def _spans(self, batches_per_span: int | None) -> list[tuple[int, int]]:
         """Window ranges that start on batch boundaries (one range for the whole set when not sharded)."""
@@ -245,8 +251,7 @@ class Evaluator:
         """Per-window mean CE and KL of every condition on windows ``[start, stop)``, in batches of ``batch_size``."""
         out = WindowTable({}, {})
         starts = range(span[0], span[1], self.batch_size)
-        desc = f"evaluate ({len(replacements) + 1} conditions)"
-        for start in tqdm(starts, desc=desc, disable=not progress):
+        for start in tqdm(starts, desc=self.label(len(replacements) + 1), disable=not progress):
             ids = torch.arange(start, min(start + self.batch_size, span[1]))
             for name, (tok_ce, tok_kl) in self._batch(ids, self.windows.tokens[ids], replacements).items():
                 out.ce.setdefault(name, []).extend(tok_ce.mean(1).tolist())
@@ -272,8 +277,9 @@ class EvalShard:
 
     evaluator: Evaluator
     replacements: list[Replacement]
+    batch_progress: bool
+    """Show a bar over each span's batches (in-process, where there is one span)."""
 
 
 def evaluate_span(shard: EvalShard, span: tuple[int, int]) -> WindowTable:
-    whole = span == (0, len(shard.evaluator.windows))  # one process: its own progress bar over batches
-    return shard.evaluator.table(shard.replacements, span, progress=whole and shard.evaluator.progress)
+    return shard.evaluator.table(shard.replacements, span, progress=shard.batch_progress)

@@ -21,7 +21,7 @@ import logging
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence, get_args
+from typing import Generic, Literal, Sequence, TypeVar, get_args
 
 
 from nl_rewrite.io import RecordStore
@@ -276,18 +276,22 @@ def _prepare(cache: LatentCache, latent: int, cfg: ExplainConfig, sampling: Samp
     return _Pending(latent, examples, build_messages(cache, examples, cfg))
 
 
+StageConfig = TypeVar("StageConfig")
+
+
 @dataclass(frozen=True)
-class ExplainInputs:
-    """What a worker explains with; the backend pickles as its recipe, so each worker builds its own."""
+class LatentStageInputs(Generic[StageConfig]):
+    """What a worker of an LLM stage over latents (explain, score) works with; the backend pickles as its recipe,
+    so each worker builds its own."""
 
     backend: LLMBackend
     cache: LatentCache
-    cfg: ExplainConfig
+    cfg: StageConfig
     sampling: SamplingConfig
     settings: str
 
 
-def explain_batch(inputs: ExplainInputs, latents: list[int]) -> list[Explanation]:
+def explain_batch(inputs: "LatentStageInputs[ExplainConfig]", latents: list[int]) -> list[Explanation]:
     """One record per latent of ``latents``: sampled, asked for in one batch of chats, parsed (with retries)."""
     prepared = [_prepare(inputs.cache, latent, inputs.cfg, inputs.sampling, inputs.settings) for latent in latents]
     records = [p for p in prepared if isinstance(p, Explanation)]
@@ -314,8 +318,8 @@ def explain_latents(backend: LLMBackend, cache: LatentCache, latents: Sequence[i
         made.update((r.latent, r) for r in records)
 
     batches = [todo[start:start + cfg.batch_size] for start in range(0, len(todo), cfg.batch_size)]
-    (runner or InProcess()).map(ExplainInputs(backend, cache, cfg, sampling, settings), explain_batch, batches, keep,
-                                desc="explain", progress=progress)
+    inputs = LatentStageInputs(backend, cache, cfg, sampling, settings)
+    (runner or InProcess()).map(inputs, explain_batch, batches, keep, desc="explain", progress=progress)
     out = [have.get(latent) or made[latent] for latent in latents]
     failed = sum(not r.ok for r in out)
     log.info("explanations: %d ok, %d failed, %d reused from %s", len(out) - failed, failed, len(latents) - len(todo),

@@ -24,7 +24,7 @@ import torch
 from scipy.stats import rankdata
 
 from nl_rewrite.errors import LLMError, NLRewriteError
-from nl_rewrite.interp.explain import Explanation
+from nl_rewrite.interp.explain import Explanation, LatentStageInputs
 from nl_rewrite.io import RecordStore
 from nl_rewrite.parallel.runner import InProcess, ShardRunner
 from nl_rewrite.latents.cache import LatentCache
@@ -181,18 +181,7 @@ def score_latent(backend: LLMBackend, cache: LatentCache, record: Explanation, c
     return score
 
 
-@dataclass(frozen=True)
-class ScoreInputs:
-    """What a worker scores with; the backend pickles as its recipe, so each worker builds its own."""
-
-    backend: LLMBackend
-    cache: LatentCache
-    cfg: ScoreConfig
-    sampling: SamplingConfig
-    settings: str
-
-
-def score_record(inputs: ScoreInputs, record: Explanation) -> DetectionScore:
+def score_record(inputs: "LatentStageInputs[ScoreConfig]", record: Explanation) -> DetectionScore:
     return score_latent(inputs.backend, inputs.cache, record, inputs.cfg, inputs.sampling, inputs.settings)
 
 
@@ -214,7 +203,7 @@ def score_explanations(backend: LLMBackend, cache: LatentCache, explanations: Se
             store.add([score])
         made[score.latent] = score
 
-    (runner or InProcess()).map(ScoreInputs(backend, cache, cfg, sampling, settings), score_record, todo, keep,
+    (runner or InProcess()).map(LatentStageInputs(backend, cache, cfg, sampling, settings), score_record, todo, keep,
                                 desc="detection", progress=progress)
     out = [made.get(r.latent) or have[r.latent] for r in usable]
     log.info("detection: scored %d latents, skipped %d failed explanations", len(out), len(explanations) - len(usable))

@@ -25,6 +25,7 @@ endpoint behaves as it always did). ``endpoint_report()`` counts, per URL, reque
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import re
@@ -354,3 +355,20 @@ def run_sync(coro: Awaitable[R]) -> R:
     if "error" in box:
         raise box["error"]
     return box["value"]
+
+
+class HTTPBackend:
+    """What the HTTP backends share: their endpoints' report, and pickling as the arguments they were built with
+    (a Ray worker that receives one makes its own client). Subclasses set ``calls`` and ``recipe_args``."""
+
+    calls: ServerCalls
+    recipe_args: tuple[str | Sequence[str], str | None, Secret, dict[str, Any]]
+    """(urls, model, key, keyword options): the key is a :class:`Secret`, so it stays out of repr."""
+
+    def endpoint_report(self) -> list[EndpointStatus]:
+        """Per endpoint: requests served and failed, and whether it was taken out of rotation (and why)."""
+        return self.calls.endpoint_report()
+
+    def __reduce__(self):
+        urls, model, key, options = self.recipe_args
+        return (functools.partial(type(self), **options), (urls, model, key))

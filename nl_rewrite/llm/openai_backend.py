@@ -45,7 +45,6 @@ A choice missing from a top-K list is ``-inf`` only when provably negligible, el
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
@@ -59,7 +58,7 @@ from torch import Tensor
 
 from nl_rewrite.errors import LLMError
 from nl_rewrite.llm.base import ChatRequest, ScoreRequest
-from nl_rewrite.llm.http_calls import CallSettings, EndpointStatus, Rejected, Secret, ServerCalls, Sink, short
+from nl_rewrite.llm.http_calls import CallSettings, HTTPBackend, Rejected, Secret, ServerCalls, Sink, short
 from nl_rewrite.llm.readout import choice_matrix, choice_row, topk_floor
 from nl_rewrite.llm.templates import HOW_TO_PASS, ChatTemplate, find_template
 from nl_rewrite.llm.token_layout import layout
@@ -94,7 +93,7 @@ class ServerReport:
     """Replies from a server that does not continue prefills, with no overlap to merge on."""
 
 
-class OpenAIBackend:
+class OpenAIBackend(HTTPBackend):
     """Chat and score requests against ``base_url``: an OpenAI-compatible ``/v1`` root, or several (replicas)."""
 
     def __init__(self, base_url: str | Sequence[str] | None = None, model: str | None = None,
@@ -127,22 +126,14 @@ class OpenAIBackend:
         # not: replicas of one model give the same answers, whichever of them and however many are listed
         via = f"|template={self.template.source}" if self.template is not None else ""
         self.backend_id = f"openai:{self.model}{via}"
-        # how to build it again (the key stays out of repr): a Ray worker that receives it makes its own client
-        self._recipe = (urls, self.model, Secret(key), dict(
+        self.recipe_args = (urls, self.model, Secret(key), dict(
             chat_template=chat_template, concurrency=concurrency, timeout=timeout, max_retries=max_retries,
             top_logprobs=top_logprobs, max_logprobs=max_logprobs, score_mode=score_mode, prefill_mode=prefill_mode,
             check_repeat=check_repeat, progress=progress))
 
-    def __reduce__(self):
-        urls, model, key, options = self._recipe
-        return (functools.partial(OpenAIBackend, **options), (urls, model, key))
 
     def __repr__(self) -> str:
         return f"OpenAIBackend(base_url={self.base_url!r}, model={self.model!r}, score_mode={self.score_mode!r})"
-
-    def endpoint_report(self) -> list[EndpointStatus]:
-        """Per endpoint: requests served and failed, and whether it was taken out of rotation (and why)."""
-        return self.calls.endpoint_report()
 
     def chat_prompt(self, request: ChatRequest) -> str:
         """The request in the model's own chat template; an ``LLMError`` saying how to pass one if unknown."""

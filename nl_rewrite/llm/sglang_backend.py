@@ -21,7 +21,6 @@ names the model only, so one cache serves any list of replicas.
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any, Sequence
 
@@ -30,13 +29,13 @@ from torch import Tensor
 
 from nl_rewrite.errors import LLMError
 from nl_rewrite.llm.base import ChatRequest, ScoreRequest
-from nl_rewrite.llm.http_calls import CallSettings, EndpointStatus, Secret, ServerCalls, Sink
+from nl_rewrite.llm.http_calls import CallSettings, HTTPBackend, Secret, ServerCalls, Sink
 from nl_rewrite.llm.readout import choice_matrix, exact_row
 from nl_rewrite.llm.templates import HOW_TO_PASS, ChatTemplate, find_template
 from nl_rewrite.llm.token_layout import layout
 
 
-class SGLangBackend:
+class SGLangBackend(HTTPBackend):
     """Chat and score requests against an SGLang server's native API."""
 
     def __init__(self, base_url: str | Sequence[str] | None = None, model: str | None = None,
@@ -54,20 +53,13 @@ class SGLangBackend:
                            f"template; {HOW_TO_PASS}")
         self.template: ChatTemplate = template
         self.backend_id = f"sglang:{self.model or template.source}"  # not the URLs: replicas answer alike
-        # how to build it again (the key stays out of repr): a Ray worker that receives it makes its own client
-        self._recipe = (urls, self.model, Secret(key), dict(chat_template=chat_template, concurrency=concurrency,
-                                                    timeout=timeout, max_retries=max_retries, progress=progress))
+        self.recipe_args = (urls, self.model, Secret(key), dict(
+            chat_template=chat_template, concurrency=concurrency, timeout=timeout, max_retries=max_retries,
+            progress=progress))
 
-    def __reduce__(self):
-        urls, model, key, options = self._recipe
-        return (functools.partial(SGLangBackend, **options), (urls, model, key))
 
     def __repr__(self) -> str:
         return f"SGLangBackend(base_url={self.base_url!r}, model={self.model!r})"
-
-    def endpoint_report(self) -> list[EndpointStatus]:
-        """Per endpoint: requests served and failed, and whether it was taken out of rotation (and why)."""
-        return self.calls.endpoint_report()
 
     def chat_prompt(self, request: ChatRequest) -> str:
         return self.template.render(request)
