@@ -48,11 +48,9 @@ def time_scoring(backend: EmbeddedBackend, requests: list[ScoreRequest]) -> floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--prompts", type=int, default=20)
-    parser.add_argument("--prefix-tokens", type=int, default=300)
-    parser.add_argument("--repeats", type=int, default=3)
+    for flag, default in (("--prompts", 20), ("--prefix-tokens", 300), ("--repeats", 3), ("--chat-tokens", 48)):
+        parser.add_argument(flag, type=int, default=default)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (2 is slow when a core is busy)")
-    parser.add_argument("--chat-tokens", type=int, default=48)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 

@@ -7,10 +7,10 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from nl_rewrite.cli.parsing import add_command
-from nl_rewrite.cli.plan import add_plan_options, cache_plan, planned
-from nl_rewrite.cli.ray_option import add_ray_option, runner_from
+from nl_rewrite.cli.plan import add_planned_command, cache_plan, planned
+from nl_rewrite.cli.ray_option import runner_from
 from nl_rewrite.data.windows import Split
+from nl_rewrite.latents.cache import SAMPLE_CAP, SHARD_WINDOWS
 from nl_rewrite.parallel.runner import ShardRunner
 from nl_rewrite.paths import cache_dir
 
@@ -33,11 +33,11 @@ class CacheConfig:
     """tokens per window (paper: 32)"""
     max_windows: int = 0
     """seeded sample of this many windows (0 = all)"""
-    shard_windows: int = 512
+    shard_windows: int = SHARD_WINDOWS
     """windows per shard (the unit of resumption)"""
     batch_size: int = 16
     """windows per forward pass"""
-    sample_cap: int = 256
+    sample_cap: int = SAMPLE_CAP
     """sorted activation values kept per latent"""
     out: str = ""
     """cache folder; empty = <user cache>/latents/<coder id>-<split>-w<window>"""
@@ -92,7 +92,5 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
-    parser = add_command(subparsers, "cache", "cache a coder's latent activations on the explain split", run,
-                         {"cfg": CacheConfig}, description=__doc__)
-    add_ray_option(parser)
-    add_plan_options(parser)
+    add_planned_command(subparsers, "cache", "cache a coder's latent activations on the explain split", run,
+                        {"cfg": CacheConfig}, description=__doc__)

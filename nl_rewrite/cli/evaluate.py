@@ -10,15 +10,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from nl_rewrite.cli.parsing import add_command
-from nl_rewrite.cli.plan import add_plan_options, evaluate_plan, planned
-from nl_rewrite.cli.ray_option import add_ray_option, runner_from
+from nl_rewrite.cli.plan import add_planned_command, evaluate_plan, planned
+from nl_rewrite.cli.ray_option import runner_from
 from nl_rewrite import io
 from nl_rewrite.coders.train import DEFAULT_LAYER
 from nl_rewrite.data.windows import Split
 from nl_rewrite.pipeline.conditions import CONDITIONS
 from nl_rewrite.evaluation.evaluator import PositionMode
 from nl_rewrite.evaluation.suite import SUITES, Suite
+from nl_rewrite.model.loading import DEFAULT_MODEL
 from nl_rewrite.parallel.runner import ShardRunner
 from nl_rewrite.replacements.plugin import is_plugin_spec, parse_spec
 
@@ -27,7 +27,7 @@ from nl_rewrite.replacements.plugin import is_plugin_spec, parse_spec
 class EvaluateConfig:
     """The model, the layer whose MLP output is replaced, the replacements, and the windows they are measured on."""
 
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     """embedded name, HF directory or .gguf path"""
     layer: int = DEFAULT_LAYER
     """layer whose MLP output is replaced"""
@@ -101,10 +101,7 @@ def evaluate(cfg: EvaluateConfig, runner: "ShardRunner | None" = None) -> dict:
 
 
 def add_parser(subparsers) -> None:
-    parser = add_command(subparsers, "evaluate", "CE/KL deltas of replacements of one MLP", run,
-                         {"cfg": EvaluateConfig})
-    add_ray_option(parser)
-    add_plan_options(parser)
+    add_planned_command(subparsers, "evaluate", "CE/KL deltas of replacements of one MLP", run, {"cfg": EvaluateConfig})
 
 
 def run(args) -> int:

@@ -11,9 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from nl_rewrite.cli.parsing import add_command
-from nl_rewrite.cli.plan import add_plan_options, explain_plan, planned
-from nl_rewrite.cli.ray_option import add_ray_option, runner_from
+from nl_rewrite.cli.plan import add_planned_command, explain_plan, planned
+from nl_rewrite.cli.ray_option import runner_from
 from nl_rewrite.interp.explain import ExplainConfig
 from nl_rewrite.paths import cache_dir
 from nl_rewrite.latents.sampling import SamplingConfig
@@ -86,8 +85,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
-    parser = add_command(subparsers, "explain", "explain latents with an LLM", run,
-                         {"job": ExplainRun, "explain": ExplainConfig, "sampling": SamplingConfig, "llm": LLMOptions},
-                         description=__doc__)
-    add_ray_option(parser)
-    add_plan_options(parser)
+    add_planned_command(subparsers, "explain", "explain latents with an LLM", run,
+                        {"job": ExplainRun, "explain": ExplainConfig, "sampling": SamplingConfig, "llm": LLMOptions},
+                        description=__doc__)

@@ -11,13 +11,14 @@ from pathlib import Path
 from nl_rewrite.cli.parsing import add_command
 from nl_rewrite import io
 from nl_rewrite.data.windows import Split
+from nl_rewrite.model.loading import DEFAULT_MODEL
 
 
 @dataclass(frozen=True)
 class LayersConfig:
     """The model and the windows each layer's ablation is measured on."""
 
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     """embedded name, HF directory or .gguf path"""
     split: Split = "explain"
     """split measured on: explain (or train) to choose a layer; eval only to report, never to choose"""

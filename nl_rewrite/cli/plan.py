@@ -1,8 +1,8 @@
 """``--plan`` on ``run``, ``cache``, ``explain``, ``score`` and ``evaluate``: print what the command would cost and
 write it as JSON, doing no LLM work (see :mod:`nl_rewrite.pipeline.plan` and docs/scaling.md).
 
-A command adds the options with :func:`add_plan_options` and starts its ``run`` with
-``if planned(args, make_plan, default_json): return 0``.
+A command adds the options with :func:`add_plan_options` (or is made by :func:`add_planned_command`, which adds
+``--ray`` too) and starts its ``run`` with ``if planned(args, make_plan, default_json): return 0``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from nl_rewrite import io
+from nl_rewrite.cli.parsing import add_command
+from nl_rewrite.cli.ray_option import add_ray_option
 from nl_rewrite.pipeline.plan import Plan, ThroughputOptions
 
 PLAN_FILE = "plan.json"
@@ -47,6 +49,16 @@ class PlanOptions:
 def add_plan_options(parser) -> None:
     """``--plan``, ``--plan-json``, ``--no-probe`` and the throughput assumptions, at ``args.planning``."""
     parser.add_arguments(PlanOptions, dest="planning")
+
+
+def add_planned_command(subparsers, name: str, help: str, func, configs: dict[str, type],
+                        description: str | None = None):
+    """A stage command (``cache``, ``explain``, ``score``, ``evaluate``): its config options (see
+    :func:`~nl_rewrite.cli.parsing.add_command`), then ``--ray`` and the ``--plan`` options."""
+    parser = add_command(subparsers, name, help, func, configs, description=description)
+    add_ray_option(parser)
+    add_plan_options(parser)
+    return parser
 
 
 def planned(args: argparse.Namespace, make_plan: Callable[[ThroughputOptions], Plan], default_dir: str | Path) -> bool:

@@ -10,9 +10,8 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from nl_rewrite.cli.parsing import add_command
-from nl_rewrite.cli.plan import add_plan_options, planned, score_plan
-from nl_rewrite.cli.ray_option import add_ray_option, runner_from
+from nl_rewrite.cli.plan import add_planned_command, planned, score_plan
+from nl_rewrite.cli.ray_option import runner_from
 from nl_rewrite.latents.sampling import SamplingConfig
 from nl_rewrite.interp.score import ScoreConfig
 from nl_rewrite.cli.explain import LLMOptions, make_llm, open_cache
@@ -55,8 +54,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
-    parser = add_command(subparsers, "score", "detection-score explanations", run,
-                         {"job": ScoreRun, "score": ScoreConfig, "sampling": SamplingConfig, "llm": LLMOptions},
-                         description=__doc__)
-    add_ray_option(parser)
-    add_plan_options(parser)
+    add_planned_command(subparsers, "score", "detection-score explanations", run,
+                        {"job": ScoreRun, "score": ScoreConfig, "sampling": SamplingConfig, "llm": LLMOptions},
+                        description=__doc__)

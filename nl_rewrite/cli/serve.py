@@ -8,6 +8,7 @@ import logging
 from dataclasses import dataclass
 
 from nl_rewrite.cli.parsing import add_command
+from nl_rewrite.model.loading import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 
@@ -16,7 +17,7 @@ log = logging.getLogger(__name__)
 class ServeConfig:
     """The model served and the address it listens on."""
 
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     """embedded model name, HF folder or .gguf path"""
     host: str = "127.0.0.1"
     """address to bind (0.0.0.0 exposes it to the network)"""

@@ -30,7 +30,7 @@ from nl_rewrite.data.windows import TokenWindows
 from nl_rewrite.evaluation.prefix import capture_block_inputs, first_layer, resume_reproduces, resumed_at
 from nl_rewrite.parallel.runner import InProcess, ShardRunner
 from nl_rewrite.replacements.base import BatchInfo, Replacement, replacement_names
-from nl_rewrite.evaluation.stats import RatioCI, bootstrap_indices, mean_ci, paired_wilcoxon, ratio_ci
+from nl_rewrite.evaluation.stats import CIBounds, RatioCI, bootstrap_indices, mean_ci, paired_wilcoxon, ratio_ci
 
 log = logging.getLogger(__name__)
 CLEAN = "clean"
@@ -43,11 +43,11 @@ class ConditionSummary:
     """Means with 95% bootstrap CIs (over windows) for one condition."""
 
     mean_ce: float
-    ce_ci: tuple[float, float]
+    ce_ci: CIBounds
     ce_delta: float
-    ce_delta_ci: tuple[float, float]
+    ce_delta_ci: CIBounds
     kl_mean: float
-    kl_ci: tuple[float, float]
+    kl_ci: CIBounds
     n_tokens: int
     n_windows: int
 
@@ -97,7 +97,7 @@ class EvalResults:
         """Paired two-sided Wilcoxon p-value between two conditions' per-window CE."""
         return paired_wilcoxon(self._tensor(self.ce, a), self._tensor(self.ce, b))
 
-    def difference(self, a: str, b: str, metric: Literal["ce", "kl"] = "ce") -> tuple[float, tuple[float, float]]:
+    def difference(self, a: str, b: str, metric: Literal["ce", "kl"] = "ce") -> tuple[float, CIBounds]:
         """Mean per-window (a − b) of CE or KL, with its window-bootstrap CI: a paired comparison."""
         table = {"ce": self.ce, "kl": self.kl}[metric]
         per_window = self._tensor(table, a) - self._tensor(table, b)

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from nl_rewrite.data.windows import TokenWindows
 from nl_rewrite.evaluation.evaluator import EvalResults, Evaluator
+from nl_rewrite.evaluation.stats import CIBounds
 from nl_rewrite.replacements.baselines import MeanReplacement, ZeroReplacement
 from nl_rewrite.model.sites import mlp_out, resolve
 
@@ -61,7 +62,7 @@ class LayerRow:
 
 
 def layer_rows(results: EvalResults, layers: list[int]) -> list[LayerRow]:
-    def triple(value: float, ci: tuple[float, float]) -> tuple[float, float, float]:
+    def triple(value: float, ci: CIBounds) -> tuple[float, float, float]:
         return (value, ci[0], ci[1])
 
     rows = []

@@ -14,6 +14,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+CIBounds = tuple[float, float]
+"""A confidence interval's ends, (low, high)."""
+
 
 def bootstrap_indices(n: int, n_bootstrap: int, seed: int) -> torch.Tensor:
     """``[n_bootstrap, n]`` resampled window indices; the same seed gives the same resamples for every condition."""
@@ -21,7 +24,7 @@ def bootstrap_indices(n: int, n_bootstrap: int, seed: int) -> torch.Tensor:
     return torch.randint(0, n, (n_bootstrap, n), generator=gen)
 
 
-def mean_ci(per_window: Float[Tensor, " n"], resamples: torch.Tensor, level: float = 0.95) -> tuple[float, float]:
+def mean_ci(per_window: Float[Tensor, " n"], resamples: torch.Tensor, level: float = 0.95) -> CIBounds:
     """Percentile bootstrap CI of the mean of per-window values."""
     means = per_window[resamples].mean(dim=1)
     return _percentiles(means, level)
@@ -72,7 +75,7 @@ def ratio_ci(numer: Float[Tensor, " n"], denom: Float[Tensor, " n"], resamples: 
     return RatioCI(lo, hi, int((~ok).sum()), int(den_s.numel()), level)
 
 
-def _percentiles(samples: Tensor, level: float) -> tuple[float, float]:
+def _percentiles(samples: Tensor, level: float) -> CIBounds:
     if samples.numel() == 0 or bool(torch.isnan(samples).any()):
         return (math.nan, math.nan)
     alpha = (1 - level) / 2

@@ -87,10 +87,22 @@ def _fallback_note(latent: int | None, why: str) -> str:
     return why
 
 
-class _FromDict:
-    """``Cls.from_dict(d)``: the inverse of ``to_dict``, checking that ``d`` is of this kind."""
+@dataclass
+class _LatentCalibrator:
+    """What every kind records besides its fitted values: the latent (for logs) and, when it could not be fitted,
+    why (``fallback``); and the dict round trip, ``to_dict`` and its inverse ``Cls.from_dict(d)``, which checks
+    that ``d`` is of this kind."""
 
+    latent: int | None = None
+    fallback: str | None = None
     kind: ClassVar[str]
+
+    def fitted_values(self) -> dict[str, Any]:
+        """The kind's own fitted values, JSON-safe (what ``to_dict`` adds to the kind, latent and fallback)."""
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "latent": self.latent, "fallback": self.fallback, **self.fitted_values()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
@@ -101,12 +113,10 @@ class _FromDict:
 
 
 @dataclass
-class LinearCalibrator(_FromDict):
+class LinearCalibrator(_LatentCalibrator):
     """The paper's mapping: ``E / 9 * max_activation`` (max over the explain split)."""
 
     max_activation: float = 0.0
-    latent: int | None = None
-    fallback: str | None = None
     kind: ClassVar[str] = "linear"
 
     def fit(self, sim_scores, true_acts) -> "LinearCalibrator":
@@ -123,13 +133,12 @@ class LinearCalibrator(_FromDict):
         scale = self.max_activation / MAX_DIGIT if self.fallback is None else 0.0
         return _apply(scores, lambda s: np.clip(s, 0.0, MAX_DIGIT) * scale)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "latent": self.latent, "fallback": self.fallback,
-                "max_activation": self.max_activation}
+    def fitted_values(self) -> dict[str, Any]:
+        return {"max_activation": self.max_activation}
 
 
 @dataclass
-class QuantileCalibrator(_FromDict):
+class QuantileCalibrator(_LatentCalibrator):
     """Rank within the simulated scores → real activation quantile, reproducing the firing rate."""
 
     sim_reference: list[float] = field(default_factory=list)
@@ -137,8 +146,6 @@ class QuantileCalibrator(_FromDict):
     act_quantiles: list[float] = field(default_factory=list)
     """Real nonzero activations at evenly spaced quantiles 0..1."""
     firing_rate: float = 0.0
-    latent: int | None = None
-    fallback: str | None = None
     kind: ClassVar[str] = "quantile"
 
     def fit(self, sim_scores, true_acts) -> "QuantileCalibrator":
@@ -191,19 +198,17 @@ class QuantileCalibrator(_FromDict):
     def __call__(self, scores: Float[Tensor, " n"]) -> Float[Tensor, " n"]:
         return _apply(scores, self._map)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "latent": self.latent, "fallback": self.fallback, "firing_rate": self.firing_rate,
-                "sim_reference": self.sim_reference, "act_quantiles": self.act_quantiles}
+    def fitted_values(self) -> dict[str, Any]:
+        return {"firing_rate": self.firing_rate, "sim_reference": self.sim_reference,
+                "act_quantiles": self.act_quantiles}
 
 
 @dataclass
-class IsotonicCalibrator(_FromDict):
+class IsotonicCalibrator(_LatentCalibrator):
     """Isotonic (monotone non-decreasing) regression of true activation on simulated score."""
 
     knots_x: list[float] = field(default_factory=list)
     knots_y: list[float] = field(default_factory=list)
-    latent: int | None = None
-    fallback: str | None = None
     kind: ClassVar[str] = "isotonic"
 
     def fit(self, sim_scores, true_acts) -> "IsotonicCalibrator":
@@ -229,9 +234,8 @@ class IsotonicCalibrator(_FromDict):
             return _apply(scores, np.zeros_like)
         return _apply(scores, lambda s: np.interp(s, self.knots_x, self.knots_y))
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "latent": self.latent, "fallback": self.fallback,
-                "knots_x": self.knots_x, "knots_y": self.knots_y}
+    def fitted_values(self) -> dict[str, Any]:
+        return {"knots_x": self.knots_x, "knots_y": self.knots_y}
 
 
 _KINDS: dict[str, type] = {c.kind: c for c in (LinearCalibrator, QuantileCalibrator, IsotonicCalibrator)}

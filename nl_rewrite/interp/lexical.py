@@ -38,6 +38,8 @@ from nl_rewrite.interp.simulate import SimulationItem, SimulatorStats
 log = logging.getLogger(__name__)
 
 LEXICAL_VERSION = 1
+DEFAULT_BUDGET = 12
+"""Items per explanation: the headline lexical condition's, and so what the trained simulator learns to read."""
 WEAK_BELOW = 3
 """Items with strength below this are listed after "weakly on"."""
 _ITEM = re.compile(r'("(?:[^"\\]|\\.)*")\s*\((\d+)\)|\b([Aa]fter)\b')

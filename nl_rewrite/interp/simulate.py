@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 Mode = Literal["paper", "all_at_once"]
 MODES: tuple[str, ...] = get_args(Mode)
 DIGITS = tuple(str(d) for d in range(10))
+# SimulatorConfig's defaults, and a Simulator's built without a config
+DEFAULT_MODE: Mode = "all_at_once"
+DEFAULT_PLACEHOLDER = "0"
+DEFAULT_REQUESTS_PER_CALL = 64
 PROMPT_VERSIONS = {"paper": 2, "all_at_once": 1}
 """Bump a mode's version when its prompts change: it is part of ``Simulator.identity``, which keys stored
 simulations. Paper mode v2 puts the text on its own line: a prefix ending in ``"Text: "`` let a server that
@@ -155,11 +159,11 @@ def check_options(mode: str, placeholder: str, requests_per_call: int) -> None:
 class SimulatorConfig:
     """The LLM simulator's options (see :class:`Simulator`)."""
 
-    mode: Mode = "all_at_once"
+    mode: Mode = DEFAULT_MODE
     """all_at_once (one request per window, every token read at once) or paper (one request per token)"""
-    placeholder: str = "0"
+    placeholder: str = DEFAULT_PLACEHOLDER
     """all_at_once: written in place of each token's digit, so later lines never see a prediction"""
-    requests_per_call: int = 64
+    requests_per_call: int = DEFAULT_REQUESTS_PER_CALL
     """score requests sent to the backend per call"""
 
     def __post_init__(self) -> None:
@@ -169,8 +173,8 @@ class SimulatorConfig:
 class Simulator:
     """Predicts per-token activation digits from an explanation (see the module docstring)."""
 
-    def __init__(self, backend: LLMBackend, mode: str = "all_at_once", *, placeholder: str = "0",
-                 requests_per_call: int = 64, progress: bool = False) -> None:
+    def __init__(self, backend: LLMBackend, mode: str = DEFAULT_MODE, *, placeholder: str = DEFAULT_PLACEHOLDER,
+                 requests_per_call: int = DEFAULT_REQUESTS_PER_CALL, progress: bool = False) -> None:
         check_options(mode, placeholder, requests_per_call)
         self.backend, self.mode, self.placeholder = backend, mode, placeholder
         self.requests_per_call, self.progress = requests_per_call, progress

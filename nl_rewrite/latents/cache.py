@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 ROW_FIELDS = ("window_ids", "positions", "latent_ids", "values")
+SHARD_WINDOWS = 512
+"""Windows per shard (the unit of resumption) unless a build says otherwise."""
+SAMPLE_CAP = 256
+"""Sorted activation values kept per latent unless a build says otherwise."""
 
 
 class LatentCacheError(NLRewriteError):
@@ -233,8 +237,8 @@ class LatentCache:
 
     # -- building --
     @classmethod
-    def build(cls, model, coder, windows: TokenWindows, folder: "str | Path", *, shard_windows: int = 512,
-              batch_size: int = 16, n_bins: int = 10, sample_cap: int = 256, max_index_rows: int = 20_000_000,
+    def build(cls, model, coder, windows: TokenWindows, folder: "str | Path", *, shard_windows: int = SHARD_WINDOWS,
+              batch_size: int = 16, n_bins: int = 10, sample_cap: int = SAMPLE_CAP, max_index_rows: int = 20_000_000,
               progress: bool = True, runner: ShardRunner | None = None) -> "LatentCache":
         """Encode every window and store the sparse activations; resumes a killed build of the same inputs.
 

@@ -63,6 +63,22 @@ class ScoreRequest:
                         "read_after": self.read_after, "choices": self.choices})
 
 
+@dataclass
+class Counts:
+    """Running counts a backend keeps for logs and reports (e.g. its workarounds). ``snapshot`` and ``since`` tell
+    what one call added; ``restore`` takes back what an advisory call (a check, not the run's work) added."""
+
+    def snapshot(self) -> dict[str, float]:
+        return dict(vars(self))
+
+    def since(self, snapshot: dict[str, float]) -> dict[str, float]:
+        """The counts that changed since ``snapshot``, by how much."""
+        return {name: value - snapshot[name] for name, value in vars(self).items() if value != snapshot[name]}
+
+    def restore(self, snapshot: dict[str, float]) -> None:
+        vars(self).update(snapshot)
+
+
 @runtime_checkable
 class LLMBackend(Protocol):
     """Anything that answers chat and score requests. ``backend_id`` keys the on-disk cache (never holds a key)."""

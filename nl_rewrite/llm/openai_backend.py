@@ -57,7 +57,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from nl_rewrite.errors import LLMError
-from nl_rewrite.llm.base import ChatRequest, ScoreRequest
+from nl_rewrite.llm.base import ChatRequest, Counts, ScoreRequest
 from nl_rewrite.llm.http_calls import CallSettings, HTTPBackend, Rejected, Secret, ServerCalls, Sink, short
 from nl_rewrite.llm.readout import choice_matrix, choice_row, topk_floor
 from nl_rewrite.llm.templates import HOW_TO_PASS, ChatTemplate, find_template
@@ -77,7 +77,7 @@ VLLM_NEG_INF = -9999.0
 
 
 @dataclass
-class ServerReport:
+class ServerReport(Counts):
     """What the backend had to work around, for logs and run reports."""
 
     echo_fallbacks: int = 0
@@ -214,9 +214,9 @@ class OpenAIBackend(HTTPBackend):
             self._check_echo()
         one = {"echo": self._score_echo, "per_read": self._score_per_read,
                "prompt_logprobs": self._score_prompt_logprobs}[self.score_mode]
-        before = dict(vars(self.report))
+        before = self.report.snapshot()
         out = self.calls.gather(requests, one, "score", sink)
-        changed = {k: v - before[k] for k, v in vars(self.report).items() if v != before[k]}
+        changed = self.report.since(before)
         if changed:
             log.info("%s: %s over %d score requests", self.base_url, changed, len(requests))
         if self.check_repeat:
@@ -229,14 +229,14 @@ class OpenAIBackend(HTTPBackend):
         self.check_repeat = False
         if not request.read_after:
             return
-        counts = dict(vars(self.report))  # the check's own request is not part of the run's counts
+        counts = self.report.snapshot()  # the check's own request is not part of the run's counts
         try:
             again = self.calls.gather([replace(request, read_after=request.read_after[:1])], one, "repeat")[0][0]
         except LLMError as exc:  # the check is advisory: the scores already came back
             log.warning("could not repeat a score request to check %s is reproducible: %s", self.base_url, exc)
             return
         finally:
-            vars(self.report).update(counts)
+            self.report.restore(counts)
         both = torch.isfinite(again) & torch.isfinite(first[0])
         diff = float((again - first[0])[both].abs().max()) if both.any() else 0.0
         self.report.repeat_max_diff = diff

@@ -25,6 +25,7 @@ from nl_rewrite.evaluation.evaluator import PositionMode
 from nl_rewrite.interp.calibrate import Calibration
 from nl_rewrite.config_io import read_toml, to_toml
 from nl_rewrite.interp.explain import ExplainConfig
+from nl_rewrite.interp.lexical import DEFAULT_BUDGET
 from nl_rewrite.interp.score import ScoreConfig
 from nl_rewrite.interp.selection import Order
 from nl_rewrite.interp.simulate import SimulatorConfig
@@ -117,7 +118,7 @@ class RunConfig:
     """latent order for fractions"""
     pool_selection: PoolSelection = "mass"
     """LLM pool: mass (largest share of activation × decoder norm on explain), frequent, or random alive"""
-    lexical_budget: int = 12
+    lexical_budget: int = DEFAULT_BUDGET
     """items per lexical explanation in the headline condition"""
     lexical_budgets: tuple[int, ...] = (3, 6, 12, 24)
     """explanation budgets evaluated at 100%% of latents (the length curve)"""

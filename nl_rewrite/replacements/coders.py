@@ -35,26 +35,28 @@ class CoderReplacement(Replacement):
         return x.to(self.coder.W_dec.dtype)
 
 
-class TranscoderReplacement(CoderReplacement):
-    required_kind = "transcoder"
-
-    def __init__(self, coder: SparseCoder, name: str = "transcoder"):
-        super().__init__(coder, name)
+class ReconstructionReplacement(CoderReplacement):
+    """The coder's own output (latents decoded, plus the skip path) in place of the site it writes."""
 
     @torch.no_grad()
     def forward(self, x: Float[Tensor, "batch pos d_in"], batch: BatchInfo) -> Float[Tensor, "batch pos d_out"]:
         return self.coder(self._input(x))
 
 
-class SAEReplacement(CoderReplacement):
+class TranscoderReplacement(ReconstructionReplacement):
+    required_kind = "transcoder"
+
+    def __init__(self, coder: SparseCoder, name: str = "transcoder"):
+        super().__init__(coder, name)
+
+
+class SAEReplacement(ReconstructionReplacement):
+    """An SAE reads and writes one site, so its ``d_in`` and ``d_out`` are the same."""
+
     required_kind = "sae"
 
     def __init__(self, coder: SparseCoder, name: str = "sae"):
         super().__init__(coder, name)
-
-    @torch.no_grad()
-    def forward(self, x: Float[Tensor, "batch pos d"], batch: BatchInfo) -> Float[Tensor, "batch pos d"]:
-        return self.coder(self._input(x))
 
 
 class ZeroLatentsReplacement(CoderReplacement):

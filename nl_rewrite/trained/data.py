@@ -27,7 +27,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from nl_rewrite.errors import NLRewriteError
-from nl_rewrite.interp.lexical import lexical_explanations, parse_explanation
+from nl_rewrite.interp.lexical import DEFAULT_BUDGET, lexical_explanations, parse_explanation
 from nl_rewrite.latents.cache import LatentCache
 
 ExplanationKind = Literal["lexical", "llm"]
@@ -39,7 +39,7 @@ class LeakError(NLRewriteError, ValueError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    budget: int = 12
+    budget: int = DEFAULT_BUDGET
     """items per lexical explanation"""
     windows_per_latent: int = 4
     """windows where a latent fires per latent (and as many where it does not)"""
