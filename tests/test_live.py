@@ -42,3 +42,17 @@ def test_live_mode_runs_on_text_it_has_never_seen(tiny):
     assert len(out) == 3
     values = live.row_values([3, 5, 1])
     assert values.tolist() == [[0.0, 0.0], [9.0, 0.0], [0.0, 8.0]]  # " t5" after " t3": 9 + 6, clipped at 9
+
+
+def test_prompts_continued_in_batches_equal_one_at_a_time(tiny):
+    """side_by_side batches prompts of one length; each continuation must be what that prompt gets alone."""
+    from nl_rewrite.evaluation.generate import side_by_side
+
+    coder, texts, cals, _ = setup()
+    live = LiveSimulatorReplacement(coder, LexicalSimulator(), texts, cals, decode)
+    prompts = [torch.tensor([5, 3, 5, 7]), torch.tensor([1, 2]), torch.tensor([3, 5, 1, 4]), torch.tensor([7, 7])]
+    rows = side_by_side(tiny, prompts, {"clean": None, "live": live}, 4, decode)
+    for prompt, row in zip(prompts, rows):
+        for name, rep in (("clean", None), ("live", live)):
+            assert row["continuations"][name] == "".join(decode(greedy(tiny, prompt, 4, rep))), name
+    assert [r["prompt"] for r in rows] == ["".join(decode(p.tolist())) for p in prompts]
