@@ -7,6 +7,10 @@ import from here too.
 
 from __future__ import annotations
 
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
 import torch
 
 from nl_rewrite.coders.sparse_coder import CoderConfig, SparseCoder
@@ -70,3 +74,25 @@ def chat_requests(n: int) -> list[ChatRequest]:
 def score_requests(n: int) -> list[ScoreRequest]:
     """``n`` distinct score requests sharing a prefix, each read at two points."""
     return [ScoreRequest("shared prefix\n", (f"w{i}\t", "x\n", "y\t"), (0, 2)) for i in range(n)]
+
+
+# ---- fake HTTP servers ---------------------------------------------------------------------------------------
+
+
+def serve_posts(answer: Callable[[BaseHTTPRequestHandler], None]) -> ThreadingHTTPServer:
+    """A quiet HTTP/1.1 server on 127.0.0.1 (a free port) whose POSTs are answered by ``answer(handler)`` after the
+    request body has been read; it serves from a daemon thread until ``shutdown()``."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            answer(self)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server

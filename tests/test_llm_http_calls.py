@@ -5,15 +5,15 @@ the point, since the client's own backoff starts at 0.5 s; timing checks are low
 from __future__ import annotations
 
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from nl_rewrite.errors import LLMError
 from nl_rewrite.llm.base import ChatRequest
 from nl_rewrite.llm.openai_backend import OpenAIBackend
+
+from helpers import serve_posts
 
 OK = {"id": "x", "object": "text_completion", "created": 0, "model": "m",
       "choices": [{"index": 0, "text": "fine", "logprobs": None, "finish_reason": "stop"}]}
@@ -28,29 +28,21 @@ def scripted(answers: list[tuple[int, dict, dict | None | str]]):
     """A server answering POSTs with ``answers`` in order (status, headers, body), then 200 OK forever."""
     seen: list[int] = []
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+    def answer(handler) -> None:
+        status, headers, body = answers.pop(0) if answers else (200, {}, OK)
+        seen.append(status)
+        headers = dict(headers)
+        time.sleep(float(headers.pop("X-Sleep", 0)))  # a server that hangs before answering
+        data = json.dumps(body).encode() if isinstance(body, dict) else b'{"id": "x", "choices": [{"te'
+        length = len(data) + (100 if body == CUT else 0)
+        handler.send_response(status)
+        for k, v in {"Content-Type": "application/json", "Content-Length": str(length), **headers}.items():
+            handler.send_header(k, v)
+        handler.end_headers()
+        handler.wfile.write(data)
+        handler.close_connection = body == CUT
 
-        def log_message(self, *args):
-            pass
-
-        def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            status, headers, body = answers.pop(0) if answers else (200, {}, OK)
-            seen.append(status)
-            headers = dict(headers)
-            time.sleep(float(headers.pop("X-Sleep", 0)))  # a server that hangs before answering
-            data = json.dumps(body).encode() if isinstance(body, dict) else b'{"id": "x", "choices": [{"te'
-            length = len(data) + (100 if body == CUT else 0)
-            self.send_response(status)
-            for k, v in {"Content-Type": "application/json", "Content-Length": str(length), **headers}.items():
-                self.send_header(k, v)
-            self.end_headers()
-            self.wfile.write(data)
-            self.close_connection = body == CUT
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = serve_posts(answer)
     return server, seen
 
 

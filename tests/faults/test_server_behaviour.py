@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import logging
 import random
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -15,6 +13,8 @@ from nl_rewrite.llm.base import ChatRequest, ScoreRequest
 from nl_rewrite.llm.openai_backend import OpenAIBackend
 from nl_rewrite.llm.server import send_json
 
+from helpers import serve_posts
+
 KEY = "sk-test-0123456789abcdef"
 REQUEST = ScoreRequest("Rate 0-9:\n", ("cat\t", "0\n", "dog\t"), (0, 2))
 
@@ -22,25 +22,17 @@ REQUEST = ScoreRequest("Rate 0-9:\n", ("cat\t", "0\n", "dog\t"), (0, 2))
 def serve(jitter: float, status: int = 200):
     """Completions with digit log-probs (plus ``jitter`` random noise), or ``status`` with the headers echoed."""
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+    def answer(handler) -> None:
+        if status != 200:  # a careless proxy that puts the request's headers in its error text
+            body = {"error": {"message": f"rejected request with headers {dict(handler.headers)}"}}
+        else:
+            top = {str(d): -2.3 - 0.1 * d + random.uniform(0, jitter) for d in range(10)}
+            body = {"id": "x", "object": "text_completion", "created": 0, "model": "m", "choices": [
+                {"index": 0, "text": "0", "finish_reason": "length",
+                 "logprobs": {"tokens": ["0"], "token_logprobs": [-2.3], "top_logprobs": [top], "text_offset": [0]}}]}
+        send_json(handler, status, body)
 
-        def log_message(self, *args):
-            pass
-
-        def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            if status != 200:  # a careless proxy that puts the request's headers in its error text
-                body = {"error": {"message": f"rejected request with headers {dict(self.headers)}"}}
-            else:
-                top = {str(d): -2.3 - 0.1 * d + random.uniform(0, jitter) for d in range(10)}
-                body = {"id": "x", "object": "text_completion", "created": 0, "model": "m", "choices": [
-                    {"index": 0, "text": "0", "finish_reason": "length",
-                     "logprobs": {"tokens": ["0"], "token_logprobs": [-2.3], "top_logprobs": [top], "text_offset": [0]}}]}
-            send_json(self, status, body)
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = serve_posts(answer)
     return server, f"http://127.0.0.1:{server.server_address[1]}/v1"
 
 
