@@ -1,8 +1,9 @@
 """Greedy generation, one prompt at a time against prompts of one length batched (what the run's generate stage
 and ``nl-rewrite generate`` do), on the real SmolLM2 with the default transcoder patched in and clean.
 
-Same prompts (the first eval windows' openings, as in the run), same machine; the two paths are interleaved and the
-minimum of ``--repeats`` wall times is kept. Also checks that both paths pick the same tokens.
+The prompts are the openings of a seeded sample of 32-token eval windows (BOS first), like the run's; the default
+transcoder is loaded from the user cache (trained first if absent). Same machine; the two paths are interleaved and
+the minimum of ``--repeats`` wall times is kept. Also checks that both paths pick the same tokens.
 
 Usage: python benchmarks/generation.py [--prompts 3] [--prompt-tokens 16] [--new-tokens 12] [--repeats 3]
 Last line of stdout: one JSON object.
@@ -18,7 +19,7 @@ import torch
 
 from nl_rewrite.coders.train import DEFAULT_LAYER, default_transcoder
 from nl_rewrite.data.windows import token_windows
-from nl_rewrite.evaluation.generate import continuations, greedy
+from nl_rewrite.evaluation.generate import greedy, greedy_continuations
 from nl_rewrite.model.loading import load_model
 from nl_rewrite.replacements import TranscoderReplacement
 
@@ -53,7 +54,7 @@ def main() -> None:
     for name, rep in conditions.items():
         single_s, single, batched_s, batched = interleaved(
             args.repeats, lambda: one_at_a_time(model, prompts, args.new_tokens, rep),
-            lambda: continuations(model, prompts, args.new_tokens, rep))
+            lambda: greedy_continuations(model, prompts, args.new_tokens, rep))
         result.update({f"seconds_one_at_a_time_{name}": round(single_s, 3), f"seconds_batched_{name}": round(batched_s, 3),
                        f"speedup_{name}": round(single_s / batched_s, 2), f"same_tokens_{name}": single == batched})
     print(json.dumps(result))

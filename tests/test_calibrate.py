@@ -182,3 +182,11 @@ def test_bad_inputs_are_clear_errors():
         QuantileCalibrator().fit_distribution(torch.zeros(3), torch.ones(3), 1.5)
     with pytest.raises(ValueError, match="QuantileCalibrator"):
         QuantileCalibrator.from_dict(LinearCalibrator().to_dict())
+
+
+def test_a_kind_s_fitted_values_stay_its_first_positional_fields():
+    """latent and fallback are shared keyword-only fields: positional construction means what it meant before."""
+    assert LinearCalibrator(2.0).max_activation == 2.0 and LinearCalibrator(2.0).latent is None
+    iso = IsotonicCalibrator([0.0, 1.0], [0.0, 3.0], latent=5)
+    assert (iso.knots_x, iso.knots_y, iso.latent) == ([0.0, 1.0], [0.0, 3.0], 5)
+    assert IsotonicCalibrator.from_dict(iso.to_dict()) == iso

@@ -11,7 +11,7 @@ _EXPORTS = by_module({
     "nl_rewrite.evaluation.recovery": ("recovered", "recovery_table", "gap", "describe", "Recovered", "Interval"),
     "nl_rewrite.evaluation.stats": ("bootstrap_indices", "mean_ci", "ratio_ci", "RatioCI", "paired_wilcoxon"),
     "nl_rewrite.evaluation.layer_sweep": ("sweep_layers", "choose_layer", "LayerRow"),
-    "nl_rewrite.evaluation.generate": ("greedy", "side_by_side"),
+    "nl_rewrite.evaluation.generate": ("greedy", "greedy_batch", "greedy_continuations", "side_by_side"),
 })
 
 __all__ = list(_EXPORTS)

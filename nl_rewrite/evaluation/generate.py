@@ -2,7 +2,9 @@
 
 Each step reruns the whole sequence (no KV cache): a replacement sees every token it patches, which is
 what a live simulator needs, and the prompts are short. Prompts of one length are continued as one batch: a
-step's cost on a short sequence is mostly per-call overhead, so three prompts take about the time of one.
+step's cost on a short sequence is mostly per-call overhead, so three prompts take about half the time of three
+calls (benchmarks/generation.py). A batched forward pass is not bit-identical to one row at a time on every
+backend, so a near-tie between two tokens could in principle flip; none did in the tests or the benchmark.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def greedy(model, prompt: Int[Tensor, " pos"], n_new: int, replacement: Replacem
     return greedy_batch(model, prompt.reshape(1, -1), n_new, replacement)[0].tolist()
 
 
-def continuations(model, prompts: list[Tensor], n_new: int, replacement: Replacement | None) -> list[list[int]]:
+def greedy_continuations(model, prompts: list[Tensor], n_new: int, replacement: Replacement | None) -> list[list[int]]:
     """Each prompt's greedy continuation, in the prompts' order; prompts of one length run as one batch."""
     out: dict[int, list[int]] = {}
     by_length = sorted(range(len(prompts)), key=lambda i: prompts[i].numel())
@@ -51,7 +53,7 @@ def continuations(model, prompts: list[Tensor], n_new: int, replacement: Replace
 def side_by_side(model, prompts: list[Tensor], conditions: Mapping[str, Replacement | None], n_new: int,
                  decode: Callable[[list[int]], list[str]]) -> list[dict]:
     """Per prompt: its text and each condition's continuation (``None`` is the clean model)."""
-    per_condition = {name: continuations(model, prompts, n_new, rep) for name, rep in conditions.items()}
+    per_condition = {name: greedy_continuations(model, prompts, n_new, rep) for name, rep in conditions.items()}
     return [{"prompt": "".join(decode(p.tolist())),
              "continuations": {name: "".join(decode(ids[i])) for name, ids in per_condition.items()}}
             for i, p in enumerate(prompts)]

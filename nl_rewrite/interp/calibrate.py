@@ -93,8 +93,9 @@ class _LatentCalibrator:
     why (``fallback``); and the dict round trip, ``to_dict`` and its inverse ``Cls.from_dict(d)``, which checks
     that ``d`` is of this kind."""
 
-    latent: int | None = None
-    fallback: str | None = None
+    # keyword-only: each kind's own fitted values stay its first positional fields, as before this base existed
+    latent: int | None = field(default=None, kw_only=True)
+    fallback: str | None = field(default=None, kw_only=True)
     kind: ClassVar[str]
 
     def fitted_values(self) -> dict[str, Any]:

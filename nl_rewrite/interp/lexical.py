@@ -60,13 +60,13 @@ class ParsedExplanation:
     problems: tuple[str, ...] = ()
 
 
-def listed(group: list[LexicalItem]) -> str:
+# Module-level, not nested in write_explanation: the test session's type-check hook decorates a nested def each time
+# its parent runs, once per latent per budget (14,512 decorations, about 10 s of a smoke rerun).
+def _listed(group: list[LexicalItem]) -> str:
     """``"token" (strength)`` items, comma-separated."""
     return ", ".join(f"{json.dumps(i.token, ensure_ascii=False)} ({i.strength})" for i in group)
 
 
-# listed is module-level, not nested: the test session's type-check hook decorates every def each time it is
-# executed, and this one runs once per latent per budget (14,512 decorations, 12 s of a smoke run).
 def write_explanation(items: Sequence[LexicalItem]) -> str:
     """The English sentence for ``items`` (order kept within each group)."""
     strong = [i for i in items if not i.previous and i.strength >= WEAK_BELOW]
@@ -75,11 +75,11 @@ def write_explanation(items: Sequence[LexicalItem]) -> str:
     parts = []
     if strong or weak:
         if strong:
-            parts.append(f"Fires on {listed(strong)}" + (f"; weakly on {listed(weak)}" if weak else "") + ".")
+            parts.append(f"Fires on {_listed(strong)}" + (f"; weakly on {_listed(weak)}" if weak else "") + ".")
         else:
-            parts.append(f"Fires weakly on {listed(weak)}.")
+            parts.append(f"Fires weakly on {_listed(weak)}.")
     if after:
-        parts.append(f"After {listed(after)}.")
+        parts.append(f"After {_listed(after)}.")
     return " ".join(parts) if parts else "Fires on no particular token."
 
 

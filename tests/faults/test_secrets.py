@@ -28,7 +28,7 @@ def test_the_key_never_leaves_the_process(tmp_cache, tmp_path, monkeypatch, capl
     url = f"http://127.0.0.1:{server.server_address[1]}/v1"
     out = tmp_path / "run"
     with caplog.at_level(logging.DEBUG):
-        # one position mode on half the eval windows: every stage still runs and writes, at about half the cost
+        # one position mode on half the eval windows: every kind of stage still runs and writes, at about half the cost
         code = main(["run", "--preset", "smoke", "--out", str(out), "--llm", f"openai:smollm2-135m@{url}",
                      "--position-modes", "all", "--eval-windows", "4"])
     server.shutdown()
