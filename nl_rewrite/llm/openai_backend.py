@@ -131,7 +131,6 @@ class OpenAIBackend(HTTPBackend):
             top_logprobs=top_logprobs, max_logprobs=max_logprobs, score_mode=score_mode, prefill_mode=prefill_mode,
             check_repeat=check_repeat, progress=progress))
 
-
     def __repr__(self) -> str:
         return f"OpenAIBackend(base_url={self.base_url!r}, model={self.model!r}, score_mode={self.score_mode!r})"
 

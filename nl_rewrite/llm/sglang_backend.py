@@ -57,7 +57,6 @@ class SGLangBackend(HTTPBackend):
             chat_template=chat_template, concurrency=concurrency, timeout=timeout, max_retries=max_retries,
             progress=progress))
 
-
     def __repr__(self) -> str:
         return f"SGLangBackend(base_url={self.base_url!r}, model={self.model!r})"
 
