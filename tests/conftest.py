@@ -32,6 +32,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+from helpers import empty_cache  # noqa: E402  (after the import hook: helpers imports nl_rewrite)
+
+
 @pytest.fixture(scope="session")
 def tiny():
     from nl_rewrite.model.loading import tiny_model
@@ -45,17 +48,6 @@ def smol():
     from nl_rewrite.model.loading import load_model
 
     return load_model("smollm2-135m")
-
-
-def empty_cache(root: Path) -> Path:
-    """An empty nl_rewrite cache folder at ``root``, with the user cache's converted embedded models linked in."""
-    from nl_rewrite.paths import cache_dir
-
-    real_models = cache_dir() / "models"
-    real_models.mkdir(parents=True, exist_ok=True)
-    root.mkdir(parents=True)
-    (root / "models").symlink_to(real_models)
-    return root
 
 
 @pytest.fixture
@@ -75,23 +67,37 @@ class SmokeRun:
     """results.json as the uninterrupted run wrote it (tests may rerun into ``out`` later)."""
 
 
-@pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory) -> SmokeRun:
-    """One uninterrupted `nl-rewrite run --preset smoke` from an empty cache, in this process (so with the runtime
-    shape checks on), shared by the end-to-end test, the kill -9 test (its reference) and the secrets test (its
-    transcoder): the run takes about 100 s, once per session instead of three times."""
+def shared_run(root: Path, argv: list[str]) -> SmokeRun:
+    """``nl-rewrite <argv> --out <root>/run`` from an empty cache under ``root``, in this process (so with the runtime
+    shape checks on)."""
     from nl_rewrite.cli.main import main
 
-    root = tmp_path_factory.mktemp("smoke")
     cache, out = empty_cache(root / "cache"), root / "run"
     saved = os.environ.get("NL_REWRITE_CACHE")
     os.environ["NL_REWRITE_CACHE"] = str(cache)
     try:
-        code = main(["run", "--preset", "smoke", "--out", str(out)])
+        code = main([*argv, "--out", str(out)])
     finally:
         if saved is None:
             del os.environ["NL_REWRITE_CACHE"]
         else:
             os.environ["NL_REWRITE_CACHE"] = saved
-    assert code == 0, "the shared smoke run failed; see its log above"
+    assert code == 0, f"the shared run {argv} failed; see its log above"
     return SmokeRun(out, cache, json.loads((out / "results.json").read_text()))
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> SmokeRun:
+    """The acceptance run: one uninterrupted `nl-rewrite run --preset smoke` on the real SmolLM2 from an empty cache,
+    shared by every test that reads what the real model does end to end (about 100 s, once per session)."""
+    return shared_run(tmp_path_factory.mktemp("smoke"), ["run", "--preset", "smoke"])
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> SmokeRun:
+    """The plumbing run: `nl-rewrite run` with ``helpers.TINY_RUN`` (a random 2-layer model with SmolLM2's real
+    tokenizer as subject and as LLM) from an empty cache, shared by the resume, fault, Ray, secrets and trained-
+    simulator tests (about 30 s, once per session). Its numbers mean nothing; its files are all a real run writes."""
+    from helpers import TINY_RUN
+
+    return shared_run(tmp_path_factory.mktemp("tiny"), ["run", *TINY_RUN])

@@ -8,6 +8,7 @@ import from here too.
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
@@ -16,6 +17,26 @@ import torch
 from nl_rewrite.coders.sparse_coder import CoderConfig, SparseCoder
 from nl_rewrite.data.windows import TokenWindows
 from nl_rewrite.llm.base import ChatRequest, ScoreRequest
+
+def empty_cache(root: Path) -> Path:
+    """An empty nl_rewrite cache folder at ``root``, with the user cache's converted embedded models linked in."""
+    from nl_rewrite.paths import cache_dir
+
+    real_models = cache_dir() / "models"
+    real_models.mkdir(parents=True, exist_ok=True)
+    root.mkdir(parents=True)
+    (root / "models").symlink_to(real_models)
+    return root
+
+
+# ---- the whole pipeline on a tiny random model, for plumbing tests ---------------------------------------------
+
+TINY_RUN = ("--preset", "smoke", "--model", "tiny-smollm2", "--llm", "embedded:tiny-smollm2", "--layer", "1",
+            "--width", "256", "--train-tokens", "8000")
+"""`nl-rewrite run` options for the plumbing run: every stage of the smoke preset, on ``tiny-smollm2`` (a random
+2-layer model with SmolLM2's real tokenizer) as subject model and as LLM, with a 256-latent transcoder. Add
+``--out``."""
+
 
 # ---- a transcoder on the tiny model's MLP 1, and token windows for it ----------------------------------------
 

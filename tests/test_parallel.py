@@ -253,31 +253,31 @@ def test_an_openai_backend_pickles_as_its_recipe(monkeypatch):
     assert "secret-key" not in repr(copy) and "secret-key" not in str(vars(copy))
 
 
-@pytest.mark.slow
-def test_the_smoke_run_on_ray_resumes_and_matches_one_process(cluster, smoke_run, tmp_path, monkeypatch):
-    """The shared smoke run, copied with a latent-cache shard, the explanations, scores, eval simulations and the
-    "all" and pool evaluations removed, finished by `nl-rewrite run --ray` (the real SmolLM2; LLM calls answered by
-    the run's cache): the same explanations and, within 1e-4, the same numbers."""
+def test_the_plumbing_run_on_ray_resumes_and_matches_one_process(cluster, tiny_run, tmp_path, monkeypatch):
+    """The shared plumbing run (``helpers.TINY_RUN``), copied with a latent-cache shard, the explanations, scores,
+    eval simulations and the "all" and pool evaluations removed, finished by `nl-rewrite run --ray` (LLM calls
+    answered by the run's cache): the same explanations and, within 1e-4, the same numbers."""
+    from helpers import TINY_RUN
     from nl_rewrite.cli.main import main
 
     out = tmp_path / "run"
-    shutil.copytree(smoke_run.out, out)
+    shutil.copytree(tiny_run.out, out)
     # one of each sharded kind of stage (each Ray stage starts its workers, ~13 s here): the eval simulations stand
     # for the explain split's (kept: the same explanations find them again), the "all" evaluation for the "last" one;
     # the pool's evaluation reads the eval simulations, so it reruns and shows whether they came back the same
     for lost in ["latents/shards/00000.safetensors", "explanations.jsonl", "scores.jsonl", "simulations/eval",
                  "eval_all.json", "eval_pool.json"]:
         shutil.rmtree(out / lost) if (out / lost).is_dir() else (out / lost).unlink()
-    monkeypatch.setenv("NL_REWRITE_CACHE", str(smoke_run.cache))
-    assert main(["run", "--preset", "smoke", "--out", str(out), "--ray"]) == 0
+    monkeypatch.setenv("NL_REWRITE_CACHE", str(tiny_run.cache))
+    assert main(["run", *TINY_RUN, "--out", str(out), "--ray"]) == 0
     data = json.loads((out / "results.json").read_text())
     assert {"latent_cache", "explain", "score", "simulate_eval", "evaluate_eval_all", "evaluate_eval_pool"} <= \
         set(data["stage_seconds"]), "every removed stage ran again"
-    before = [json.loads(line)["text"] for line in (smoke_run.out / "explanations.jsonl").read_text().splitlines()]
+    before = [json.loads(line)["text"] for line in (tiny_run.out / "explanations.jsonl").read_text().splitlines()]
     after = [json.loads(line)["text"] for line in (out / "explanations.jsonl").read_text().splitlines()]
     assert sorted(after) == sorted(before)
-    blocks = {"all": (smoke_run.results["modes"]["all"], data["modes"]["all"]),
-              "pool": (smoke_run.results["pool_run"], data["pool_run"])}
+    blocks = {"all": (tiny_run.results["modes"]["all"], data["modes"]["all"]),
+              "pool": (tiny_run.results["pool_run"], data["pool_run"])}
     for block, (before_block, after_block) in blocks.items():
         expect, got = before_block["conditions"], after_block["conditions"]
         assert expect.keys() == got.keys()

@@ -92,10 +92,10 @@ def _looks_like_hub_id(name: str) -> bool:
 
 
 def _is_local_source(name: str) -> bool:
-    from nl_rewrite.model.loading import EMBEDDED
+    from nl_rewrite.model.loading import EMBEDDED, TINY_SMOLLM2
 
     path = Path(name)
-    return name in EMBEDDED or (path.suffix == ".gguf" and path.is_file()) or (path / "tokenizer_config.json").is_file()
+    return name in EMBEDDED or name == TINY_SMOLLM2 or (path.suffix == ".gguf" and path.is_file()) or (path / "tokenizer_config.json").is_file()
 
 
 @functools.lru_cache(maxsize=8)

@@ -118,6 +118,11 @@ def _hf_dir_for(name: str) -> tuple[Path | str, str]:
 
 TINY_HF = "tiny-llama"
 """The name :func:`load_hf` gives :func:`tiny_hf`'s random model, for unit tests of code that loads by name."""
+TINY_SMOLLM2 = "tiny-smollm2"
+"""A random 2-layer Llama (d_model 64) with SmolLM2's real tokenizer, loadable by name everywhere a model is
+(``--model tiny-smollm2``, ``--llm embedded:tiny-smollm2``): the whole pipeline's plumbing in seconds, on real
+text tokenised as the real model tokenises it. Its outputs mean nothing; use it to check wiring, never results."""
+TINY_SHAPE = dict(n_layers=2, d_model=64, d_mlp=128, seed=0)
 
 
 def load_hf(name: str = DEFAULT_MODEL):
@@ -126,6 +131,9 @@ def load_hf(name: str = DEFAULT_MODEL):
 
     if name == TINY_HF:
         return tiny_hf()
+    if name == TINY_SMOLLM2:
+        _hf_dir_for(DEFAULT_MODEL)  # converted once per cache: its tokenizer then loads in 0.4 s, not 7.5 s from GGUF
+        return tiny_hf(**TINY_SHAPE, tokenizer=load_tokenizer(DEFAULT_MODEL))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     hf_dir, _ = _hf_dir_for(name)
     try:
@@ -142,6 +150,10 @@ def load_tokenizer(name: str = DEFAULT_MODEL):
     """Only the tokenizer of ``name`` (same names as :func:`load_hf`); a GGUF is read without converting it."""
     from transformers import AutoTokenizer
 
+    if name == TINY_HF:
+        return tiny_tokenizer()
+    if name == TINY_SMOLLM2:
+        name = DEFAULT_MODEL
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = Path(name)
     if name in EMBEDDED and not (cache_dir() / "models" / name / "config.json").is_file():
@@ -169,7 +181,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu"):
     from transformer_lens.model_bridge import TransformerBridge
 
     hf, tok = load_hf(name)
-    _, tl_name = _hf_dir_for(name)
+    tl_name = TINY_HF if name in (TINY_HF, TINY_SMOLLM2) else _hf_dir_for(name)[1]
     bridge = TransformerBridge.boot_transformers(tl_name, hf_model=hf, tokenizer=tok, device=device)
     bridge.eval()
     bridge.nl_rewrite_name = name  # type: ignore[attr-defined]  # for manifests and cache keys
@@ -188,15 +200,16 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="<unk>", pad_token="<unk>")
 
 
-def tiny_hf(n_layers: int = 2, d_model: int = 32, d_mlp: int = 64, seed: int = 0):
-    """A randomly initialised Llama-style HF causal LM and its character-level tokenizer: ``(model, tokenizer)``."""
+def tiny_hf(n_layers: int = 2, d_model: int = 32, d_mlp: int = 64, seed: int = 0, tokenizer=None):
+    """A randomly initialised Llama-style HF causal LM and its tokenizer (default: character-level):
+    ``(model, tokenizer)``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = tiny_tokenizer()
+    tok = tokenizer if tokenizer is not None else tiny_tokenizer()
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=len(tok.get_vocab()), hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
     )
     hf = LlamaForCausalLM(cfg)
     hf.config.architectures = ["LlamaForCausalLM"]

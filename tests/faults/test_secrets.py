@@ -9,19 +9,22 @@ import threading
 
 import pytest
 
+from helpers import TINY_RUN
 from nl_rewrite.cli.main import main
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.acceptance
 
 KEY = "sk-secret-run-9f8e7d6c5b4a"
 
 
-def test_the_key_never_leaves_the_process(tmp_cache, tmp_path, monkeypatch, caplog, capsys, smoke_run):
+def test_the_key_never_leaves_the_process(tmp_cache, tmp_path, monkeypatch, caplog, capsys, tiny_run):
     from nl_rewrite.llm.embedded import EmbeddedBackend
     from nl_rewrite.llm.server import make_server
 
-    shutil.copytree(smoke_run.cache / "coders", tmp_cache / "coders")  # its transcoder: no key is involved in training
+    shutil.copytree(tiny_run.cache / "coders", tmp_cache / "coders")  # its transcoder: no key is involved in training
 
+    # the served LLM is the real SmolLM2: detection scoring over HTTP reads " Yes"/" No" from the top log-probs,
+    # which a random model's flat distribution never ranks; the subject model is the tiny one
     server = make_server(EmbeddedBackend("smollm2-135m"), "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
@@ -29,7 +32,7 @@ def test_the_key_never_leaves_the_process(tmp_cache, tmp_path, monkeypatch, capl
     out = tmp_path / "run"
     with caplog.at_level(logging.DEBUG):
         # one position mode on half the eval windows: every kind of stage still runs and writes, at about half the cost
-        code = main(["run", "--preset", "smoke", "--out", str(out), "--llm", f"openai:smollm2-135m@{url}",
+        code = main(["run", *TINY_RUN, "--out", str(out), "--llm", f"openai:smollm2-135m@{url}",
                      "--position-modes", "all", "--eval-windows", "4"])
     server.shutdown()
     printed = capsys.readouterr()
