@@ -1,9 +1,13 @@
-"""Evaluator throughput: reusing the clean pass's residual at the patched layer vs recomputing every layer.
+"""Evaluator throughput at the default layer: full recompute, the clean pass's residual reused from the patch point,
+and that plus several conditions stacked along the batch in one forward pass (the default).
 
-Both paths evaluate the same conditions on the same windows in the same process, interleaved, taking the
-minimum of ``--repeats`` wall times (the machine is shared). Also checks the two give the same numbers.
+The conditions mirror a run's: two ablations of the MLP's output and ``--conditions - 2`` transcoder-shaped
+replacements reading the MLP's input (a random 4096-latent TopK coder; its cost is the blocks after it, not its
+weights). All modes evaluate the same conditions on the same windows in one process, interleaved, taking the minimum
+of ``--repeats`` wall times (the machine is shared), and must give the same numbers. Peak RSS is read after each
+mode's first repeat, in the order full → reuse → stacked, so each increase is what that mode added.
 
-Usage: python benchmarks/evaluate_throughput.py [--windows 32] [--layer 10] [--conditions 8]
+Usage: python benchmarks/evaluate_throughput.py [--windows 32] [--layer 10] [--conditions 24] [--stack 4]
 Last line of stdout: one JSON object.
 """
 
@@ -16,11 +20,16 @@ import time
 
 import torch
 
-from nl_rewrite.data.windows import token_windows
-from nl_rewrite.evaluation.evaluator import Evaluator
-from nl_rewrite.model.loading import load_model
-from nl_rewrite.replacements import MeanReplacement, ZeroReplacement
+from nl_rewrite.coders.sparse_coder import CoderConfig, SparseCoder
 from nl_rewrite.coders.train import DEFAULT_LAYER
+from nl_rewrite.data.windows import token_windows
+from nl_rewrite.evaluation.evaluator import DEFAULT_STACK, Evaluator
+from nl_rewrite.model.loading import load_model
+from nl_rewrite.replacements import MeanReplacement, TranscoderReplacement, ZeroReplacement
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:
@@ -28,35 +37,47 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=32)
     parser.add_argument("--window", type=int, default=32)
     parser.add_argument("--layer", type=int, default=DEFAULT_LAYER)
-    parser.add_argument("--conditions", type=int, default=8, help="replacements evaluated per run (the clean pass is shared)")
+    parser.add_argument("--conditions", type=int, default=24, help="replacements per run (the clean pass is shared)")
+    parser.add_argument("--stack", type=int, default=DEFAULT_STACK, help="conditions per forward pass when stacked")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(2)
     model = load_model("smollm2-135m")
     windows = token_windows(model, "eval", window=args.window, max_windows=args.windows)
-    site = f"mlp_out.{args.layer}"
     d = model.cfg.d_model
-    reps = [ZeroReplacement(site, name="zero")] + [MeanReplacement(site, torch.full((d,), 0.01 * i), name=f"m{i}")
-                                                   for i in range(args.conditions - 1)]
-    best = {"reuse": float("inf"), "full": float("inf")}
-    results = {}
-    for _ in range(args.repeats):
-        for mode in best:  # interleaved, so drift in machine load hits both paths alike
-            evaluator = Evaluator(model, windows, batch_size=8, progress=False, reuse_prefix=mode == "reuse")
+    site = f"mlp_out.{args.layer}"
+    coder = SparseCoder(CoderConfig(d_in=d, d_out=d, n_latents=4096, k=32, read_site=f"mlp_in.{args.layer}",
+                                    write_site=site, model="smollm2-135m"), seed=0)
+    reps = [ZeroReplacement(site, name="zero"), MeanReplacement(site, torch.full((d,), 0.01), name="mean")]
+    reps += [TranscoderReplacement(coder, name=f"tc{i}") for i in range(args.conditions - 2)]
+    modes = {"full": dict(reuse_prefix=False, stack=1), "reuse": dict(reuse_prefix=True, stack=1),
+             "stacked": dict(reuse_prefix=True, stack=args.stack)}
+    best = {mode: float("inf") for mode in modes}
+    results, rss = {}, {"start": peak_rss_mb()}
+    for repeat in range(args.repeats):
+        for mode, options in modes.items():  # interleaved, so drift in machine load hits every mode alike
+            evaluator = Evaluator(model, windows, batch_size=8, progress=False, **options)
             start = time.perf_counter()
             results[mode] = evaluator.run(reps)
             best[mode] = min(best[mode], time.perf_counter() - start)
-    max_diff = max(abs(a - b) for name in results["full"].ce for a, b in zip(results["full"].ce[name],
-                                                                              results["reuse"].ce[name]))
+            if repeat == 0:
+                rss[mode] = peak_rss_mb()
+
+    def max_diff(mode: str, metric: str) -> float:
+        ref, got = getattr(results["full"], metric), getattr(results[mode], metric)
+        return max(abs(a - b) for name in ref for a, b in zip(ref[name], got[name]))
+
     n_tokens = windows.tokens.numel()
     print(json.dumps({
-        "benchmark": "evaluate_throughput", "model": "smollm2-135m", "layer": args.layer, "threads": torch.get_num_threads(),
-        "tokens": n_tokens, "conditions": len(reps),
-        "full_recompute_tokens_per_s_per_condition": n_tokens * len(reps) / best["full"],
-        "prefix_reuse_tokens_per_s_per_condition": n_tokens * len(reps) / best["reuse"],
-        "speedup": best["full"] / best["reuse"], "max_abs_ce_difference": max_diff,
-        "seconds_full": best["full"], "seconds_reuse": best["reuse"],
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "benchmark": "evaluate_throughput", "model": "smollm2-135m", "layer": args.layer,
+        "threads": torch.get_num_threads(), "windows": len(windows), "tokens": n_tokens, "conditions": len(reps),
+        "stack": args.stack, **{f"seconds_{mode}": round(s, 2) for mode, s in best.items()},
+        "speedup_reuse_vs_full": round(best["full"] / best["reuse"], 3),
+        "speedup_stacked_vs_full": round(best["full"] / best["stacked"], 3),
+        "speedup_stacked_vs_reuse": round(best["reuse"] / best["stacked"], 3),
+        "max_abs_ce_difference_reuse": max_diff("reuse", "ce"), "max_abs_ce_difference_stacked": max_diff("stacked", "ce"),
+        "max_abs_kl_difference_stacked": max_diff("stacked", "kl"),
+        "peak_rss_mb": {k: round(v) for k, v in rss.items()},
     }))
 
 

@@ -6,7 +6,10 @@ Loads the cached default transcoder (training it first if absent), then for ``ev
 - FVU of the transcoder's mlp_out prediction, mean L0, and the fraction of latents that never fire on a larger
   sample (``--dead-windows``).
 
-Usage: python benchmarks/transcoder_quality.py [--windows 96] [--layer 15]
+With ``--tokens``, ``--passes`` or ``--lr``, it trains a candidate with those settings (the rest the default's) into
+``--out`` instead, and reports its training seconds beside its quality: how to measure a new default before making it.
+
+Usage: python benchmarks/transcoder_quality.py [--windows 96] [--layer 10] [--tokens 200k --passes 4 --out DIR]
 Last line of stdout: one JSON object.
 """
 
@@ -25,7 +28,8 @@ from nl_rewrite.model.loading import load_model, prepend_bos_for
 from nl_rewrite.replacements.baselines import ZeroReplacement
 from nl_rewrite.replacements.coders import TranscoderReplacement, ZeroLatentsReplacement
 from nl_rewrite.coders.sparse_coder import SparseCoder
-from nl_rewrite.coders.train import DEFAULT_LAYER, default_transcoder, site_activations
+from nl_rewrite.coders.train import (DEFAULT_BUFFER_PASSES, DEFAULT_LAYER, TrainConfig, default_transcoder,
+                                     site_activations, train)
 
 
 @torch.no_grad()
@@ -70,14 +74,25 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=DEFAULT_LAYER)
     parser.add_argument("--windows", type=int, default=96, help="evaluation windows (64 tokens each) per split")
     parser.add_argument("--dead-windows", type=int, default=512, help="windows (64 tokens) scanned for dead latents")
+    parser.add_argument("--tokens", default=None, help="train a candidate on this many model tokens (e.g. 200k)")
+    parser.add_argument("--passes", type=int, default=None, help="the candidate's optimiser passes per buffer")
+    parser.add_argument("--lr", type=float, default=None, help="the candidate's learning rate")
+    parser.add_argument("--out", default="runs/transcoder_candidate", help="the candidate's folder")
     args = parser.parse_args()
     torch.set_num_threads(2)
     model = load_model(args.model)
     start = time.perf_counter()
-    coder = default_transcoder(args.model, args.layer, model=model)
+    candidate = {k: v for k, v in (("tokens", args.tokens), ("buffer_passes", args.passes), ("lr", args.lr))
+                 if v is not None}
+    if candidate:
+        cfg = TrainConfig(model=args.model, layer=args.layer, out=args.out,
+                          **{"buffer_passes": DEFAULT_BUFFER_PASSES, **candidate})
+        coder = train(cfg, model=model)
+    else:
+        coder = default_transcoder(args.model, args.layer, model=model)
     train_seconds = time.perf_counter() - start
     out = {"model": args.model, "site": coder.cfg.write_site, "width": coder.cfg.n_latents, "k": coder.cfg.k,
-           "seconds_to_get_coder": round(train_seconds, 1)}
+           "candidate": candidate, "seconds_to_get_coder": round(train_seconds, 1)}
     for split in ("eval", "eval_ood"):
         t = time.perf_counter()
         out[split] = evaluate_split(model, coder, split, args.windows, args.model, args.dead_windows)

@@ -29,6 +29,32 @@ def empty_cache(root: Path) -> Path:
     return root
 
 
+def record_real_model_loads() -> list[str]:
+    """Wrap :func:`nl_rewrite.model.loading.load_hf` (which ``load_model`` and the embedded LLM backend call) so that
+    every embedded model it loads is appended to the returned list. Call before test modules import nl_rewrite."""
+    from nl_rewrite.model import loading
+
+    loads: list[str] = []
+    original = loading.load_hf
+
+    def load_hf(name: str = loading.DEFAULT_MODEL):
+        if name in loading.EMBEDDED:
+            loads.append(name)
+        return original(name)
+
+    loading.load_hf = load_hf
+    return loads
+
+
+def acceptance_error(nodeid: str, loads: list[str], marked: bool) -> str | None:
+    """Why a test may not load what it loaded, or None."""
+    if marked or not loads:
+        return None
+    return (f"{nodeid} loaded the real {', '.join(sorted(set(loads)))} but is not marked acceptance: check plumbing on "
+            f"the tiny model (tiny-smollm2, helpers.TINY_RUN, the tiny_run fixture), or mark it "
+            f"@pytest.mark.acceptance if the real model is the point (docs/architecture.md)")
+
+
 # ---- the whole pipeline on a tiny random model, for plumbing tests ---------------------------------------------
 
 TINY_RUN = ("--preset", "smoke", "--model", "tiny-smollm2", "--llm", "embedded:tiny-smollm2", "--layer", "1",

@@ -26,7 +26,7 @@ def make(layer, scale=0.5):
 '''
 
 
-@pytest.mark.slow
+@pytest.mark.acceptance
 def test_a_plugin_benchmarked_from_the_cli_matches_python_and_runs_compare(tmp_cache, tmp_path, smol, capsys):
     from nl_rewrite.data.windows import token_windows
     from nl_rewrite.evaluation.evaluator import Evaluator

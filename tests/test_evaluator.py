@@ -127,7 +127,7 @@ def test_duplicate_condition_names_rejected(tiny, windows):
         Evaluator(tiny, windows, progress=False).run([ZeroReplacement("mlp_out.0"), ZeroReplacement("mlp_out.1")])
 
 
-@pytest.mark.slow
+@pytest.mark.acceptance
 def test_real_model_zero_mean_identity(smol, tmp_cache):
     layer = 6
     windows = token_windows(smol, "eval", window=32, max_windows=16)
@@ -141,7 +141,7 @@ def test_real_model_zero_mean_identity(smol, tmp_cache):
     assert s["clean"].mean_ce < s["mean"].mean_ce < s["zero"].mean_ce
 
 
-@pytest.mark.slow
+@pytest.mark.acceptance
 def test_evaluate_cli_writes_results_and_split_manifest(tmp_cache, tmp_path):
     from nl_rewrite.cli.main import main
 
@@ -153,3 +153,33 @@ def test_evaluate_cli_writes_results_and_split_manifest(tmp_cache, tmp_path):
     assert data["references"] == {"zero_mlp": "zero_mlp"} and data["fingerprint_parts"]["suite"]["name"] == "custom"
     splits = json.loads((out / "splits.json").read_text())["splits"]
     assert not set(splits["eval"]) & set(splits["explain"])
+
+
+def test_stacked_conditions_give_the_numbers_of_one_at_a_time(tiny, windows):
+    """Conditions stacked along the batch (several sites, groups that do not fill a stack, window-dependent
+    replacements) give each condition's CE and KL as evaluating it alone does, in the order given."""
+    from helpers import make_coder
+    from nl_rewrite.replacements import TranscoderReplacement
+
+    coder = make_coder()
+    reps = [ZeroReplacement("mlp_out.1"), TranscoderReplacement(coder, name="tc"),
+            *[MeanReplacement("mlp_out.1", torch.full((32,), 0.1 * i), name=f"m{i}") for i in range(4)],
+            IdentityReplacement("mlp_out.0")]
+    alone = Evaluator(tiny, windows, batch_size=4, progress=False, stack=1).run(reps)
+    stacked = Evaluator(tiny, windows, batch_size=4, progress=False, stack=3).run(reps)
+    assert stacked.conditions == alone.conditions == ["clean", "zero", "tc", "m0", "m1", "m2", "m3", "identity"]
+    for name in alone.conditions:
+        assert stacked.ce[name] == pytest.approx(alone.ce[name], abs=1e-5), name
+        assert stacked.kl[name] == pytest.approx(alone.kl[name], abs=1e-6), name
+
+
+def test_stacking_replacements_of_different_sites_is_refused(tiny, windows):
+    from nl_rewrite.replacements.base import BatchInfo, attached_together
+
+    batch = BatchInfo(windows.tokens[:2], torch.arange(2))
+    with pytest.raises(ValueError, match="share their read and write sites"):
+        with attached_together(tiny, [ZeroReplacement("mlp_out.1"), ZeroReplacement("mlp_out.0")], batch):
+            pass
+    with pytest.raises(ShapeMismatchError, match="repeated once per replacement"):
+        with attached_together(tiny, [ZeroReplacement("mlp_out.1"), IdentityReplacement("mlp_out.1")], batch):
+            tiny(windows.tokens[:2])

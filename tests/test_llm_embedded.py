@@ -8,7 +8,7 @@ import torch
 from nl_rewrite.errors import LLMError
 from nl_rewrite.llm.base import ChatRequest, ScoreRequest
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.acceptance
 
 PREFIX = "For each word, rate from 0 to 9 how much it is about animals.\n" * 4
 SEGMENTS = ("cat\t", "8\n", "the\t", "0\n", "horse\t")

@@ -305,7 +305,7 @@ def _url_of(proc: subprocess.Popen, deadline: float) -> str:
     pytest.fail(f"`nl-rewrite serve` did not start listening within {SERVE_TIMEOUT} s")
 
 
-@pytest.mark.slow
+@pytest.mark.acceptance
 def test_killing_one_of_two_served_models_mid_run(tmp_cache):
     procs = [_serve(), _serve()]
     try:

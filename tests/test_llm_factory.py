@@ -27,7 +27,7 @@ def test_openai_spec_falls_back_to_environment(monkeypatch):
     assert make_backend("openai:@http://h:1/v1").base_url == "http://h:1/v1"
 
 
-@pytest.mark.slow
+@pytest.mark.acceptance
 def test_embedded_spec(tmp_cache):
     backend = make_backend("embedded", reuse_prefix=False)
     assert backend.backend_id == "embedded:smollm2-135m" and backend.reuse_prefix is False

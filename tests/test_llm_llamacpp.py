@@ -6,15 +6,17 @@ names, ``auto`` settles the score mode, the explainer's prefill must be continue
 
 from __future__ import annotations
 
+import math
+
 import pytest
+import torch
 
 from nl_rewrite.llm import llamacpp
 from nl_rewrite.llm.base import ScoreRequest
 from nl_rewrite.llm.openai_backend import OpenAIBackend
-from nl_rewrite.interp.backend_parity import compare_backends
 from nl_rewrite.errors import LLMError
 
-pytestmark = [pytest.mark.external, pytest.mark.slow,
+pytestmark = [pytest.mark.external, pytest.mark.acceptance,
               pytest.mark.skipif(not llamacpp.available(), reason='llama-cpp-python is not installed: pip install '
                                  '-c constraints.txt -e ".[llamacpp]" (compiles llama.cpp, ~10 min)')]
 
@@ -39,15 +41,34 @@ def embedded():
     return EmbeddedBackend("smollm2-135m")
 
 
-def test_default_settings_score_like_the_embedded_backend(server, gguf, embedded):
+LIKELY = math.log(0.05)
+"""Choices the embedded backend gives at least 5% are compared; rarer ones carry quantisation noise, not signal."""
+TOLERANCE = {"detection": 0.3, "simulation": 0.5}
+"""Largest |log-prob difference| allowed at a read point. llama.cpp runs the Q4_1 weights with 8-bit activations, the
+embedded backend the de-quantised fp32 weights; measured with compare_backends: 0.145 (detection), 0.288-1.46
+(simulation, the largest on digits under 5%) (docs/llm.md)."""
+
+
+def test_default_settings_give_the_embedded_backends_logprobs_at_every_read_point(server, gguf, embedded):
+    """A few prompts, compared log-prob by log-prob at their read points (detection: " Yes"/" No" after one prompt
+    per text; simulation: the ten digits after every token of one window, all at once)."""
+    from nl_rewrite.interp.backend_parity import PROBE_EXPLANATIONS, PROBE_TEXTS
+    from nl_rewrite.interp.score import ScoreConfig, detection_requests
+    from nl_rewrite.interp.simulate import SimulationItem, Simulator
+
     backend = OpenAIBackend(server, gguf, concurrency=2)
     assert backend.template is not None  # found in the GGUF the server names
-    tokenize = lambda text: [embedded.tokenizer.decode([i])  # noqa: E731
-                             for i in embedded.tokenizer(text, add_special_tokens=False).input_ids]
-    report = compare_backends(embedded, backend, tokenize)
-    for kind in ("all_at_once", "paper", "detection"):
-        assert report[kind]["pearson"] >= 0.95, (kind, report)
-        assert report[kind]["unknown"] <= report[kind]["n"] // 20, (kind, report)
+    tokens = [embedded.tokenizer.decode([i]) for i in embedded.tokenizer(PROBE_TEXTS[0], add_special_tokens=False).input_ids]
+    requests = {"detection": detection_requests(PROBE_EXPLANATIONS[0], PROBE_TEXTS, ScoreConfig()),
+                "simulation": Simulator(embedded, "all_at_once").requests(SimulationItem(PROBE_EXPLANATIONS[0],
+                                                                                         tuple(tokens)))}
+    for kind, batch in requests.items():
+        for want, got in zip(embedded.score(batch), backend.score(batch)):
+            assert got.shape == want.shape, kind
+            compared = (want >= LIKELY) & torch.isfinite(got)
+            assert compared.any(dim=1).all(), f"{kind}: a read point where llama.cpp returned no likely choice"
+            worst = float((want - got).abs()[compared].max())
+            assert worst <= TOLERANCE[kind], f"{kind}: log-probs differ by up to {worst:.3f} at a read point"
     assert backend.score_mode == "per_read"  # llama.cpp's echo drops special tokens: the probe refuses it
 
 

@@ -58,7 +58,7 @@ def _assert_matches_embedded(remote: list[torch.Tensor], local: list[torch.Tenso
             assert row_e[~known].exp().sum() <= 0.101 * row_e[known].exp().sum()
 
 
-@pytest.mark.slow
+@pytest.mark.acceptance
 def test_echo_scores_match_the_embedded_backend(served, embedded):
     backend = OpenAIBackend(served, "smollm2-135m")
     remote = backend.score(REQUESTS)
@@ -66,20 +66,20 @@ def test_echo_scores_match_the_embedded_backend(served, embedded):
     _assert_matches_embedded(remote, embedded.score(REQUESTS))
 
 
-@pytest.mark.slow
+@pytest.mark.acceptance
 def test_per_read_scores_match_the_embedded_backend(served, embedded):
     backend = OpenAIBackend(served, "smollm2-135m", score_mode="per_read", concurrency=2)
     _assert_matches_embedded(backend.score(REQUESTS), embedded.score(REQUESTS))
 
 
-@pytest.mark.slow
+@pytest.mark.acceptance
 def test_read_point_inside_a_server_token_is_named(served):
     backend = OpenAIBackend(served, "smollm2-135m", score_mode="echo")
     with pytest.raises(LLMError, match="falls inside the server's token"):
         backend.score([ScoreRequest(PREFIX, ("hor", "se\t"), (0,))])  # "horse" is one token
 
 
-@pytest.mark.slow
+@pytest.mark.acceptance
 def test_auto_reads_a_point_inside_a_server_token_per_read(served, embedded):
     backend = OpenAIBackend(served, "smollm2-135m")
     split = [ScoreRequest(PREFIX, ("hor", "se\t"), (0, 1))]  # "horse" is one token: "hor" ends inside it
@@ -88,7 +88,7 @@ def test_auto_reads_a_point_inside_a_server_token_per_read(served, embedded):
     assert remote[-1].shape == (2, 10) and torch.isfinite(remote[-1][1]).any()  # read per-read, not refused
 
 
-@pytest.mark.slow
+@pytest.mark.acceptance
 def test_chat_over_http_returns_the_embedded_reply(served, embedded):
     request = ChatRequest((("user", "Name one animal."),), max_tokens=10, prefill="My answer is:")
     remote = OpenAIBackend(served, "smollm2-135m").chat([request])
@@ -157,7 +157,7 @@ def test_bad_settings_are_rejected():
         OpenAIBackend("http://x/v1", "m", concurrency=0)
 
 
-@pytest.mark.slow
+@pytest.mark.acceptance
 def test_serve_command_answers_models_and_chat(tmp_cache):
     """The CLI end to end: `nl-rewrite serve` in a subprocess, then plain HTTP and the OpenAI backend."""
     port = _free_port()

@@ -19,7 +19,7 @@ from nl_rewrite.llm.sglang_backend import SGLangBackend
 from nl_rewrite.llm.token_layout import layout
 from nl_rewrite.interp.simulate import SimulationItem, Simulator
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.acceptance
 
 EXPLANATION = "words about money, taxes and debt"
 TOKENS = ("The", " government", " raised", " taxes", " and", " cut", " its", " debt", ".")

@@ -41,7 +41,7 @@ def test_tiny_model_is_deterministic():
         assert torch.equal(a(tokens), b(tokens))
 
 
-@pytest.mark.slow
+@pytest.mark.acceptance
 def test_bridge_logits_match_plain_transformers(smol):
     hf, tok = load_hf("smollm2-135m")
     tokens = torch.tensor([tok("The president spoke to Congress about the economy.")["input_ids"]])
@@ -51,3 +51,33 @@ def test_bridge_logits_match_plain_transformers(smol):
     diff = float((got - ref).abs().max())
     print(f"max abs logit diff bridge vs transformers: {diff:.3g}")
     assert diff < 1e-4
+
+
+def test_tiny_smollm2_has_the_real_tokenizer_and_fixed_weights(tmp_cache, real_model_loads):
+    from nl_rewrite.model.loading import TINY_SMOLLM2, load_tokenizer
+
+    a, b = load_model(TINY_SMOLLM2), load_model(TINY_SMOLLM2)
+    real = load_tokenizer("smollm2-135m")
+    text = "The Congress shall have power to lay and collect taxes."
+    assert a.tokenizer(text, add_special_tokens=False)["input_ids"] == real(text, add_special_tokens=False)["input_ids"]
+    assert a.cfg.d_vocab == len(real) and a.cfg.n_layers == 2
+    tokens = torch.tensor([real(text)["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(a(tokens), b(tokens))
+    assert real_model_loads == [], "the tiny model loads only SmolLM2's tokenizer, not its weights"
+
+
+def test_a_real_model_loaded_outside_acceptance_is_an_error_naming_the_fix():
+    from helpers import acceptance_error
+
+    assert acceptance_error("tests/x.py::t", [], marked=False) is None
+    assert acceptance_error("tests/x.py::t", ["smollm2-135m"], marked=True) is None
+    problem = acceptance_error("tests/x.py::t", ["smollm2-135m"], marked=False)
+    assert problem and "tests/x.py::t" in problem and "smollm2-135m" in problem
+    assert "tiny-smollm2" in problem and "acceptance" in problem
+
+
+@pytest.mark.acceptance
+def test_loading_an_embedded_model_is_recorded_for_that_check(real_model_loads):
+    load_hf("smollm2-135m")
+    assert real_model_loads == ["smollm2-135m"]

@@ -122,7 +122,7 @@ def test_end_to_end_with_fake_explainer_resumes_and_ranks(cache, tmp_path):
     assert scores[[s.latent for s in scores].index(ranked[0])].balanced_accuracy == max(s.balanced_accuracy for s in scores)
 
 
-@pytest.mark.slow
+@pytest.mark.acceptance
 def test_real_embedded_explain_and_score_then_cached_rerun(smol, tmp_cache):
     """Two latents of a (random) coder on SmolLM2, explained and scored by the embedded SmolLM2."""
     from nl_rewrite.data.windows import token_windows
@@ -162,7 +162,7 @@ def test_real_embedded_explain_and_score_then_cached_rerun(smol, tmp_cache):
     assert [s.to_dict() for s in scores2] == [s.to_dict() for s in scores]
 
 
-@pytest.mark.slow
+@pytest.mark.acceptance
 def test_cli_cache_explain_score(tmp_cache, capsys):
     """`nl-rewrite cache`, `explain` and `score` chained on SmolLM2 with a small saved coder."""
     from nl_rewrite.cli.main import main

@@ -141,7 +141,7 @@ def test_identity_changes_with_mode_and_backend():
     assert a == Simulator(TokenReadingBackend(), "all_at_once").identity
 
 
-@pytest.mark.slow
+@pytest.mark.acceptance
 def test_embedded_backend_gives_finite_scores_for_every_token(tmp_cache):
     from nl_rewrite.llm.embedded import EmbeddedBackend
 

@@ -82,7 +82,7 @@ def test_other_settings_in_folder_refused(tiny, tmp_path):
         train(tiny_cfg(tmp_path, tokens=512, width=64), model=tiny, windows=tokens, progress=False)
 
 
-@pytest.mark.slow
+@pytest.mark.acceptance
 def test_short_real_training_run(smol, tmp_cache):
     """A few hundred small steps on SmolLM2 layer 15 (width 512, batch 256, each buffer seen 3 times): loss falls
     and FVU < 1. 16k model tokens keep it well under a minute."""

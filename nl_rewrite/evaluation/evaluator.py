@@ -29,12 +29,14 @@ from nl_rewrite import io
 from nl_rewrite.data.windows import TokenWindows
 from nl_rewrite.evaluation.prefix import capture_block_inputs, first_layer, resume_reproduces, resumed_at
 from nl_rewrite.parallel.runner import InProcess, ShardRunner
-from nl_rewrite.replacements.base import BatchInfo, Replacement, replacement_names
+from nl_rewrite.replacements.base import BatchInfo, Replacement, attached_together, replacement_names
 from nl_rewrite.evaluation.stats import CIBounds, RatioCI, bootstrap_indices, mean_ci, paired_wilcoxon, ratio_ci
 
 log = logging.getLogger(__name__)
 CLEAN = "clean"
 PositionMode = Literal["all", "last"]
+DEFAULT_STACK = 4
+"""Conditions per forward pass from the patch point (benchmarks/evaluate_throughput.py measured the gain)."""
 POSITION_MODES: tuple[str, ...] = get_args(PositionMode)
 
 
@@ -145,11 +147,15 @@ class EvalResults:
 
 
 def token_ce_and_kl(logits: Float[Tensor, "batch pos vocab"], clean_logprobs: Float[Tensor, "batch pos vocab"],
-                    targets: Int[Tensor, "batch pos"]) -> tuple[Float[Tensor, "batch pos"], Float[Tensor, "batch pos"]]:
-    """Per-token cross-entropy of ``targets`` and KL(clean || patched)."""
+                    targets: Int[Tensor, "batch pos"], clean_probs: Float[Tensor, "batch pos vocab"] | None = None
+                    ) -> tuple[Float[Tensor, "batch pos"], Float[Tensor, "batch pos"]]:
+    """Per-token cross-entropy of ``targets`` and KL(clean || patched), in float32 whatever the logits' dtype.
+
+    ``clean_probs`` (``clean_logprobs.exp()``) is the same for every condition of a batch: pass it to compute it once."""
     logprobs = F.log_softmax(logits.float(), dim=-1)
     ce = -logprobs.gather(-1, targets[..., None]).squeeze(-1)
-    kl = (clean_logprobs.exp() * (clean_logprobs - logprobs)).sum(-1).clamp_min(0.0)
+    probs = clean_logprobs.exp() if clean_probs is None else clean_probs
+    kl = torch.einsum("bpv,bpv->bp", probs, clean_logprobs - logprobs).clamp_min(0.0)
     return ce, kl
 
 
@@ -157,12 +163,15 @@ class Evaluator:
     """Measures how far each replacement moves the model's next-token predictions on ``windows``."""
 
     def __init__(self, model, windows: TokenWindows, batch_size: int = 8, positions: str = "all",
-                 n_bootstrap: int = 1000, seed: int = 0, progress: bool = True, reuse_prefix: bool = True):
+                 n_bootstrap: int = 1000, seed: int = 0, progress: bool = True, reuse_prefix: bool = True,
+                 stack: int = DEFAULT_STACK):
         if positions not in POSITION_MODES:
             raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        self.model, self.windows, self.batch_size = model, windows, batch_size
+        if batch_size < 1 or stack < 1:
+            raise ValueError(f"batch_size and stack must be positive, got {batch_size} and {stack}")
+        self.model, self.windows, self.batch_size, self.stack = model, windows, batch_size, stack
+        """``stack``: conditions sharing a patch site run in one forward pass, the batch repeated once per condition
+        (``batch_size × stack`` rows from the patch point on); 1 runs them one at a time."""
         self.positions, self.n_bootstrap, self.seed, self.progress = positions, n_bootstrap, seed, progress
         self.reuse_prefix = reuse_prefix
         """Start each patched run at its first patched block from the clean pass's residual (same numbers, less work)."""
@@ -200,21 +209,32 @@ class Evaluator:
         with capture_block_inputs(self.model, starts) as resid:
             clean_logits = self.model(tokens)[:, scored]
         clean_logprobs = F.log_softmax(clean_logits.float(), dim=-1)
-        out = {CLEAN: token_ce_and_kl(clean_logits, clean_logprobs, targets)}
+        clean_probs = clean_logprobs.exp()
+        out = {CLEAN: token_ce_and_kl(clean_logits, clean_logprobs, targets, clean_probs)}
         batch = BatchInfo(tokens=tokens, window_ids=ids)
-        for rep in replacements:
-            out[rep.name] = token_ce_and_kl(self._patched_logits(rep, tokens, batch, patch_positions, resid)[:, scored],
-                                            clean_logprobs, targets)
-        return out
+        for group in self._stacks(replacements):
+            logits = self._patched_logits(group, tokens, batch, patch_positions, resid)
+            for rep, part in zip(group, logits.split(len(tokens))):
+                out[rep.name] = token_ce_and_kl(part[:, scored], clean_logprobs, targets, clean_probs)
+        return {name: out[name] for name in [CLEAN, *(rep.name for rep in replacements)]}
 
-    def _patched_logits(self, rep: Replacement, tokens: Tensor, batch: BatchInfo, positions: Tensor | None,
+    def _stacks(self, replacements: Sequence[Replacement]) -> list[list[Replacement]]:
+        """Replacements that can share a forward pass (same start layer and sites), at most ``stack`` per pass."""
+        groups: dict[tuple, list[Replacement]] = {}
+        for rep in replacements:
+            groups.setdefault((self._start_layer(rep), rep.read_site, rep.write_site), []).append(rep)
+        return [group[i:i + self.stack] for group in groups.values() for i in range(0, len(group), self.stack)]
+
+    def _patched_logits(self, group: list[Replacement], tokens: Tensor, batch: BatchInfo, positions: Tensor | None,
                         resid: dict[int, Tensor]) -> Tensor:
-        start = self._start_layer(rep)
-        with rep.attached(self.model, batch, positions=positions):
+        """The logits of every replacement in ``group`` on ``tokens``, stacked along the batch in group order."""
+        start = self._start_layer(group[0])
+        stacked = tokens.repeat(len(group), 1)
+        with attached_together(self.model, group, batch, positions):
             if start == 0:
-                return self.model(tokens)
-            with resumed_at(self.model, start, resid[start]):
-                return self.model(tokens)
+                return self.model(stacked)
+            with resumed_at(self.model, start, resid[start].repeat(len(group), 1, 1)):
+                return self.model(stacked)
 
     def run(self, replacements: Sequence[Replacement] = (), runner: ShardRunner | None = None) -> EvalResults:
         """Evaluate the clean model and every replacement on all windows; returns per-window means and summaries.

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from einops import rearrange
@@ -52,35 +52,60 @@ class Replacement(nn.Module):
         ``positions`` (optional sequence positions) restricts the patch to those positions; elsewhere the
         model keeps its own activation. The paper patched only the last token of each window.
         """
-        read_hook, write_hook = resolve(model, self.read_site), resolve(model, self.write_site)
-        stored: dict[str, Tensor] = {}
-
-        def read(act: Tensor, hook=None) -> Tensor:
-            stored["x"] = act
-            return act
-
-        def write(act: Tensor, hook=None) -> Tensor:
-            source = stored.pop("x") if read_hook != write_hook else act
-            out = self(source, batch)
-            if not isinstance(out, Tensor) or out.shape != act.shape:
-                got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-                raise ShapeMismatchError(
-                    f"replacement {self.name!r} returned shape {got} for site {self.write_site} "
-                    f"({write_hook}), which has shape {tuple(act.shape)}"
-                )
-            out = out.to(act.dtype)
-            if positions is not None:
-                keep = torch.ones(act.shape[1], dtype=torch.bool, device=act.device)
-                keep[positions] = False
-                out = torch.where(rearrange(keep, "pos -> 1 pos 1"), act, out)  # same positions in every row
-            return out
-
-        hooks = [(write_hook, write)] if read_hook == write_hook else [(read_hook, read), (write_hook, write)]
-        with model.hooks(fwd_hooks=hooks):
+        with attached_together(model, [self], batch, positions):
             yield
+
+    def patch(self, source: Tensor, act: Tensor, batch: BatchInfo, positions: Tensor | None) -> Tensor:
+        """What this replacement writes in place of ``act`` (the write site's own activation), given ``source``
+        (the read site's), checked against ``act``'s shape and restricted to ``positions``."""
+        out = self(source, batch)
+        if not isinstance(out, Tensor) or out.shape != act.shape:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ShapeMismatchError(f"replacement {self.name!r} returned shape {got} for site {self.write_site}, "
+                                     f"which has shape {tuple(act.shape)}")
+        out = out.to(act.dtype)
+        if positions is not None:
+            keep = torch.ones(act.shape[1], dtype=torch.bool, device=act.device)
+            keep[positions] = False
+            out = torch.where(rearrange(keep, "pos -> 1 pos 1"), act, out)  # same positions in every row
+        return out
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, read={self.read_site}, write={self.write_site}"
+
+
+@contextmanager
+def attached_together(model, replacements: "Sequence[Replacement]", batch: BatchInfo,
+                      positions: Tensor | None = None) -> Iterator[None]:
+    """Patch ``model`` with several replacements at once, stacked along the batch: the model runs on the batch's rows
+    repeated once per replacement, and replacement ``i`` patches rows ``[i·b, (i+1)·b)`` (``b`` = the batch's rows),
+    so one forward pass evaluates them all. They must share a read site and a write site; with a single replacement
+    this is :meth:`Replacement.attached`."""
+    first = replacements[0]
+    if any(r.read_site != first.read_site or r.write_site != first.write_site for r in replacements):
+        raise ValueError("replacements stacked in one forward pass must share their read and write sites; got "
+                         + ", ".join(f"{r.name} ({r.read_site} → {r.write_site})" for r in replacements))
+    read_hook, write_hook = resolve(model, first.read_site), resolve(model, first.write_site)
+    rows = batch.tokens.shape[0]
+    stored: dict[str, Tensor] = {}
+
+    def read(act: Tensor, hook=None) -> Tensor:
+        stored["x"] = act
+        return act
+
+    def write(act: Tensor, hook=None) -> Tensor:
+        source = stored.pop("x") if read_hook != write_hook else act
+        if act.shape[0] != rows * len(replacements):
+            raise ShapeMismatchError(f"{len(replacements)} stacked replacement(s) of a {rows}-row batch expect "
+                                     f"{rows * len(replacements)} rows at {write_hook}, got {act.shape[0]}: run the "
+                                     "model on the batch's tokens repeated once per replacement")
+        parts = [rep.patch(source[i * rows:(i + 1) * rows], act[i * rows:(i + 1) * rows], batch, positions)
+                 for i, rep in enumerate(replacements)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    hooks = [(write_hook, write)] if read_hook == write_hook else [(read_hook, read), (write_hook, write)]
+    with model.hooks(fwd_hooks=hooks):
+        yield
 
 
 def replacement_names(replacements: "list[Replacement]") -> list[str]:

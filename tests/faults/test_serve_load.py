@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.acceptance
 
 CLIENTS = 32
 SECONDS = 8.0
