@@ -1,5 +1,5 @@
-"""Benchmarking a user's replacement from the CLI on the real SmolLM2: same numbers as in Python, comparable runs
-merged, different suites refused."""
+"""Benchmarking a user's replacement from the CLI (on the tiny model: this is plumbing): same numbers as in Python,
+comparable runs merged, different suites refused."""
 
 import json
 import textwrap
@@ -26,27 +26,27 @@ def make(layer, scale=0.5):
 '''
 
 
-@pytest.mark.acceptance
-def test_a_plugin_benchmarked_from_the_cli_matches_python_and_runs_compare(tmp_cache, tmp_path, smol, capsys):
+def test_a_plugin_benchmarked_from_the_cli_matches_python_and_runs_compare(tmp_cache, tmp_path, capsys):
     from nl_rewrite.data.windows import token_windows
     from nl_rewrite.evaluation.evaluator import Evaluator
     from nl_rewrite.evaluation.suite import SUITES
-    from nl_rewrite.model.loading import prepend_bos_for
+    from nl_rewrite.model.loading import TINY_SMOLLM2, load_model, prepend_bos_for
 
     plugin = tmp_path / "scaled.py"
     plugin.write_text(textwrap.dedent(PLUGIN))
     runs = {name: tmp_path / name for name in ("half", "most", "custom", "cmp")}
-    common = ["evaluate", "--suite", "smoke", "--layer", "6"]
+    common = ["evaluate", "--suite", "smoke", "--model", TINY_SMOLLM2, "--layer", "1"]
     assert main([*common, "--replacement", f'{plugin}:make:{{"scale": 0.5}}', "--replacement", "zero",
                  "--out", str(runs["half"])]) == 0
     assert main([*common, "--replacement", f'{plugin}:make:{{"scale": 0.9}}', "--out", str(runs["most"])]) == 0
 
     data = json.loads((runs["half"] / "results.json").read_text())
     suite = SUITES["smoke"]
-    windows = token_windows(smol, "eval_ood", window=suite.window, max_windows=suite.windows, seed=suite.seed,
-                            prepend_bos=prepend_bos_for("smollm2-135m"))
+    model = load_model(TINY_SMOLLM2)
+    windows = token_windows(model, "eval_ood", window=suite.window, max_windows=suite.windows, seed=suite.seed,
+                            prepend_bos=prepend_bos_for(TINY_SMOLLM2))
     exec(textwrap.dedent(PLUGIN), namespace := {})
-    python = Evaluator(smol, windows, positions="last", progress=False).run([namespace["Scaled"](6, 0.5)])
+    python = Evaluator(model, windows, positions="last", progress=False).run([namespace["Scaled"](1, 0.5)])
     cli = data["blocks"]["eval_ood/last"]
     assert cli["ce"]["scaled0.5"] == pytest.approx(python.ce["scaled0.5"], abs=1e-5)
     assert cli["kl"]["scaled0.5"] == pytest.approx(python.kl["scaled0.5"], abs=1e-6)
@@ -55,10 +55,11 @@ def test_a_plugin_benchmarked_from_the_cli_matches_python_and_runs_compare(tmp_c
 
     assert main(["compare", str(runs["half"]), str(runs["most"]), "--out", str(runs["cmp"])]) == 0
     table = (runs["cmp"] / "compare.md").read_text()
-    assert "| scaled0.5 |" in table and "| scaled0.9 |" in table and "| zero@mlp_out.6 |" in table
+    assert "| scaled0.5 |" in table and "| scaled0.9 |" in table and "| zero@mlp_out.1 |" in table
     assert (runs["cmp"] / "compare.png").exists() and (runs["cmp"] / "compare.html").exists()
 
-    assert main(["evaluate", "--layer", "6", "--replacement", "zero", "--window", "16", "--max-windows", "6",
+    assert main(["evaluate", "--model", TINY_SMOLLM2, "--layer", "1", "--replacement", "zero", "--window", "16",
+                 "--max-windows", "6",
                  "--out", str(runs["custom"])]) == 0
     capsys.readouterr()
     assert main(["compare", str(runs["half"]), str(runs["custom"])]) == 2

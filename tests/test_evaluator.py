@@ -141,13 +141,12 @@ def test_real_model_zero_mean_identity(smol, tmp_cache):
     assert s["clean"].mean_ce < s["mean"].mean_ce < s["zero"].mean_ce
 
 
-@pytest.mark.acceptance
 def test_evaluate_cli_writes_results_and_split_manifest(tmp_cache, tmp_path):
     from nl_rewrite.cli.main import main
 
     out = tmp_path / "ev"
-    assert main(["evaluate", "--layer", "6", "--replacement", "zero", "--max-windows", "4", "--window", "16",
-                 "--out", str(out)]) == 0
+    assert main(["evaluate", "--model", "tiny-smollm2", "--layer", "1", "--replacement", "zero", "--max-windows", "4",
+                 "--window", "16", "--out", str(out)]) == 0
     data = json.loads((out / "results.json").read_text())
     assert data["blocks"]["eval/all"]["summaries"]["zero_mlp"]["kl_mean"] > 0
     assert data["references"] == {"zero_mlp": "zero_mlp"} and data["fingerprint_parts"]["suite"]["name"] == "custom"

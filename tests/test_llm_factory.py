@@ -27,10 +27,16 @@ def test_openai_spec_falls_back_to_environment(monkeypatch):
     assert make_backend("openai:@http://h:1/v1").base_url == "http://h:1/v1"
 
 
-@pytest.mark.acceptance
-def test_embedded_spec(tmp_cache):
-    backend = make_backend("embedded", reuse_prefix=False)
-    assert backend.backend_id == "embedded:smollm2-135m" and backend.reuse_prefix is False
+def test_embedded_spec(tmp_cache, monkeypatch):
+    from nl_rewrite.llm import embedded
+
+    backend = make_backend("embedded:tiny-smollm2", reuse_prefix=False)
+    assert backend.backend_id == "embedded:tiny-smollm2" and backend.reuse_prefix is False
+    built = []
+    monkeypatch.setattr(embedded.EmbeddedBackend, "__init__",
+                        lambda self, model, **kw: built.append(model) or setattr(self, "backend_id", "x"))
+    make_backend("embedded")
+    assert built == ["smollm2-135m"], "a bare 'embedded' is the embedded SmolLM2"
 
 
 def test_unknown_spec_is_named():

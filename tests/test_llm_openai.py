@@ -157,11 +157,12 @@ def test_bad_settings_are_rejected():
         OpenAIBackend("http://x/v1", "m", concurrency=0)
 
 
-@pytest.mark.acceptance
 def test_serve_command_answers_models_and_chat(tmp_cache):
-    """The CLI end to end: `nl-rewrite serve` in a subprocess, then plain HTTP and the OpenAI backend."""
+    """The CLI end to end: `nl-rewrite serve` (the tiny model) in a subprocess, then plain HTTP and the OpenAI
+    backend."""
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "nl_rewrite.cli.main", "serve", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "nl_rewrite.cli.main", "serve", "--port", str(port),
+                             "--model", "tiny-smollm2"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         for line in proc.stdout:
@@ -171,8 +172,8 @@ def test_serve_command_answers_models_and_chat(tmp_cache):
             pytest.fail("serve exited before listening")
         url = f"http://127.0.0.1:{port}/v1"
         with urllib.request.urlopen(url + "/models", timeout=30) as reply:
-            assert json.load(reply)["data"][0]["id"] == "smollm2-135m"
-        text = OpenAIBackend(url, "smollm2-135m").chat([ChatRequest((("user", "Say hi."),), max_tokens=5)])
+            assert json.load(reply)["data"][0]["id"] == "tiny-smollm2"
+        text = OpenAIBackend(url, "tiny-smollm2").chat([ChatRequest((("user", "Say hi."),), max_tokens=5)])
         assert text[0].strip()
     finally:
         proc.terminate()

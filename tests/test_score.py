@@ -162,21 +162,20 @@ def test_real_embedded_explain_and_score_then_cached_rerun(smol, tmp_cache):
     assert [s.to_dict() for s in scores2] == [s.to_dict() for s in scores]
 
 
-@pytest.mark.acceptance
 def test_cli_cache_explain_score(tmp_cache, capsys):
-    """`nl-rewrite cache`, `explain` and `score` chained on SmolLM2 with a small saved coder."""
+    """`nl-rewrite cache`, `explain` and `score` chained on the tiny model with a small saved coder."""
     from nl_rewrite.cli.main import main
     from nl_rewrite.coders.checkpoint import save_coder
     from nl_rewrite.coders.sparse_coder import CoderConfig, SparseCoder
 
-    save_coder(SparseCoder(CoderConfig(d_in=576, d_out=576, n_latents=1024, k=8, read_site="mlp_in.6",
-                                       write_site="mlp_out.6"), seed=0), tmp_cache / "coder")
+    save_coder(SparseCoder(CoderConfig(d_in=64, d_out=64, n_latents=256, k=8, read_site="mlp_in.1",
+                                       write_site="mlp_out.1", model="tiny-smollm2"), seed=0), tmp_cache / "coder")
     folder = tmp_cache / "latents"
     assert main(["cache", "--coder", str(tmp_cache / "coder"), "--max-windows", "40", "--out", str(folder),
                  "--shard-windows", "16"]) == 0
     assert "3 shards (3 computed now)" in capsys.readouterr().out
     small = ["--n-train", "4", "--n-heldout", "2", "--n-negatives", "2", "--n-bins", "2",
-             "--llm-cache", str(tmp_cache / "llm.sqlite")]
+             "--llm-cache", str(tmp_cache / "llm.sqlite"), "--backend", "embedded:tiny-smollm2"]
     assert main(["explain", "--cache", str(folder), "--latents", "1", "--select", "random", "--max-tokens", "16",
                  *small]) == 0
     assert "explanations" in capsys.readouterr().out and (folder / "explanations.jsonl").is_file()

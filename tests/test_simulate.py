@@ -141,11 +141,10 @@ def test_identity_changes_with_mode_and_backend():
     assert a == Simulator(TokenReadingBackend(), "all_at_once").identity
 
 
-@pytest.mark.acceptance
 def test_embedded_backend_gives_finite_scores_for_every_token(tmp_cache):
     from nl_rewrite.llm.embedded import EmbeddedBackend
 
-    backend = EmbeddedBackend("smollm2-135m")
+    backend = EmbeddedBackend("tiny-smollm2")  # plumbing: every read point gets a distribution over the digits
     tokens = ["The", " tax", " was", " raised", " in", " 1990", "."]
     scores = Simulator(backend, "all_at_once").simulate("numbers and years", tokens)
     assert scores.shape == (len(tokens),)
