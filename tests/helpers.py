@@ -37,10 +37,10 @@ def record_real_model_loads() -> list[str]:
     loads: list[str] = []
     original = loading.load_hf
 
-    def load_hf(name: str = loading.DEFAULT_MODEL):
+    def load_hf(name: str = loading.DEFAULT_MODEL, **options):
         if name in loading.EMBEDDED:
             loads.append(name)
-        return original(name)
+        return original(name, **options)
 
     loading.load_hf = load_hf
     return loads
