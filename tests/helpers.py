@@ -58,10 +58,10 @@ def acceptance_error(nodeid: str, loads: list[str], marked: bool) -> str | None:
 # ---- the whole pipeline on a tiny random model, for plumbing tests ---------------------------------------------
 
 TINY_RUN = ("--preset", "smoke", "--model", "tiny-smollm2", "--llm", "embedded:tiny-smollm2", "--layer", "1",
-            "--width", "256", "--train-tokens", "8000")
+            "--width", "256", "--train-tokens", "8000", "--pool", "8")
 """`nl-rewrite run` options for the plumbing run: every stage of the smoke preset, on ``tiny-smollm2`` (a random
-2-layer model with SmolLM2's real tokenizer) as subject model and as LLM, with a 256-latent transcoder. Add
-``--out``."""
+2-layer model with SmolLM2's real tokenizer) as subject model and as LLM, with a 256-latent transcoder and an LLM
+pool of 8 latents (two batches of explanations, so a stage can be cut between them). Add ``--out``."""
 
 
 # ---- a transcoder on the tiny model's MLP 1, and token windows for it ----------------------------------------

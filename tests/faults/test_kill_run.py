@@ -9,25 +9,39 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 from helpers import TINY_RUN, empty_cache
 
-KILL_AT = (("transcoder", 1.0, True), ("explain", 0.2, True), ("score", 0.0, False), ("simulate_explain", 0.2, True),
-           ("calibrate", 0.0, False), ("evaluate_eval_all", 1.0, True))
-"""(stage, seconds after its start, whether the kill must land before the stage ends) of a kill -9, in consecutive
-runs of one output folder: training, LLM calls, simulations and evaluation are under way when it lands (checked: the
-stage's "done" line must not have been logged); score and calibrate take milliseconds on the tiny model and are
-killed the moment they start. Caching latents is killed in tests/test_latents.py."""
+KILL_AT: tuple[tuple[str, float | str], ...] = (
+    ("transcoder", 1.0), ("explain", "explanations.jsonl"), ("score", 0.0),
+    ("simulate_explain", "simulations/explain/*/*.safetensors"), ("calibrate", 0.0), ("evaluate_eval_all", 1.0))
+"""(stage, when) of a kill -9, in consecutive runs of one output folder. ``when`` is seconds after the stage starts,
+or a file (a glob in the output folder) the stage writes part-way: the kill lands once the first batch of
+explanations or simulations is on disk, so the rerun must finish a half-written stage. Those kills, and the ones
+at 1 s into training and evaluation, must land inside their stage (checked: its "done" line must not have been
+logged). Score and calibrate take milliseconds on the tiny model and are killed the moment they start. Caching
+latents is killed in tests/test_latents.py."""
 VOLATILE = ("stage_seconds", "counts", "config")
 """Results keys that legitimately differ between runs: timings, cache hit counts, the output path."""
 
 
-def _run(out: Path, cache: Path, kill_at: str | None = None, delay: float = 0.0, inside: bool = False,
-         timeout: float = 300) -> int | None:
-    """``nl-rewrite run`` in a subprocess; with ``kill_at``, SIGKILL it ``delay`` seconds after that stage starts
-    (with ``inside``, fail if the stage had already finished). Returns the exit code, or None when it was killed."""
+def _wait_for(when: float | str, out: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
+    if isinstance(when, float):
+        time.sleep(when)
+        return
+    deadline = time.monotonic() + timeout
+    while not any(p.stat().st_size for p in out.glob(when)) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+def _run(out: Path, cache: Path, kill_at: str | None = None, when: float | str = 0.0, timeout: float = 300
+         ) -> int | None:
+    """``nl-rewrite run`` in a subprocess; with ``kill_at``, SIGKILL it at ``when`` in that stage (see KILL_AT),
+    failing if a kill meant to land inside the stage came after it ended. Returns the exit code, or None when it
+    was killed."""
     env = {**os.environ, "NL_REWRITE_CACHE": str(cache)}
     cmd = [sys.executable, "-m", "nl_rewrite.cli.main", "run", *TINY_RUN, "--out", str(out)]
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
@@ -37,12 +51,16 @@ def _run(out: Path, cache: Path, kill_at: str | None = None, delay: float = 0.0,
             if time.monotonic() > deadline:
                 raise TimeoutError(f"nl-rewrite run did not finish within {timeout} s")
             if kill_at and f"stage {kill_at} ..." in line:
-                time.sleep(delay)
+                logged: list[str] = []  # keep draining stderr while waiting, so the child never blocks on it
+                drain = threading.Thread(target=lambda: logged.extend(proc.stderr), daemon=True)  # type: ignore
+                drain.start()
+                _wait_for(when, out, proc)
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
-                after = proc.stderr.read()  # type: ignore[union-attr]  # what it logged before the kill landed
-                assert not (inside and f"stage {kill_at} done" in after), \
-                    f"stage {kill_at} finished within {delay} s: the kill did not land inside it"
+                drain.join(timeout=10)
+                inside = when != 0.0
+                assert not (inside and any(f"stage {kill_at} done" in entry for entry in logged)), \
+                    f"stage {kill_at} finished before the kill at {when!r}: the kill did not land inside it"
                 return None
         return proc.wait(timeout=60)
     finally:
@@ -57,8 +75,8 @@ def _stable(results: dict) -> dict:
 def test_kill_9_in_each_stage_then_rerun_gives_the_uninterrupted_results(tmp_path, tiny_run):
     reference = tiny_run.results  # the same options and seed, uninterrupted, from an empty cache
     out, cache = tmp_path / "killed", empty_cache(tmp_path / "cache_killed")
-    for stage, delay, inside in KILL_AT:
-        assert _run(out, cache, stage, delay, inside) is None, f"the run finished before stage {stage} began"
+    for stage, when in KILL_AT:
+        assert _run(out, cache, stage, when) is None, f"the run finished before stage {stage} began"
         assert not (out / "results.json").exists()
     assert _run(out, cache) == 0
     resumed = json.loads((out / "results.json").read_text())
