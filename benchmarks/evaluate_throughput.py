@@ -23,7 +23,7 @@ import torch
 from nl_rewrite.coders.sparse_coder import CoderConfig, SparseCoder
 from nl_rewrite.coders.train import DEFAULT_LAYER
 from nl_rewrite.data.windows import token_windows
-from nl_rewrite.evaluation.evaluator import DEFAULT_STACK, Evaluator
+from nl_rewrite.evaluation.evaluator import Evaluator
 from nl_rewrite.model.loading import load_model
 from nl_rewrite.replacements import MeanReplacement, TranscoderReplacement, ZeroReplacement
 
@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=32)
     parser.add_argument("--layer", type=int, default=DEFAULT_LAYER)
     parser.add_argument("--conditions", type=int, default=24, help="replacements per run (the clean pass is shared)")
-    parser.add_argument("--stack", type=int, default=DEFAULT_STACK, help="conditions per forward pass when stacked")
+    parser.add_argument("--stack", type=int, default=4, help="conditions per forward pass when stacked")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(2)

@@ -1,7 +1,7 @@
 """Shared fixtures: a tiny random bridge for unit tests, the real embedded model for end-to-end tests.
 
-Every test gets its own NL_REWRITE_CACHE so nothing leaks between tests, except the converted
-embedded model, which is linked from the user cache to avoid a 25 s GGUF conversion per session.
+Every test gets its own NL_REWRITE_CACHE so nothing leaks between tests, except what ``helpers.empty_cache`` links
+from the user cache: the converted embedded model (a 25 s GGUF conversion) and the tokenised corpus windows.
 """
 
 from __future__ import annotations

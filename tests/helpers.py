@@ -18,14 +18,21 @@ from nl_rewrite.coders.sparse_coder import CoderConfig, SparseCoder
 from nl_rewrite.data.windows import TokenWindows
 from nl_rewrite.llm.base import ChatRequest, ScoreRequest
 
+SHARED_CACHE_FOLDERS = ("models", "windows")
+"""User-cache folders every test cache links to: the converted embedded models (25 s each to convert) and the
+tokenised corpus windows (seconds per split), both keyed by their content and written atomically, so sharing them
+across tests cannot leak one test's state into another's."""
+
+
 def empty_cache(root: Path) -> Path:
-    """An empty nl_rewrite cache folder at ``root``, with the user cache's converted embedded models linked in."""
+    """An empty nl_rewrite cache folder at ``root``, with the user cache's :data:`SHARED_CACHE_FOLDERS` linked in."""
     from nl_rewrite.paths import cache_dir
 
-    real_models = cache_dir() / "models"
-    real_models.mkdir(parents=True, exist_ok=True)
     root.mkdir(parents=True)
-    (root / "models").symlink_to(real_models)
+    for name in SHARED_CACHE_FOLDERS:
+        real = cache_dir() / name
+        real.mkdir(parents=True, exist_ok=True)
+        (root / name).symlink_to(real)
     return root
 
 

@@ -279,7 +279,8 @@ SERVE_TIMEOUT = 45.0
 
 def _serve() -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two servers share two cores
-    return subprocess.Popen([sys.executable, "-m", "nl_rewrite.cli.main", "serve", "--port", "0"],
+    return subprocess.Popen([sys.executable, "-m", "nl_rewrite.cli.main", "serve", "--port", "0", "--model",
+                             "tiny-smollm2"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
@@ -305,7 +306,6 @@ def _url_of(proc: subprocess.Popen, deadline: float) -> str:
     pytest.fail(f"`nl-rewrite serve` did not start listening within {SERVE_TIMEOUT} s")
 
 
-@pytest.mark.acceptance
 def test_killing_one_of_two_served_models_mid_run(tmp_cache):
     procs = [_serve(), _serve()]
     try:
@@ -320,9 +320,9 @@ def test_killing_one_of_two_served_models_mid_run(tmp_cache):
                 procs[1].kill()
 
         options = {"concurrency": 2, "max_retries": 1, "timeout": 30.0, "check_repeat": False, "score_mode": "per_read"}
-        backend = OpenAIBackend([url_a, url_b], "smollm2-135m", **options)
+        backend = OpenAIBackend([url_a, url_b], "tiny-smollm2", **options)
         got = backend.score(requests, sink=kill_b_after_two)
-        expected = OpenAIBackend(url_a, "smollm2-135m", **options).score(requests)
+        expected = OpenAIBackend(url_a, "tiny-smollm2", **options).score(requests)
         for mine, theirs in zip(got, expected, strict=True):
             torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=0, equal_nan=True)
         assert sorted(answered) == list(range(len(requests)))

@@ -30,7 +30,7 @@ REQUESTS = [
 def embedded():
     from nl_rewrite.llm.embedded import EmbeddedBackend
 
-    return EmbeddedBackend("smollm2-135m")
+    return EmbeddedBackend("tiny-smollm2")
 
 
 @pytest.fixture(scope="module")
@@ -58,40 +58,35 @@ def _assert_matches_embedded(remote: list[torch.Tensor], local: list[torch.Tenso
             assert row_e[~known].exp().sum() <= 0.101 * row_e[known].exp().sum()
 
 
-@pytest.mark.acceptance
 def test_echo_scores_match_the_embedded_backend(served, embedded):
-    backend = OpenAIBackend(served, "smollm2-135m")
+    backend = OpenAIBackend(served, "tiny-smollm2")
     remote = backend.score(REQUESTS)
     assert backend.score_mode == "echo"  # auto-detected: our server honours echo
     _assert_matches_embedded(remote, embedded.score(REQUESTS))
 
 
-@pytest.mark.acceptance
 def test_per_read_scores_match_the_embedded_backend(served, embedded):
-    backend = OpenAIBackend(served, "smollm2-135m", score_mode="per_read", concurrency=2)
+    backend = OpenAIBackend(served, "tiny-smollm2", score_mode="per_read", concurrency=2)
     _assert_matches_embedded(backend.score(REQUESTS), embedded.score(REQUESTS))
 
 
-@pytest.mark.acceptance
 def test_read_point_inside_a_server_token_is_named(served):
-    backend = OpenAIBackend(served, "smollm2-135m", score_mode="echo")
+    backend = OpenAIBackend(served, "tiny-smollm2", score_mode="echo")
     with pytest.raises(LLMError, match="falls inside the server's token"):
         backend.score([ScoreRequest(PREFIX, ("hor", "se\t"), (0,))])  # "horse" is one token
 
 
-@pytest.mark.acceptance
 def test_auto_reads_a_point_inside_a_server_token_per_read(served, embedded):
-    backend = OpenAIBackend(served, "smollm2-135m")
+    backend = OpenAIBackend(served, "tiny-smollm2")
     split = [ScoreRequest(PREFIX, ("hor", "se\t"), (0, 1))]  # "horse" is one token: "hor" ends inside it
     remote = backend.score(REQUESTS + split)
     assert backend.score_mode == "echo" and backend.report.echo_fallbacks == 1
     assert remote[-1].shape == (2, 10) and torch.isfinite(remote[-1][1]).any()  # read per-read, not refused
 
 
-@pytest.mark.acceptance
 def test_chat_over_http_returns_the_embedded_reply(served, embedded):
     request = ChatRequest((("user", "Name one animal."),), max_tokens=10, prefill="My answer is:")
-    remote = OpenAIBackend(served, "smollm2-135m").chat([request])
+    remote = OpenAIBackend(served, "tiny-smollm2").chat([request])
     assert remote[0].strip() and remote == embedded.chat([request])
 
 

@@ -1,5 +1,6 @@
 """Remote backends against loopback servers that follow vLLM's, SGLang's and llama.cpp's documented response
-schemas (tests/schema_servers.py), computed by the same SmolLM2 weights as the embedded backend: scores must
+schemas (tests/schema_servers.py), computed by the same weights as the embedded backend (tiny-smollm2, which has
+SmolLM2's tokenizer and chat template; the real SmolLM2 where its own behaviour is the point): scores must
 agree with the embedded backend read point for read point, and every failure mode must be a clear error."""
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from nl_rewrite.llm.sglang_backend import SGLangBackend
 from nl_rewrite.llm.token_layout import layout
 from nl_rewrite.interp.simulate import SimulationItem, Simulator
 
-pytestmark = pytest.mark.acceptance
 
 EXPLANATION = "words about money, taxes and debt"
 TOKENS = ("The", " government", " raised", " taxes", " and", " cut", " its", " debt", ".")
@@ -29,7 +29,7 @@ TOKENS = ("The", " government", " raised", " taxes", " and", " cut", " its", " d
 def embedded():
     from nl_rewrite.llm.embedded import EmbeddedBackend
 
-    return EmbeddedBackend("smollm2-135m")
+    return EmbeddedBackend("tiny-smollm2")
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def _same_as_embedded(remote: list[torch.Tensor], local: list[torch.Tensor], ato
 @pytest.mark.parametrize("server", [("sglang", {})], indirect=True)
 def test_sglang_scores_equal_the_embedded_backend(server, embedded, requests_):
     srv, calls = server
-    backend = SGLangBackend(schema_servers.url(srv), "smollm2-135m", concurrency=2)
+    backend = SGLangBackend(schema_servers.url(srv), "tiny-smollm2", concurrency=2)
     remote = backend.score(requests_)
     assert all(bool(usable_rows(r).all()) and bool(torch.isfinite(r).all()) for r in remote)  # exact ids: no gaps
     _same_as_embedded(remote, embedded.score(requests_))
@@ -80,13 +80,13 @@ def test_sglang_scores_equal_the_embedded_backend(server, embedded, requests_):
 def test_sglang_chat_continues_the_prefill(server, embedded):
     srv, _ = server
     request = ChatRequest((("user", "Name one animal."),), max_tokens=8, prefill="My answer is:")
-    assert SGLangBackend(schema_servers.url(srv), "smollm2-135m").chat([request]) == embedded.chat([request])
+    assert SGLangBackend(schema_servers.url(srv), "tiny-smollm2").chat([request]) == embedded.chat([request])
 
 
 @pytest.mark.parametrize("server", [("vllm", {"max_logprobs": 20})], indirect=True)
 def test_vllm_prompt_logprobs_equal_the_embedded_backend(server, embedded, requests_):
     srv, calls = server
-    backend = OpenAIBackend(schema_servers.url(srv, "/v1"), "smollm2-135m", score_mode="prompt_logprobs",
+    backend = OpenAIBackend(schema_servers.url(srv, "/v1"), "tiny-smollm2", score_mode="prompt_logprobs",
                             top_logprobs=3, max_logprobs=20, concurrency=2)
     remote = backend.score(requests_)
     _same_as_embedded(remote, embedded.score(requests_))
@@ -100,7 +100,7 @@ def test_vllm_prompt_logprobs_equal_the_embedded_backend(server, embedded, reque
 @pytest.mark.parametrize("server", [("vllm", {"max_logprobs": 5})], indirect=True)
 def test_vllm_limit_above_the_server_cap_is_a_clear_error(server, requests_):
     srv, _ = server
-    backend = OpenAIBackend(schema_servers.url(srv, "/v1"), "smollm2-135m", score_mode="prompt_logprobs",
+    backend = OpenAIBackend(schema_servers.url(srv, "/v1"), "tiny-smollm2", score_mode="prompt_logprobs",
                             top_logprobs=20, max_retries=3)
     with pytest.raises(LLMError, match="HTTP 400.*greater than max allowed: 5"):
         backend.score(requests_[:1])
@@ -109,7 +109,7 @@ def test_vllm_limit_above_the_server_cap_is_a_clear_error(server, requests_):
 @pytest.mark.parametrize("server", [("llamacpp", {})], indirect=True)
 def test_auto_refuses_a_misaligned_echo_and_reads_per_point(server, embedded, requests_, caplog):
     srv, _ = server
-    backend = OpenAIBackend(schema_servers.url(srv, "/v1"), "smollm2-135m", concurrency=2)
+    backend = OpenAIBackend(schema_servers.url(srv, "/v1"), "tiny-smollm2", concurrency=2)
     with caplog.at_level(logging.INFO, logger="nl_rewrite.llm.openai_backend"):
         remote = backend.score(requests_[:2])
     assert backend.score_mode == "per_read"
@@ -134,7 +134,7 @@ def test_echo_one_position_off_is_caught_by_the_probe(server, embedded, monkeypa
 @pytest.mark.parametrize("server", [("llamacpp", {})], indirect=True)
 def test_explicit_echo_on_a_misaligned_server_is_refused(server, requests_):
     srv, _ = server
-    backend = OpenAIBackend(schema_servers.url(srv, "/v1"), "smollm2-135m", score_mode="echo")
+    backend = OpenAIBackend(schema_servers.url(srv, "/v1"), "tiny-smollm2", score_mode="echo")
     with pytest.raises(LLMError, match="would read the wrong tokens"):
         backend.score(requests_[:1])
 
@@ -142,17 +142,21 @@ def test_explicit_echo_on_a_misaligned_server_is_refused(server, requests_):
 @pytest.mark.parametrize("server", [("llamacpp", {"logits_all": False})], indirect=True)
 def test_unsupported_logprobs_fail_at_once_with_the_servers_message(server, requests_):
     srv, calls = server
-    backend = OpenAIBackend(schema_servers.url(srv, "/v1"), "smollm2-135m", score_mode="per_read")
+    backend = OpenAIBackend(schema_servers.url(srv, "/v1"), "tiny-smollm2", score_mode="per_read")
     start = time.perf_counter()
     with pytest.raises(LLMError, match="HTTP 500.*logprobs is not supported"):
         backend.score(requests_[:1])
     assert len(calls) == 1 and time.perf_counter() - start < 5  # not retried
 
 
-@pytest.mark.parametrize("server", [("llamacpp", {})], indirect=True)
-def test_chat_without_template_merges_a_prefill_the_server_did_not_continue(server, monkeypatch):
+@pytest.mark.acceptance
+def test_chat_without_template_merges_a_prefill_the_server_did_not_continue(monkeypatch):
+    """What the real SmolLM2 does with a closed turn is the point here, so it is served (the rest use the tiny one)."""
+    from nl_rewrite.llm.embedded import EmbeddedBackend
+
     monkeypatch.delenv("NL_REWRITE_CHAT_TEMPLATE", raising=False)
-    srv, _ = server
+    real = EmbeddedBackend("smollm2-135m")
+    srv, _ = schema_servers.start("llamacpp", real.model, real.tokenizer)
     backend = OpenAIBackend(schema_servers.url(srv, "/v1"), "served-model")
     assert backend.template is None
     # SmolLM2, its turn closed, restarts the answer and repeats the prefill: the merge keeps what follows it
@@ -164,21 +168,23 @@ def test_chat_without_template_merges_a_prefill_the_server_did_not_continue(serv
     assert "four," not in reply
     with pytest.raises(LLMError, match="no chat template.*NL_REWRITE_CHAT_TEMPLATE"):
         Simulator(backend).requests(SimulationItem(EXPLANATION, TOKENS))
+    srv.shutdown()
+    srv.server_close()
 
 
 @pytest.mark.parametrize("server", [("llamacpp", {})], indirect=True)
 def test_chat_with_the_template_continues_the_prefill_exactly(server, embedded):
     srv, calls = server
     request = ChatRequest((("user", "Name one animal."),), max_tokens=8, prefill="My answer is:")
-    backend = OpenAIBackend(schema_servers.url(srv, "/v1"), "smollm2-135m")
+    backend = OpenAIBackend(schema_servers.url(srv, "/v1"), "tiny-smollm2")
     assert backend.chat([request]) == embedded.chat([request])
     assert calls[-1]["path"] == "/v1/completions" and calls[-1]["prompt"] == embedded.chat_prompt(request)
 
 
 def test_simulator_requests_are_the_same_text_on_every_backend(embedded):
     item = SimulationItem(EXPLANATION, TOKENS)
-    remote = OpenAIBackend("http://127.0.0.1:9/v1", "smollm2-135m")
-    sglang = SGLangBackend("http://127.0.0.1:9", "smollm2-135m")
+    remote = OpenAIBackend("http://127.0.0.1:9/v1", "tiny-smollm2")
+    sglang = SGLangBackend("http://127.0.0.1:9", "tiny-smollm2")
     for mode in ("all_at_once", "paper"):
         local = Simulator(embedded, mode).requests(item)
         assert Simulator(remote, mode).requests(item) == local == Simulator(sglang, mode).requests(item)

@@ -35,8 +35,10 @@ from nl_rewrite.evaluation.stats import CIBounds, RatioCI, bootstrap_indices, me
 log = logging.getLogger(__name__)
 CLEAN = "clean"
 PositionMode = Literal["all", "last"]
-DEFAULT_STACK = 4
-"""Conditions per forward pass from the patch point (benchmarks/evaluate_throughput.py measured the gain)."""
+DEFAULT_STACK = 1
+"""Conditions per forward pass from the patch point. On this project's 2-core CPU, stacking 4 was 0.87x the speed of
+one at a time and took 325 MB more (benchmarks/evaluate_throughput.py, docs/results.md): a batch of 8 windows already
+fills the cores. Raise it where wider batches pay (a GPU)."""
 POSITION_MODES: tuple[str, ...] = get_args(PositionMode)
 
 

@@ -121,7 +121,11 @@ TINY_HF = "tiny-llama"
 TINY_SMOLLM2 = "tiny-smollm2"
 """A random 2-layer Llama (d_model 64) with SmolLM2's real tokenizer, loadable by name everywhere a model is
 (``--model tiny-smollm2``, ``--llm embedded:tiny-smollm2``): the whole pipeline's plumbing in seconds, on real
-text tokenised as the real model tokenises it. Its outputs mean nothing; use it to check wiring, never results."""
+text tokenised as the real model tokenises it. Its outputs mean nothing; use it to check wiring, never results.
+As an LLM it favours the tokens the pipeline reads (:data:`TINY_FAVOURED`), so a server that returns only the top
+log-probs still returns those, as it would for a real model."""
+TINY_FAVOURED = tuple(str(d) for d in range(10)) + (" Yes", " No")
+"""The simulator's digits and the detection scorer's answers."""
 TINY_SHAPE = dict(n_layers=2, d_model=64, d_mlp=128, seed=0)
 
 
@@ -137,7 +141,9 @@ def load_hf(name: str = DEFAULT_MODEL, attention: str = "eager"):
         return tiny_hf()
     if name == TINY_SMOLLM2:
         _hf_dir_for(DEFAULT_MODEL)  # converted once per cache: its tokenizer then loads in 0.4 s, not 7.5 s from GGUF
-        return tiny_hf(**TINY_SHAPE, tokenizer=load_tokenizer(DEFAULT_MODEL))
+        hf, tok = tiny_hf(**TINY_SHAPE, tokenizer=load_tokenizer(DEFAULT_MODEL))
+        favour(hf, [tok.convert_tokens_to_ids(tok.tokenize(t))[0] for t in TINY_FAVOURED])
+        return hf, tok
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     hf_dir, _ = _hf_dir_for(name)
     try:
@@ -219,6 +225,19 @@ def tiny_hf(n_layers: int = 2, d_model: int = 32, d_mlp: int = 64, seed: int = 0
     hf.config.architectures = ["LlamaForCausalLM"]
     hf.eval()
     return hf, tok
+
+
+@torch.no_grad()
+def favour(hf, token_ids: list[int], strength: float = 1.0) -> None:
+    """Make ``token_ids`` the likeliest next tokens at every position of a random model: every token's embedding gets
+    a constant first component, which dominates the final norm's output, and only the favoured tokens' unembedding
+    rows read it. The rest of the distribution stays random."""
+    embed, unembed = hf.get_input_embeddings().weight, hf.get_output_embeddings().weight
+    if embed.data_ptr() == unembed.data_ptr():
+        raise ValueError("favour() needs untied input and output embeddings")
+    embed[:, 0] = strength
+    unembed[:, 0] = 0.0
+    unembed[token_ids, 0] = strength
 
 
 def tiny_model(n_layers: int = 2, d_model: int = 32, d_mlp: int = 64, seed: int = 0):

@@ -7,12 +7,10 @@ import logging
 import shutil
 import threading
 
-import pytest
 
 from helpers import TINY_RUN
 from nl_rewrite.cli.main import main
 
-pytestmark = pytest.mark.acceptance
 
 KEY = "sk-secret-run-9f8e7d6c5b4a"
 
@@ -23,17 +21,15 @@ def test_the_key_never_leaves_the_process(tmp_cache, tmp_path, monkeypatch, capl
 
     shutil.copytree(tiny_run.cache / "coders", tmp_cache / "coders")  # its transcoder: no key is involved in training
 
-    # the served LLM is the real SmolLM2: detection scoring over HTTP reads " Yes"/" No" from the top log-probs,
-    # which a random model's flat distribution never ranks; the subject model is the tiny one
-    server = make_server(EmbeddedBackend("smollm2-135m"), "127.0.0.1", 0)
+    server = make_server(EmbeddedBackend("tiny-smollm2"), "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     url = f"http://127.0.0.1:{server.server_address[1]}/v1"
     out = tmp_path / "run"
     with caplog.at_level(logging.DEBUG):
         # one position mode on half the eval windows: every kind of stage still runs and writes, at about half the cost
-        code = main(["run", *TINY_RUN, "--out", str(out), "--llm", f"openai:smollm2-135m@{url}",
-                     "--position-modes", "all", "--eval-windows", "4"])
+        code = main(["run", *TINY_RUN, "--out", str(out), "--llm", f"openai:tiny-smollm2@{url}",
+                     "--position-modes", "all", "--eval-windows", "4", "--pool", "2"])
     server.shutdown()
     printed = capsys.readouterr()
     assert code == 0, printed.err[-2000:]
@@ -41,4 +37,4 @@ def test_the_key_never_leaves_the_process(tmp_cache, tmp_path, monkeypatch, capl
     assert any(p.name == "manifest.json" for p in files) and any(p.name == "results.json" for p in files)
     leaks = [str(p) for p in files if KEY.encode() in p.read_bytes()]
     assert not leaks and KEY not in caplog.text and KEY not in printed.out + printed.err
-    assert f"openai:smollm2-135m@{url}" in (out / "manifest.json").read_text()  # the run did use the server
+    assert f"openai:tiny-smollm2@{url}" in (out / "manifest.json").read_text()  # the run did use the server

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.acceptance
 
 CLIENTS = 32
 SECONDS = 8.0
@@ -81,7 +80,7 @@ def test_32_clients_get_correct_answers_or_clear_errors(tmp_cache):
     from nl_rewrite.llm.embedded import EmbeddedBackend
     from nl_rewrite.llm.server import make_server
 
-    server = make_server(EmbeddedBackend("smollm2-135m"), "127.0.0.1", 0)
+    server = make_server(EmbeddedBackend("tiny-smollm2"), "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     root = f"http://127.0.0.1:{server.server_address[1]}/v1"
     expected = {"score": _post(f"{root}/completions", SCORE)[1]["choices"][0]["logprobs"]["top_logprobs"][0],
