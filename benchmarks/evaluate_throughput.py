@@ -1,5 +1,5 @@
 """Evaluator throughput at the default layer: full recompute, the clean pass's residual reused from the patch point,
-and that plus several conditions stacked along the batch in one forward pass (the default).
+and that plus several conditions stacked along the batch in one forward pass (``--stack``; the Evaluator's default is 1).
 
 The conditions mirror a run's: two ablations of the MLP's output and ``--conditions - 2`` transcoder-shaped
 replacements reading the MLP's input (a random 4096-latent TopK coder; its cost is the blocks after it, not its
