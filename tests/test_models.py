@@ -81,3 +81,19 @@ def test_a_real_model_loaded_outside_acceptance_is_an_error_naming_the_fix():
 def test_loading_an_embedded_model_is_recorded_for_that_check(real_model_loads):
     load_hf("smollm2-135m")
     assert real_model_loads == ["smollm2-135m"]
+
+
+def test_favour_makes_the_chosen_tokens_the_likeliest_and_refuses_tied_embeddings():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from nl_rewrite.model.loading import favour, tiny_hf
+
+    hf, _ = tiny_hf(seed=1)
+    favour(hf, [5, 17, 40])
+    with torch.no_grad():
+        top = hf(torch.randint(1, 90, (2, 9))).logits.topk(3, dim=-1).indices
+    assert (top.sort(-1).values == torch.tensor([5, 17, 40])).all()
+    tied = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True))
+    with pytest.raises(ValueError, match="untied"):
+        favour(tied, [1])
