@@ -12,7 +12,6 @@ import sys
 
 from nl_rewrite.cli.parsing import ConfigParser
 from nl_rewrite.errors import NLRewriteError
-from nl_rewrite.memory import keep_freed_memory
 
 # module path for each subcommand, in the order shown by --help
 COMMANDS = [
@@ -50,7 +49,6 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else int(exc.code is not None) * 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    keep_freed_memory()
     try:
         return int(args.func(args) or 0)
     except (NLRewriteError, ValueError) as exc:
