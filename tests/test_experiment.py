@@ -11,6 +11,7 @@ from jaxtyping import TypeCheckError
 
 from helpers import TINY_RUN
 from nl_rewrite.cli.main import main
+from nl_rewrite.latents.cache import LatentCache
 from nl_rewrite.pipeline.report import validate_results
 from nl_rewrite.pipeline.config import RunConfig
 
@@ -121,4 +122,5 @@ def test_the_trained_simulator_added_to_a_finished_run(tiny_run, tmp_path, monke
     assert not any(k.startswith("evaluate_eval_all") for k in data["stage_seconds"]), "the main block was re-evaluated"
     assert "Trained simulator at 100% of latents" in (out / "report.html").read_text()
     stored = list((out / "simulations" / "trained").rglob("latent_*.safetensors"))
-    assert len(stored) > 100, "the trained simulator's scores go through the simulation store"
+    alive = len(LatentCache.open(out / "latents").stats.alive())
+    assert alive > 0 and len(stored) == alive, "every latent that fired on explain is read through the simulation store"

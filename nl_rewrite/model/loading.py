@@ -122,8 +122,10 @@ TINY_SMOLLM2 = "tiny-smollm2"
 """A random 2-layer Llama (d_model 64) with SmolLM2's real tokenizer, loadable by name everywhere a model is
 (``--model tiny-smollm2``, ``--llm embedded:tiny-smollm2``): the whole pipeline's plumbing in seconds, on real
 text tokenised as the real model tokenises it. Its outputs mean nothing; use it to check wiring, never results.
-As an LLM it favours the tokens the pipeline reads (:data:`TINY_FAVOURED`), so a server that returns only the top
-log-probs still returns those, as it would for a real model."""
+As an LLM (:func:`load_hf`, which the embedded backend uses) it favours the tokens the pipeline reads
+(:data:`TINY_FAVOURED`), so a server that returns only the top log-probs still returns those, as it would for a real
+model; as a subject model (:func:`load_model`) it is the plain random model, whose latents fire as a random model's
+do."""
 TINY_FAVOURED = tuple(str(d) for d in range(10)) + (" Yes", " No")
 """The simulator's digits and the detection scorer's answers."""
 TINY_SHAPE = dict(n_layers=2, d_model=64, d_mlp=128, seed=0)
@@ -140,8 +142,7 @@ def load_hf(name: str = DEFAULT_MODEL, attention: str = "eager"):
     if name == TINY_HF:
         return tiny_hf()
     if name == TINY_SMOLLM2:
-        _hf_dir_for(DEFAULT_MODEL)  # converted once per cache: its tokenizer then loads in 0.4 s, not 7.5 s from GGUF
-        hf, tok = tiny_hf(**TINY_SHAPE, tokenizer=load_tokenizer(DEFAULT_MODEL))
+        hf, tok = tiny_smollm2()
         favour(hf, [tok.convert_tokens_to_ids(tok.tokenize(t))[0] for t in TINY_FAVOURED])
         return hf, tok
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -190,7 +191,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu"):
     """
     from transformer_lens.model_bridge import TransformerBridge
 
-    hf, tok = load_hf(name)
+    hf, tok = tiny_smollm2() if name == TINY_SMOLLM2 else load_hf(name)
     tl_name = TINY_HF if name in (TINY_HF, TINY_SMOLLM2) else _hf_dir_for(name)[1]
     bridge = TransformerBridge.boot_transformers(tl_name, hf_model=hf, tokenizer=tok, device=device)
     bridge.eval()
@@ -225,6 +226,12 @@ def tiny_hf(n_layers: int = 2, d_model: int = 32, d_mlp: int = 64, seed: int = 0
     hf.config.architectures = ["LlamaForCausalLM"]
     hf.eval()
     return hf, tok
+
+
+def tiny_smollm2():
+    """:data:`TINY_SMOLLM2` without favoured tokens: ``(model, tokenizer)``."""
+    _hf_dir_for(DEFAULT_MODEL)  # converted once per cache: its tokenizer then loads in 0.4 s, not 7.5 s from GGUF
+    return tiny_hf(**TINY_SHAPE, tokenizer=load_tokenizer(DEFAULT_MODEL))
 
 
 @torch.no_grad()
