@@ -32,7 +32,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
-from helpers import acceptance_error, empty_cache, record_real_model_loads  # noqa: E402  (after the hook)
+from helpers import (REAL_MODEL_FIXTURES, acceptance_error, empty_cache,  # noqa: E402  (after the hook)
+                     record_real_model_loads)
 
 REAL_MODEL_LOADS = record_real_model_loads()
 """Embedded (real) models loaded in this process since the current test started: setup, fixtures and call."""
@@ -47,7 +48,8 @@ def pytest_runtest_call(item):
     """Fail a test that loaded the real SmolLM2 without the ``acceptance`` marker: plumbing belongs on tiny-smollm2,
     and the suite's time on the few tests where the real model is the point."""
     result = yield
-    problem = acceptance_error(item.nodeid, REAL_MODEL_LOADS, item.get_closest_marker("acceptance") is not None)
+    used = REAL_MODEL_LOADS + [f"{name} (fixture)" for name in REAL_MODEL_FIXTURES if name in item.fixturenames]
+    problem = acceptance_error(item.nodeid, used, item.get_closest_marker("acceptance") is not None)
     if problem:
         raise pytest.fail.Exception(problem, pytrace=False)
     return result

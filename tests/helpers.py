@@ -20,8 +20,8 @@ from nl_rewrite.llm.base import ChatRequest, ScoreRequest
 
 SHARED_CACHE_FOLDERS = ("models", "windows")
 """User-cache folders every test cache links to: the converted embedded models (25 s each to convert) and the
-tokenised corpus windows (seconds per split), both keyed by their content and written atomically, so sharing them
-across tests cannot leak one test's state into another's."""
+tokenised corpus windows (seconds per split). Both are written atomically; windows are keyed by the tokenizer, the
+window, BOS and the documents' ids and total length, so a test corpus shares entries only with an identical one."""
 
 
 def empty_cache(root: Path) -> Path:
@@ -38,7 +38,8 @@ def empty_cache(root: Path) -> Path:
 
 def record_real_model_loads() -> list[str]:
     """Wrap :func:`nl_rewrite.model.loading.load_hf` (which ``load_model`` and the embedded LLM backend call) so that
-    every embedded model it loads is appended to the returned list. Call before test modules import nl_rewrite."""
+    every embedded model it loads is appended to the returned list. Call it before anything binds ``load_hf`` by
+    name (``from nl_rewrite.model.loading import load_hf`` at a module's top)."""
     from nl_rewrite.model import loading
 
     loads: list[str] = []
@@ -53,8 +54,12 @@ def record_real_model_loads() -> list[str]:
     return loads
 
 
+REAL_MODEL_FIXTURES = ("smol", "smoke_run")
+"""Session fixtures that hold the real SmolLM2 or its run: only the first test to use one loads it."""
+
+
 def acceptance_error(nodeid: str, loads: list[str], marked: bool) -> str | None:
-    """Why a test may not load what it loaded, or None."""
+    """Why a test may not load (or use a fixture holding) what it did, or None."""
     if marked or not loads:
         return None
     return (f"{nodeid} loaded the real {', '.join(sorted(set(loads)))} but is not marked acceptance: check plumbing on "

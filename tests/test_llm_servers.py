@@ -157,7 +157,14 @@ def test_chat_without_template_merges_a_prefill_the_server_did_not_continue(monk
     monkeypatch.delenv("NL_REWRITE_CHAT_TEMPLATE", raising=False)
     real = EmbeddedBackend("smollm2-135m")
     srv, _ = schema_servers.start("llamacpp", real.model, real.tokenizer)
-    backend = OpenAIBackend(schema_servers.url(srv, "/v1"), "served-model")
+    try:
+        _merges_a_prefill(OpenAIBackend(schema_servers.url(srv, "/v1"), "served-model"))
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def _merges_a_prefill(backend: OpenAIBackend) -> None:
     assert backend.template is None
     # SmolLM2, its turn closed, restarts the answer and repeats the prefill: the merge keeps what follows it
     request = ChatRequest((("user", "Count from one to ten in words, separated by commas."),), max_tokens=16,
@@ -168,8 +175,6 @@ def test_chat_without_template_merges_a_prefill_the_server_did_not_continue(monk
     assert "four," not in reply
     with pytest.raises(LLMError, match="no chat template.*NL_REWRITE_CHAT_TEMPLATE"):
         Simulator(backend).requests(SimulationItem(EXPLANATION, TOKENS))
-    srv.shutdown()
-    srv.server_close()
 
 
 @pytest.mark.parametrize("server", [("llamacpp", {})], indirect=True)

@@ -231,11 +231,12 @@ class Evaluator:
                         resid: dict[int, Tensor]) -> Tensor:
         """The logits of every replacement in ``group`` on ``tokens``, stacked along the batch in group order."""
         start = self._start_layer(group[0])
-        stacked = tokens.repeat(len(group), 1)
+        copies = len(group)  # one condition (the default) runs on the batch itself, not a copy of it
+        stacked = tokens if copies == 1 else tokens.repeat(copies, 1)
         with attached_together(self.model, group, batch, positions):
             if start == 0:
                 return self.model(stacked)
-            with resumed_at(self.model, start, resid[start].repeat(len(group), 1, 1)):
+            with resumed_at(self.model, start, resid[start] if copies == 1 else resid[start].repeat(copies, 1, 1)):
                 return self.model(stacked)
 
     def run(self, replacements: Sequence[Replacement] = (), runner: ShardRunner | None = None) -> EvalResults:

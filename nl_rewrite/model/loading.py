@@ -136,7 +136,8 @@ def load_hf(name: str = DEFAULT_MODEL, attention: str = "eager"):
 
     ``attention`` is transformers' ``attn_implementation``: ``eager`` (the default) computes what the
     TransformerLens bridge computes, hook for hook; ``sdpa`` is PyTorch's fused attention, about 2x faster on long
-    prompts here, for models used only as an LLM (greedy replies were token-identical in the measurement)."""
+    prompts here, for models used only as an LLM (greedy replies were token-identical in the measurement). The tiny
+    random models take transformers' default attention whatever ``attention`` says."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if name == TINY_HF:

@@ -29,7 +29,7 @@ VOLATILE = ("stage_seconds", "counts", "config")
 
 
 def _wait_for(when: float | str, out: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
-    if isinstance(when, float):
+    if isinstance(when, (int, float)):
         time.sleep(when)
         return
     deadline = time.monotonic() + timeout
@@ -56,8 +56,10 @@ def _run(out: Path, cache: Path, kill_at: str | None = None, when: float | str =
                 drain.start()
                 _wait_for(when, out, proc)
                 proc.send_signal(signal.SIGKILL)
-                proc.wait()
+                code = proc.wait()
                 drain.join(timeout=10)
+                assert code == -signal.SIGKILL, f"the run exited by itself (code {code}) in stage {kill_at}: " + \
+                    "".join(logged)[-2000:]
                 inside = when != 0.0
                 assert not (inside and any(f"stage {kill_at} done" in entry for entry in logged)), \
                     f"stage {kill_at} finished before the kill at {when!r}: the kill did not land inside it"

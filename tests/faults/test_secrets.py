@@ -26,11 +26,14 @@ def test_the_key_never_leaves_the_process(tmp_cache, tmp_path, monkeypatch, capl
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     url = f"http://127.0.0.1:{server.server_address[1]}/v1"
     out = tmp_path / "run"
-    with caplog.at_level(logging.DEBUG):
-        # one position mode on half the eval windows: every kind of stage still runs and writes, at about half the cost
-        code = main(["run", *TINY_RUN, "--out", str(out), "--llm", f"openai:tiny-smollm2@{url}",
-                     "--position-modes", "all", "--eval-windows", "4", "--pool", "2"])
-    server.shutdown()
+    try:
+        with caplog.at_level(logging.DEBUG):
+            # one position mode on half the eval windows and a pool of 2: every kind of stage still runs and writes
+            code = main(["run", *TINY_RUN, "--out", str(out), "--llm", f"openai:tiny-smollm2@{url}",
+                         "--position-modes", "all", "--eval-windows", "4", "--pool", "2"])
+    finally:
+        server.shutdown()
+        server.server_close()
     printed = capsys.readouterr()
     assert code == 0, printed.err[-2000:]
     files = [p for p in out.rglob("*") if p.is_file()]
