@@ -55,14 +55,14 @@ class Replacement(nn.Module):
         with attached_together(model, [self], batch, positions):
             yield
 
-    def patch(self, source: Tensor, act: Tensor, batch: BatchInfo, positions: Tensor | None) -> Tensor:
-        """What this replacement writes in place of ``act`` (the write site's own activation), given ``source``
-        (the read site's), checked against ``act``'s shape and restricted to ``positions``."""
+    def patch(self, source: Tensor, act: Tensor, batch: BatchInfo, positions: Tensor | None, hook: str) -> Tensor:
+        """What this replacement writes in place of ``act`` (the write site's own activation at ``hook``), given
+        ``source`` (the read site's), checked against ``act``'s shape and restricted to ``positions``."""
         out = self(source, batch)
         if not isinstance(out, Tensor) or out.shape != act.shape:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ShapeMismatchError(f"replacement {self.name!r} returned shape {got} for site {self.write_site}, "
-                                     f"which has shape {tuple(act.shape)}")
+            raise ShapeMismatchError(f"replacement {self.name!r} returned shape {got} for site {self.write_site} "
+                                     f"({hook}), which has shape {tuple(act.shape)}")
         out = out.to(act.dtype)
         if positions is not None:
             keep = torch.ones(act.shape[1], dtype=torch.bool, device=act.device)
@@ -79,8 +79,8 @@ def attached_together(model, replacements: "Sequence[Replacement]", batch: Batch
                       positions: Tensor | None = None) -> Iterator[None]:
     """Patch ``model`` with several replacements at once, stacked along the batch: the model runs on the batch's rows
     repeated once per replacement, and replacement ``i`` patches rows ``[i·b, (i+1)·b)`` (``b`` = the batch's rows),
-    so one forward pass evaluates them all. They must share a read site and a write site; with a single replacement
-    this is :meth:`Replacement.attached`."""
+    so one forward pass evaluates them all. They must share a read site and a write site. A single replacement
+    patches whatever the model runs on: that is :meth:`Replacement.attached`."""
     first = replacements[0]
     if any(r.read_site != first.read_site or r.write_site != first.write_site for r in replacements):
         raise ValueError("replacements stacked in one forward pass must share their read and write sites; got "
@@ -95,13 +95,14 @@ def attached_together(model, replacements: "Sequence[Replacement]", batch: Batch
 
     def write(act: Tensor, hook=None) -> Tensor:
         source = stored.pop("x") if read_hook != write_hook else act
+        if len(replacements) == 1:  # nothing to slice: any input the model runs on, as Replacement.attached always took
+            return first.patch(source, act, batch, positions, write_hook)
         if act.shape[0] != rows * len(replacements):
             raise ShapeMismatchError(f"{len(replacements)} stacked replacement(s) of a {rows}-row batch expect "
                                      f"{rows * len(replacements)} rows at {write_hook}, got {act.shape[0]}: run the "
                                      "model on the batch's tokens repeated once per replacement")
-        parts = [rep.patch(source[i * rows:(i + 1) * rows], act[i * rows:(i + 1) * rows], batch, positions)
-                 for i, rep in enumerate(replacements)]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        return torch.cat([rep.patch(source[i * rows:(i + 1) * rows], act[i * rows:(i + 1) * rows], batch, positions,
+                                    write_hook) for i, rep in enumerate(replacements)])
 
     hooks = [(write_hook, write)] if read_hook == write_hook else [(read_hook, read), (write_hook, write)]
     with model.hooks(fwd_hooks=hooks):
