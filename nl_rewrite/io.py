@@ -83,6 +83,31 @@ def read_json_object(path: Path, error: type[Exception], what: str, fix: str) ->
     return data
 
 
+T = TypeVar("T")
+
+
+def read_cached(path: Path, decode: Callable[[Path], T | None], what: str) -> T | None:
+    """``decode(path)`` for a recomputable cached result, or None when there is none to reuse (``decode`` may
+    also say so by returning None).
+
+    A file that cannot be decoded (not parseable, empty, truncated, missing fields, wrong types, an older layout)
+    is logged once, naming it, and reported as absent: the caller recomputes it and the write replaces it. Only for
+    files nl_rewrite can recompute; a user's input file must raise an error naming it instead."""
+    if not path.exists():  # a file, or a folder such as a checkpoint
+        return None
+    try:
+        return decode(path)
+    except Exception as exc:  # any decoding failure means the same thing here: the cache cannot be used
+        log.warning("%s %s cannot be read (%s: %s); recomputing it", what, path, type(exc).__name__,
+                    str(exc)[:500])
+        return None
+
+
+def read_json(path: Path) -> object:
+    """The JSON in ``path`` (strict UTF-8)."""
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 def write_bytes(path: Path | str, data: bytes, sync: bool = True) -> None:
     replace_file(path, lambda tmp: tmp.write_bytes(data), sync)
 
@@ -184,18 +209,26 @@ class RecordStore(Generic[R]):
             self._load()
 
     def _load(self) -> None:
-        text = self.path.read_text()
-        lines = text.split("\n")
+        lines = self.path.read_bytes().split(b"\n")
         complete = lines[:-1]  # the piece after the last newline is empty, or what a kill left half-written
+        kept, unreadable = [], 0
         for line in filter(None, complete):
-            record = self.decode(json.loads(line))
+            try:
+                record = self.decode(json.loads(line))
+            except Exception:  # a damaged line: its latent is simply not done yet
+                unreadable += 1
+                continue
             if record.settings != self.settings:
                 raise NLRewriteError(f"{self.path} holds records made with other settings "
                                      f"({record.settings} ≠ {self.settings}); use another output file")
             self.records[record.latent] = record
+            kept.append(line.decode("utf-8") + "\n")
         if lines[-1]:
             log.warning("%s: dropping a half-written last line (an interrupted run)", self.path)
-            write_text(self.path, "".join(line + "\n" for line in filter(None, complete)))
+        if unreadable:
+            log.warning("%s: dropping %d unreadable record(s); their latents will be done again", self.path, unreadable)
+        if lines[-1] or unreadable:
+            write_text(self.path, "".join(kept))
 
     def add(self, records: Sequence[R]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

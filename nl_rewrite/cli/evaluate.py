@@ -81,21 +81,24 @@ def evaluate(cfg: EvaluateConfig, runner: "ShardRunner | None" = None) -> dict:
     from nl_rewrite.data.windows import split_manifest
     from nl_rewrite.evaluation.comparison import Run, write_report
     from nl_rewrite.evaluation.suite import run_suite
-    from nl_rewrite.model.loading import load_model, prepend_bos_for
+    from nl_rewrite.model.loading import check_layer_before_loading, load_model, prepend_bos_for
 
+    check_layer_before_loading(cfg.model, cfg.layer)
     suite = cfg.chosen_suite()
+    out = Path(cfg.out)
+    (out / "results.json").unlink(missing_ok=True)  # written last: a folder holding it is a finished evaluation
     model = load_model(cfg.model)
     coder = default_coder_loader(model, cfg.layer)
     reps = [build_condition(name, model, cfg.layer, coder, suite.seed) for name in cfg.replacement]
     results = run_suite(model, cfg.model, suite, reps, prepend_bos=prepend_bos_for(cfg.model),
                         batch_size=cfg.batch_size, runner=runner)
-    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     payload = {"config": asdict(cfg), **results.to_json()}
-    io.write_json(out / "results.json", payload)
     # which documents were in which split, so the evaluation set can be audited
     io.write_json(out / "splits.json", split_manifest(suite.corpus, suite.seed))
-    print(write_report([Run(str(out), results)], out / "results"))
+    report = write_report([Run(str(out), results)], out / "results")
+    io.write_json(out / "results.json", {**payload, "complete": True})  # last (a full disk leaves no summary)
+    print(report)
     print(f"wrote {out / 'results.json'}, {out / 'results.md'} (fingerprint {results.fingerprint})")
     return payload
 

@@ -18,13 +18,15 @@ from nl_rewrite.pipeline.config import RunConfig
 def continuations(cfg: RunConfig, prompts: list[str], new_tokens: int) -> list[dict]:
     import torch
 
-    from nl_rewrite.pipeline.experiment import Context, Stage, heldout_windows, lexical_budget_arm, load_run_coder, rewritten_models
+    from nl_rewrite.pipeline.stage import Stage
+    from nl_rewrite.pipeline.experiment import Context, heldout_windows, lexical_budget_arm, load_run_coder, rewritten_models
     from nl_rewrite.evaluation.generate import side_by_side
     from nl_rewrite.latents.cache import LatentCache
-    from nl_rewrite.model.loading import load_model, prepend_bos_for
+    from nl_rewrite.model.loading import check_layer_before_loading, load_model, prepend_bos_for
     from nl_rewrite.parallel.runner import InProcess
 
     cfg = cfg.resolved()
+    check_layer_before_loading(cfg.model, cfg.layer)
     folder = Path(cfg.out) / "latents"
     if not (folder / "stats.safetensors").is_file():
         raise NLRewriteError(f"no latent cache in {folder}: run `nl-rewrite run --out {cfg.out}` (same options) first")

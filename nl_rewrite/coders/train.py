@@ -22,6 +22,7 @@ counters, so all hold the same coder after every step; rank 0 alone writes the o
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -41,6 +42,7 @@ from nl_rewrite.coders.checkpoint import is_checkpoint, load_coder, save_coder
 from nl_rewrite.coders.distributed import SINGLE_PROCESS, Ranks, check_divisible, ranks_from_env
 from nl_rewrite.errors import CheckpointError
 from nl_rewrite.paths import cache_dir
+from nl_rewrite.model.loading import check_layer_before_loading
 from nl_rewrite.model.sites import Site, SiteKind, resolve, site_width
 from nl_rewrite.coders.sparse_coder import KINDS, CoderConfig, Kind, SparseCoder
 
@@ -270,12 +272,8 @@ def save_state(folder: Path, cfg: TrainConfig, state: TrainState) -> None:
     save_coder(state.exported(), folder)
 
 
-def load_state(folder: Path, cfg: TrainConfig, fresh: TrainState) -> TrainState:
-    """Restore ``fresh`` from ``folder/train_state.pt``, refusing a state trained under another config."""
-    try:
-        saved = torch.load(folder / STATE_FILE, weights_only=True)
-    except Exception as exc:  # torch raises many types on truncated pickles
-        raise CheckpointError(f"cannot read training state {folder / STATE_FILE}: {exc}; delete it to restart") from exc
+def load_state(folder: Path, cfg: TrainConfig, fresh: TrainState, saved: dict) -> TrainState:
+    """Restore ``fresh`` from ``saved`` (``folder/train_state.pt``), refusing a state trained under another config."""
     differing = sorted(k for k, v in asdict(cfg).items() if k not in _RESUMABLE_CHANGES and saved["cfg"].get(k) != v)
     if differing:
         raise CheckpointError(f"{folder} holds a run trained with different settings ({', '.join(differing)}); "
@@ -416,11 +414,12 @@ def _start_state(model, cfg: TrainConfig, folder: Path) -> TrainState:
     from nl_rewrite.model.loading import model_name
 
     fresh = new_state(cfg, d_in, d_out, model_name(model))
-    if (folder / STATE_FILE).is_file():
-        state = load_state(folder, cfg, fresh)
-        log.info("resuming %s at step %d", folder, state.step)
-        return state
-    return fresh
+    saved = io.read_cached(folder / STATE_FILE, functools.partial(torch.load, weights_only=True), "training state")
+    if saved is None:
+        return fresh
+    state = load_state(folder, cfg, fresh, saved)
+    log.info("resuming %s at step %d", folder, state.step)
+    return state
 
 
 def _append_log(folder: Path, rows: list[dict]) -> None:
@@ -459,8 +458,13 @@ def train(cfg: TrainConfig, model=None, windows=None, on_step: Callable[[int, St
     same coder, and rank 0 writes the folder.
     """
     folder = cfg.output_folder()
+    if model is None:
+        check_layer_before_loading(cfg.model, cfg.layer)
     if _finished(folder, cfg):
-        return load_coder(folder)
+        coder = io.read_cached(folder, load_coder, "trained coder")
+        if coder is not None:
+            return coder
+        (folder / DONE_FILE).unlink(missing_ok=True)  # re-exported from the training state, or trained again
     with ranks_from_env() as ranks:  # training runs on CPU, hence gloo
         return _train_on_ranks(cfg, ranks, folder, model, windows, on_step, progress)
 
@@ -544,11 +548,10 @@ def _checkpoint(folder: Path, cfg: TrainConfig, state: TrainState, pending: list
 
 def _finished(folder: Path, cfg: TrainConfig) -> bool:
     """A finished run of this config with at least as many steps (a longer request resumes it)."""
-    if not ((folder / DONE_FILE).is_file() and is_checkpoint(folder)):
+    if not is_checkpoint(folder):
         return False
-    try:
-        done = json.loads((folder / DONE_FILE).read_text())
-    except json.JSONDecodeError:
+    done = io.read_cached(folder / DONE_FILE, _read_done, "training summary")
+    if done is None:
         return False
     differing = sorted(k for k, v in asdict(cfg).items() if k not in _RESUMABLE_CHANGES and done["config"].get(k) != v)
     if differing:
@@ -557,10 +560,26 @@ def _finished(folder: Path, cfg: TrainConfig) -> bool:
     return done["steps"] >= cfg.total_steps
 
 
+def _read_done(path: Path) -> dict:
+    done = io.read_json(path)
+    if not (isinstance(done, dict) and isinstance(done.get("config"), dict) and isinstance(done.get("steps"), int)):
+        raise ValueError("no config and steps")
+    return done
+
+
+TAIL_METRICS = ("fvu", "l0", "dead_fraction")
+
+
+def _log_tail(folder: Path, n: int = 20) -> list[dict]:
+    """The training log's last ``n`` rows (none when the log cannot be read: it only feeds the summary)."""
+    rows = io.read_cached(folder / LOG_FILE, lambda p: [json.loads(line) for line in p.read_text().splitlines()[-n:]],
+                          "training log")
+    return [r for r in rows or [] if isinstance(r, dict) and all(isinstance(r.get(k), float) for k in TAIL_METRICS)]
+
+
 def _finish(state: TrainState, cfg: TrainConfig, folder: Path, world: int = 1) -> None:
-    rows = [json.loads(line) for line in (folder / LOG_FILE).read_text().splitlines()[-20:]] \
-        if (folder / LOG_FILE).is_file() else []
-    tail = {key: sum(r[key] for r in rows) / len(rows) for key in ("fvu", "l0", "dead_fraction")} if rows else {}
+    rows = _log_tail(folder)
+    tail = {key: sum(r[key] for r in rows) / len(rows) for key in TAIL_METRICS} if rows else {}
     summary = {"complete": True, "steps": state.step, "tokens": state.step * cfg.batch_size // cfg.buffer_passes,
                "seconds": round(state.seconds, 1), "final_train_metrics_last20": tail, "config": asdict(cfg)}
     if world > 1:  # a single process's summary stays exactly as it always was

@@ -19,12 +19,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from jaxtyping import Float, Int
+from pydantic import TypeAdapter
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor
@@ -114,13 +116,24 @@ def coder_fingerprint(coder) -> str:
 
 
 
+def _read_meta(path: Path) -> CacheMeta:
+    return TypeAdapter(CacheMeta).validate_python(io.read_json(path))
+
+
 def _check_meta(folder: Path, meta: CacheMeta) -> None:
-    """Write meta.json for a new folder; refuse a folder built from something else."""
+    """Write meta.json for a new folder; refuse a folder built from something else. A folder whose meta.json
+    cannot be read cannot vouch for its shards: they are removed and rebuilt."""
     path = folder / "meta.json"
-    if not path.is_file():
+    found = io.read_cached(path, _read_meta, "latent cache identity")
+    if found is None:
+        if path.is_file():
+            for derived in ("shards", "index"):
+                shutil.rmtree(folder / derived, ignore_errors=True)
+            _remove(folder / "stats.safetensors")
+            (folder / "shards").mkdir()
         io.write_json(path, asdict(meta))
         return
-    have = json.loads(path.read_text())
+    have = asdict(found)
     diffs = {k: (have.get(k), v) for k, v in asdict(meta).items() if have.get(k) != v}
     if diffs:
         detail = "; ".join(f"{k}: folder has {a!r}, this build has {b!r}" for k, (a, b) in diffs.items())
@@ -253,7 +266,7 @@ class LatentCache:
         meta = CacheMeta(coder_fingerprint(coder), windows.fingerprint(), model_name(model), coder.cfg.read_site,
                          windows.split, coder.cfg.n_latents, len(windows), windows.window, shard_windows)
         _check_meta(folder, meta)
-        if not (folder / "token_strings.json").is_file():
+        if io.read_cached(folder / "token_strings.json", _read_token_strings, "latent cache token strings") is None:
             io.write_json(folder / "token_strings.json", _token_strings(model))
         built = cls._build_shards(ShardInputs(model, coder, windows, batch_size), folder, meta,
                                   runner or InProcess(), progress)
@@ -303,7 +316,11 @@ class LatentCache:
         folder = Path(folder)
         if not (folder / "meta.json").is_file():
             raise LatentCacheError(f"{folder} is not a latent cache (no meta.json); build it with `nl-rewrite cache`")
-        meta = CacheMeta(**json.loads((folder / "meta.json").read_text()))
+        try:
+            meta = _read_meta(folder / "meta.json")
+        except Exception as exc:  # unparseable, missing fields, wrong types
+            raise LatentCacheError(f"latent cache identity {folder / 'meta.json'} cannot be read ({type(exc).__name__}); "
+                                   "rerun the build (`nl-rewrite cache` or the run): it rebuilds the folder") from exc
         if not (folder / "stats.safetensors").is_file():
             raise LatentCacheError(f"latent cache {folder} is incomplete (no stats.safetensors); rerun the build "
                                    "to resume it")
@@ -390,13 +407,22 @@ class LatentCache:
     def token_strings(self, ids: "list[int]") -> list[str]:
         """The decoded text of each token id (stored at build time, so no tokenizer is needed)."""
         if self._token_strings is None:
-            self._token_strings = json.loads((self.folder / "token_strings.json").read_text())
+            path = self.folder / "token_strings.json"
+            try:
+                self._token_strings = _read_token_strings(path)
+            except Exception as exc:
+                raise LatentCacheError(f"latent cache file {path} cannot be read ({type(exc).__name__}); rerun the "
+                                       "build (`nl-rewrite cache` or the run): it rewrites the file") from exc
         return [self._token_strings[i] for i in ids]
 
 
 def open_cache(folder: "str | Path") -> LatentCache:
     """:meth:`LatentCache.open` as a module-level function, which pickles by name."""
     return LatentCache.open(folder)
+
+
+def _read_token_strings(path: Path) -> list[str]:
+    return TypeAdapter(list[str]).validate_python(io.read_json(path))
 
 
 def _shard_path(folder: Path, i: int) -> Path:

@@ -13,6 +13,7 @@ not stored, so a rerun, perhaps with a larger K, asks again instead of inheritin
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -24,7 +25,6 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import Tensor
 
-from nl_rewrite.errors import LLMError
 from nl_rewrite.llm.base import ChatRequest, LLMBackend, ScoreRequest
 
 log = logging.getLogger(__name__)
@@ -134,21 +134,37 @@ def _decode_text(blob: bytes) -> str:
 
 
 def _open(path: Path) -> sqlite3.Connection:
-    """The cache database; a file that is not one is an ``LLMError`` naming it and the fix."""
+    """The cache database. A file that is not one, or is damaged, is moved aside (``<name>.corrupt``, kept for a
+    look) with a warning naming it, and an empty cache starts: its calls are asked again."""
+    try:
+        return _connect(path)
+    except sqlite3.DatabaseError as exc:
+        if not any(s in str(exc) for s in ("not a database", "malformed", "quick_check")):
+            raise  # locked, read-only, missing folder: not corruption, so not moved aside
+        aside = path.with_name(path.name + ".corrupt")
+        log.warning("LLM call cache %s cannot be read (%s); moved it to %s and started an empty one (its calls are "
+                    "asked again)", path, exc, aside)
+        os.replace(path, aside)
+        for suffix in ("-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        return _connect(path)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path, check_same_thread=False, timeout=60)
     try:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")  # in WAL mode still safe against a killed process; far fewer fsyncs
         db.execute(_SCHEMA)
         db.commit()
+        # a truncated file opens, and fails only on the pages it lost: find out now (linear in the file, fast)
+        verdict = db.execute("PRAGMA quick_check").fetchone()[0]
+        if verdict != "ok":
+            raise sqlite3.DatabaseError(f"quick_check: {verdict}")
         return db
-    except sqlite3.DatabaseError as exc:
+    except BaseException:
         db.close()
-        if not any(s in str(exc) for s in ("not a database", "malformed")):
-            raise  # locked, read-only, missing folder: not corruption, so no advice to delete it
-        raise LLMError(f"{path} is not a readable sqlite call cache ({exc}); move it aside or delete it to start "
-                       "an empty cache (its finished calls are then asked again), or disable the cache "
-                       "(--llm-cache none)") from exc
+        raise
 
 
 def _fully_known(tensor: Tensor) -> bool:

@@ -26,8 +26,20 @@ from nl_rewrite.llm.cache import CachedBackend
 DEFAULT_EMBEDDED = "smollm2-135m"
 
 
+KINDS = ("embedded", "openai", "sglang")
+
+
+def check_spec(spec: str) -> None:
+    """Fail on a spec that names no backend, before anything loads (the run checks it before its first stage)."""
+    kind = spec.strip().partition(":")[0]
+    if kind not in KINDS:
+        raise LLMError(f"unknown backend {spec!r}: use 'embedded[:<model>]', 'openai[:<model>[@<base_url>]]' or "
+                       "'sglang:<model>@<server root>'")
+
+
 def make_backend(spec: str, cache: Path | str | None = None, **options: Any) -> LLMBackend:
     """The backend ``spec`` names; ``options`` go to its constructor (e.g. ``concurrency``, ``reuse_prefix``)."""
+    check_spec(spec)
     kind, _, rest = spec.strip().partition(":")
     if kind == "embedded":
         from nl_rewrite.llm.embedded import EmbeddedBackend
@@ -44,6 +56,5 @@ def make_backend(spec: str, cache: Path | str | None = None, **options: Any) -> 
         model, _, base_url = rest.partition("@")
         backend = SGLangBackend(base_url=base_url or None, model=model or None, **options)
     else:
-        raise LLMError(f"unknown backend {spec!r}: use 'embedded[:<model>]', 'openai[:<model>[@<base_url>]]' or "
-                       "'sglang:<model>@<server root>'")
+        raise AssertionError(kind)  # check_spec admits only KINDS
     return CachedBackend(backend, cache) if cache is not None else backend

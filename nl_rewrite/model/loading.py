@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from nl_rewrite.errors import ModelLoadError
+from nl_rewrite.model.sites import check_layer
 from nl_rewrite.paths import cache_dir
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -183,6 +184,36 @@ def load_tokenizer(name: str = DEFAULT_MODEL):
 def prepend_bos_for(name: str) -> bool:
     """Whether token windows for this model should start with BOS (see EmbeddedModel.prepend_bos)."""
     return EMBEDDED[name].prepend_bos if name in EMBEDDED else False
+
+
+def layer_count(name: str) -> int | None:
+    """How many layers ``name`` has, read from its config alone (no weights, in milliseconds), so a wrong layer
+    fails before anything loads; None when only loading can tell (an embedded model not yet converted, a .gguf)."""
+    from transformers import AutoConfig
+
+    if name == TINY_HF:
+        return 2  # tiny_hf's default
+    if name == TINY_SMOLLM2:
+        return int(TINY_SHAPE["n_layers"])
+    path = Path(name)
+    if name in EMBEDDED:
+        path = cache_dir() / "models" / name
+    elif path.suffix == ".gguf":
+        return None
+    if not (path / "config.json").is_file() and not ("/" in name and not path.exists()):
+        return None
+    try:
+        return int(AutoConfig.from_pretrained(path if path.exists() else name, local_files_only=True).num_hidden_layers)
+    except (OSError, ValueError, AttributeError):
+        return None  # not resolvable from its config here: loading the model will say why
+
+
+def check_layer_before_loading(name: str, layer: int) -> None:
+    """The layer range check of :func:`~nl_rewrite.model.sites.resolve`, before the model loads (from its config;
+    skipped when only loading can tell, and then the load makes it)."""
+    n_layers = layer_count(name)
+    if n_layers is not None:
+        check_layer(layer, n_layers)
 
 
 def load_model(name: str = DEFAULT_MODEL, device: str = "cpu"):

@@ -73,12 +73,15 @@ def resid_post(layer: int) -> Site:
     return Site("resid_post", layer)
 
 
+def check_layer(layer: int, n_layers: int) -> None:
+    if not 0 <= layer < n_layers:
+        raise SiteError(f"layer {layer} out of range for a model with {n_layers} layers (valid: 0..{n_layers - 1})")
+
+
 def resolve(model, site: "str | Site") -> str:
     """The bridge hook name of ``site``, after checking that ``model`` has that layer and hook."""
     site = Site.parse(site)
-    n_layers = model.cfg.n_layers
-    if not 0 <= site.layer < n_layers:
-        raise SiteError(f"layer {site.layer} out of range for a model with {n_layers} layers (valid: 0..{n_layers - 1})")
+    check_layer(site.layer, model.cfg.n_layers)
     name = site.hook_name
     if name not in model.hook_dict and site.kind == "resid_mid" and getattr(model.cfg, "parallel_attn_mlp", False):
         raise SiteError(f"site {site}: this model's blocks run attention and the MLP in parallel on the same input "

@@ -19,8 +19,7 @@ import hashlib
 import json
 import logging
 import random
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -40,8 +39,8 @@ from nl_rewrite.pipeline.ladder import (LEXICAL_CALIBRATION, LexicalArm, fit_noi
 from nl_rewrite.latents.cache import LatentCache
 from nl_rewrite.evaluation.generate import side_by_side
 from nl_rewrite.interp.lexical import LexicalSimulator, candidate_items
-from nl_rewrite.llm.factory import make_backend
-from nl_rewrite.model.loading import load_model, model_name, prepend_bos_for
+from nl_rewrite.llm.factory import check_spec, make_backend
+from nl_rewrite.model.loading import check_layer_before_loading, load_model, model_name, prepend_bos_for
 from nl_rewrite.paths import cache_dir
 from nl_rewrite.replacements.base import Replacement
 from nl_rewrite.replacements.live import LiveSimulatorReplacement
@@ -49,6 +48,7 @@ from nl_rewrite.replacements.oracles import OracleReplacement
 from nl_rewrite.interp.selection import choose_latents, usable_pool
 from nl_rewrite.replacements.simulated import NLSimulatorReplacement
 from nl_rewrite.pipeline.config import RunConfig
+from nl_rewrite.pipeline.stage import Stage, cached
 from nl_rewrite.pipeline.trained_arm import (check_trained_simulator, get_simulator, trained_arm, trained_conditions,
                                              trained_windows)
 from nl_rewrite.latents.sampling import select_latents
@@ -57,12 +57,14 @@ from nl_rewrite.interp.simulate import Simulator
 from nl_rewrite.interp.simulation_store import (SimulationQuality, SimulationRun, SimulationStore, simulate_into_store,
                                                simulation_quality)
 from nl_rewrite.parallel.runner import InProcess, ShardRunner
-from nl_rewrite.coders.checkpoint import load_coder
+from nl_rewrite.coders.checkpoint import is_checkpoint, load_coder
 from nl_rewrite.coders.sparse_coder import SparseCoder
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = "config.toml"
 """The resolved config of a run, in its output folder."""
+RESULTS_FILE = "results.json"
+"""A run's summary: written last, and removed when a rerun starts, so a folder holding it is a finished run."""
 BASELINES = ("zero_latents", "zero", "mean", "random_latents")
 """Built for every run, after the coder's own reconstruction (condition ``transcoder`` or ``sae``)."""
 HEADLINE_LEXICAL = "lexical"
@@ -70,21 +72,6 @@ HEADLINE_LEXICAL = "lexical"
 
 def condition_name(calibration: str, fraction: float) -> str:
     return f"sim_{calibration}_f{fraction:g}"
-
-
-@dataclass
-class Stage:
-    """Wall-clock seconds per stage, for the manifest."""
-
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    def timed(self, name: str, fn, *args, **kwargs):
-        start = time.perf_counter()
-        log.info("stage %s ...", name)
-        result = fn(*args, **kwargs)
-        self.seconds[name] = round(time.perf_counter() - start, 2)
-        log.info("stage %s done in %.1fs", name, self.seconds[name])
-        return result
 
 
 @dataclass(frozen=True)
@@ -263,13 +250,12 @@ def simulated_conditions(cfg: RunConfig, transcoder: SparseCoder, sims: dict[int
 def evaluate_cached(model, windows: TokenWindows, build: Callable[[], list[Replacement]], path: Path, mode: str,
                     cfg: RunConfig, fingerprint: str, stages: Stage, runner: ShardRunner) -> EvalResults:
     """One Evaluator run, reused from ``path`` when its fingerprint matches (conditions are then never built)."""
-    if path.is_file() and json.loads(path.read_text()).get("fingerprint") == fingerprint:
-        return EvalResults.from_json(json.loads(path.read_text())["results"])
-    conditions = stages.timed(f"conditions_{path.stem}", build)  # fits mean ablation and noise, tabulates simulations
-    res = stages.timed(f"evaluate_{path.stem}", Evaluator(model, windows, cfg.batch_size, mode, seed=cfg.seed).run,
-                       conditions, runner)
-    io.write_json(path, {"fingerprint": fingerprint, "results": res.to_json()})
-    return res
+    def evaluate() -> EvalResults:
+        conditions = stages.timed(f"conditions_{path.stem}", build)  # fits mean ablation and noise, tabulates sims
+        return stages.timed(f"evaluate_{path.stem}", Evaluator(model, windows, cfg.batch_size, mode, seed=cfg.seed).run,
+                            conditions, runner)
+
+    return cached(path, fingerprint, EvalResults, evaluate)
 
 
 def fraction_choices(cfg: RunConfig, pool: list[int], scores: list[DetectionScore],
@@ -457,15 +443,15 @@ def _finite_or(value: float | None, default: float) -> float:
 def measured_info(plan: dict, conditions: Callable[[], list[Replacement]], eval_cache: LatentCache,
                   window_ids: list[int], path: Path, fingerprint: str) -> dict[str, ConditionInfo]:
     """Each planned condition's info with its Pearson r measured on the evaluated windows (cached by fingerprint)."""
-    if path.is_file() and json.loads(path.read_text()).get("fingerprint") == fingerprint:
-        return {k: ConditionInfo(**v) for k, v in json.loads(path.read_text())["info"].items()}
-    info = {}
-    for rep in conditions():
-        family, fraction, label = plan.get(rep.name, ("baseline", 0.0, rep.name))
-        r = eval_pearson(rep, eval_cache, window_ids) if family != "baseline" else float("nan")
-        info[rep.name] = ConditionInfo(family, fraction, r, label)
-    io.write_json(path, {"fingerprint": fingerprint, "info": {k: asdict(v) for k, v in info.items()}})
-    return info
+    def measure() -> dict[str, ConditionInfo]:
+        info = {}
+        for rep in conditions():
+            family, fraction, label = plan.get(rep.name, ("baseline", 0.0, rep.name))
+            r = eval_pearson(rep, eval_cache, window_ids) if family != "baseline" else float("nan")
+            info[rep.name] = ConditionInfo(family, fraction, r, label)
+        return info
+
+    return cached(path, fingerprint, dict[str, ConditionInfo], measure)
 
 
 GENERATION_PROMPTS, PROMPT_TOKENS, NEW_TOKENS = 3, 16, 12
@@ -482,13 +468,21 @@ def rewritten_models(ctx: Context, arm: LexicalArm) -> dict[str, Replacement | N
 
 def generation_stage(ctx: Context, arm: LexicalArm, eval_windows: TokenWindows, fingerprint: str) -> list[dict]:
     """Greedy continuations of the first eval windows' openings, per rewritten model (cached by fingerprint)."""
-    path = ctx.out / "generations.json"
-    if path.is_file() and json.loads(path.read_text()).get("fingerprint") == fingerprint:
-        return json.loads(path.read_text())["generations"]
-    prompts = [eval_windows.tokens[i, :PROMPT_TOKENS] for i in range(min(GENERATION_PROMPTS, len(eval_windows)))]
-    gens = side_by_side(ctx.model, prompts, rewritten_models(ctx, arm), NEW_TOKENS, ctx.cache.token_strings)
-    io.write_json(path, {"fingerprint": fingerprint, "generations": gens})
-    return gens
+    def generate() -> list[dict]:
+        prompts = [eval_windows.tokens[i, :PROMPT_TOKENS] for i in range(min(GENERATION_PROMPTS, len(eval_windows)))]
+        return side_by_side(ctx.model, prompts, rewritten_models(ctx, arm), NEW_TOKENS, ctx.cache.token_strings)
+
+    return cached(ctx.out / "generations.json", fingerprint, list[dict], generate)
+
+
+def check_before_loading(cfg: RunConfig) -> None:
+    """Every check that needs no model output, so a wrong option fails in seconds, not after the first stages."""
+    check_layer_before_loading(cfg.model, cfg.layer)
+    check_spec(cfg.llm)
+    check_trained_simulator(cfg.trained_simulator)
+    if cfg.transcoder not in ("default", "small") and not is_checkpoint(cfg.transcoder):
+        raise CheckpointError(f"--transcoder {cfg.transcoder!r} is neither default, small nor a checkpoint folder "
+                              "(cfg.json and weights); train one with `nl-rewrite train --out FOLDER`")
 
 
 def run_experiment(cfg: RunConfig, runner: ShardRunner | None = None) -> Artifacts:
@@ -498,9 +492,10 @@ def run_experiment(cfg: RunConfig, runner: ShardRunner | None = None) -> Artifac
     --config <out>/config.toml`` repeats the run. ``runner`` (default: this process; ``--ray``: Ray workers) runs
     the latent caches, explanation, scoring, simulation and evaluation in shards; the results are the same."""
     cfg = cfg.resolved()
-    check_trained_simulator(cfg.trained_simulator)
+    check_before_loading(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / RESULTS_FILE).unlink(missing_ok=True)  # until this run finishes, the folder must not look finished
     io.write_text(out / CONFIG_FILE, cfg.to_toml())
     stages = Stage()
     runner = runner or InProcess()

@@ -3,6 +3,8 @@
 results.json schema (version 2):
 {
   "schema": "nl_rewrite.run/2",
+  "complete": true,      (results.json is the last file a run writes, and a rerun removes it first: a folder
+                          without it is unfinished)
   "config": {...RunConfig...},
   "answer": [sentences],
   "n_tokens": int, "gap": {"ce" | "kl": [mean, lo, hi]}     (zero_latents − transcoder, all positions)
@@ -33,7 +35,7 @@ from pathlib import Path
 from nl_rewrite import io
 from nl_rewrite.pipeline.answer import answer_lines, run_coder
 from nl_rewrite.evaluation.evaluator import EvalResults
-from nl_rewrite.pipeline.experiment import Artifacts
+from nl_rewrite.pipeline.experiment import RESULTS_FILE, Artifacts
 from nl_rewrite.evaluation.recovery import format_p, gap, recovered_json, recovery_table
 from nl_rewrite.pipeline.report_plots import PLOTS
 
@@ -321,10 +323,10 @@ def write_outputs(art: Artifacts, out: Path) -> dict:
     data = results_payload(art)
     data["generations"] = art.generations
     validate_results(data)
-    io.write_json(out / "results.json", data)
     write_csv(data, out / "results.csv")
     for name, plot in PLOTS.items():
         plot(data, out / name)
     write_html(data, art, out / "report.html", art.decode)
     io.write_json(out / "manifest.json", manifest(art))
+    io.write_json(out / RESULTS_FILE, {**data, "complete": True})  # last: its presence says the run finished
     return data

@@ -37,3 +37,40 @@ def test_empty_or_huge_explanations_are_refused_before_any_request(explanation, 
 def test_zero_eval_windows_is_refused_without_a_traceback(capsys):
     assert main(["run", "--preset", "smoke", "--eval-windows", "0"]) == 2
     assert "eval_windows must be at least 1" in capsys.readouterr().err
+
+
+def _refuse_loading(monkeypatch) -> list[str]:
+    """Make every model load and corpus read fail the test: a wrong option must be caught before them."""
+    from nl_rewrite.data import windows
+    from nl_rewrite.model import loading
+
+    touched: list[str] = []
+
+    def refused(what):
+        def fn(*args, **kwargs):
+            touched.append(what)
+            raise AssertionError(f"{what} was loaded before the options were checked")
+        return fn
+
+    monkeypatch.setattr(loading, "load_hf", refused("a model"))
+    monkeypatch.setattr(loading, "tiny_smollm2", refused("a model"))
+    monkeypatch.setattr(windows, "load_splits", refused("the corpus"))
+    return touched
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--model", "tiny-smollm2", "--layer", "7"], "layer 7 out of range for a model with 2 layers"),
+    (["run", "--model", "tiny-smollm2", "--layer", "1", "--llm", "claude:x"], "unknown backend 'claude:x'"),
+    (["run", "--model", "tiny-smollm2", "--layer", "1", "--transcoder", "/no/such/folder"],
+     "--transcoder '/no/such/folder' is neither default, small nor a checkpoint folder"),
+    (["run", "--model", "tiny-smollm2", "--layer", "1", "--trained-simulator", "/no/such/sim"],
+     "--trained-simulator '/no/such/sim' is neither none, default nor a checkpoint folder"),
+    (["evaluate", "--model", "tiny-smollm2", "--layer", "99"], "layer 99 out of range"),
+    (["train", "--model", "tiny-smollm2", "--layer", "5"], "layer 5 out of range"),
+    (["evaluate", "--model", "tiny-smollm2", "--layer", "1", "--replacement", "nonsense"], "unknown replacement"),
+])
+def test_wrong_options_fail_before_the_model_or_the_corpus_is_loaded(argv, message, monkeypatch, tmp_path, capsys):
+    touched = _refuse_loading(monkeypatch)
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+    assert touched == []

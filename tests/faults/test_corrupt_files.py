@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from nl_rewrite.errors import LLMError
 from nl_rewrite.latents.cache import LatentCache, LatentCacheError
 from nl_rewrite.llm.base import ChatRequest
 from nl_rewrite.llm.cache import CachedBackend
@@ -51,11 +50,20 @@ def test_corrupt_statistics_are_rebuilt(tiny, tmp_path):
     assert (_build(tiny, folder).stats.frequency == before).all()
 
 
-def test_a_corrupt_call_cache_names_the_file_and_the_fix(tmp_path):
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_damaged_call_cache_is_moved_aside_and_the_calls_asked_again(tmp_path, caplog, damage):
     path = tmp_path / "calls.sqlite"
-    path.write_bytes(b"this is not a database" * 100)
-    with pytest.raises(LLMError, match=r"calls.sqlite is not a readable sqlite call cache.*delete it"):
-        CachedBackend(FakeBackend(), path).chat([ChatRequest((("user", "hi"),))])
+    requests = [ChatRequest((("user", f"question {i} " + "padding " * 50),)) for i in range(200)]
+    first = CachedBackend(FakeBackend(), path)
+    answers = first.chat(requests)
+    first.close()
+    if damage == "garbage":
+        path.write_bytes(b"this is not a database" * 100)
+    else:
+        _truncate(path)
+    again = CachedBackend(FakeBackend(), path)
+    assert again.chat(requests) == answers and again.new_calls == len(requests)
+    assert "calls.sqlite cannot be read" in caplog.text and (tmp_path / "calls.sqlite.corrupt").is_file()
 
 
 def test_a_truncated_simulation_store_file_is_simulated_again(tmp_path, caplog):
@@ -75,3 +83,26 @@ def test_a_truncated_simulation_store_file_is_simulated_again(tmp_path, caplog):
     assert store.corrupt_files == 1 and "latent_3.safetensors is unreadable" in caplog.text
     store.put(3, "dogs", list(windows.values()), torch.zeros(2, 3))  # the rewrite replaces the bad file
     assert torch.equal(store.get(3, "dogs", windows), torch.zeros(2, 3))
+
+
+def test_unreadable_records_are_dropped_and_the_rest_kept(tmp_path, caplog):
+    import json
+    from dataclasses import asdict, dataclass
+
+    from nl_rewrite.io import RecordStore
+
+    @dataclass
+    class Note:
+        latent: int
+        settings: str
+        text: str
+
+        def to_dict(self) -> dict:
+            return asdict(self)
+
+    path = tmp_path / "notes.jsonl"
+    good = [json.dumps(asdict(Note(i, "s", f"note {i}"))) for i in range(3)]
+    path.write_bytes("\n".join([good[0], "\x00{garbage", good[1], '{"latent": 9}', good[2]]).encode() + b"\n\xff{half")
+    store = RecordStore(path, "s", lambda d: Note(**d))
+    assert sorted(store.records) == [0, 1, 2] and "dropping 2 unreadable record(s)" in caplog.text
+    assert path.read_text().splitlines() == good  # rewritten without the damage, so appending stays clean

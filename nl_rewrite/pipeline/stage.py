@@ -1,0 +1,60 @@
+"""The two things every stage of a run shares: its wall-clock seconds (for the manifest), and a result cached in
+the output folder under a fingerprint of everything it was computed from.
+
+A cached result is reused only when it was made from the same fingerprint *and* reads back as the type the stage
+returns (checked field by field by pydantic). Anything else (another fingerprint, an unparseable, empty or
+truncated file, missing fields, wrong types, an older layout) is recomputed, with one log line naming the file.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, TypeVar
+
+from pydantic import TypeAdapter
+
+from nl_rewrite import io
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class Stage:
+    """Wall-clock seconds per stage, for the manifest."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def timed(self, name: str, fn, *args, **kwargs):
+        start = time.perf_counter()
+        log.info("stage %s ...", name)
+        result = fn(*args, **kwargs)
+        self.seconds[name] = round(time.perf_counter() - start, 2)
+        log.info("stage %s done in %.1fs", name, self.seconds[name])
+        return result
+
+
+def cached(path: Path, fingerprint: str, result_type: object, compute: Callable[[], T]) -> T:
+    """The result cached in ``path`` when it was made from ``fingerprint`` and is a valid ``result_type``; else
+    ``compute()``, which is then saved there (atomically) with its fingerprint."""
+    adapter: TypeAdapter[T] = TypeAdapter(result_type)
+
+    def decode(file: Path) -> T | None:
+        data = io.read_json(file)
+        if not isinstance(data, dict) or "fingerprint" not in data or "result" not in data:
+            raise ValueError("not a cached result (no fingerprint and result)")
+        if data["fingerprint"] != fingerprint:  # not damage: the inputs changed
+            log.info("%s was computed from other inputs; recomputing it", file)
+            return None
+        return adapter.validate_python(data["result"])
+
+    found = io.read_cached(path, decode, "cached result")
+    if found is not None:
+        return found
+    result = compute()
+    # python mode, then json.dumps: NaN stays NaN (pydantic's JSON mode would write null, which reads back wrong)
+    io.write_json(path, {"fingerprint": fingerprint, "result": adapter.dump_python(result)})
+    return result
