@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -152,6 +153,27 @@ def test_evaluate_cli_writes_results_and_split_manifest(tmp_cache, tmp_path):
     assert data["references"] == {"zero_mlp": "zero_mlp"} and data["fingerprint_parts"]["suite"]["name"] == "custom"
     splits = json.loads((out / "splits.json").read_text())["splits"]
     assert not set(splits["eval"]) & set(splits["explain"])
+
+
+def test_an_evaluation_cut_short_leaves_no_summary_and_compare_says_so(tmp_cache, tmp_path, monkeypatch, capsys):
+    """results.json is written last: a full disk on the split manifest leaves a folder compare refuses by name."""
+    from nl_rewrite import io
+    from nl_rewrite.cli.main import main
+
+    out, write_json = tmp_path / "ev", io.write_json
+
+    def full_on_splits(path, obj):
+        if Path(path).name == "splits.json":
+            raise io.DiskFullError(28, f"no space left while writing {Path(path).name}")
+        write_json(path, obj)
+
+    monkeypatch.setattr(io, "write_json", full_on_splits)
+    argv = ["--model", "tiny-smollm2", "--layer", "1", "--replacement", "zero", "--max-windows", "2", "--window", "16"]
+    assert main(["evaluate", *argv, "--out", str(out)]) == 2
+    assert "no space left while writing splits.json" in capsys.readouterr().err
+    assert not (out / "results.json").exists()
+    assert main(["compare", str(out), str(out)]) == 2
+    assert f"{out} holds no finished evaluation" in capsys.readouterr().err
 
 
 def test_stacked_conditions_give_the_numbers_of_one_at_a_time(tiny, windows):

@@ -102,7 +102,7 @@ def test_undefined_recovery_is_said_in_words_not_numbers():
 
 
 def test_load_run_errors_name_the_fix(tmp_path):
-    with pytest.raises(ComparisonError, match="evaluation results not found: .*; run `nl-rewrite evaluate --out"):
+    with pytest.raises(ComparisonError, match="holds no finished evaluation .*; run `nl-rewrite evaluate --out"):
         load_run(tmp_path)
     (tmp_path / "results.json").write_text("{not json")
     with pytest.raises(ComparisonError, match="not valid JSON"):

@@ -34,9 +34,9 @@ class Run:
 
 def load_run(folder: "str | Path") -> Run:
     path = Path(folder) / "results.json" if Path(folder).is_dir() else Path(folder)
-    if Path(folder).is_dir() and not path.is_file() and any(Path(folder).iterdir()):
-        raise ComparisonError(f"{folder} holds an evaluation that did not finish (results.json, written last, is "
-                              f"missing); rerun `nl-rewrite evaluate --out {folder}` to finish it")
+    if Path(folder).is_dir() and not path.is_file():
+        raise ComparisonError(f"{folder} holds no finished evaluation (results.json, written last, is missing: it "
+                              f"did not finish, or never ran there); run `nl-rewrite evaluate --out {folder}`")
     data = io.read_json_object(path, ComparisonError, "evaluation results",
                                f"run `nl-rewrite evaluate --out {folder}` (again)")
     if "fingerprint_parts" not in data:

@@ -5,7 +5,8 @@ Shared by ``nl-rewrite evaluate`` and ``nl-rewrite run`` so both spell condition
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Generic, Protocol, TypeVar
 
 from nl_rewrite.data.windows import token_windows
 from nl_rewrite.model.loading import model_name
@@ -50,6 +51,48 @@ def build_condition(name: str, model, layer: int, coder: Callable[[], SparseCode
         raise ValueError(f"unknown condition {name!r}; valid: {', '.join(CONDITIONS)}, coder:PATH or "
                          "MODULE:FACTORY[:JSON]")
     return builders[name](coder())
+
+
+M = TypeVar("M")
+
+
+@dataclass(frozen=True)
+class Planned(Generic[M]):
+    """A condition of a run, declared once: its name, what it is (for tables, plots and the answer) and how to
+    build it from the run's materials ``M``, which exist only once the conditions are evaluated. A plan counts
+    conditions from the same declarations the run builds."""
+
+    name: str
+    family: str
+    """baseline, oracle, lexical, llm or trained."""
+    fraction: float
+    """The share of the coder's latents it simulates."""
+    label: str
+    make: Callable[[M, str], Replacement]
+    """``make(materials, name)``: the condition, named ``name``."""
+
+    def build(self, materials: M) -> Replacement:
+        made = self.make(materials, self.name)
+        if made.name != self.name:  # the one name a condition has: results, tables and plans all key on it
+            raise ValueError(f"condition {self.name!r} was built named {made.name!r}")
+        return made
+
+
+class Subject(Protocol):
+    """Materials that hold the subject model and the run's coder (what every baseline is built from)."""
+
+    @property
+    def model(self): ...
+
+    @property
+    def coder(self) -> SparseCoder: ...
+
+
+def planned_baseline(how: str, layer: int, seed: int, site: str, fraction: float, label: str) -> Planned[Subject]:
+    """A :func:`build_condition` condition (``how`` is one of :data:`CONDITIONS` or ``sae``), declared for a run."""
+    name = ablation_name(how, site) if how in ("zero", "mean") else how
+    return Planned(name, "baseline", fraction, label,
+                   lambda m, _: build_condition(how, m.model, layer, lambda: m.coder, seed, site))
 
 
 def ablation_name(how: str, site: str) -> str:

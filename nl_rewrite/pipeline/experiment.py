@@ -30,12 +30,12 @@ from torch import Tensor
 from nl_rewrite import io
 from nl_rewrite.interp.calibrate import Calibrator, count_fallbacks, make_calibrator
 from nl_rewrite.errors import CheckpointError
-from nl_rewrite.pipeline.conditions import ablation_name, build_condition
+from nl_rewrite.pipeline.conditions import Planned, build_condition, planned_baseline
 from nl_rewrite.data.windows import TokenWindows, token_windows
 from nl_rewrite.evaluation.evaluator import EvalResults, Evaluator
 from nl_rewrite.interp.explain import Explanation, explain_latents
-from nl_rewrite.pipeline.ladder import (LEXICAL_CALIBRATION, LexicalArm, fit_noise, lexical_arm, lexical_condition, eval_pearson, oracle_conditions,
-                     zeroed_condition)
+from nl_rewrite.pipeline.ladder import (LEXICAL_CALIBRATION, LexicalArm, NoiseTargets, eval_pearson, fit_noise,
+                                       lexical_arm, lexical_condition, mean_active, noisy_name, zeroed_condition)
 from nl_rewrite.latents.cache import LatentCache
 from nl_rewrite.evaluation.generate import side_by_side
 from nl_rewrite.interp.lexical import LexicalSimulator, candidate_items
@@ -49,8 +49,8 @@ from nl_rewrite.interp.selection import choose_latents, usable_pool
 from nl_rewrite.replacements.simulated import NLSimulatorReplacement
 from nl_rewrite.pipeline.config import RunConfig
 from nl_rewrite.pipeline.stage import Stage, cached
-from nl_rewrite.pipeline.trained_arm import (check_trained_simulator, get_simulator, trained_arm, trained_conditions,
-                                             trained_windows)
+from nl_rewrite.pipeline.trained_arm import (TrainedMaterials, check_trained_simulator, get_simulator, trained_arm,
+                                             trained_conditions, trained_windows)
 from nl_rewrite.latents.sampling import select_latents
 from nl_rewrite.interp.score import DetectionScore, score_explanations
 from nl_rewrite.interp.simulate import Simulator
@@ -65,8 +65,6 @@ CONFIG_FILE = "config.toml"
 """The resolved config of a run, in its output folder."""
 RESULTS_FILE = "results.json"
 """A run's summary: written last, and removed when a rerun starts, so a folder holding it is a finished run."""
-BASELINES = ("zero_latents", "zero", "mean", "random_latents")
-"""Built for every run, after the coder's own reconstruction (condition ``transcoder`` or ``sae``)."""
 HEADLINE_LEXICAL = "lexical"
 
 
@@ -239,14 +237,6 @@ def calibrate(cfg: RunConfig, cache: LatentCache, store: SimulationStore, texts:
 
 # ---- stage 8: evaluation ------------------------------------------------------------------------------------
 
-def simulated_conditions(cfg: RunConfig, transcoder: SparseCoder, sims: dict[int, dict[int, Tensor]],
-                         calibrators: dict[str, dict[int, Calibrator]], chosen: dict[float, list[int]]
-                         ) -> list[Replacement]:
-    return [NLSimulatorReplacement(transcoder, {lat: sims[lat] for lat in chosen[f]}, calibrators[kind], chosen[f],
-                                   name=condition_name(kind, f))
-            for kind in cfg.calibrations for f in cfg.fractions]
-
-
 def evaluate_cached(model, windows: TokenWindows, build: Callable[[], list[Replacement]], path: Path, mode: str,
                     cfg: RunConfig, fingerprint: str, stages: Stage, runner: ShardRunner) -> EvalResults:
     """One Evaluator run, reused from ``path`` when its fingerprint matches (conditions are then never built)."""
@@ -375,81 +365,155 @@ def llm_stage(ctx: Context, backend, eval_strings: dict[int, list[str]]) -> Pool
                    calib_run.nan_predictions + eval_run.nan_predictions)
 
 
-def main_conditions(ctx: Context, arms: dict[int, LexicalArm]) -> tuple[Callable[[], list[Replacement]], dict]:
-    """Builder of every all-latent condition, and each one's (family, fraction, label) before measuring r."""
-    cfg, tc, cache = ctx.cfg, ctx.transcoder, ctx.cache
-    n = cache.n_latents
+@dataclass(frozen=True)
+class MainMaterials:
+    """What the all-latent conditions are built from, made once when they are evaluated."""
+
+    ctx: Context
+    arms: dict[int, LexicalArm]
+    headline: LexicalArm
+    noise: NoiseTargets
+    ranking: list[int]
+    """Every latent, the best-explained first (by the headline arm's explain-split r)."""
+
+    @property
+    def model(self):
+        return self.ctx.model
+
+    @property
+    def coder(self) -> SparseCoder:
+        return self.ctx.transcoder
+
+    def top(self, fraction: float) -> list[int]:
+        return self.ranking[:max(1, round(fraction * len(self.ranking)))]
+
+
+def _true_oracle(m: MainMaterials, name: str) -> Replacement:
+    return OracleReplacement(m.coder, "true", None, name=name)
+
+
+def _binary_oracle(m: MainMaterials, name: str, fraction: float = 1.0) -> Replacement:
+    return OracleReplacement(m.coder, "binary", None if fraction == 1.0 else m.top(fraction),
+                             mean_active=mean_active(m.ctx.cache), name=name)
+
+
+def _noisy_oracle(m: MainMaterials, name: str, target: float) -> Replacement:
+    return OracleReplacement(m.coder, "noisy", None, noise_sd=m.noise.multipliers[target] * m.noise.sd,
+                             seed=m.ctx.cfg.seed, name=name)
+
+
+def _lexical(m: MainMaterials, name: str, budget: int, fraction: float = 1.0) -> Replacement:
+    latents = range(len(m.ranking)) if fraction == 1.0 else m.top(fraction)
+    return lexical_condition(m.coder, m.arms[budget], latents, name)
+
+
+def main_planned(cfg: RunConfig) -> list[Planned[MainMaterials]]:
+    """Every condition evaluated on all eval windows, in order: the coder and the baselines, the oracle ladder, one
+    lexical arm per budget, and per sweep fraction the best-explained latents lexically and as binary oracle."""
+    site = coder_site(cfg)
+    planned: list[Planned[MainMaterials]] = [
+        *reference_planned(cfg, site), planned_baseline("zero", cfg.layer, cfg.seed, site, 0.0, f"{site} zero-ablated"),
+        planned_baseline("mean", cfg.layer, cfg.seed, site, 0.0, f"{site} mean-ablated"),
+        planned_baseline("random_latents", cfg.layer, cfg.seed, site, 1.0, "random active latents"),
+        Planned("oracle", "oracle", 1.0, "true activations", _true_oracle),
+        Planned("binary_oracle", "oracle", 1.0, "binary oracle", _binary_oracle),
+        *[Planned(noisy_name(r), "oracle", 1.0, f"noisy oracle, target r={r:g}",
+                  functools.partial(_noisy_oracle, target=r)) for r in cfg.noise_targets],
+        Planned(HEADLINE_LEXICAL, "lexical", 1.0, f"lexical, ≤{cfg.lexical_budget} items",
+                functools.partial(_lexical, budget=cfg.lexical_budget)),
+        *[Planned(f"lexical_b{b}", "lexical", 1.0, f"lexical, ≤{b} items", functools.partial(_lexical, budget=b))
+          for b in sorted(set(cfg.lexical_budgets) - {cfg.lexical_budget})]]
+    for f in cfg.sweep_fractions:
+        planned += [Planned(f"lexical_f{f:g}", "lexical", f, f"lexical, {100 * f:g}% of latents",
+                            functools.partial(_lexical, budget=cfg.lexical_budget, fraction=f)),
+                    Planned(f"binary_oracle_f{f:g}", "oracle", f, f"binary oracle, {100 * f:g}% of latents",
+                            functools.partial(_binary_oracle, fraction=f))]
+    return planned
+
+
+def reference_planned(cfg: RunConfig, site: str) -> list[Planned]:
+    """The two conditions every recovery fraction is measured between: the coder itself and zero-latents."""
+    return [planned_baseline(cfg.coder, cfg.layer, cfg.seed, site, 1.0, cfg.coder),
+            planned_baseline("zero_latents", cfg.layer, cfg.seed, site, 0.0, "no active latents")]
+
+
+def main_conditions(ctx: Context, arms: dict[int, LexicalArm]
+                    ) -> tuple[Callable[[], list[Replacement]], list[Planned[MainMaterials]]]:
+    """Builder of every all-latent condition (built at most once: evaluation and measuring share them)."""
+    cfg, cache = ctx.cfg, ctx.cache
     headline = arms[cfg.lexical_budget]
     ranking = sorted(headline.texts, key=lambda lat: -_finite_or(headline.ranking().get(lat), -2.0))
-    ranking += sorted(set(range(n)) - set(ranking))  # latents without an explanation (never fired) go last
-    site = coder_site(cfg)
-    plan = {cfg.coder: ("baseline", 1.0, cfg.coder), "zero_latents": ("baseline", 0.0, "no active latents"),
-            ablation_name("zero", site): ("baseline", 0.0, f"{site} zero-ablated"),
-            ablation_name("mean", site): ("baseline", 0.0, f"{site} mean-ablated"),
-            "random_latents": ("baseline", 1.0, "random active latents"),
-            "oracle": ("oracle", 1.0, "true activations"), "binary_oracle": ("oracle", 1.0, "binary oracle"),
-            **{f"noisy_r{r:g}": ("oracle", 1.0, f"noisy oracle, target r={r:g}") for r in cfg.noise_targets},
-            HEADLINE_LEXICAL: ("lexical", 1.0, f"lexical, ≤{cfg.lexical_budget} items"),
-            **{f"lexical_b{b}": ("lexical", 1.0, f"lexical, ≤{b} items") for b in cfg.lexical_budgets
-               if b != cfg.lexical_budget}}
-    for f in cfg.sweep_fractions:
-        plan[f"lexical_f{f:g}"] = ("lexical", f, f"lexical, {100 * f:g}% of latents")
-        plan[f"binary_oracle_f{f:g}"] = ("oracle", f, f"binary oracle, {100 * f:g}% of latents")
-
-    def top(f: float) -> list[int]:
-        return ranking[:max(1, round(f * n))]
+    ranking += sorted(set(range(cache.n_latents)) - set(ranking))  # latents never fired (no explanation) go last
+    planned = main_planned(cfg)
 
     def build() -> list[Replacement]:
         noise = fit_noise(cache, heldout_windows(cfg, len(cache)), cfg.noise_targets, cfg.seed)
-        baselines = [build_condition(name, ctx.model, cfg.layer, lambda: tc, cfg.seed, site)
-                     for name in (cfg.coder, *BASELINES)]
-        lexical = [lexical_condition(tc, headline, range(n), HEADLINE_LEXICAL)]
-        lexical += [lexical_condition(tc, arm, range(n), f"lexical_b{b}") for b, arm in arms.items()
-                    if b != cfg.lexical_budget]
-        sweeps = []
-        for f in cfg.sweep_fractions:
-            sweeps.append(lexical_condition(tc, headline, top(f), f"lexical_f{f:g}"))
-            sweeps += oracle_conditions(tc, cache, noise, cfg.seed, top(f), suffix=f"_f{f:g}")[1:2]
-        return baselines + oracle_conditions(tc, cache, noise, cfg.seed) + lexical + sweeps
+        materials = MainMaterials(ctx, arms, headline, noise, ranking)
+        return [p.build(materials) for p in planned]
 
-    return functools.cache(build), plan  # built at most once: evaluation and measuring share the conditions
+    return functools.cache(build), planned
 
 
-def pool_conditions(ctx: Context, arm: PoolArm, lexical: LexicalArm) -> tuple[Callable[[], list[Replacement]], dict]:
-    cfg, tc = ctx.cfg, ctx.transcoder
-    pool = sorted(arm.texts)
-    share = len(pool) / ctx.cache.n_latents
-    plan = {cfg.coder: ("baseline", 1.0, cfg.coder), "zero_latents": ("baseline", 0.0, "no active latents"),
-            "pool_zeroed": ("baseline", share, "pool latents set to 0"),
-            "lexical_pool": ("lexical", share, f"lexical on the pool, ≤{lexical.budget} items"),
-            "binary_oracle_pool": ("oracle", share, "binary oracle on the pool"),
-            **{condition_name(k, f): ("llm", share * f, f"LLM simulator, {k} calibration, {100 * f:g}% of pool")
-               for k in cfg.calibrations for f in cfg.fractions}}
+@dataclass(frozen=True)
+class PoolMaterials:
+    """What the LLM pool's conditions are built from."""
 
-    def build() -> list[Replacement]:
-        refs = [build_condition(name, ctx.model, cfg.layer, lambda: tc, cfg.seed) for name in (cfg.coder, "zero_latents")]
-        mean_active = torch.nan_to_num(ctx.cache.stats.mean.float(), nan=0.0)
-        return refs + [zeroed_condition(tc, pool, "pool_zeroed"), lexical_condition(tc, lexical, pool, "lexical_pool"),
-                       OracleReplacement(tc, "binary", pool, mean_active=mean_active, name="binary_oracle_pool")
-                       ] + simulated_conditions(cfg, tc, arm.eval_sims, arm.calibrators, arm.chosen)
+    ctx: Context
+    arm: PoolArm
+    lexical: LexicalArm
 
-    return functools.cache(build), plan
+    @property
+    def model(self):
+        return self.ctx.model
+
+    @property
+    def coder(self) -> SparseCoder:
+        return self.ctx.transcoder
+
+    @property
+    def pool(self) -> list[int]:
+        return sorted(self.arm.texts)
+
+
+def _pool_simulated(m: PoolMaterials, name: str, calibration: str, fraction: float) -> Replacement:
+    chosen = m.arm.chosen[fraction]
+    return NLSimulatorReplacement(m.coder, {lat: m.arm.eval_sims[lat] for lat in chosen},
+                                  m.arm.calibrators[calibration], chosen, name=name)
+
+
+def pool_planned(cfg: RunConfig, share: float) -> list[Planned[PoolMaterials]]:
+    """The pool's conditions, in order; ``share`` is the pool's share of the coder's latents."""
+    return [*reference_planned(cfg, coder_site(cfg)),
+            Planned("pool_zeroed", "baseline", share, "pool latents set to 0",
+                    lambda m, name: zeroed_condition(m.coder, m.pool, name)),
+            Planned("lexical_pool", "lexical", share, f"lexical on the pool, ≤{cfg.lexical_budget} items",
+                    lambda m, name: lexical_condition(m.coder, m.lexical, m.pool, name)),
+            Planned("binary_oracle_pool", "oracle", share, "binary oracle on the pool",
+                    lambda m, name: OracleReplacement(m.coder, "binary", m.pool, mean_active=mean_active(m.ctx.cache),
+                                                      name=name)),
+            *[Planned(condition_name(k, f), "llm", share * f, f"LLM simulator, {k} calibration, {100 * f:g}% of pool",
+                      functools.partial(_pool_simulated, calibration=k, fraction=f))
+              for k in cfg.calibrations for f in cfg.fractions]]
+
+
+def pool_conditions(ctx: Context, arm: PoolArm, lexical: LexicalArm
+                    ) -> tuple[Callable[[], list[Replacement]], list[Planned[PoolMaterials]]]:
+    planned = pool_planned(ctx.cfg, len(arm.texts) / ctx.cache.n_latents)
+    materials = PoolMaterials(ctx, arm, lexical)
+    return functools.cache(lambda: [p.build(materials) for p in planned]), planned
 
 
 def _finite_or(value: float | None, default: float) -> float:
     return value if value is not None and value == value else default
 
 
-def measured_info(plan: dict, conditions: Callable[[], list[Replacement]], eval_cache: LatentCache,
+def measured_info(planned: list[Planned], conditions: Callable[[], list[Replacement]], eval_cache: LatentCache,
                   window_ids: list[int], path: Path, fingerprint: str) -> dict[str, ConditionInfo]:
     """Each planned condition's info with its Pearson r measured on the evaluated windows (cached by fingerprint)."""
     def measure() -> dict[str, ConditionInfo]:
-        info = {}
-        for rep in conditions():
-            family, fraction, label = plan.get(rep.name, ("baseline", 0.0, rep.name))
-            r = eval_pearson(rep, eval_cache, window_ids) if family != "baseline" else float("nan")
-            info[rep.name] = ConditionInfo(family, fraction, r, label)
-        return info
+        return {p.name: ConditionInfo(p.family, p.fraction, eval_pearson(rep, eval_cache, window_ids)
+                                      if p.family != "baseline" else float("nan"), p.label)
+                for p, rep in zip(planned, conditions(), strict=True)}
 
     return cached(path, fingerprint, dict[str, ConditionInfo], measure)
 
@@ -566,7 +630,8 @@ def trained_stage(ctx: Context, headline: LexicalArm, explain_windows: TokenWind
     windows = trained_windows(cfg, eval_windows)
     arm = stages.timed("simulate_trained", trained_arm, simulator, headline, ctx.cache, calib_ids,
                        {w: eval_strings[w] for w in range(len(windows))}, ctx.out / "simulations" / "trained")
-    build, plan = trained_conditions(cfg, ctx.model, ctx.transcoder, ctx.cache, arm, headline, coder_site(cfg))
+    build, plan = trained_conditions(cfg, TrainedMaterials(ctx.model, ctx.transcoder, ctx.cache, arm, headline),
+                                     coder_site(cfg))
     fingerprint = json.dumps(base_fp + [simulator.identity, calib_ids, len(windows)], default=str)
     results = evaluate_cached(ctx.model, windows, build, ctx.out / "eval_trained.json", "all", cfg, fingerprint, stages,
                               ctx.runner)

@@ -145,16 +145,9 @@ def noisy_name(target: float) -> str:
     return f"noisy_r{target:g}"
 
 
-def oracle_conditions(transcoder: SparseCoder, cache: LatentCache, noise: NoiseTargets, seed: int,
-                      latents: list[int] | None = None, suffix: str = "") -> list[OracleReplacement]:
-    """``oracle``, ``binary_oracle`` and one ``noisy_r…`` per target, over ``latents`` (None: all)."""
-    mean_active = torch.nan_to_num(cache.stats.mean.float(), nan=0.0)
-    conds = [OracleReplacement(transcoder, "true", latents, name=f"oracle{suffix}"),
-             OracleReplacement(transcoder, "binary", latents, mean_active=mean_active, name=f"binary_oracle{suffix}")]
-    for target, c in noise.multipliers.items():
-        conds.append(OracleReplacement(transcoder, "noisy", latents, noise_sd=c * noise.sd, seed=seed,
-                                       name=f"{noisy_name(target)}{suffix}"))
-    return conds
+def mean_active(cache: LatentCache) -> Float[Tensor, " n_latents"]:
+    """Each latent's mean value when it fires (0 for one that never fired): what the binary oracle writes."""
+    return torch.nan_to_num(cache.stats.mean.float(), nan=0.0)
 
 
 def zeroed_condition(transcoder: SparseCoder, latents: list[int], name: str) -> OracleReplacement:

@@ -406,16 +406,17 @@ def evaluate_stage(stage: str, what: str, windows: int, window: int, conditions:
 
 
 def main_condition_count(cfg: RunConfig) -> int:
-    """Conditions on every eval window (experiment.main_conditions): the coder, 4 baselines, 2 + noise oracles,
-    one lexical arm per budget, a lexical and a binary-oracle condition per sweep fraction."""
-    budgets = len({cfg.lexical_budget, *cfg.lexical_budgets})
-    return 1 + 4 + 2 + len(cfg.noise_targets) + budgets + 2 * len(cfg.sweep_fractions)
+    """Conditions on every eval window: those the run declares (:func:`~.experiment.main_planned`)."""
+    from nl_rewrite.pipeline.experiment import main_planned  # here: the CLI imports plans, and should not import torch
+
+    return len(main_planned(cfg))
 
 
 def pool_condition_count(cfg: RunConfig) -> int:
-    """Conditions of the LLM pool (experiment.pool_conditions): 2 references, 3 pool baselines, the simulator per
-    calibration and fraction."""
-    return 2 + 3 + len(cfg.calibrations) * len(cfg.fractions)
+    """Conditions of the LLM pool: those the run declares (:func:`~.experiment.pool_planned`)."""
+    from nl_rewrite.pipeline.experiment import pool_planned
+
+    return len(pool_planned(cfg, pool_size(cfg) / cfg.width))
 
 
 def pool_size(cfg: RunConfig) -> int:

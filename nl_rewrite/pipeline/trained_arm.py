@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-import torch
 from torch import Tensor
 
 from nl_rewrite.data.windows import TokenWindows
@@ -20,9 +19,9 @@ from nl_rewrite.errors import CheckpointError
 from nl_rewrite.interp.simulation_store import SimulationStore, simulate_into_store
 from nl_rewrite.latents.cache import LatentCache
 from nl_rewrite.paths import cache_dir
-from nl_rewrite.pipeline.conditions import ablation_name, build_condition
+from nl_rewrite.pipeline.conditions import Planned, planned_baseline
 from nl_rewrite.pipeline.config import RunConfig
-from nl_rewrite.pipeline.ladder import LexicalArm, lexical_condition, simulated_arm
+from nl_rewrite.pipeline.ladder import LexicalArm, lexical_condition, mean_active, simulated_arm
 from nl_rewrite.replacements.base import Replacement
 from nl_rewrite.replacements.oracles import OracleReplacement
 from nl_rewrite.coders.sparse_coder import SparseCoder
@@ -86,25 +85,41 @@ def trained_arm(simulator: TrainedSimulator, headline: LexicalArm, cache: Latent
     return arm
 
 
-def trained_conditions(cfg: RunConfig, model, coder: SparseCoder, cache: LatentCache, arm: LexicalArm,
-                       headline: LexicalArm, site: str) -> tuple[Callable[[], list[Replacement]], dict]:
-    share = len(arm.texts) / cache.n_latents
-    plan = {cfg.coder: ("baseline", 1.0, cfg.coder), "zero_latents": ("baseline", 0.0, "no active latents"),
-            ablation_name("zero", site): ("baseline", 0.0, f"{site} zero-ablated"),
-            "lexical": ("lexical", 1.0, f"lexical reader, ≤{headline.budget} items"),
-            "oracle": ("oracle", 1.0, "true activations"), "binary_oracle": ("oracle", 1.0, "binary oracle"),
-            TRAINED: ("trained", share, f"trained simulator on the lexical explanations (≤{headline.budget} items)")}
+@dataclass(frozen=True)
+class TrainedMaterials:
+    """What the trained simulator's block of conditions is built from."""
 
-    def build() -> list[Replacement]:
-        refs = [build_condition(name, model, cfg.layer, lambda: coder, cfg.seed, site)
-                for name in (cfg.coder, "zero_latents", "zero")]
-        mean_active = torch.nan_to_num(cache.stats.mean.float(), nan=0.0)
-        return refs + [lexical_condition(coder, headline, range(cache.n_latents), "lexical"),
-                       OracleReplacement(coder, "true", None, name="oracle"),
-                       OracleReplacement(coder, "binary", None, mean_active=mean_active, name="binary_oracle"),
-                       lexical_condition(coder, arm, range(cache.n_latents), TRAINED)]
+    model: object
+    coder: SparseCoder
+    cache: LatentCache
+    arm: LexicalArm
+    """The trained simulator reading the headline explanations."""
+    headline: LexicalArm
 
-    return functools.cache(build), plan
+
+def trained_planned(cfg: RunConfig, site: str, budget: int, share: float) -> list[Planned[TrainedMaterials]]:
+    """The trained simulator's block, in order: its references, the lexical reader, the oracles, itself."""
+    def base(how: str, fraction: float, label: str) -> Planned:
+        return planned_baseline(how, cfg.layer, cfg.seed, site, fraction, label)
+
+    return [base(cfg.coder, 1.0, cfg.coder), base("zero_latents", 0.0, "no active latents"),
+            base("zero", 0.0, f"{site} zero-ablated"),
+            Planned("lexical", "lexical", 1.0, f"lexical reader, ≤{budget} items",
+                    lambda m, name: lexical_condition(m.coder, m.headline, range(m.cache.n_latents), name)),
+            Planned("oracle", "oracle", 1.0, "true activations",
+                    lambda m, name: OracleReplacement(m.coder, "true", None, name=name)),
+            Planned("binary_oracle", "oracle", 1.0, "binary oracle",
+                    lambda m, name: OracleReplacement(m.coder, "binary", None, mean_active=mean_active(m.cache),
+                                                      name=name)),
+            Planned(TRAINED, "trained", share, f"trained simulator on the lexical explanations (≤{budget} items)",
+                    lambda m, name: lexical_condition(m.coder, m.arm, range(m.cache.n_latents), name))]
+
+
+def trained_conditions(cfg: RunConfig, materials: TrainedMaterials, site: str
+                       ) -> tuple[Callable[[], list[Replacement]], list[Planned[TrainedMaterials]]]:
+    planned = trained_planned(cfg, site, materials.headline.budget,
+                              len(materials.arm.texts) / materials.cache.n_latents)
+    return functools.cache(lambda: [p.build(materials) for p in planned]), planned
 
 
 def trained_windows(cfg: RunConfig, eval_windows: TokenWindows) -> TokenWindows:
