@@ -214,7 +214,8 @@ class RecordStore(Generic[R]):
         kept, unreadable = [], 0
         for line in filter(None, complete):
             try:
-                record = self.decode(json.loads(line))
+                text = line.decode("utf-8")
+                record = self.decode(json.loads(text))
             except Exception:  # a damaged line: its latent is simply not done yet
                 unreadable += 1
                 continue
@@ -222,7 +223,7 @@ class RecordStore(Generic[R]):
                 raise NLRewriteError(f"{self.path} holds records made with other settings "
                                      f"({record.settings} ≠ {self.settings}); use another output file")
             self.records[record.latent] = record
-            kept.append(line.decode("utf-8") + "\n")
+            kept.append(text + "\n")
         if lines[-1]:
             log.warning("%s: dropping a half-written last line (an interrupted run)", self.path)
         if unreadable:

@@ -64,3 +64,14 @@ def test_corpus_shorter_than_a_window(tiny, tmp_cache, tmp_path):
 def test_unknown_split(tiny):
     with pytest.raises(CorpusError, match="valid"):
         token_windows(tiny, "validation")
+
+
+def test_damaged_tokenised_windows_are_recomputed(tiny, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("NL_REWRITE_CACHE", str(tmp_path / "cache"))  # its own cache: this test damages it
+    corpus = _write_docs(tmp_path / "txt", ["abcdefgh " * 40] * 4)
+    first = token_windows(tiny, "train", corpus=str(corpus), window=8)
+    (path,) = (tmp_path / "cache" / "windows").glob("train-*.pt")
+    path.write_bytes(path.read_bytes()[:200])
+    again = token_windows(tiny, "train", corpus=str(corpus), window=8)
+    assert torch.equal(first.tokens, again.tokens) and f"{path} cannot be read" in caplog.text
+    assert torch.equal(token_windows(tiny, "train", corpus=str(corpus), window=8).tokens, first.tokens)

@@ -53,7 +53,8 @@ def test_other_inputs_recompute_without_a_warning(tmp_path, caplog):
     b"", b"\x00garbage", b'{"fingerprint": "fp1", "res', b'{"fingerprint": "fp1", "results": [1, 2]}',
     b'{"fingerprint": "fp1", "result": {"a": {"family": "oracle"}}}',
     b'{"fingerprint": "fp1", "result": {"a": {"family": "oracle", "r": "high"}}}', b"[1, 2]",
-], ids=["empty", "garbage", "truncated", "older layout", "missing field", "wrong type", "not an object"])
+], ids=["empty", "garbage", "truncated", "older layout of other content", "missing field", "wrong type",
+        "not an object"])
 def test_a_damaged_result_is_recomputed_with_a_warning_naming_it(tmp_path, caplog, content):
     path = tmp_path / "info.json"
     path.write_bytes(content)
@@ -62,3 +63,11 @@ def test_a_damaged_result_is_recomputed_with_a_warning_naming_it(tmp_path, caplo
         assert cached(path, "fp1", dict[str, Info], compute) == {"a": Info("oracle", 0.25)}
     assert calls == [1] and f"{path} cannot be read" in caplog.text
     assert cached(path, "fp1", dict[str, Info], compute) == {"a": Info("oracle", 0.25)} and calls == [1]
+
+
+def test_a_result_in_the_older_layout_is_reused(tmp_path):
+    """Before the primitive, each file named its one result key after its content ("results", "info", ...)."""
+    path = tmp_path / "info.json"
+    path.write_text(json.dumps({"fingerprint": "fp1", "info": {"a": {"family": "oracle", "r": 0.25}}}))
+    compute, calls = _counting({})
+    assert cached(path, "fp1", dict[str, Info], compute) == {"a": Info("oracle", 0.25)} and calls == []

@@ -93,11 +93,11 @@ def evaluate(cfg: EvaluateConfig, runner: "ShardRunner | None" = None) -> dict:
     results = run_suite(model, cfg.model, suite, reps, prepend_bos=prepend_bos_for(cfg.model),
                         batch_size=cfg.batch_size, runner=runner)
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"config": asdict(cfg), **results.to_json()}
+    payload = {"config": asdict(cfg), **results.to_json(), "complete": True}
     # which documents were in which split, so the evaluation set can be audited
     io.write_json(out / "splits.json", split_manifest(suite.corpus, suite.seed))
     report = write_report([Run(str(out), results)], out / "results")
-    io.write_json(out / "results.json", {**payload, "complete": True})  # last (a full disk leaves no summary)
+    io.write_json(out / "results.json", payload)  # last: a full disk or a kill before it leaves no summary
     print(report)
     print(f"wrote {out / 'results.json'}, {out / 'results.md'} (fingerprint {results.fingerprint})")
     return payload

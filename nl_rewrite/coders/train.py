@@ -414,12 +414,24 @@ def _start_state(model, cfg: TrainConfig, folder: Path) -> TrainState:
     from nl_rewrite.model.loading import model_name
 
     fresh = new_state(cfg, d_in, d_out, model_name(model))
-    saved = io.read_cached(folder / STATE_FILE, functools.partial(torch.load, weights_only=True), "training state")
+    saved = io.read_cached(folder / STATE_FILE, _read_state, "training state")
     if saved is None:
         return fresh
-    state = load_state(folder, cfg, fresh, saved)
+    try:
+        state = load_state(folder, cfg, fresh, saved)
+    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as exc:  # wrong shapes, a wrong layout
+        log.warning("training state %s does not fit this coder (%s); training from step 0", folder / STATE_FILE, exc)
+        return new_state(cfg, d_in, d_out, model_name(model))  # load_state may have changed ``fresh`` part-way
     log.info("resuming %s at step %d", folder, state.step)
     return state
+
+
+def _read_state(path: Path) -> dict:
+    saved = torch.load(path, weights_only=True)
+    missing = {"cfg", "coder", "optimizer", "step", "since_fired", "seconds", "x_scale", "y_scale"} - set(saved)
+    if missing:
+        raise ValueError(f"no {', '.join(sorted(missing))}")
+    return saved
 
 
 def _append_log(folder: Path, rows: list[dict]) -> None:

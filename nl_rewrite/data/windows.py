@@ -172,14 +172,22 @@ def _windows_from_docs(tokenizer, docs: list[Document], window: int, bos: int | 
     return rows, owners
 
 
+def _saved_windows(path: Path, split: str) -> TokenWindows:
+    saved = torch.load(path, weights_only=True)
+    if not (isinstance(saved["tokens"], torch.Tensor) and saved["tokens"].ndim == 2
+            and len(saved["doc_ids"]) == len(saved["tokens"])):
+        raise ValueError("tokens and doc_ids do not match")
+    return TokenWindows(saved["tokens"], list(saved["doc_ids"]), split)
+
+
 def _cached_windows(tokenizer, docs: list[Document], split: str, window: int, bos: int | None) -> TokenWindows:
     """Tokenising the train split takes a while; keep the result keyed by tokenizer, documents and window."""
     key = hashlib.sha256(json.dumps([getattr(tokenizer, "name_or_path", ""), len(tokenizer), window, bos,
                                      [d.doc_id for d in docs], sum(len(d.text) for d in docs)]).encode()).hexdigest()[:16]
     path = cache_dir() / "windows" / f"{split}-{key}.pt"
-    if path.is_file():
-        saved = torch.load(path)
-        return TokenWindows(saved["tokens"], saved["doc_ids"], split)
+    saved = io.read_cached(path, lambda p: _saved_windows(p, split), "tokenised windows")
+    if saved is not None:
+        return saved
     rows, owners = _windows_from_docs(tokenizer, docs, window, bos)
     if not rows:
         raise CorpusError(f"split {split!r} has no text long enough for one {window}-token window "

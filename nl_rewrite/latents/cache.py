@@ -117,20 +117,27 @@ def coder_fingerprint(coder) -> str:
 
 
 def _read_meta(path: Path) -> CacheMeta:
-    return TypeAdapter(CacheMeta).validate_python(io.read_json(path))
+    data = io.read_json(path)
+    if not isinstance(data, dict) or data.get("version") != CACHE_VERSION:  # pydantic would fill a missing one
+        raise ValueError(f"layout version {data.get('version') if isinstance(data, dict) else None}, "
+                         f"not {CACHE_VERSION}")
+    return TypeAdapter(CacheMeta).validate_python(data)
 
 
 def _check_meta(folder: Path, meta: CacheMeta) -> None:
-    """Write meta.json for a new folder; refuse a folder built from something else. A folder whose meta.json
-    cannot be read cannot vouch for its shards: they are removed and rebuilt."""
+    """Write meta.json for a new folder; refuse a folder built from something else. A folder without a readable
+    meta.json of this layout cannot vouch for what it holds: everything in it is removed and rebuilt."""
     path = folder / "meta.json"
     found = io.read_cached(path, _read_meta, "latent cache identity")
     if found is None:
-        if path.is_file():
-            for derived in ("shards", "index"):
-                shutil.rmtree(folder / derived, ignore_errors=True)
-            _remove(folder / "stats.safetensors")
-            (folder / "shards").mkdir()
+        stale = [item for item in (folder / name for name in ("shards", "index", "stats.safetensors",
+                                                               "token_strings.json"))
+                 if item.is_file() or (item.is_dir() and any(item.iterdir()))]
+        if stale and not path.exists():
+            log.warning("latent cache %s has files but no meta.json; rebuilding it", folder)
+        for item in stale:
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
+        (folder / "shards").mkdir(exist_ok=True)
         io.write_json(path, asdict(meta))
         return
     have = asdict(found)

@@ -16,10 +16,12 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 
 import torch
+from filelock import FileLock
 from jaxtyping import Float
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
@@ -134,20 +136,31 @@ def _decode_text(blob: bytes) -> str:
 
 
 def _open(path: Path) -> sqlite3.Connection:
-    """The cache database. A file that is not one, or is damaged, is moved aside (``<name>.corrupt``, kept for a
-    look) with a warning naming it, and an empty cache starts: its calls are asked again."""
+    """The cache database. A file that is not one, or is damaged, is moved aside (``<name>.corrupt-<time>``, kept
+    for a look) with a warning naming it, and an empty cache starts: its calls are asked again. Processes sharing
+    the cache (Ray workers, parallel runs) decide that under a lock, so only one moves it and none loses calls."""
     try:
         return _connect(path)
     except sqlite3.DatabaseError as exc:
-        if not any(s in str(exc) for s in ("not a database", "malformed", "quick_check")):
+        if not _corrupt(exc):
             raise  # locked, read-only, missing folder: not corruption, so not moved aside
-        aside = path.with_name(path.name + ".corrupt")
-        log.warning("LLM call cache %s cannot be read (%s); moved it to %s and started an empty one (its calls are "
-                    "asked again)", path, exc, aside)
-        os.replace(path, aside)
-        for suffix in ("-wal", "-shm"):
-            Path(f"{path}{suffix}").unlink(missing_ok=True)
-        return _connect(path)
+    with FileLock(f"{path}.lock"):
+        try:
+            return _connect(path)  # another process may have replaced it meanwhile
+        except sqlite3.DatabaseError as exc:
+            if not _corrupt(exc):
+                raise
+            aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+            log.warning("LLM call cache %s cannot be read (%s); moved it to %s and started an empty one (its calls "
+                        "are asked again)", path, exc, aside)
+            os.replace(path, aside)
+            for suffix in ("-wal", "-shm"):
+                Path(f"{path}{suffix}").unlink(missing_ok=True)
+            return _connect(path)
+
+
+def _corrupt(exc: sqlite3.DatabaseError) -> bool:
+    return any(s in str(exc) for s in ("not a database", "malformed", "quick_check"))
 
 
 def _connect(path: Path) -> sqlite3.Connection:

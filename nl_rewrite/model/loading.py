@@ -204,8 +204,8 @@ def layer_count(name: str) -> int | None:
         return None
     try:
         return int(AutoConfig.from_pretrained(path if path.exists() else name, local_files_only=True).num_hidden_layers)
-    except (OSError, ValueError, AttributeError):
-        return None  # not resolvable from its config here: loading the model will say why
+    except Exception:  # any config this cannot read: loading the model says why, with the full context
+        return None
 
 
 def check_layer_before_loading(name: str, layer: int) -> None:

@@ -511,7 +511,7 @@ def measured_info(planned: list[Planned], conditions: Callable[[], list[Replacem
                   window_ids: list[int], path: Path, fingerprint: str) -> dict[str, ConditionInfo]:
     """Each planned condition's info with its Pearson r measured on the evaluated windows (cached by fingerprint)."""
     def measure() -> dict[str, ConditionInfo]:
-        return {p.name: ConditionInfo(p.family, p.fraction, eval_pearson(rep, eval_cache, window_ids)
+        return {p.name: ConditionInfo(p.family, float(p.fraction), eval_pearson(rep, eval_cache, window_ids)
                                       if p.family != "baseline" else float("nan"), p.label)
                 for p, rep in zip(planned, conditions(), strict=True)}
 

@@ -44,12 +44,14 @@ def cached(path: Path, fingerprint: str, result_type: object, compute: Callable[
 
     def decode(file: Path) -> T | None:
         data = io.read_json(file)
-        if not isinstance(data, dict) or "fingerprint" not in data or "result" not in data:
-            raise ValueError("not a cached result (no fingerprint and result)")
+        if not isinstance(data, dict) or "fingerprint" not in data:
+            raise ValueError("not a cached result (no fingerprint)")
         if data["fingerprint"] != fingerprint:  # not damage: the inputs changed
             log.info("%s was computed from other inputs; recomputing it", file)
             return None
-        return adapter.validate_python(data["result"])
+        # the layout before this module named the one result key after its content ("results", "info", ...)
+        payload = data["result"] if "result" in data else _only_value(data)
+        return adapter.validate_python(payload)
 
     found = io.read_cached(path, decode, "cached result")
     if found is not None:
@@ -58,3 +60,10 @@ def cached(path: Path, fingerprint: str, result_type: object, compute: Callable[
     # python mode, then json.dumps: NaN stays NaN (pydantic's JSON mode would write null, which reads back wrong)
     io.write_json(path, {"fingerprint": fingerprint, "result": adapter.dump_python(result)})
     return result
+
+
+def _only_value(data: dict) -> object:
+    values = [v for k, v in data.items() if k != "fingerprint"]
+    if len(values) != 1:
+        raise ValueError("not a cached result (no result)")
+    return values[0]

@@ -24,8 +24,10 @@ DAMAGES = {
     "truncated": lambda path: path.write_bytes(path.read_bytes()[: path.stat().st_size // 2]),
     "garbage": lambda path: path.write_bytes(b"\x00{this is not what was here\xff"),
     "empty": lambda path: path.write_bytes(b""),
+    "wrong fields": lambda path: path.write_bytes(b'{"unexpected": [1, 2]}\n'),  # parses, as JSON and as JSONL
+    "deleted": lambda path: path.unlink(),
 }
-"""Applied in turn to the kinds of file, so each damage meets about a third of them."""
+"""Applied in turn to the kinds of file, so each damage meets about a fifth of them."""
 
 
 def kind_of(relative: Path) -> str:
@@ -83,21 +85,26 @@ def damaged_rerun(source: Path, root: Path, damages: dict[Path, str], expected: 
     damaged = {}
     for relative, damage in damages.items():
         DAMAGES[damage](root / relative)
-        damaged[relative] = (root / relative).read_bytes()
+        damaged[relative] = (root / relative).read_bytes() if (root / relative).exists() else None
     caplog.clear()
     problems = []
     try:
         if answer(rerun(root)) != expected:
             problems = [f"{sorted(map(str, damages))}: the rerun's results differ from the undamaged run's"]
     except NLRewriteError as exc:
-        if not any(relative.name in str(exc) for relative in damages):
+        if not any(str(root / relative) in str(exc) for relative in damages):
             problems = [f"{sorted(map(str, damages))}: an error that names none of the damaged files: {exc}"]
     except Exception as exc:  # what a user would see as a raw traceback
         problems = [f"{sorted(map(str, damages))}: {type(exc).__name__}: {exc}"]
-    replaced = [relative for relative, data in damaged.items() if not named(root / relative, caplog.messages)
-                and (not (root / relative).is_file() or (root / relative).read_bytes() != data)]
+    replaced = [relative for relative, data in damaged.items()
+                if not named(root / relative, caplog.messages) and changed(root / relative, data)]
     shutil.rmtree(root)
     return problems, replaced
+
+
+def changed(path: Path, damaged: bytes | None) -> bool:
+    """Whether the rerun replaced a damaged (or deleted: None) file."""
+    return path.is_file() if damaged is None else not path.is_file() or path.read_bytes() != damaged
 
 
 def named(path: Path, messages: list[str]) -> bool:
