@@ -60,6 +60,14 @@ STATE_FILE, LOG_FILE, DONE_FILE = "train_state.pt", "train_log.jsonl", "training
 _RESUMABLE_CHANGES = ("tokens", "checkpoint_every", "out")
 
 
+def coder_sites(kind: Kind, layer: int, sae_site: SiteKind) -> tuple[str, str]:
+    """(read site, write site) of a coder: a transcoder reads the MLP's input and writes its output; an SAE reads
+    and writes ``sae_site``."""
+    if kind == "transcoder":
+        return f"mlp_in.{layer}", f"mlp_out.{layer}"
+    return f"{sae_site}.{layer}", f"{sae_site}.{layer}"
+
+
 def parse_tokens(text: "str | int") -> int:
     """``2M`` → 2_000_000, ``500k`` → 500_000, ``12345`` → 12345."""
     if isinstance(text, int):
@@ -139,9 +147,7 @@ class TrainConfig:
 
     @property
     def sites(self) -> tuple[str, str]:
-        if self.kind == "transcoder":
-            return f"mlp_in.{self.layer}", f"mlp_out.{self.layer}"
-        return f"{self.sae_site}.{self.layer}", f"{self.sae_site}.{self.layer}"
+        return coder_sites(self.kind, self.layer, self.sae_site)
 
     @property
     def use_skip(self) -> bool:
@@ -274,10 +280,7 @@ def save_state(folder: Path, cfg: TrainConfig, state: TrainState) -> None:
 
 def load_state(folder: Path, cfg: TrainConfig, fresh: TrainState, saved: dict) -> TrainState:
     """Restore ``fresh`` from ``saved`` (``folder/train_state.pt``), refusing a state trained under another config."""
-    differing = sorted(k for k, v in asdict(cfg).items() if k not in _RESUMABLE_CHANGES and saved["cfg"].get(k) != v)
-    if differing:
-        raise CheckpointError(f"{folder} holds a run trained with different settings ({', '.join(differing)}); "
-                              "pass another --out or delete the folder")
+    _check_same_settings(folder, cfg, saved["cfg"], "a run")
     fresh.coder.load_state_dict(saved["coder"])
     fresh.optimizer.load_state_dict(saved["optimizer"])
     return TrainState(fresh.coder, fresh.optimizer, saved["step"], saved["since_fired"], saved["seconds"],
@@ -565,11 +568,16 @@ def _finished(folder: Path, cfg: TrainConfig) -> bool:
     done = io.read_cached(folder / DONE_FILE, _read_done, "training summary")
     if done is None:
         return False
-    differing = sorted(k for k, v in asdict(cfg).items() if k not in _RESUMABLE_CHANGES and done["config"].get(k) != v)
-    if differing:
-        raise CheckpointError(f"{folder} holds a coder trained with different settings ({', '.join(differing)}); "
-                              "pass another --out or delete the folder")
+    _check_same_settings(folder, cfg, done["config"], "a coder")
     return done["steps"] >= cfg.total_steps
+
+
+def _check_same_settings(folder: Path, cfg: TrainConfig, saved: dict, what: str) -> None:
+    """Refuse to resume or reuse ``folder`` when it was trained under settings that change the coder."""
+    differing = sorted(k for k, v in asdict(cfg).items() if k not in _RESUMABLE_CHANGES and saved.get(k) != v)
+    if differing:
+        raise CheckpointError(f"{folder} holds {what} trained with different settings ({', '.join(differing)}); "
+                              "pass another --out or delete the folder")
 
 
 def _read_done(path: Path) -> dict:

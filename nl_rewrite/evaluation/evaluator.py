@@ -177,6 +177,9 @@ class Evaluator:
         self.positions, self.n_bootstrap, self.seed, self.progress = positions, n_bootstrap, seed, progress
         self.reuse_prefix = reuse_prefix
         """Start each patched run at its first patched block from the clean pass's residual (same numbers, less work)."""
+        self.broken_starts: frozenset[int] = frozenset()
+        """Blocks where resuming was found not to reproduce the clean logits: :meth:`run` checks before any work (and
+        the Evaluator travels to workers with it); conditions patching there are recomputed from the embedding."""
 
     def _scored(self, tokens: Tensor) -> tuple[slice, Tensor | None]:
         """Which logits are scored, and which positions get patched (None: all)."""
@@ -188,20 +191,19 @@ class Evaluator:
     def _check_prefix_reuse(self, replacements: Sequence[Replacement]) -> None:
         """Verify once per start layer, on two windows, that resuming reproduces the clean pass; a layer where it
         does not is evaluated with full recomputation (slower, same numbers)."""
-        self._broken_starts: set[int] = set()
+        self.broken_starts = frozenset()
         starts = sorted({self._start_layer(rep) for rep in replacements} - {0})
-        for layer in starts:
-            if not resume_reproduces(self.model, self.windows.tokens[:2], layer):
-                self._broken_starts.add(layer)
-        if self._broken_starts:
+        self.broken_starts = frozenset(layer for layer in starts
+                                       if not resume_reproduces(self.model, self.windows.tokens[:2], layer))
+        if self.broken_starts:
             log.warning("resuming at block(s) %s does not reproduce this model's clean logits; those conditions use "
-                        "full recomputation instead (slower, same numbers)", sorted(self._broken_starts))
+                        "full recomputation instead (slower, same numbers)", sorted(self.broken_starts))
 
     def _start_layer(self, rep: Replacement) -> int:
         if not self.reuse_prefix:
             return 0
         layer = first_layer([rep.read_site, rep.write_site])
-        return 0 if layer in getattr(self, "_broken_starts", set()) else layer
+        return 0 if layer in self.broken_starts else layer
 
     @torch.no_grad()
     def _batch(self, ids: Tensor, tokens: Tensor, replacements: Sequence[Replacement]) -> dict[str, tuple[Tensor, Tensor]]:

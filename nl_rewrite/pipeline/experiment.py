@@ -118,9 +118,9 @@ class Artifacts:
 
 def coder_site(cfg: RunConfig) -> str:
     """The site the run's coder writes: the MLP's output (transcoder) or the SAE's site (as its trainer places it)."""
-    from nl_rewrite.coders.train import TrainConfig
+    from nl_rewrite.coders.train import coder_sites
 
-    return TrainConfig(layer=cfg.layer, kind=cfg.coder, sae_site=cfg.sae_site).sites[1]
+    return coder_sites(cfg.coder, cfg.layer, cfg.sae_site)[1]
 
 
 def load_run_coder(cfg: RunConfig, model) -> SparseCoder:
