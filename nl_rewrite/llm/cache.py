@@ -52,7 +52,7 @@ class CachedBackend:
     ``chunk_size`` requests are sent to the inner backend at a time and committed together.
     """
 
-    def __init__(self, inner: LLMBackend, path: Path | str, chunk_size: int = 32) -> None:
+    def __init__(self, inner: LLMBackend, path: Path | str, chunk_size: int = 32, check: bool = True) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.inner = inner
@@ -62,12 +62,13 @@ class CachedBackend:
         self.new_calls = 0
         self.hits = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = _open(self.path)
+        self._db = _open(self.path, check)
         self._lock = threading.Lock()
 
     def __reduce__(self):
         """Pickled as its recipe: a worker that receives it opens its own connection to the same sqlite file."""
-        return (CachedBackend, (self.inner, self.path.resolve(), self.chunk_size))  # workers may run elsewhere
+        # workers may run elsewhere; the process that pickled it has already checked the file
+        return (CachedBackend, (self.inner, self.path.resolve(), self.chunk_size, False))
 
     def __repr__(self) -> str:
         return f"CachedBackend({self.inner!r}, path={str(self.path)!r})"
@@ -135,12 +136,13 @@ def _decode_text(blob: bytes) -> str:
     return bytes(blob).decode("utf-8")
 
 
-def _open(path: Path) -> sqlite3.Connection:
+def _open(path: Path, check: bool = True) -> sqlite3.Connection:
     """The cache database. A file that is not one, or is damaged, is moved aside (``<name>.corrupt-<time>``, kept
     for a look) with a warning naming it, and an empty cache starts: its calls are asked again. Processes sharing
-    the cache (Ray workers, parallel runs) decide that under a lock, so only one moves it and none loses calls."""
+    the cache (Ray workers, parallel runs) decide that under a lock, so only one moves it and none loses calls.
+    ``check`` runs sqlite's ``quick_check`` (linear in the file) to find a truncated file now, not mid-run."""
     try:
-        return _connect(path)
+        return _connect(path, check)
     except sqlite3.DatabaseError as exc:
         if not _corrupt(exc):
             raise  # locked, read-only, missing folder: not corruption, so not moved aside
@@ -163,7 +165,7 @@ def _corrupt(exc: sqlite3.DatabaseError) -> bool:
     return any(s in str(exc) for s in ("not a database", "malformed", "quick_check"))
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+def _connect(path: Path, check: bool = True) -> sqlite3.Connection:
     db = sqlite3.connect(path, check_same_thread=False, timeout=60)
     try:
         db.execute("PRAGMA journal_mode=WAL")
@@ -171,7 +173,7 @@ def _connect(path: Path) -> sqlite3.Connection:
         db.execute(_SCHEMA)
         db.commit()
         # a truncated file opens, and fails only on the pages it lost: find out now (linear in the file, fast)
-        verdict = db.execute("PRAGMA quick_check").fetchone()[0]
+        verdict = db.execute("PRAGMA quick_check").fetchone()[0] if check else "ok"
         if verdict != "ok":
             raise sqlite3.DatabaseError(f"quick_check: {verdict}")
         return db
