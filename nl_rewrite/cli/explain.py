@@ -67,9 +67,11 @@ def make_llm(opts: LLMOptions):
 
 def run(args: argparse.Namespace) -> int:
     from nl_rewrite.interp.explain import explain_latents
+    from nl_rewrite.llm.factory import check_spec
     from nl_rewrite.latents.sampling import select_latents
 
     job: ExplainRun = args.job
+    check_spec(args.llm.backend)
     if planned(args, lambda opts: explain_plan(args, opts), Path(job.out).parent if job.out else Path(".")):
         return 0
     cache = open_cache(job.cache)

@@ -43,8 +43,9 @@ class LayersConfig:
 def measure(cfg: LayersConfig) -> dict:
     from nl_rewrite.data.windows import token_windows
     from nl_rewrite.evaluation.layer_sweep import choose_layer, plot, sweep_layers, table
-    from nl_rewrite.model.loading import load_model, prepend_bos_for
+    from nl_rewrite.model.loading import check_model_name, load_model, prepend_bos_for
 
+    check_model_name(cfg.model)
     model = load_model(cfg.model)
     bos = prepend_bos_for(cfg.model)
     eval_windows = token_windows(model, cfg.split, window=cfg.window, max_windows=cfg.windows, seed=cfg.seed,

@@ -32,8 +32,10 @@ class ScoreRun:
 def run(args: argparse.Namespace) -> int:
     from nl_rewrite.interp.explain import load_explanations
     from nl_rewrite.interp.score import rank_latents, score_explanations
+    from nl_rewrite.llm.factory import check_spec
 
     job: ScoreRun = args.job
+    check_spec(args.llm.backend)
     if planned(args, lambda opts: score_plan(args, opts), Path(job.out).parent if job.out else Path(".")):
         return 0
     cache = open_cache(job.cache)

@@ -32,8 +32,10 @@ class ServeConfig:
 def run(args: argparse.Namespace) -> int:
     from nl_rewrite.llm.embedded import EmbeddedBackend
     from nl_rewrite.llm.server import make_server
+    from nl_rewrite.model.loading import check_model_name
 
     cfg: ServeConfig = args.cfg
+    check_model_name(cfg.model)
     server = make_server(EmbeddedBackend(cfg.model), cfg.host, cfg.port)
     host, port = server.server_address[:2]
     print(f"serving {cfg.model} at http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)

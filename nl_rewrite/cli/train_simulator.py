@@ -32,11 +32,12 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from nl_rewrite.errors import NLRewriteError
-    from nl_rewrite.pipeline.experiment import explain_cache
+    from nl_rewrite.pipeline.experiment import check_before_loading, explain_cache
     from nl_rewrite.pipeline.trained_arm import default_folder
     from nl_rewrite.trained.training import LOG_FILE, train_simulator
 
     cfg = args.cfg.resolved()
+    check_before_loading(cfg)
     if args.device.startswith("cuda"):
         import torch
 

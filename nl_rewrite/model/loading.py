@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,8 +90,32 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     tmp.rename(target)
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+"""``org/name``: a relative path of two parts that does not exist is taken for one."""
+
+
+def check_model_name(name: str) -> None:
+    """Fail on a name that cannot be a model (no loading, no conversion): the first check of every command."""
+    path = Path(name)
+    if name in EMBEDDED or name in (TINY_HF, TINY_SMOLLM2) or (HUB_ID.fullmatch(name) and not path.exists()):
+        return  # embedded, tiny, or a hub id (only the local HF cache can tell, when it loads)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        return
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} is a directory without config.json: not a HF model directory")
+        return
+    raise ModelLoadError(
+        f"unknown model {name!r}. Use one of {sorted(EMBEDDED)}, a local HF directory, a .gguf path, "
+        "or a hub id already in the local HF cache."
+    )
+
+
 def _hf_dir_for(name: str) -> tuple[Path | str, str]:
     """Resolve a model name to (HF directory or hub id, TransformerLens name)."""
+    check_model_name(name)
     if name in EMBEDDED:
         spec = EMBEDDED[name]
         target = cache_dir() / "models" / name
@@ -106,15 +131,8 @@ def _hf_dir_for(name: str) -> tuple[Path | str, str]:
             _convert_gguf(path, target)
         return target, path.stem
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(f"{path} is a directory without config.json: not a HF model directory")
         return path, path.name
-    if "/" in name and not path.exists():
-        return name, name  # a hub id: works only if already in the local HF cache (offline)
-    raise ModelLoadError(
-        f"unknown model {name!r}. Use one of {sorted(EMBEDDED)}, a local HF directory, a .gguf path, "
-        "or a hub id already in the local HF cache."
-    )
+    return name, name  # a hub id: works only if already in the local HF cache (offline)
 
 
 TINY_HF = "tiny-llama"
@@ -211,6 +229,7 @@ def layer_count(name: str) -> int | None:
 def check_layer_before_loading(name: str, layer: int) -> None:
     """The layer range check of :func:`~nl_rewrite.model.sites.resolve`, before the model loads (from its config;
     skipped when only loading can tell, and then the load makes it)."""
+    check_model_name(name)
     n_layers = layer_count(name)
     if n_layers is not None:
         check_layer(layer, n_layers)

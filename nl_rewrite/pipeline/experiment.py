@@ -541,7 +541,7 @@ def generation_stage(ctx: Context, arm: LexicalArm, eval_windows: TokenWindows, 
 
 def check_before_loading(cfg: RunConfig) -> None:
     """Every check that needs no model output, so a wrong option fails in seconds, not after the first stages."""
-    check_layer_before_loading(cfg.model, cfg.layer)
+    check_layer_before_loading(cfg.model, cfg.layer)  # the model's name too
     check_spec(cfg.llm)
     check_trained_simulator(cfg.trained_simulator)
     if cfg.transcoder not in ("default", "small") and not is_checkpoint(cfg.transcoder):

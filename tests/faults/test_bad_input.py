@@ -59,18 +59,33 @@ def _refuse_loading(monkeypatch) -> list[str]:
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["run", "--model", "tiny-smollm2", "--layer", "7"], "layer 7 out of range for a model with 2 layers"),
-    (["run", "--model", "tiny-smollm2", "--layer", "1", "--llm", "claude:x"], "unknown backend 'claude:x'"),
-    (["run", "--model", "tiny-smollm2", "--layer", "1", "--transcoder", "/no/such/folder"],
+    (["run", "--model", "tiny-smollm2", "--layer", "7", "--out", "{out}"],
+     "layer 7 out of range for a model with 2 layers"),
+    (["run", "--model", "/no/such/model", "--out", "{out}"], "unknown model '/no/such/model'"),
+    (["run", "--model", "no-such-org/no-such-model", "--layer", "1", "--llm", "claude:x", "--out", "{out}"],
+     "unknown backend 'claude:x'"),  # a hub id is only resolved when it loads: the next check still runs first
+    (["run", "--model", "tiny-smollm2", "--layer", "1", "--llm", "claude:x", "--out", "{out}"],
+     "unknown backend 'claude:x'"),
+    (["run", "--model", "tiny-smollm2", "--layer", "1", "--transcoder", "/no/such/folder", "--out", "{out}"],
      "--transcoder '/no/such/folder' is neither default, small nor a checkpoint folder"),
-    (["run", "--model", "tiny-smollm2", "--layer", "1", "--trained-simulator", "/no/such/sim"],
+    (["run", "--model", "tiny-smollm2", "--layer", "1", "--trained-simulator", "/no/such/sim", "--out", "{out}"],
      "--trained-simulator '/no/such/sim' is neither none, default nor a checkpoint folder"),
-    (["evaluate", "--model", "tiny-smollm2", "--layer", "99"], "layer 99 out of range"),
-    (["train", "--model", "tiny-smollm2", "--layer", "5"], "layer 5 out of range"),
-    (["evaluate", "--model", "tiny-smollm2", "--layer", "1", "--replacement", "nonsense"], "unknown replacement"),
-])
+    (["evaluate", "--model", "tiny-smollm2", "--layer", "99", "--out", "{out}"], "layer 99 out of range"),
+    (["evaluate", "--model", "tiny-smollm2", "--layer", "1", "--replacement", "nonsense", "--out", "{out}"],
+     "unknown replacement"),
+    (["train", "--model", "tiny-smollm2", "--layer", "5", "--out", "{out}"], "layer 5 out of range"),
+    (["train-simulator", "--model", "tiny-smollm2", "--layer", "9", "--out", "{out}"], "layer 9 out of range"),
+    (["generate", "--model", "tiny-smollm2", "--layer", "1", "--prompt", "hi", "--out", "{out}"],
+     "no latent cache in"),
+    (["layers", "--model", "/no/such/model", "--out", "{out}"], "unknown model '/no/such/model'"),
+    (["serve", "--model", "/no/such/model", "--port", "0"], "unknown model '/no/such/model'"),
+    (["cache", "--coder", "/no/such/coder", "--out", "{out}"], "checkpoint folder not found"),
+    (["explain", "--backend", "claude:x", "--cache", "{out}"], "unknown backend 'claude:x'"),
+    (["score", "--backend", "claude:x", "--cache", "{out}"], "unknown backend 'claude:x'"),
+], ids=lambda value: " ".join(value[:1]) if isinstance(value, list) else None)
 def test_wrong_options_fail_before_the_model_or_the_corpus_is_loaded(argv, message, monkeypatch, tmp_path, capsys):
+    """Every command checks what needs no model output first: a wrong option fails in seconds, before any load."""
     touched = _refuse_loading(monkeypatch)
-    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    assert main([arg.replace("{out}", str(tmp_path / "out")) for arg in argv]) == 2
     assert message in capsys.readouterr().err
     assert touched == []
