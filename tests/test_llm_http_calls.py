@@ -117,6 +117,16 @@ def test_giving_up_names_the_url_and_attempts():
     server.shutdown()
 
 
+def test_the_attempts_named_are_the_attempts_made():
+    """Counted by our own request hook, not read from the client's headers: a server that says not to retry its
+    503 gets one attempt, and the message says one."""
+    server, seen = scripted([(503, {"x-should-retry": "false"}, _error("down"))] * 3)
+    with pytest.raises(LLMError, match=r"no answer from http://127\.0\.0\.1:\d+/v1 after 1 attempt: "):
+        _chat(_backend(server, max_retries=2))
+    assert seen == [503]
+    server.shutdown()
+
+
 def test_a_garbled_reply_is_named_and_not_retried():
     # A complete 200 whose body is not JSON: a server bug, which asking again is unlikely to fix (openai does not
     # retry it either).

@@ -154,7 +154,7 @@ class ServerCalls:
     def _client(self, url: str) -> Any:
         from openai import AsyncOpenAI, DefaultAsyncHttpxClient
 
-        http = DefaultAsyncHttpxClient(event_hooks={"response": [_mark_refusals]})  # closed with the client
+        http = DefaultAsyncHttpxClient(event_hooks={"request": [_count_attempt], "response": [_mark_refusals]})
         return AsyncOpenAI(base_url=url, api_key=self._api_key, timeout=self.settings.timeout,
                            max_retries=self.settings.max_retries, http_client=http)
 
@@ -225,6 +225,7 @@ class ServerCalls:
         import openai
 
         failure: LLMError
+        sent = ATTEMPTS.set([0])  # counted by the client's request hook, retries included
         try:
             return await make()
         except openai.APIStatusError as exc:
@@ -235,10 +236,13 @@ class ServerCalls:
         except (json.JSONDecodeError, openai.APIResponseValidationError) as exc:
             failure = LLMError(f"{self.url()} answered with a body that is not valid JSON (garbled or truncated "
                                f"by the server; not retried): {type(exc).__name__}: {short(self._scrub(str(exc)))}")
+        finally:
+            ATTEMPTS.reset(sent)
         raise failure  # raised outside the handler: the openai error (echoed headers) stays unchained
 
     def _gave_up(self, exc: Any) -> str:
-        n = attempts(exc, self.settings.max_retries)
+        counter = ATTEMPTS.get()
+        n = counter[0] if counter and counter[0] else self.settings.max_retries + 1
         return (f"no answer from {self.url()} after {n} attempt{'s' if n != 1 else ''}: "
                 f"{type(exc).__name__}: {short(self._scrub(str(exc)))}")
 
@@ -323,12 +327,16 @@ async def _mark_refusals(response: Any) -> None:
             response.headers["x-should-retry"] = "false"
 
 
-def attempts(exc: Exception, max_retries: int) -> int:
-    """How many attempts the openai client made before raising ``exc``: it numbers each request's retries in the
-    ``x-stainless-retry-count`` header (``max_retries + 1`` if that is missing)."""
-    request = getattr(exc, "request", None)
-    count = request.headers.get("x-stainless-retry-count") if request is not None else None
-    return int(count) + 1 if count is not None and count.isdigit() else max_retries + 1
+ATTEMPTS: ContextVar[list[int] | None] = ContextVar("nl_rewrite_http_attempts", default=None)
+"""Requests sent for the call in progress (each call runs in its own task context, so concurrent calls each
+count their own); the error after the client gives up says how many."""
+
+
+async def _count_attempt(request: Any) -> None:
+    """Request hook: one more attempt of the current call (the openai client's retries go through it too)."""
+    counter = ATTEMPTS.get()
+    if counter is not None:  # None: a request outside :meth:`call`, such as the model-list probe
+        counter[0] += 1
 
 
 def short(text: str, limit: int = 300) -> str:
