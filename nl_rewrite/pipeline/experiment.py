@@ -366,15 +366,10 @@ def llm_stage(ctx: Context, backend, eval_strings: dict[int, list[str]]) -> Pool
 
 
 @dataclass(frozen=True)
-class MainMaterials:
-    """What the all-latent conditions are built from, made once when they are evaluated."""
+class RunMaterials:
+    """The run a block of conditions belongs to: its subject model and coder (what every baseline is built from)."""
 
     ctx: Context
-    arms: dict[int, LexicalArm]
-    headline: LexicalArm
-    noise: NoiseTargets
-    ranking: list[int]
-    """Every latent, the best-explained first (by the headline arm's explain-split r)."""
 
     @property
     def model(self):
@@ -383,6 +378,17 @@ class MainMaterials:
     @property
     def coder(self) -> SparseCoder:
         return self.ctx.transcoder
+
+
+@dataclass(frozen=True)
+class MainMaterials(RunMaterials):
+    """What the all-latent conditions are built from, made once when they are evaluated."""
+
+    arms: dict[int, LexicalArm]
+    headline: LexicalArm
+    noise: NoiseTargets
+    ranking: list[int]
+    """Every latent, the best-explained first (by the headline arm's explain-split r)."""
 
     def top(self, fraction: float) -> list[int]:
         return self.ranking[:max(1, round(fraction * len(self.ranking)))]
@@ -455,20 +461,11 @@ def main_conditions(ctx: Context, arms: dict[int, LexicalArm]
 
 
 @dataclass(frozen=True)
-class PoolMaterials:
+class PoolMaterials(RunMaterials):
     """What the LLM pool's conditions are built from."""
 
-    ctx: Context
     arm: PoolArm
     lexical: LexicalArm
-
-    @property
-    def model(self):
-        return self.ctx.model
-
-    @property
-    def coder(self) -> SparseCoder:
-        return self.ctx.transcoder
 
     @property
     def pool(self) -> list[int]:
