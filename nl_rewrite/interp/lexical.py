@@ -26,23 +26,27 @@ import logging
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Sequence
+from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from nl_rewrite.latents.cache import LatentCache
 from nl_rewrite.interp.simulate import SimulationItem, SimulatorStats
 
 log = logging.getLogger(__name__)
 
-LEXICAL_VERSION = 1
+LEXICAL_VERSION = 2
+"""2: pair items (a token after a given token) and exceptions joined the language; version-1 texts read the same."""
 DEFAULT_BUDGET = 12
 """Items per explanation: the headline lexical condition's, and so what the trained simulator learns to read."""
 WEAK_BELOW = 3
 """Items with strength below this are listed after "weakly on"."""
-_ITEM = re.compile(r'("(?:[^"\\]|\\.)*")\s*\((\d+)\)|\b([Aa]fter)\b')
+_STRING = r'"(?:[^"\\]|\\.)*"'
+_ITEM = re.compile(rf'({_STRING})\s+after\s+({_STRING})(?:\s*\((\d+)\))?|({_STRING})\s*\((\d+)\)|\b(After)\b'
+                   r'|\b(Fires|On|Not on)\b')
+"""A pair item (``"x" after "y" (s)``, or without a strength: an exception), a plain item (``"x" (s)``), or a
+section word: plain items after ``After`` fire on the next token; ``Fires``, ``On`` and ``Not on`` switch back."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,9 @@ class LexicalItem:
     strength: int
     previous: bool = False
     """True: the item fires on the token *after* ``token``."""
+    before: str | None = None
+    """A pair item: it fires on ``token`` only right after ``before``, with ``strength`` (0: an exception, it does
+    not fire there), whatever the plain items say."""
 
 
 @dataclass(frozen=True)
@@ -58,29 +65,65 @@ class ParsedExplanation:
     current: dict[str, int]
     previous: dict[str, int]
     problems: tuple[str, ...] = ()
+    pairs: dict[tuple[str, str], int] = field(default_factory=dict)
+    """(token before, token) → strength; it overrides ``current`` and ``previous`` at those positions."""
+
+    @property
+    def empty(self) -> bool:
+        return not (self.current or self.previous or self.pairs)
 
 
 # Module-level, not nested in write_explanation: the test session's type-check hook decorates a nested def each time
 # its parent runs, once per latent per budget (14,512 decorations, about 10 s of a smoke rerun).
+def _quoted(token: str) -> str:
+    return json.dumps(token, ensure_ascii=False)
+
+
 def _listed(group: list[LexicalItem]) -> str:
-    """``"token" (strength)`` items, comma-separated."""
-    return ", ".join(f"{json.dumps(i.token, ensure_ascii=False)} ({i.strength})" for i in group)
+    """``"token" (strength)`` items (``"token" after "before" (strength)`` for pairs), comma-separated."""
+    return ", ".join((f"{_quoted(i.token)} after {_quoted(i.before)}" if i.before is not None else _quoted(i.token))
+                     + (f" ({i.strength})" if i.strength else "") for i in group)
 
 
 def write_explanation(items: Sequence[LexicalItem]) -> str:
-    """The English sentence for ``items`` (order kept within each group)."""
-    strong = [i for i in items if not i.previous and i.strength >= WEAK_BELOW]
-    weak = [i for i in items if not i.previous and i.strength < WEAK_BELOW]
-    after = [i for i in items if i.previous]
+    """The English sentence for ``items`` (order kept within each group)::
+
+        Fires on " tax" (9); weakly on " duty" (2). On " rate" after " tax" (7). Not on " tax" after " the".
+        After " income" (3).
+    """
+    plain = [i for i in items if not i.previous and i.before is None]
+    strong = [i for i in plain if i.strength >= WEAK_BELOW]
+    weak = [i for i in plain if i.strength < WEAK_BELOW]
+    pairs = [i for i in items if i.before is not None and i.strength > 0]
+    exceptions = [i for i in items if i.before is not None and i.strength == 0]
+    after = [i for i in items if i.previous and i.before is None]
     parts = []
-    if strong or weak:
-        if strong:
-            parts.append(f"Fires on {_listed(strong)}" + (f"; weakly on {_listed(weak)}" if weak else "") + ".")
-        else:
-            parts.append(f"Fires weakly on {_listed(weak)}.")
+    if strong:
+        parts.append(f"Fires on {_listed(strong)}" + (f"; weakly on {_listed(weak)}" if weak else "") + ".")
+    elif weak:
+        parts.append(f"Fires weakly on {_listed(weak)}.")
+    if pairs:
+        parts.append(f"On {_listed(pairs)}.")
+    if exceptions:
+        parts.append(f"Not on {_listed(exceptions)}.")
     if after:
         parts.append(f"After {_listed(after)}.")
     return " ".join(parts) if parts else "Fires on no particular token."
+
+
+def _strength(value: str, token: str, problems: list[str]) -> int:
+    strength = int(value)
+    if not 1 <= strength <= 9:
+        problems.append(f"strength {strength} of {token!r} outside 1-9")
+    return min(max(strength, 1), 9)
+
+
+def _token(quoted: str, problems: list[str]) -> str | None:
+    try:
+        return json.loads(quoted)
+    except json.JSONDecodeError:
+        problems.append(f"unreadable token {quoted[:30]}")
+        return None
 
 
 @lru_cache(maxsize=16384)
@@ -88,39 +131,40 @@ def parse_explanation(text: str) -> ParsedExplanation:
     """Items of a lexical explanation. Anything malformed is reported in ``problems``, never raised."""
     current: dict[str, int] = {}
     previous: dict[str, int] = {}
+    pairs: dict[tuple[str, str], int] = {}
     problems: list[str] = []
     table = current
     for match in _ITEM.finditer(text):
-        if match.group(3):
-            table = previous
-            continue
-        try:
-            token = json.loads(match.group(1))
-        except json.JSONDecodeError:
-            problems.append(f"unreadable token {match.group(1)[:30]}")
-            continue
-        strength = int(match.group(2))
-        if not 1 <= strength <= 9:
-            problems.append(f"strength {strength} of {token!r} outside 1-9")
-            strength = min(max(strength, 1), 9)
-        table[token] = max(table.get(token, 0), strength)
-    if not current and not previous and "no particular token" not in text:
+        pair_token, before, pair_strength, token, strength, after, other = match.groups()
+        if after or other:
+            table = previous if after else current
+        elif pair_token is not None:
+            x, y = _token(pair_token, problems), _token(before, problems)
+            if x is not None and y is not None:
+                pairs[(y, x)] = _strength(pair_strength, x, problems) if pair_strength else 0
+        elif (t := _token(token, problems)) is not None:
+            table[t] = max(table.get(t, 0), _strength(strength, t, problems))
+    if not (current or previous or pairs) and "no particular token" not in text:
         problems.append("no '\"token\" (strength)' items found")
-    return ParsedExplanation(current, previous, tuple(problems))
+    return ParsedExplanation(current, previous, tuple(problems), pairs)
 
 
 def explanation_problems(texts: dict[int, str]) -> tuple[int, int]:
     """(unparseable explanations, explanations with partial problems such as clamped strengths), for reports."""
     parsed = [parse_explanation(t) for t in texts.values()]
-    unparseable = sum(1 for p in parsed if p.problems and not (p.current or p.previous))
+    unparseable = sum(1 for p in parsed if p.problems and p.empty)
     return unparseable, sum(1 for p in parsed if p.problems) - unparseable
 
 
 def read_scores(parsed: ParsedExplanation, tokens: Sequence[str]) -> Float[Tensor, " pos"]:
-    """Per token: strength of its own item + strength of the previous token's item (0 where none)."""
-    values = [parsed.current.get(t, 0) + (parsed.previous.get(tokens[i - 1], 0) if i else 0)
-              for i, t in enumerate(tokens)]
-    return torch.tensor(values, dtype=torch.float32)
+    """Per token: its pair item's strength where the token before matches one; else strength of its own item +
+    strength of the previous token's item (0 where none). The first token has no token before it."""
+    def score(i: int, t: str) -> int:
+        if i and (tokens[i - 1], t) in parsed.pairs:
+            return parsed.pairs[(tokens[i - 1], t)]
+        return parsed.current.get(t, 0) + (parsed.previous.get(tokens[i - 1], 0) if i else 0)
+
+    return torch.tensor([score(i, t) for i, t in enumerate(tokens)], dtype=torch.float32)
 
 
 def strength_table(strengths: dict[str, int], vocabulary: dict[str, int]) -> Float[Tensor, " vocab"]:
@@ -178,8 +222,11 @@ class LexicalSimulator:
         out = {}
         for latent, text in explanations.items():
             parsed = self.parsed(text)
-            out[latent] = (strength_table(parsed.current, vocabulary)[ids]
-                           + strength_table(parsed.previous, vocabulary)[before])
+            scores = strength_table(parsed.current, vocabulary)[ids] + strength_table(parsed.previous, vocabulary)[before]
+            for (y, x), strength in parsed.pairs.items():
+                if x in vocabulary and y in vocabulary:
+                    scores[(ids == vocabulary[x]) & (before == vocabulary[y])] = float(strength)
+            out[latent] = scores
         self.stats.windows += len(windows) * len(explanations)
         self.stats.predictions += ids.numel() * len(explanations)
         return out
@@ -187,7 +234,7 @@ class LexicalSimulator:
     def parsed(self, explanation: str) -> ParsedExplanation:
         """The explanation's items; an unparseable one is logged once and read as no items (score 0)."""
         parsed = parse_explanation(explanation)
-        if parsed.problems and not (parsed.current or parsed.previous) and explanation not in self.unparseable:
+        if parsed.problems and parsed.empty and explanation not in self.unparseable:
             self.unparseable.add(explanation)
             log.warning("lexical reader: cannot parse explanation %r (%s); simulating 0 for it",
                         explanation[:60], "; ".join(parsed.problems))
@@ -195,6 +242,22 @@ class LexicalSimulator:
 
 
 # ---- the explainer ------------------------------------------------------------------------------------------
+
+@runtime_checkable
+class TokenActivations(Protocol):
+    """What the lexical explainers read of a :class:`LatentCache`: the windows' tokens, the sparse activation rows of
+    some windows, and the token strings (a test may hand in latents defined by rules on the tokens)."""
+
+    @property
+    def tokens(self) -> Int[Tensor, "n_windows window"]: ...
+
+    @property
+    def n_latents(self) -> int: ...
+
+    def rows(self, window_ids: Sequence[int]) -> dict[str, Tensor]: ...
+
+    def token_strings(self, ids: list[int]) -> list[str]: ...
+
 
 @dataclass(frozen=True)
 class Candidates:
@@ -213,7 +276,7 @@ def _grouped_sums(keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
     return unique, torch.zeros(len(unique), dtype=torch.float64).index_add_(0, inverse, values.double())
 
 
-def candidate_items(cache: LatentCache, window_ids: Sequence[int], max_per_latent: int = 64,
+def candidate_items(cache: TokenActivations, window_ids: Sequence[int], max_per_latent: int = 64,
                     min_count: int = 1) -> Candidates:
     """Current- and previous-token candidate items of every latent, from ``window_ids`` of the cache.
     A token seen fewer than ``min_count`` times is no candidate. (2 instead of 1 lowered held-out Pearson
@@ -296,7 +359,7 @@ def _top_per_latent(c: Candidates, limit: int) -> Candidates:
     return Candidates(c.latent[keep], c.token[keep], c.previous[keep], c.mean[keep], c.gain[keep])
 
 
-def lexical_explanations(cache: LatentCache, window_ids: Sequence[int], budget: int,
+def lexical_explanations(cache: TokenActivations, window_ids: Sequence[int], budget: int,
                          candidates: Candidates | None = None) -> dict[int, str]:
     """latent → explanation with at most ``budget`` items, for *every* latent: one that never fires in
     ``window_ids`` is explained as firing on no particular token (simulated as silence, never left true)."""

@@ -142,7 +142,7 @@ def build_data(cache: LatentCache, doc_ids: Sequence[str], cfg: DataConfig,
     firing = {lat: Firing.of(cache, lat) for lat in range(cache.n_latents)}
     train_set = set(train_windows)
     explained = [lat for lat, text in lexical.items()
-                 if parse_explanation(text).current or parse_explanation(text).previous]
+                 if not parse_explanation(text).empty]
     explained = [lat for lat in explained if firing[lat].windows & train_set]
     shuffled = rng.sample(explained, len(explained))
     n_val = max(1, round(cfg.heldout_latents * len(shuffled)))

@@ -1,0 +1,119 @@
+"""Detailed explanations: pair items and exceptions, chosen under a global character budget, read back exactly."""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from nl_rewrite.interp import detailed
+from nl_rewrite.interp.lexical import LexicalItem, LexicalSimulator, parse_explanation, write_explanation
+
+VOCAB = ["<s>", " income", " tax", " the", " rate", " a", " of", "\n"]
+INCOME, TAX, THE, RATE = 1, 2, 3, 4
+
+
+@dataclass
+class SyntheticCache:
+    """What the explainer reads of a latent cache, for latents defined by rules on the tokens."""
+
+    tokens: torch.Tensor
+    values: torch.Tensor
+    """[window, pos, latent] activations."""
+
+    @property
+    def n_latents(self) -> int:
+        return self.values.shape[-1]
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def rows(self, window_ids):
+        ids = torch.as_tensor(list(window_ids), dtype=torch.long)
+        w, p, lat = torch.nonzero(self.values[ids], as_tuple=True)
+        return {"window_ids": ids[w].int(), "positions": p.int(), "latent_ids": lat.int(),
+                "values": self.values[ids][w, p, lat]}
+
+    def token_strings(self, ids):
+        return [VOCAB[i] for i in ids]
+
+
+def synthetic(n: int = 300, pos: int = 16, seed: int = 0) -> SyntheticCache:
+    """Latent 0 fires (5.0) on " tax" right after " income" only; latent 1 fires (4.0) on " rate" except after
+    " the"; latent 2 never fires."""
+    tokens = torch.randint(1, len(VOCAB), (n, pos), generator=torch.Generator().manual_seed(seed))
+    before = torch.cat([torch.zeros_like(tokens[:, :1]), tokens[:, :-1]], dim=1)
+    values = torch.zeros(n, pos, 3)
+    values[..., 0] = 5.0 * ((tokens == TAX) & (before == INCOME))
+    values[..., 1] = 4.0 * ((tokens == RATE) & (before != THE))
+    return SyntheticCache(tokens, values)
+
+
+def read_back(cache: SyntheticCache, texts: dict[int, str]) -> dict[int, torch.Tensor]:
+    windows = [cache.token_strings(w.tolist()) for w in cache.tokens]
+    return LexicalSimulator().simulate_windows(texts, windows)
+
+
+@pytest.mark.parametrize("token", [" tax", 'say "hi"', "a\nb", "é 中文", "  leading", " after ", "Not on", "(3)",
+                                   '" after "', "\\"])
+def test_every_item_kind_round_trips_any_token(token):
+    items = [LexicalItem(token, 9), LexicalItem(token, 2), LexicalItem(" x", 5, before=token),
+             LexicalItem(token, 7, before=" y"), LexicalItem(token, 0, before=token), LexicalItem(token, 3, True)]
+    parsed = parse_explanation(write_explanation(items))
+    assert parsed.problems == ()
+    assert parsed.current == {token: 9}  # the weaker plain item of the same token is merged by max
+    assert parsed.pairs == {(token, " x"): 5, (" y", token): 7, (token, token): 0}
+    assert parsed.previous == {token: 3}
+
+
+def test_pairs_override_the_plain_items_where_they_apply():
+    text = write_explanation([LexicalItem(" tax", 6), LexicalItem(" tax", 9, before=" income"),
+                              LexicalItem(" tax", 0, before=" the"), LexicalItem(" the", 2, True)])
+    assert text == 'Fires on " tax" (6). On " tax" after " income" (9). Not on " tax" after " the". After " the" (2).'
+    tokens = [" tax", " income", " tax", " the", " tax", " a", " tax", " the", " rate"]
+    scores = LexicalSimulator().simulate_windows({0: text}, [tokens])[0][0]
+    assert scores.tolist() == [6, 0, 9, 0, 0, 0, 6, 0, 2]
+
+
+def test_a_bigram_latent_gets_one_pair_item_and_reads_back_exactly():
+    cache = synthetic()
+    texts = detailed.detailed_explanations(cache, range(len(cache)), 40, torch.ones(3))
+    parsed = parse_explanation(texts[0])
+    assert parsed.pairs == {(" income", " tax"): 9} and not parsed.current and not parsed.previous, texts[0]
+    fires = cache.values[..., 0] > 0
+    assert torch.equal(read_back(cache, texts)[0] > 0, fires)
+
+
+def test_an_except_after_latent_gets_an_exception_and_reads_back_exactly():
+    cache = synthetic()
+    texts = detailed.detailed_explanations(cache, range(len(cache)), 60, torch.ones(3))
+    parsed = parse_explanation(texts[1])
+    assert parsed.current == {" rate": 9} and parsed.pairs == {(" the", " rate"): 0}, texts[1]
+    assert torch.equal(read_back(cache, texts)[1] > 0, cache.values[..., 1] > 0)
+    assert texts[2] == "Fires on no particular token."
+
+
+@pytest.mark.parametrize("mean_chars", [30, 45, 80, 200])
+def test_the_global_budget_holds_and_heavier_latents_get_at_least_as_many_items(mean_chars):
+    cache = synthetic(seed=1)
+    cache.values[..., 2] = cache.values[..., 1]  # latents 1 and 2 are the same, but 2 weighs 10× at the output
+    texts = detailed.detailed_explanations(cache, range(len(cache)), mean_chars, torch.tensor([1.0, 1.0, 10.0]))
+    assert sum(map(len, texts.values())) <= mean_chars * cache.n_latents
+
+    def n_items(text: str) -> int:
+        p = parse_explanation(text)
+        return len(p.current) + len(p.previous) + len(p.pairs)
+
+    assert n_items(texts[2]) >= n_items(texts[1])
+
+
+def test_pair_means_shrink_towards_the_token_mean_and_rare_pairs_are_no_candidates():
+    cache = synthetic()
+    items = detailed.candidates(cache, range(len(cache)))
+    pairs = items.take(torch.nonzero((items.kind == detailed.PAIR) & (items.latent == 0)).flatten())
+    assert (pairs.count >= detailed.MIN_PAIR_COUNT).all()
+    i = int(torch.nonzero((pairs.token == TAX) & (pairs.before == INCOME)).flatten()[0])
+    tax = cache.tokens == TAX
+    m_token = float(cache.values[..., 0][tax].mean())
+    n = float(pairs.count[i])
+    assert float(pairs.mean[i]) == pytest.approx((5.0 * n + detailed.PAIR_PRIOR * m_token) / (n + detailed.PAIR_PRIOR),
+                                                 rel=1e-5)
