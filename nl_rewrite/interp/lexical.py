@@ -11,9 +11,12 @@ mean activation m over its n occurrences explains n·m²; a previous-token item 
 the current-token table leaves unexplained. ``budget`` caps the number of items (the explanation's length).
 Token strings are JSON-quoted, so any token (quotes, newlines, spaces) round-trips.
 
-The reader (:class:`LexicalSimulator`) parses only the text, never the cache, and predicts per token the
-strength of the current token's item plus that of the previous token's item; calibrators map that score to an
-activation, exactly as for the LLM simulator. It has the LLM simulator's interface (``identity``, ``stats``,
+The language also has *pair items*, which :mod:`.detailed` writes: ``On " rate" after " tax" (7).`` states the
+strength on " rate" right after " tax", and an exception ``Not on " tax" after " the".`` states 0 there.
+
+The reader (:class:`LexicalSimulator`) parses only the text, never the cache, and predicts per token the strength
+of its pair item where the token before matches one, else the strength of the current token's item plus that of
+the previous token's item; calibrators map that score to an activation, exactly as for the LLM simulator. It has the LLM simulator's interface (``identity``, ``stats``,
 ``simulate_many``) so it can fill a :class:`SimulationStore`, and ``simulate_windows`` reads every latent on a set
 of windows by table lookups: every latent of a coder in seconds, so the pipeline recomputes it instead of storing it. A
 text it cannot parse is a counted, logged fallback (score 0 for that latent), never a crash.
@@ -36,8 +39,9 @@ from nl_rewrite.interp.simulate import SimulationItem, SimulatorStats
 
 log = logging.getLogger(__name__)
 
-LEXICAL_VERSION = 2
-"""2: pair items (a token after a given token) and exceptions joined the language; version-1 texts read the same."""
+LEXICAL_VERSION = 1
+"""Pair items and exceptions extend the language; a text without them reads exactly as before, so results cached
+under this version stay valid."""
 DEFAULT_BUDGET = 12
 """Items per explanation: the headline lexical condition's, and so what the trained simulator learns to read."""
 WEAK_BELOW = 3
