@@ -7,6 +7,8 @@ import from here too.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import threading
 from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -155,3 +157,45 @@ def serve_posts(answer: Callable[[BaseHTTPRequestHandler], None]) -> ThreadingHT
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
+
+
+# ---- latents defined by rules on the tokens (the lexical explainers' tests) ----
+
+VOCAB = ["<s>", " income", " tax", " the", " rate", " a", " of", "\n"]
+INCOME, TAX, THE, RATE = 1, 2, 3, 4
+
+
+@dataclass
+class SyntheticCache:
+    """What the explainer reads of a latent cache, for latents defined by rules on the tokens."""
+
+    tokens: torch.Tensor
+    values: torch.Tensor
+    """[window, pos, latent] activations."""
+
+    @property
+    def n_latents(self) -> int:
+        return self.values.shape[-1]
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def rows(self, window_ids):
+        ids = torch.as_tensor(list(window_ids), dtype=torch.long)
+        w, p, lat = torch.nonzero(self.values[ids], as_tuple=True)
+        return {"window_ids": ids[w].int(), "positions": p.int(), "latent_ids": lat.int(),
+                "values": self.values[ids][w, p, lat]}
+
+    def token_strings(self, ids):
+        return [VOCAB[i] for i in ids]
+
+
+def synthetic(n: int = 300, pos: int = 16, seed: int = 0) -> SyntheticCache:
+    """Latent 0 fires (5.0) on " tax" right after " income" only; latent 1 fires (4.0) on " rate" except after
+    " the"; latent 2 never fires."""
+    tokens = torch.randint(1, len(VOCAB), (n, pos), generator=torch.Generator().manual_seed(seed))
+    before = torch.cat([torch.zeros_like(tokens[:, :1]), tokens[:, :-1]], dim=1)
+    values = torch.zeros(n, pos, 3)
+    values[..., 0] = 5.0 * ((tokens == TAX) & (before == INCOME))
+    values[..., 1] = 4.0 * ((tokens == RATE) & (before != THE))
+    return SyntheticCache(tokens, values)

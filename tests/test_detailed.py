@@ -1,52 +1,12 @@
 """Detailed explanations: pair items and exceptions, chosen under a global character budget, read back exactly."""
 
-from dataclasses import dataclass
-
 import pytest
 import torch
 
 from nl_rewrite.interp import detailed
 from nl_rewrite.interp.lexical import LexicalItem, LexicalSimulator, parse_explanation, write_explanation
 
-VOCAB = ["<s>", " income", " tax", " the", " rate", " a", " of", "\n"]
-INCOME, TAX, THE, RATE = 1, 2, 3, 4
-
-
-@dataclass
-class SyntheticCache:
-    """What the explainer reads of a latent cache, for latents defined by rules on the tokens."""
-
-    tokens: torch.Tensor
-    values: torch.Tensor
-    """[window, pos, latent] activations."""
-
-    @property
-    def n_latents(self) -> int:
-        return self.values.shape[-1]
-
-    def __len__(self) -> int:
-        return self.tokens.shape[0]
-
-    def rows(self, window_ids):
-        ids = torch.as_tensor(list(window_ids), dtype=torch.long)
-        w, p, lat = torch.nonzero(self.values[ids], as_tuple=True)
-        return {"window_ids": ids[w].int(), "positions": p.int(), "latent_ids": lat.int(),
-                "values": self.values[ids][w, p, lat]}
-
-    def token_strings(self, ids):
-        return [VOCAB[i] for i in ids]
-
-
-def synthetic(n: int = 300, pos: int = 16, seed: int = 0) -> SyntheticCache:
-    """Latent 0 fires (5.0) on " tax" right after " income" only; latent 1 fires (4.0) on " rate" except after
-    " the"; latent 2 never fires."""
-    tokens = torch.randint(1, len(VOCAB), (n, pos), generator=torch.Generator().manual_seed(seed))
-    before = torch.cat([torch.zeros_like(tokens[:, :1]), tokens[:, :-1]], dim=1)
-    values = torch.zeros(n, pos, 3)
-    values[..., 0] = 5.0 * ((tokens == TAX) & (before == INCOME))
-    values[..., 1] = 4.0 * ((tokens == RATE) & (before != THE))
-    return SyntheticCache(tokens, values)
-
+from helpers import INCOME, RATE, TAX, SyntheticCache, synthetic
 
 def read_back(cache: SyntheticCache, texts: dict[int, str]) -> dict[int, torch.Tensor]:
     windows = [cache.token_strings(w.tolist()) for w in cache.tokens]

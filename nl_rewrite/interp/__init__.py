@@ -1,4 +1,5 @@
-"""Interpretation: explaining latents with an LLM (:mod:`.explain`) or from token statistics (:mod:`.lexical`), detection
+"""Interpretation: explaining latents with an LLM (:mod:`.explain`) or from token statistics (:mod:`.lexical`; pair
+items under a global character budget in :mod:`.detailed`), detection
 scoring of explanations (:mod:`.score`), simulating a latent's activations from its explanation (:mod:`.simulate`,
 with simulations stored once per latent and window in :mod:`.simulation_store`), calibrating simulated scores onto
 activation values (:mod:`.calibrate`) and choosing which latents to simulate (:mod:`.selection`).
@@ -13,6 +14,7 @@ _EXPORTS = by_module({
     "nl_rewrite.interp.simulate": ("Simulator", "SimulationItem", "SimulatorStats"),
     "nl_rewrite.interp.lexical": ("LexicalSimulator", "lexical_explanations", "candidate_items", "LexicalItem",
                                   "ParsedExplanation"),
+    "nl_rewrite.interp.detailed": ("detailed_explanations",),
     "nl_rewrite.interp.calibrate": ("Calibrator", "LinearCalibrator", "QuantileCalibrator", "IsotonicCalibrator",
                                     "make_calibrator", "calibrator_from_dict", "count_fallbacks", "CALIBRATIONS"),
     "nl_rewrite.interp.simulation_store": ("SimulationStore", "simulate_into_store", "SimulationQuality",

@@ -239,6 +239,23 @@ class IsotonicCalibrator(_LatentCalibrator):
         return {"knots_x": self.knots_x, "knots_y": self.knots_y}
 
 
+@dataclass
+class Uncalibrated(_LatentCalibrator):
+    """Scores that are activations already (a lookup of mean activations, an oracle's values): passed through.
+    Not a run option; reference arms that predict activations use it."""
+
+    kind: ClassVar[str] = "none"
+
+    def fit(self, sim_scores, true_acts) -> "Uncalibrated":
+        return self
+
+    def __call__(self, scores: Float[Tensor, " n"]) -> Float[Tensor, " n"]:
+        return scores.to(torch.float32)
+
+    def fitted_values(self) -> dict[str, Any]:
+        return {}
+
+
 _KINDS: dict[str, type] = {c.kind: c for c in (LinearCalibrator, QuantileCalibrator, IsotonicCalibrator)}
 
 

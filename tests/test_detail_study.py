@@ -1,0 +1,59 @@
+"""The reference arms and diagnostics of benchmarks/explanation_detail.py, on latents defined by rules on the tokens."""
+
+import pytest
+import torch
+
+from nl_rewrite.coders.sparse_coder import CoderConfig, SparseCoder
+from nl_rewrite.pipeline.detail import context_lookup, dense_values, firing_auroc, swaps, top_k_mask, values_condition
+from helpers import INCOME, RATE, TAX, THE, synthetic
+
+
+def test_the_current_token_lookup_is_the_mean_activation_per_token():
+    cache = synthetic()
+    stat, held = list(range(200)), cache.tokens[200:]
+    values = context_lookup(cache, stat, held, pairs=False)
+    for token in range(1, 8):
+        mask = cache.tokens[:200] == token
+        expected = cache.values[:200][mask].mean(0)
+        assert torch.allclose(values[held == token], expected.expand(int((held == token).sum()), -1), atol=1e-6)
+
+
+def test_the_pair_lookup_knows_the_context_and_backs_off_for_unseen_pairs():
+    cache = synthetic()
+    held = cache.tokens[200:]
+    values = context_lookup(cache, range(200), held, pairs=True)
+    before = torch.cat([torch.zeros_like(held[:, :1]), held[:, :-1]], dim=1)
+    assert torch.equal(values[..., 0][:, 1:] > 0, ((held == TAX) & (before == INCOME))[:, 1:])
+    assert torch.equal(values[..., 1][:, 1:] > 0, ((held == RATE) & (before != THE))[:, 1:])
+    assert (values[..., 0][:, 1:][((held == TAX) & (before == INCOME))[:, 1:]] == 5.0).all()
+    # position 0 has no token before it: the current-token mean
+    first_tax = held[:, 0] == TAX
+    assert torch.allclose(values[first_tax, 0, 0], cache.values[:200][cache.tokens[:200] == TAX][:, 0].mean())
+    rare = context_lookup(cache, range(200), held, pairs=True, min_count=10**6)
+    assert torch.equal(rare, context_lookup(cache, range(200), held, pairs=False))
+
+
+def test_firing_auroc_is_one_for_a_perfect_score_and_a_half_for_a_constant():
+    true = torch.zeros(50, 3)
+    true[::5, :] = 2.0
+    assert firing_auroc(true * 3 + 1, true) == pytest.approx(1.0)
+    assert firing_auroc(-true, true) == pytest.approx(0.0)
+    assert firing_auroc(torch.ones(50, 3), true) == pytest.approx(0.5)
+    assert firing_auroc(true, torch.zeros(50, 3)) != firing_auroc(true, torch.zeros(50, 3))  # NaN: nothing fires
+
+
+def test_swaps_put_true_values_on_the_simulated_pattern_and_simulated_values_on_the_true_one():
+    true = torch.tensor([[[3.0, 0.0, 0.0, 1.0]]])
+    simulated = torch.tensor([[[0.5, 2.0, 0.1, 0.0]]])  # with k=2 it fires on latents 0 and 1
+    assert top_k_mask(simulated, 2).tolist() == [[[True, True, False, False]]]
+    sw = swaps(simulated, true, k=2)
+    assert sw.simulated_firing.tolist() == [[[3.0, 0.0, 0.0, 0.0]]]
+    assert sw.true_firing.tolist() == [[[0.5, 0.0, 0.0, 0.0]]]
+    assert sw.false_positive_rate == pytest.approx(0.5) and sw.false_negative_rate == pytest.approx(0.5)
+
+
+def test_a_values_condition_writes_exactly_the_values_given():
+    coder = SparseCoder(CoderConfig(d_in=8, d_out=8, n_latents=6, k=2, read_site="mlp_in.0", write_site="mlp_out.0",
+                                    model="tiny"), seed=0)
+    values = torch.rand(3, 5, 6) * 4
+    assert torch.equal(dense_values(values_condition(coder, values, "v"), 3, 5), values)
