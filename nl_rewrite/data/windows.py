@@ -8,7 +8,6 @@ so explanations, calibration and evaluation never see the same text.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -24,6 +23,7 @@ from torch import Tensor
 from nl_rewrite import io
 from nl_rewrite.errors import CorpusError
 from nl_rewrite.paths import cache_dir
+from nl_rewrite.hashing import digest
 
 log = logging.getLogger(__name__)
 
@@ -151,9 +151,7 @@ class TokenWindows:
 
     def fingerprint(self) -> str:
         """Content hash: caches built on these windows store it and refuse other windows."""
-        digest = hashlib.sha256(self.tokens.numpy().tobytes())
-        digest.update(json.dumps(self.doc_ids).encode())
-        return digest.hexdigest()[:16]
+        return digest(self.tokens.numpy().tobytes(), json.dumps(self.doc_ids))
 
 
 def _tokenizer_of(model_or_tokenizer):
@@ -182,8 +180,8 @@ def _saved_windows(path: Path, split: str) -> TokenWindows:
 
 def _cached_windows(tokenizer, docs: list[Document], split: str, window: int, bos: int | None) -> TokenWindows:
     """Tokenising the train split takes a while; keep the result keyed by tokenizer, documents and window."""
-    key = hashlib.sha256(json.dumps([getattr(tokenizer, "name_or_path", ""), len(tokenizer), window, bos,
-                                     [d.doc_id for d in docs], sum(len(d.text) for d in docs)]).encode()).hexdigest()[:16]
+    key = digest(json.dumps([getattr(tokenizer, "name_or_path", ""), len(tokenizer), window, bos,
+                             [d.doc_id for d in docs], sum(len(d.text) for d in docs)]))
     path = cache_dir() / "windows" / f"{split}-{key}.pt"
     saved = io.read_cached(path, lambda p: _saved_windows(p, split), "tokenised windows")
     if saved is not None:

@@ -11,7 +11,6 @@ words why two are not.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -22,6 +21,7 @@ from nl_rewrite.evaluation.evaluator import CLEAN, EvalResults, Evaluator, Posit
 from nl_rewrite.parallel.runner import ShardRunner
 from nl_rewrite.replacements.base import Replacement
 from nl_rewrite.replacements.baselines import ZeroReplacement
+from nl_rewrite.hashing import digest
 
 SUITE_VERSION = 1
 """Bumped when what a suite measures changes, so older fingerprints stop matching."""
@@ -57,7 +57,7 @@ def block_name(split: str, positions: str) -> str:
 
 
 def windows_digest(windows: TokenWindows) -> str:
-    return hashlib.sha256(windows.tokens.to("cpu").contiguous().numpy().tobytes()).hexdigest()[:16]
+    return digest(windows.tokens.to("cpu").contiguous().numpy().tobytes())
 
 
 def fingerprint_parts(suite: Suite, model_name: str, windows: dict[str, TokenWindows]) -> dict:
@@ -66,7 +66,7 @@ def fingerprint_parts(suite: Suite, model_name: str, windows: dict[str, TokenWin
 
 
 def fingerprint(parts: dict) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    return digest(json.dumps(parts, sort_keys=True))
 
 
 def fingerprint_differences(a: dict, b: dict) -> list[str]:

@@ -17,6 +17,7 @@ import torch
 from nl_rewrite.interp.simulate import SimulationItem, Simulator, expected_digits
 from nl_rewrite.llm.base import LLMBackend, ScoreRequest
 from nl_rewrite.llm.readout import usable_rows
+from nl_rewrite.correlation import pearson
 
 PROBE_EXPLANATIONS = (
     "words about money, taxes and debt",
@@ -76,8 +77,8 @@ def _margins(answers: list[torch.Tensor]) -> torch.Tensor:
 
 def _agreement(ref: list[torch.Tensor], cand: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> Agreement:
     both = torch.isfinite(x) & torch.isfinite(y)
-    pearson = float(torch.corrcoef(torch.stack([x[both], y[both]]))[0, 1]) if both.sum() > 2 else math.nan
+    r = pearson(x[both], y[both]) if both.sum() > 2 else math.nan
     diffs = [(r - c).abs()[torch.isfinite(r) & torch.isfinite(c)] for r, c in zip(ref, cand)]
     max_diff = max((float(d.max()) for d in diffs if d.numel()), default=math.nan)
     unknown = sum(int((~usable_rows(c)).sum()) for c in cand)
-    return Agreement(pearson, max_diff, int(both.sum()), unknown)
+    return Agreement(r, max_diff, int(both.sum()), unknown)

@@ -15,7 +15,6 @@ Records are appended to a JSONL file as each batch finishes, so a killed run res
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -30,6 +29,7 @@ from nl_rewrite.errors import NLRewriteError
 from nl_rewrite.latents.cache import LatentCache
 from nl_rewrite.llm.base import ChatRequest, LLMBackend
 from nl_rewrite.latents.sampling import Example, LatentExamples, SamplingConfig, SamplingError, sample_latent
+from nl_rewrite.hashing import digest
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class ExplainConfig:
     def settings_key(self, sampling: SamplingConfig, backend_id: str) -> str:
         """Identity of everything that shapes an explanation: records made otherwise are not reused."""
         blob = json.dumps([asdict(self), asdict(sampling), backend_id], sort_keys=True, default=list)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return digest(blob)
 
 
 @dataclass

@@ -11,7 +11,6 @@ prefix, so backends that reuse a prefix's KV cache compute it once per latent.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -30,6 +29,7 @@ from nl_rewrite.parallel.runner import InProcess, ShardRunner
 from nl_rewrite.latents.cache import LatentCache
 from nl_rewrite.llm.base import LLMBackend, ScoreRequest
 from nl_rewrite.latents.sampling import Example, SamplingConfig, sample_latent
+from nl_rewrite.hashing import digest
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class ScoreConfig:
 
     def settings_key(self, sampling: SamplingConfig, backend_id: str) -> str:
         blob = json.dumps([asdict(self), asdict(sampling), backend_id, DETECTION_PREFIX], sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return digest(blob)
 
 
 @dataclass

@@ -19,7 +19,6 @@ model puts mass on non-digits). A read point with no finite digit log-prob gives
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Literal, Protocol, Sequence, get_args, runtime_checkable
@@ -30,6 +29,7 @@ from torch import Tensor
 
 from nl_rewrite.errors import LLMError
 from nl_rewrite.llm.base import ChatRequest, LLMBackend, ScoreRequest
+from nl_rewrite.hashing import digest
 
 log = logging.getLogger(__name__)
 
@@ -190,8 +190,8 @@ class Simulator:
     def identity(self) -> str:
         """Stable id of everything that changes a simulation except the explanation and the tokens."""
         probe = self.requests(SimulationItem("EXPLANATION", ("a", " b")))[0]
-        digest = hashlib.sha256((probe.prefix + "\x1f".join(probe.segments)).encode()).hexdigest()[:12]
-        return f"{self.backend.backend_id}|{self.mode}|v{PROMPT_VERSIONS[self.mode]}|{digest}"
+        key = digest(probe.prefix + "\x1f".join(probe.segments), length=12)
+        return f"{self.backend.backend_id}|{self.mode}|v{PROMPT_VERSIONS[self.mode]}|{key}"
 
     # ---- prompts ------------------------------------------------------------------------------
 

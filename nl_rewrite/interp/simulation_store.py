@@ -21,7 +21,6 @@ calibration) is stored as JSON beside the simulations and serves as a latent ran
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import math
@@ -39,6 +38,8 @@ from nl_rewrite import io
 from nl_rewrite.errors import MissingSimulationError
 from nl_rewrite.interp.simulate import SimulationItem, TokenSimulator
 from nl_rewrite.parallel.runner import InProcess, ShardRunner
+from nl_rewrite.hashing import digest
+from nl_rewrite.correlation import pearson
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ Windows = Mapping[int, Sequence[str]]
 
 
 def text_hash(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return digest(text)
 
 
 def window_key(tokens: Sequence[str]) -> int:
@@ -62,8 +63,7 @@ def window_key(tokens: Sequence[str]) -> int:
 @functools.lru_cache(maxsize=1 << 16)
 def _content_key(tokens: tuple[str, ...]) -> int:
     # cached: a run asks for the same few hundred windows' keys once per latent (millions of times)
-    digest = hashlib.sha256(json.dumps(tokens).encode()).digest()  # unambiguous, whatever the tokens hold
-    return int.from_bytes(digest[:8], "big") >> 1
+    return int(digest(json.dumps(tokens)), 16) >> 1  # JSON: unambiguous, whatever the tokens hold
 
 
 class SimulationStore:
@@ -237,12 +237,6 @@ class SimulationQuality:
     recall: float
 
 
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    if a.size < 2 or a.std() == 0 or b.std() == 0:
-        return math.nan  # a constant prediction or a latent that never varies: correlation undefined
-    return float(np.corrcoef(a, b)[0, 1])
-
-
 def _ranks(values: np.ndarray) -> np.ndarray:
     from scipy.stats import rankdata
 
@@ -263,8 +257,8 @@ def simulation_quality(latent: int, scores: Float[Tensor, " n"], true_acts: Floa
         truly = t_k > 0
         precision = float((fires & truly).sum() / fires.sum()) if fires.any() else math.nan
         recall = float((fires & truly).sum() / truly.sum()) if truly.any() else math.nan
-    return SimulationQuality(int(latent), int(s.size), int((~keep).sum()), _pearson(s_k, t_k),
-                             _pearson(_ranks(s_k), _ranks(t_k)) if s_k.size else math.nan, precision, recall)
+    return SimulationQuality(int(latent), int(s.size), int((~keep).sum()), pearson(torch.from_numpy(s_k), torch.from_numpy(t_k)),
+                             pearson(torch.from_numpy(_ranks(s_k)), torch.from_numpy(_ranks(t_k))) if s_k.size else math.nan, precision, recall)
 
 
 def quality_ranking(quality: Mapping[int, SimulationQuality], metric: str = "pearson") -> dict[int, float]:

@@ -16,7 +16,6 @@ so memory stays bounded by ``max_index_rows``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -38,6 +37,7 @@ from nl_rewrite.parallel.runner import InProcess, ShardRunner
 from nl_rewrite.errors import NLRewriteError
 from nl_rewrite.model.loading import model_name
 from nl_rewrite.model.sites import Site, resolve
+from nl_rewrite.hashing import digest
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +107,9 @@ class LatentStats:
 
 def coder_fingerprint(coder) -> str:
     """Hash of the coder's config and weights: a retrained coder with the same config is a different coder."""
-    digest = hashlib.sha256(json.dumps(coder.cfg.to_dict(), sort_keys=True).encode())
-    for name, tensor in sorted(coder.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().contiguous().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    weights = [part for name, tensor in sorted(coder.state_dict().items())
+               for part in (name, tensor.detach().float().contiguous().cpu().numpy().tobytes())]
+    return digest(json.dumps(coder.cfg.to_dict(), sort_keys=True), *weights)
 
 
 

@@ -13,13 +13,14 @@ Requests are frozen dataclasses: every call carries its own settings, nothing mu
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Protocol, Sequence, runtime_checkable
 
 from jaxtyping import Float
 from torch import Tensor
+
+from nl_rewrite.hashing import digest
 
 
 @dataclass(frozen=True)
@@ -97,4 +98,4 @@ class LLMBackend(Protocol):
 
 
 def _digest(obj: object) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=list).encode()).hexdigest()
+    return digest(json.dumps(obj, sort_keys=True, default=list), length=None)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import logging
 import random
@@ -59,6 +58,7 @@ from nl_rewrite.interp.simulation_store import (SimulationQuality, SimulationRun
 from nl_rewrite.parallel.runner import InProcess, ShardRunner
 from nl_rewrite.coders.checkpoint import is_checkpoint, load_coder
 from nl_rewrite.coders.sparse_coder import SparseCoder
+from nl_rewrite.hashing import digest
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = "config.toml"
@@ -288,7 +288,7 @@ def arm_digest(arm: LexicalArm) -> str:
     """Hash of an arm's explanations and fitted calibrators: cached evaluations depend on both."""
     payload = json.dumps([sorted(arm.texts.items()), [arm.calibrators[k].to_dict() for k in sorted(arm.calibrators)]],
                          default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    return digest(payload)
 
 
 # ---- the driver -----------------------------------------------------------------------------------------------

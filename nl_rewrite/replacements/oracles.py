@@ -22,6 +22,7 @@ from torch import Tensor
 from nl_rewrite.coders.sparse_coder import SparseCoder
 from nl_rewrite.replacements.base import BatchInfo
 from nl_rewrite.replacements.coders import CoderReplacement
+from nl_rewrite.correlation import column_pearson
 
 ORACLE_MODES = ("true", "binary", "noisy")
 
@@ -94,14 +95,10 @@ class PearsonTarget:
 
     def __init__(self, true: Float[Tensor, "n m"], min_fires: int = MIN_FIRES) -> None:
         self.keep = (true > 0).sum(0) >= min_fires
-        t = true[:, self.keep].double()
-        self.centred = t - t.mean(0)
-        self.sum_sq = self.centred.pow(2).sum(0)
+        self.true = true[:, self.keep]
 
     def mean_r(self, pred: Float[Tensor, "n m"]) -> float:
-        p = pred[:, self.keep].double()
-        p = p - p.mean(0)
-        r = (p * self.centred).sum(0) / (p.pow(2).sum(0) * self.sum_sq).sqrt()
+        r = column_pearson(pred[:, self.keep], self.true)
         r = r[torch.isfinite(r)]
         return float(r.mean()) if r.numel() else math.nan
 

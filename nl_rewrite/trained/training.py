@@ -11,7 +11,6 @@ the same weights as one that never stopped. Ctrl-C saves the last completed step
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -32,6 +31,8 @@ from nl_rewrite.llm.embedded import right_padded
 from nl_rewrite.trained.data import DataConfig, Item, SimulatorData, build_data, targets
 from nl_rewrite.trained.net import InputEncoder, NetConfig, SimulatorNet
 from nl_rewrite.trained.simulator import TrainedSimulator
+from nl_rewrite.hashing import digest
+from nl_rewrite.correlation import pearson
 
 log = logging.getLogger(__name__)
 CONFIG_FILE, WEIGHTS_FILE, OPTIMIZER_FILE, LOG_FILE = "cfg.json", "simulator.safetensors", "optimizer.pt", "log.jsonl"
@@ -64,7 +65,7 @@ class TrainSimulatorConfig(NetConfig, DataConfig):
 
     def key(self, data_fingerprint: str) -> str:
         """Hash of everything that changes the weights: the options and the data they are trained on."""
-        return hashlib.sha256(json.dumps([asdict(self), data_fingerprint]).encode()).hexdigest()[:12]
+        return digest(json.dumps([asdict(self), data_fingerprint]), length=12)
 
 
 class TrainingInterrupted(NLRewriteError):
@@ -218,12 +219,6 @@ class Trainer:
         return TrainedSimulator(self.net.eval(), self.encoder, self.digest(), heldout=(fingerprint, tuple(windows)))
 
 
-def pearson(a: Tensor, b: Tensor) -> float:
-    if a.numel() < 2 or float(a.std()) == 0 or float(b.std()) == 0:
-        return math.nan
-    return float(torch.corrcoef(torch.stack([a.double(), b.double()]))[0, 1])
-
-
 def read_checkpoint_config(folder: Path) -> dict:
     return io.read_json_object(folder / CONFIG_FILE, CheckpointError, "trained simulator config",
                                "retrain it with nl-rewrite train-simulator (same --out resumes)")
@@ -257,7 +252,7 @@ def train_simulator(cfg: TrainSimulatorConfig, cache: LatentCache, doc_ids: list
 def data_fingerprint(cache: LatentCache, doc_ids: list[str], llm_explanations: dict[int, str] | None) -> str:
     payload = json.dumps([cache.meta.coder_fingerprint, cache.meta.windows_fingerprint, doc_ids,
                           sorted((llm_explanations or {}).items())])
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    return digest(payload)
 
 
 def load_simulator(folder: Path | str, device: str = "cpu", batch_size: int = 64) -> TrainedSimulator:
