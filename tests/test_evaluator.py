@@ -204,3 +204,14 @@ def test_stacking_replacements_of_different_sites_is_refused(tiny, windows):
     with pytest.raises(ShapeMismatchError, match="repeated once per replacement"):
         with attached_together(tiny, [ZeroReplacement("mlp_out.1"), IdentityReplacement("mlp_out.1")], batch):
             tiny(windows.tokens[:2])
+
+
+def test_a_replacement_from_a_function_is_the_same_as_its_class(tiny, windows):
+    from_fn = [Replacement.from_fn("mlp_out.1", torch.zeros_like, "zero_fn"),
+               Replacement.from_fn("mlp_out.1", lambda x: x, "identity_fn"),
+               Replacement.from_fn("mlp_out.1", lambda x: 0.5 * x, "half_fn")]
+    res = Evaluator(tiny, windows, progress=False).run(
+        [ZeroReplacement("mlp_out.1"), IdentityReplacement("mlp_out.1"), *from_fn])
+    assert res.ce["zero_fn"] == res.ce["zero"] and res.kl["identity_fn"] == res.kl["identity"]
+    assert 0 < res.summaries["half_fn"].kl_mean < res.summaries["zero"].kl_mean
+    assert "fn=<lambda>" in repr(from_fn[2]) and from_fn[2].read_site == from_fn[2].write_site

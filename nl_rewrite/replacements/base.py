@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from einops import rearrange
@@ -45,6 +45,15 @@ class Replacement(nn.Module):
     def forward(self, x: Float[Tensor, "batch pos d_read"], batch: BatchInfo) -> Float[Tensor, "batch pos d_write"]:
         raise NotImplementedError
 
+    @staticmethod
+    def from_fn(site: "str | Site", fn: Callable[[Tensor], Tensor], name: str,
+                read_site: "str | Site | None" = None) -> "Replacement":
+        """A one-off replacement from a function of the read site's activation, as a hook function is in
+        TransformerLens: ``Replacement.from_fn("mlp_out.6", lambda x: 0.5 * x, "half_mlp")``. It writes ``site``
+        and reads ``read_site`` (default: ``site``). Subclass instead when the values depend on the window
+        (``forward`` gets a :class:`BatchInfo`), or to run under Ray (a lambda does not pickle)."""
+        return FunctionReplacement(fn, site, read_site, name)
+
     @contextmanager
     def attached(self, model, batch: BatchInfo, positions: Tensor | None = None) -> Iterator[None]:
         """Patch ``model`` for the duration of the block; hooks are removed even if the block raises.
@@ -72,6 +81,21 @@ class Replacement(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, read={self.read_site}, write={self.write_site}"
+
+
+class FunctionReplacement(Replacement):
+    """What :meth:`Replacement.from_fn` builds: ``forward(x, batch)`` is ``fn(x)``."""
+
+    def __init__(self, fn: Callable[[Tensor], Tensor], write_site: "str | Site", read_site: "str | Site | None" = None,
+                 name: str | None = None):
+        super().__init__(write_site, read_site, name)
+        self.fn = fn
+
+    def forward(self, x: Float[Tensor, "batch pos d_read"], batch: BatchInfo) -> Float[Tensor, "batch pos d_write"]:
+        return self.fn(x)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, fn={getattr(self.fn, '__name__', type(self.fn).__name__)}"
 
 
 @contextmanager
