@@ -83,6 +83,7 @@ def explanations(cache, pool: list[int], args, weights) -> dict[str, tuple[dict[
 
 def plot(path: Path, arms: dict, ceilings: dict) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -97,11 +98,15 @@ def plot(path: Path, arms: dict, ceilings: dict) -> None:
                 m, lo, hi = zip(*(p[1] for p in pts))
                 ax.errorbar(x, m, yerr=[[a - b for a, b in zip(m, lo)], [b - a for a, b in zip(m, hi)]], marker="o",
                             capsize=3, label=label)
+        ax.set_xscale("log")
+        ax.set_xticks([50, 100, 200, 400, 800])
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         for name, c in ceilings.items():
             if isinstance(c[f"recovered_{metric}"], list):
                 ax.axhline(c[f"recovered_{metric}"][0], ls="--", lw=1, color="grey")
-                ax.text(ax.get_xlim()[0], c[f"recovered_{metric}"][0], f" {name}", va="bottom", fontsize=7)
-        ax.set_xscale("log")
+                ax.annotate(f"{name} (unlimited, uncalibrated)", (1.0, c[f"recovered_{metric}"][0]),
+                            xycoords=("axes fraction", "data"), ha="right", va="bottom", fontsize=7, color="grey")
         ax.set_xlabel("mean explanation length (characters)")
         ax.set_title(f"{metric.upper()} gap recovered (95% CI)")
     axes[0].set_ylabel("fraction of the zero-latents − transcoder gap")

@@ -37,7 +37,7 @@ CLEAN = "clean"
 PositionMode = Literal["all", "last"]
 DEFAULT_STACK = 1
 """Conditions per forward pass from the patch point. On this project's 2-core CPU, stacking 4 was 0.87x the speed of
-one at a time and took 325 MB more (benchmarks/evaluate_throughput.py, docs/results.md): a batch of 8 windows already
+one at a time and took 325 MB more (benchmarks/evaluate_throughput.py, docs/history.md): a batch of 8 windows already
 fills the cores. Raise it where wider batches pay (a GPU)."""
 POSITION_MODES: tuple[str, ...] = get_args(PositionMode)
 

@@ -47,13 +47,13 @@ REMOTE_GENERATED_SOURCE = ("assumed: 1,000 generated tokens/s (batched decoding 
                            "model)")
 CPU_CALLS_PER_SECOND = 1.84
 CPU_SOURCE = ("assumed (--no-probe): 1.84 paper-mode calls/s, SmolLM2-135M on this project's 2-core CPU, no prefix "
-              "reuse (docs/results.md, issue 11 throughput table)")
+              "reuse (docs/history.md, issue 11 throughput table)")
 CPU_GENERATED_PER_SECOND = 5.0
-CPU_GENERATED_SOURCE = ("assumed (--no-probe): ~5 generated tokens/s on the 2-core CPU (docs/results.md: the default "
+CPU_GENERATED_SOURCE = ("assumed (--no-probe): ~5 generated tokens/s on the 2-core CPU (docs/history.md: the default "
                         "run spent 108 s explaining 6 latents of ≤ 32 tokens, retries included)")
 TRAINED_PREDICTIONS_PER_SECOND = 5076.0
 TRAINED_SOURCE = ("measured on this project's 2-core CPU: 5,076 predictions/s, 64 windows per latent "
-                  "(docs/results.md, issue 11)")
+                  "(docs/history.md, issue 11)")
 TRAINED_BATCH = next(f.default for f in dataclasses.fields(TrainedSimulator) if f.name == "batch_size")
 """Windows per trained-simulator forward pass (its default)."""
 CACHE_BATCH = 16
