@@ -39,7 +39,7 @@ from nl_rewrite.model.loading import load_model
 from nl_rewrite.pipeline.config import RunConfig
 from nl_rewrite.pipeline.detail import (arm_scores, context_lookup, dense_values, firing_auroc, swaps,
                                         values_condition)
-from nl_rewrite.pipeline.experiment import load_run_coder, windows_for
+from nl_rewrite.pipeline.run_context import load_run_coder, windows_for
 from nl_rewrite.pipeline.ladder import TOKENS_AS_ROWS, lexical_condition, simulated_arm
 from nl_rewrite.replacements.coders import TranscoderReplacement, ZeroLatentsReplacement
 from nl_rewrite.replacements.oracles import OracleReplacement, mean_pearson

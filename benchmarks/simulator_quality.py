@@ -73,7 +73,7 @@ def main() -> None:
     from nl_rewrite.interp.simulate import SimulationItem, Simulator
     from nl_rewrite.llm.embedded import EmbeddedBackend
     from nl_rewrite.pipeline.config import RunConfig
-    from nl_rewrite.pipeline.experiment import explain_cache
+    from nl_rewrite.pipeline.run_context import explain_cache
     from nl_rewrite.trained.data import build_data
     from nl_rewrite.trained.training import TrainSimulatorConfig, heldout_latents, load_simulator, read_checkpoint_config
 

@@ -189,3 +189,41 @@ def test_cli_stage_commands_plan_their_own_stage(tmp_path, capsys):
     assert main(["cache", "--plan", "--max-windows", "100", "--out", str(tmp_path / "c")]) == 0
     assert json.loads((tmp_path / "c" / "plan.json").read_text())["stages"][0]["forward_tokens"] == 100 * 32
     assert "no LLM work done" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("preset", ["smoke", "default", "paper"])
+def test_the_planner_counts_the_declared_conditions_of_every_preset(preset):
+    from nl_rewrite.pipeline.main_arm import main_planned
+    from nl_rewrite.pipeline.pool_arm import pool_planned
+
+    cfg = RunConfig(preset=preset).resolved()
+    main_list = main_planned(cfg)
+    pool_list = pool_planned(cfg, planner.pool_size(cfg) / cfg.width)
+    assert planner.main_condition_count(cfg) == len(main_list)
+    assert planner.pool_condition_count(cfg) == len(pool_list)
+    for planned in (main_list, pool_list):
+        names = [p.name for p in planned]
+        assert len(set(names)) == len(names), names
+    evaluate = next(s for s in plan_run(cfg, PROMPTS, THROUGHPUT).stages if s.stage == "evaluate")
+    assert f"{len(main_list)} conditions" in evaluate.what
+
+
+def test_a_run_evaluates_and_reports_exactly_the_declared_conditions(tiny_run):
+    """The shared tiny run: what it evaluated, what results.json holds and the rows of results.csv are the declared
+    lists, in order, with nothing added or lost."""
+    import csv
+
+    from nl_rewrite.pipeline.main_arm import main_planned
+    from nl_rewrite.pipeline.pool_arm import pool_planned
+
+    cfg = RunConfig.from_toml(tiny_run.out / "config.toml")
+    data = tiny_run.results
+    main_names = [p.name for p in main_planned(cfg)]
+    pool_names = [p.name for p in pool_planned(cfg, data["pool"]["size"] / cfg.width)]
+    assert list(data["modes"]["all"]["conditions"]) == ["clean", *main_names]
+    assert list(data["conditions_info"]) == main_names
+    assert list(data["pool_run"]["conditions_info"]) == pool_names
+    with open(tiny_run.out / "results.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["condition"] for r in rows if r["run"] == "eval_all"] == ["clean", *main_names]
+    assert [r["condition"] for r in rows if r["run"] == "eval_pool"] == ["clean", *pool_names]

@@ -20,7 +20,8 @@ from nl_rewrite.interp.score import DetectionScore
 from nl_rewrite.interp.simulation_store import SimulationQuality
 from nl_rewrite.latents.sampling import Example
 from nl_rewrite.pipeline.config import RunConfig
-from nl_rewrite.pipeline.experiment import Artifacts, ConditionInfo
+from nl_rewrite.pipeline.conditions import ConditionInfo
+from nl_rewrite.pipeline.experiment import Artifacts
 from nl_rewrite.pipeline.ladder import LexicalArm
 from nl_rewrite.pipeline.report import (SCHEMA, results_payload, summary_text, validate_results, write_csv,
                                         write_outputs)

@@ -19,7 +19,9 @@ def continuations(cfg: RunConfig, prompts: list[str], new_tokens: int) -> list[d
     import torch
 
     from nl_rewrite.pipeline.stage import Stage
-    from nl_rewrite.pipeline.experiment import Context, heldout_windows, lexical_budget_arm, load_run_coder, rewritten_models
+    from nl_rewrite.pipeline.experiment import rewritten_models
+    from nl_rewrite.pipeline.main_arm import lexical_budget_arm
+    from nl_rewrite.pipeline.run_context import Context, heldout_windows, load_run_coder
     from nl_rewrite.evaluation.generate import side_by_side
     from nl_rewrite.latents.cache import LatentCache
     from nl_rewrite.model.loading import check_layer_before_loading, load_model, prepend_bos_for

@@ -32,7 +32,8 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from nl_rewrite.errors import NLRewriteError
-    from nl_rewrite.pipeline.experiment import check_before_loading, explain_cache
+    from nl_rewrite.pipeline.experiment import check_before_loading
+    from nl_rewrite.pipeline.run_context import explain_cache
     from nl_rewrite.pipeline.trained_arm import default_folder
     from nl_rewrite.trained.training import LOG_FILE, train_simulator
 

@@ -113,3 +113,15 @@ def default_coder_loader(model, layer: int) -> Callable[[], SparseCoder]:
         return cached[0]
 
     return load
+
+
+@dataclass(frozen=True)
+class ConditionInfo:
+    """What a condition is, for tables, plots and the answer: its family and how much it simulates."""
+
+    family: str
+    """baseline, oracle, lexical, llm or trained."""
+    fraction_of_latents: float
+    pearson: float
+    """Mean per-latent Pearson r of the written values with the true activations on the evaluated windows."""
+    label: str = ""

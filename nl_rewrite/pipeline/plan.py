@@ -406,15 +406,15 @@ def evaluate_stage(stage: str, what: str, windows: int, window: int, conditions:
 
 
 def main_condition_count(cfg: RunConfig) -> int:
-    """Conditions on every eval window: those the run declares (:func:`~.experiment.main_planned`)."""
-    from nl_rewrite.pipeline.experiment import main_planned  # here: the CLI imports plans, and should not import torch
+    """Conditions on every eval window: those the run declares (:func:`~.main_arm.main_planned`)."""
+    from nl_rewrite.pipeline.main_arm import main_planned  # here: the CLI imports plans, and should not import torch
 
     return len(main_planned(cfg))
 
 
 def pool_condition_count(cfg: RunConfig) -> int:
-    """Conditions of the LLM pool: those the run declares (:func:`~.experiment.pool_planned`)."""
-    from nl_rewrite.pipeline.experiment import pool_planned
+    """Conditions of the LLM pool: those the run declares (:func:`~.pool_arm.pool_planned`)."""
+    from nl_rewrite.pipeline.pool_arm import pool_planned
 
     return len(pool_planned(cfg, pool_size(cfg) / cfg.width))
 
