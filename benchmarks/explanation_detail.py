@@ -8,6 +8,9 @@ On the default run's layer and coder (trained first if absent) and its eval wind
 - arms ``items<B>`` (the old language, at most B items) and ``chars<C>`` (the detailed language, C characters on
   average across latents, spent where the output cost is largest);
 - ceilings: the unlimited current-token and (previous, current)-token lookups on the same statistics;
+- the explanations that most need work: the headline arm's latents ranked by estimated output cost (squared error
+  × squared decoder-row norm), the top ``--worst`` listed with their explanations, the top ``--check`` of them
+  patched alone (every other latent true) to measure the KL each one costs;
 - swaps of the headline arm (``--headline`` characters): true values where the simulation fires (what the missed
   firings cost), and simulated values where the latent truly fires (what wrong magnitudes and the lost false
   positives leave); its firing error rates; the binary oracle for reference.
@@ -37,7 +40,7 @@ from nl_rewrite.interp.lexical import LexicalSimulator, candidate_items, lexical
 from nl_rewrite.latents.cache import LatentCache
 from nl_rewrite.model.loading import load_model
 from nl_rewrite.pipeline.config import RunConfig
-from nl_rewrite.pipeline.detail import (arm_scores, context_lookup, dense_values, firing_auroc, swaps,
+from nl_rewrite.pipeline.detail import (arm_scores, context_lookup, dense_values, firing_auroc, output_error, swaps,
                                         values_condition)
 from nl_rewrite.pipeline.run_context import load_run_coder, windows_for
 from nl_rewrite.pipeline.ladder import TOKENS_AS_ROWS, lexical_condition, simulated_arm
@@ -122,6 +125,8 @@ def main() -> None:
     parser.add_argument("--items", type=ints, default=[3, 6, 12, 24], help="old-language item budgets")
     parser.add_argument("--chars", type=ints, default=[50, 100, 200, 400, 800], help="detailed-language mean lengths")
     parser.add_argument("--headline", type=int, default=400, help="the detailed arm that gets swaps and a data curve")
+    parser.add_argument("--worst", type=int, default=20, help="explanations listed as needing work the most")
+    parser.add_argument("--check", type=int, default=5, help="of those, how many are patched alone to check")
     parser.add_argument("--out", default="runs/explanation_detail")
     args = parser.parse_args()
     if args.headline not in args.chars:
@@ -148,7 +153,7 @@ def main() -> None:
     explain_seconds = time.perf_counter() - explain_started
 
     conditions = [TranscoderReplacement(coder, "transcoder"), ZeroLatentsReplacement(coder, "zero_latents")]
-    arms, swap_info = {}, {}
+    arms, swap_info, needs_work = {}, {}, []
     for name, (arm_texts, n_stat) in texts.items():
         arm = simulated_arm(LexicalSimulator(), arm_texts, 0, cache, calib_ids, eval_strings)
         condition = lexical_condition(coder, arm, range(n_latents), name)
@@ -163,6 +168,11 @@ def main() -> None:
                            values_condition(coder, sw.true_firing, "swap_true_firing")]
             swap_info = {"arm": name, "false_positive_rate": sw.false_positive_rate,
                          "false_negative_rate": sw.false_negative_rate}
+            cost = output_error(dense_values(condition, n_eval, n_pos), true, weights)
+            worst = torch.argsort(cost, descending=True)[:args.worst].tolist()
+            needs_work = [{"latent": lat, "estimated_share": float(cost[lat] / cost.sum()), "text": arm_texts[lat]}
+                          for lat in worst]
+            conditions += [lexical_condition(coder, arm, [lat], f"alone_{lat}") for lat in worst[:args.check]]
     ceilings = {}
     for name, pairs in (("lookup_current", False), ("lookup_previous_current", True)):
         values = context_lookup(cache, sorted(pool), eval_windows.tokens, pairs)
@@ -176,11 +186,19 @@ def main() -> None:
             entry.update({f"recovered_{m}": fraction(recovered(res, name, m)) for m in ("kl", "ce")})
     for name in ("swap_simulated_firing", "swap_true_firing", "oracle_binary"):
         swap_info[name] = {f"recovered_{m}": fraction(recovered(res, name, m)) for m in ("kl", "ce")}
+    for entry in needs_work[:args.check]:
+        delta, (lo, hi) = res.difference(f"alone_{entry['latent']}", "transcoder", "kl")
+        entry["kl_alone"] = [delta, lo, hi]
     plot(out / "length_curve.png", arms, ceilings)
     result = {"layer": cfg.layer, "gap_ce": gap(res, "ce").as_list(), "gap_kl": gap(res, "kl").as_list(),
               "n_tokens": n_eval * n_pos, "stat_windows": len(pool), "calib_windows": n_calib,
               "explain_seconds": round(explain_seconds, 1), "seconds": round(time.perf_counter() - start, 1),
-              "arms": arms, "ceilings": ceilings, "swaps": swap_info, "plot": str(out / "length_curve.png")}
+              "arms": arms, "ceilings": ceilings, "swaps": swap_info,
+              "needs_work": needs_work, "plot": str(out / "length_curve.png")}
+    for entry in needs_work:
+        alone = f", alone ΔKL {entry['kl_alone'][0]:+.4f}" if "kl_alone" in entry else ""
+        print(f"latent {entry['latent']:>5} ({100 * entry['estimated_share']:.1f}% of the estimated cost{alone}): "
+              f"{entry['text'][:150]}")
     for name, a in arms.items():
         print(f"{name:>16}: {a['mean_chars']:6.0f} chars, r {a['pearson']:.3f}, AUROC {a['firing_auroc']:.3f}, "
               f"KL {a['recovered_kl']}, CE {a['recovered_ce']}")

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from nl_rewrite.coders.sparse_coder import CoderConfig, SparseCoder
-from nl_rewrite.pipeline.detail import context_lookup, dense_values, firing_auroc, swaps, top_k_mask, values_condition
+from nl_rewrite.pipeline.detail import (context_lookup, dense_values, firing_auroc, output_error, swaps, top_k_mask,
+                                        values_condition)
 from helpers import INCOME, RATE, TAX, THE, synthetic
 
 
@@ -57,3 +58,12 @@ def test_a_values_condition_writes_exactly_the_values_given():
                                     model="tiny"), seed=0)
     values = torch.rand(3, 5, 6) * 4
     assert torch.equal(dense_values(values_condition(coder, values, "v"), 3, 5), values)
+
+
+def test_the_output_cost_weighs_squared_errors_by_the_decoder_row():
+    true = torch.zeros(2, 3, 3)
+    simulated = true.clone()
+    simulated[0, 0] = torch.tensor([1.0, 2.0, 0.0])
+    simulated[1, 2, 0] = 1.0
+    cost = output_error(simulated, true, torch.tensor([4.0, 1.0, 9.0]))
+    assert cost.tolist() == [8.0, 4.0, 0.0]

@@ -130,3 +130,10 @@ def arm_scores(simulations: Mapping[int, Mapping[int, Tensor]], n_windows: int, 
                ) -> Float[Tensor, "n pos n_latents"]:
     """Raw simulated scores (latent → window → [pos]) as one dense tensor."""
     return torch.stack([torch.stack([simulations[lat][w] for w in range(n_windows)]) for lat in range(n_latents)], -1)
+
+
+def output_error(simulated: Float[Tensor, "n pos n_latents"], true: Float[Tensor, "n pos n_latents"],
+                 weights: Float[Tensor, " n_latents"]) -> Float[Tensor, " n_latents"]:
+    """Each latent's estimated cost at the coder's output: its summed squared simulation error times its squared
+    decoder-row norm (cross terms between latents ignored). Patching the top latents alone checks the estimate."""
+    return (simulated.double() - true.double()).pow(2).sum((0, 1)) * weights.double()
