@@ -123,7 +123,7 @@ GENERATION_PROMPTS, PROMPT_TOKENS, NEW_TOKENS = 3, 16, 12
 
 def rewritten_models(ctx: Context, arm: LexicalArm) -> dict[str, Replacement | None]:
     """Clean, the coder, the lexically rewritten layer (live: simulates any text) and zero-latents."""
-    tc = ctx.transcoder
+    tc = ctx.coder
     return {"clean": None, ctx.cfg.coder: build_condition(ctx.cfg.coder, ctx.model, ctx.cfg.layer, lambda: tc),
             f"lexical rewrite (≤{arm.budget} items)": LiveSimulatorReplacement(
                 tc, LexicalSimulator(), arm.texts, arm.calibrators, ctx.cache.token_strings, name="lexical_live"),
@@ -159,7 +159,7 @@ def run_experiment(cfg: RunConfig, runner: ShardRunner | None = None) -> Artifac
     check_before_loading(cfg)
     ctx, explain_windows = open_run(cfg, runner or InProcess())
     eval_windows = windows_for(cfg, ctx.model, "eval", cfg.eval_windows)
-    eval_cache = ctx.stages.timed("latent_cache_eval", LatentCache.build, ctx.model, ctx.transcoder, eval_windows,
+    eval_cache = ctx.stages.timed("latent_cache_eval", LatentCache.build, ctx.model, ctx.coder, eval_windows,
                                   ctx.out / "latents_eval", progress=False, runner=ctx.runner)
     eval_strings = window_strings(ctx.cache, eval_windows)
     arms = ctx.stages.timed("lexical", lexical_stage, ctx, eval_strings)
@@ -177,7 +177,7 @@ def run_experiment(cfg: RunConfig, runner: ShardRunner | None = None) -> Artifac
     trained_results, trained_info = trained_stage(ctx, headline, explain_windows.doc_ids, eval_windows, eval_cache,
                                                   eval_strings, [result_options(cfg), main_fp])
     generations = ctx.stages.timed("generate", generation_stage, ctx, headline, eval_windows, main_fp)
-    mass = output_mass(ctx.cache, ctx.transcoder)
+    mass = output_mass(ctx.cache, ctx.coder)
     return Artifacts(
         cfg=cfg, results=results, pool_results=pool_results, lexical=arms,
         info={**info, **{f"pool:{k}": v for k, v in pool_info.items()},
@@ -254,7 +254,7 @@ def trained_stage(ctx: Context, headline: LexicalArm, explain_doc_ids: list[str]
     windows = trained_windows(cfg, eval_windows)
     arm = stages.timed("simulate_trained", trained_arm, simulator, headline, ctx.cache, calib_ids,
                        {w: eval_strings[w] for w in range(len(windows))}, ctx.out / "simulations" / "trained")
-    build, plan = trained_conditions(cfg, TrainedMaterials(ctx.model, ctx.transcoder, ctx.cache, arm, headline),
+    build, plan = trained_conditions(cfg, TrainedMaterials(ctx.model, ctx.coder, ctx.cache, arm, headline),
                                      coder_site(cfg))
     fingerprint = json.dumps(base_fp + [simulator.identity, calib_ids, len(windows)], default=str)
     results = evaluate_cached(ctx.model, windows, build, ctx.out / "eval_trained.json", "all", cfg, fingerprint, stages,

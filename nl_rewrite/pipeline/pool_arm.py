@@ -142,7 +142,7 @@ class PoolArm:
 
 def llm_stage(ctx: Context, backend, eval_strings: dict[int, list[str]]) -> PoolArm:
     cfg, cache, stages = ctx.cfg, ctx.cache, ctx.stages
-    pool = choose_pool(cfg, cache, ctx.transcoder, min_count=max(2, cfg.sampling.n_heldout))
+    pool = choose_pool(cfg, cache, ctx.coder, min_count=max(2, cfg.sampling.n_heldout))
     explanations, scores = explain_and_score(cfg, backend, cache, pool, ctx.out, stages, ctx.runner)
     usable, _ = usable_pool(explanations)
     texts = {r.latent: r.text for r in explanations if r.latent in set(usable)}

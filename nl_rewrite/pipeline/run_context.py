@@ -80,11 +80,12 @@ def code_version() -> str:
 
 @dataclass
 class Context:
-    """What every stage reads: the config, the model, the transcoder, the explain-split cache, the output folder."""
+    """What every stage reads: the config, the model, the coder, the explain-split cache, the output folder."""
 
     cfg: RunConfig
     model: object
-    transcoder: SparseCoder
+    coder: SparseCoder
+    """The run's transcoder, or SAE under ``--coder sae``."""
     cache: LatentCache
     out: Path
     stages: Stage
@@ -108,7 +109,7 @@ class RunMaterials:
 
     @property
     def coder(self) -> SparseCoder:
-        return self.ctx.transcoder
+        return self.ctx.coder
 
 
 def reference_planned(cfg: RunConfig, site: str) -> list[Planned]:
