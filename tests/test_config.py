@@ -159,9 +159,11 @@ def no_model(monkeypatch):
 
     import nl_rewrite.model.loading
     import nl_rewrite.pipeline.experiment
+    import nl_rewrite.pipeline.run_context
 
     monkeypatch.setattr(nl_rewrite.model.loading, "load_model", refuse)
     monkeypatch.setattr(nl_rewrite.pipeline.experiment, "load_model", refuse)
+    monkeypatch.setattr(nl_rewrite.pipeline.run_context, "load_model", refuse)
 
 
 @pytest.mark.parametrize("argv", [

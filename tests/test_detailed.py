@@ -77,3 +77,18 @@ def test_pair_means_shrink_towards_the_token_mean_and_rare_pairs_are_no_candidat
     n = float(pairs.count[i])
     assert float(pairs.mean[i]) == pytest.approx((5.0 * n + detailed.PAIR_PRIOR * m_token) / (n + detailed.PAIR_PRIOR),
                                                  rel=1e-5)
+
+
+def test_a_budget_below_the_empty_sentence_is_refused_with_the_minimum():
+    cache = synthetic()
+    with pytest.raises(ValueError, match="at least 29"):
+        detailed.detailed_explanations(cache, range(len(cache)), 10, torch.ones(3))
+
+
+def test_the_exception_join_gives_the_same_keys_in_small_chunks(monkeypatch):
+    cache = synthetic()
+    whole = detailed.candidates(cache, range(len(cache)))
+    monkeypatch.setattr(detailed, "JOIN_CHUNK", 3)
+    chunked = detailed.candidates(cache, range(len(cache)))
+    assert torch.equal(whole.latent, chunked.latent) and torch.equal(whole.before, chunked.before)
+    assert torch.equal(whole.mean, chunked.mean)

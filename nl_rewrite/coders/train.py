@@ -49,9 +49,9 @@ from nl_rewrite.coders.sparse_coder import KINDS, CoderConfig, Kind, SparseCoder
 log = logging.getLogger(__name__)
 
 DEFAULT_LAYER = 10
-"""SmolLM2's MLP chosen by ``nl-rewrite layers`` on the explain split (docs/results.md): nearest the middle among
+"""SmolLM2's MLP chosen by ``nl-rewrite layers`` on the explain split (docs/history.md): nearest the middle among
 layers whose zero ablation costs 0.15-1 nats (+0.36 [0.30, 0.43] on explain, +0.30 [0.23, 0.38] on eval)."""
-DEFAULT_TOKENS = 400_000  # see benchmarks/train_throughput.py and docs/results.md for the measured minutes
+DEFAULT_TOKENS = 400_000  # see benchmarks/train_throughput.py and docs/history.md for the measured minutes
 DEFAULT_BUFFER_PASSES = 2
 """The default transcoder takes two optimiser passes over each activation buffer: the model forward dominates
 training on CPU, so a second pass costs ~15% more time and lowers FVU."""

@@ -13,8 +13,8 @@ the squared norm of its latent's decoder row, so an error is counted by what it 
 All candidates of all latents are ranked by that weighted gain per character, and taken in order until the mean
 explanation length reaches the budget: latents that carry more output get longer explanations. Once chosen, a plain
 item states its token's mean over the positions none of its latent's chosen pairs cover (a pair overrides it there),
-so a latent that fires on x only after y says just that pair. An exception whose plain item was not kept says
-nothing and is dropped.
+so a latent that fires on x only after y says just that pair. An exception that would override no kept item (no plain
+item of x, no previous-token item of y) says nothing and is dropped.
 """
 
 from __future__ import annotations
@@ -36,6 +36,12 @@ PLAIN_PER_LATENT = 64
 """Plain and previous-token candidates kept per latent."""
 EXCEPTION_TOKENS = 16
 """Exceptions are looked for after each latent's this many strongest plain tokens."""
+JOIN_CHUNK = 4_000_000
+"""Rows of the (plain token × its frequent predecessors) join held at once while looking for exceptions."""
+MAX_FITS = 8
+"""Rounds of :func:`detailed_explanations` trimming the estimate towards the budget."""
+SENTENCE_CHARS = 14
+"""Estimated characters of sentence words per latent with items ("Fires on", "On", full stops)."""
 
 PLAIN, AFTER, PAIR = 0, 1, 2
 """Item kinds: fires on the token; fires on the token after it; fires on the token right after ``before``."""
@@ -121,9 +127,16 @@ def _exception_keys(plain: Items, bigrams: Tensor, counts: Tensor, vocab: int, m
     second_sorted = second[order]
     lo = torch.searchsorted(second_sorted, strongest.token)
     span = torch.searchsorted(second_sorted, strongest.token, right=True) - lo
-    item_of = torch.repeat_interleave(torch.arange(len(span)), span)
-    offsets = torch.arange(int(span.sum())) - torch.repeat_interleave(torch.cumsum(span, 0) - span, span)
-    return strongest.latent[item_of] * vocab * vocab + frequent[order[lo[item_of] + offsets]]
+    ends = torch.cumsum(span, 0)
+    parts, start = [], 0
+    while start < len(span):  # frequent tokens have thousands of predecessors: join in bounded chunks
+        stop = max(start + 1, int(torch.searchsorted(ends, int(ends[start] - span[start]) + JOIN_CHUNK)))
+        sp = span[start:stop]
+        item_of = torch.repeat_interleave(torch.arange(start, stop), sp)
+        offsets = torch.arange(int(sp.sum())) - torch.repeat_interleave(torch.cumsum(sp, 0) - sp, sp)
+        parts.append(strongest.latent[item_of] * vocab * vocab + frequent[order[lo[item_of] + offsets]])
+        start = stop
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
 
 def _first_per_latent(items: Items, limit: int) -> Items:
@@ -146,9 +159,9 @@ def candidates(cache: TokenActivations, window_ids: Sequence[int]) -> Items:
 def item_chars(items: Items, strings: Sequence[str]) -> Tensor:
     """Characters each item adds to its sentence (quoted tokens, strength, separator)."""
     quoted = torch.tensor([len(s.encode("unicode_escape")) + 2 for s in strings], dtype=torch.float32)
-    chars = quoted[items.token] + 6  # ' (9), '
-    pair = items.before >= 0
-    chars[pair] += quoted[items.before[pair]] + 7  # ' after '
+    chars = quoted[items.token] + len(" (9), ")
+    pair = items.kind == PAIR
+    chars[pair] += quoted[items.before[pair]] + len(" after ")
     return chars
 
 
@@ -157,6 +170,10 @@ def detailed_explanations(cache: TokenActivations, window_ids: Sequence[int], me
     """latent → explanation, for every latent, with the mean length at most ``mean_chars`` characters.
 
     ``weights``: each latent's squared decoder-row norm (what an activation error costs at the output)."""
+    shortest = len(write_explanation([]))
+    if mean_chars < shortest:
+        raise ValueError(f"mean_chars {mean_chars} is below {shortest}, the length of an explanation with no items "
+                         f"({write_explanation([])!r}): give at least {shortest}")
     items = items if items is not None else candidates(cache, window_ids)
     strings = cache.token_strings(list(range(int(cache.tokens.max()) + 1)))
     chars = item_chars(items, strings)
@@ -172,12 +189,6 @@ def detailed_explanations(cache: TokenActivations, window_ids: Sequence[int], me
     raise RuntimeError(f"explanations still {total} characters over a {budget:.0f}-character budget")
 
 
-MAX_FITS = 8
-"""Rounds of :func:`detailed_explanations` trimming the estimate towards the budget."""
-SENTENCE_CHARS = 14
-"""Estimated characters of sentence words per latent with items ("Fires on", "On", full stops)."""
-
-
 def _prefix_within(ranked: Items, chars: Tensor, budget: float, n_latents: int) -> int:
     """How many of the ranked items fit ``budget`` characters, by estimate: items' characters, sentence words of
     each latent that has items, and the no-item sentence of each latent that has none."""
@@ -187,8 +198,10 @@ def _prefix_within(ranked: Items, chars: Tensor, budget: float, n_latents: int) 
     earliest.scatter_reduce_(0, index, torch.arange(len(ranked)), reduce="amin")
     first = torch.arange(len(ranked)) == earliest[index]
     empty = len(write_explanation([]))
+    # not monotone: a latent's first item replaces the longer no-item sentence
     total = n_latents * empty + torch.cumsum(chars + first * (SENTENCE_CHARS - empty), 0)
-    return int(torch.searchsorted(total, torch.tensor([budget], dtype=total.dtype), right=True))
+    fits = torch.nonzero(total <= budget).flatten()
+    return int(fits.max()) + 1 if len(fits) else 0
 
 
 def _write_all(ranked: Items, n: int, strings: Sequence[str], n_latents: int) -> dict[int, str]:
@@ -205,7 +218,8 @@ def _write_all(ranked: Items, n: int, strings: Sequence[str], n_latents: int) ->
 def _latent_items(items: Items, strings: Sequence[str]) -> list[LexicalItem]:
     """One latent's chosen items as text items, strengths 0-9 relative to its strongest. A plain item states its
     token's mean over the positions no chosen pair covers (a pair overrides it there); an exception (a pair of
-    strength 0) is kept only beside a plain item of its token, the only case where it changes a prediction."""
+    strength 0) is kept only where it changes a prediction: beside a plain item of its token, or a previous-token
+    item of its token before."""
     pair = items.kind == PAIR
     mean = items.mean.clone()
     for i in torch.nonzero(items.kind == PLAIN).flatten().tolist():
@@ -214,11 +228,13 @@ def _latent_items(items: Items, strings: Sequence[str]) -> list[LexicalItem]:
         mean[i] = float(items.total[i] - items.total[covered].sum()) / rest if rest > 0 else 0.0
     scale = float(mean.max())
     strength = (9 * mean / scale).round().long().tolist() if scale > 0 else [0] * len(items)
-    plain = {int(items.token[i]) for i in range(len(items)) if items.kind[i] == PLAIN and strength[i] >= 1}
+    kept = [(int(items.token[i]), int(items.kind[i])) for i in range(len(items)) if strength[i] >= 1]
+    plain = {t for t, k in kept if k == PLAIN}
+    after = {t for t, k in kept if k == AFTER}
     out = []
     for t, b, k, st in zip(items.token.tolist(), items.before.tolist(), items.kind.tolist(), strength):
         if k == PAIR:
-            if st > 0 or t in plain:
+            if st > 0 or t in plain or b in after:
                 out.append(LexicalItem(strings[t], st, before=strings[b]))
         elif st >= 1:
             out.append(LexicalItem(strings[t], st, previous=k == AFTER))

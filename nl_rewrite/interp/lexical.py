@@ -18,8 +18,8 @@ The reader (:class:`LexicalSimulator`) parses only the text, never the cache, an
 of its pair item where the token before matches one, else the strength of the current token's item plus that of
 the previous token's item; calibrators map that score to an activation, exactly as for the LLM simulator. It has the LLM simulator's interface (``identity``, ``stats``,
 ``simulate_many``) so it can fill a :class:`SimulationStore`, and ``simulate_windows`` reads every latent on a set
-of windows by table lookups: every latent of a coder in seconds, so the pipeline recomputes it instead of storing it. A
-text it cannot parse is a counted, logged fallback (score 0 for that latent), never a crash.
+of windows by table lookups: every latent of a coder in seconds, so the pipeline recomputes it instead of storing
+it. A text it cannot parse is a counted, logged fallback (score 0 for that latent), never a crash.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ DEFAULT_BUDGET = 12
 WEAK_BELOW = 3
 """Items with strength below this are listed after "weakly on"."""
 _STRING = r'"(?:[^"\\]|\\.)*"'
-_ITEM = re.compile(rf'({_STRING})\s+after\s+({_STRING})(?:\s*\((\d+)\))?|({_STRING})\s*\((\d+)\)|\b(After)\b'
+_ITEM = re.compile(rf'({_STRING})\s+after\s+({_STRING})(?:\s*\((\d+)\))?|({_STRING})\s*\((\d+)\)|\b([Aa]fter)\b'
                    r'|\b(Fires|On|Not on)\b')
 """A pair item (``"x" after "y" (s)``, or without a strength: an exception), a plain item (``"x" (s)``), or a
 section word: plain items after ``After`` fire on the next token; ``Fires``, ``On`` and ``Not on`` switch back."""

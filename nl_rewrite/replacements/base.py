@@ -51,7 +51,7 @@ class Replacement(nn.Module):
         """A one-off replacement from a function of the read site's activation, as a hook function is in
         TransformerLens: ``Replacement.from_fn("mlp_out.6", lambda x: 0.5 * x, "half_mlp")``. It writes ``site``
         and reads ``read_site`` (default: ``site``). Subclass instead when the values depend on the window
-        (``forward`` gets a :class:`BatchInfo`), or to run under Ray (a lambda does not pickle)."""
+        (``forward`` gets a :class:`BatchInfo`)."""
         return FunctionReplacement(fn, site, read_site, name)
 
     @contextmanager

@@ -90,8 +90,8 @@ def mean_pearson(pred: Float[Tensor, "n m"], true: Float[Tensor, "n m"], min_fir
 
 
 class PearsonTarget:
-    """The true side of :func:`mean_pearson`, centred once, for scoring many predictions against one truth (the
-    noise bisection scores 18 per target)."""
+    """The true side of :func:`mean_pearson`, its columns (latents firing often enough) chosen once, for scoring many
+    predictions against one truth (the noise bisection scores 18 per target)."""
 
     def __init__(self, true: Float[Tensor, "n m"], min_fires: int = MIN_FIRES) -> None:
         self.keep = (true > 0).sum(0) >= min_fires
