@@ -191,7 +191,7 @@ def main() -> None:
         entry["kl_alone"] = [delta, lo, hi]
     plot(out / "length_curve.png", arms, ceilings)
     result = {"layer": cfg.layer, "gap_ce": gap(res, "ce").as_list(), "gap_kl": gap(res, "kl").as_list(),
-              "n_tokens": n_eval * n_pos, "stat_windows": len(pool), "calib_windows": n_calib,
+              "n_tokens": res.summaries["transcoder"].n_tokens, "stat_windows": len(pool), "calib_windows": n_calib,
               "explain_seconds": round(explain_seconds, 1), "seconds": round(time.perf_counter() - start, 1),
               "arms": arms, "ceilings": ceilings, "swaps": swap_info,
               "needs_work": needs_work, "plot": str(out / "length_curve.png")}
