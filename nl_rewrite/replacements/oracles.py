@@ -22,7 +22,7 @@ from torch import Tensor
 from nl_rewrite.coders.sparse_coder import SparseCoder
 from nl_rewrite.replacements.base import BatchInfo
 from nl_rewrite.replacements.coders import CoderReplacement
-from nl_rewrite.correlation import column_pearson
+from nl_rewrite.correlation import ColumnPearson
 
 ORACLE_MODES = ("true", "binary", "noisy")
 
@@ -90,15 +90,15 @@ def mean_pearson(pred: Float[Tensor, "n m"], true: Float[Tensor, "n m"], min_fir
 
 
 class PearsonTarget:
-    """The true side of :func:`mean_pearson`, its columns (latents firing often enough) chosen once, for scoring many
-    predictions against one truth (the noise bisection scores 18 per target)."""
+    """The true side of :func:`mean_pearson`, its columns (latents firing often enough) chosen and centred once, for
+    scoring many predictions against one truth (the noise bisection scores 18 per target)."""
 
     def __init__(self, true: Float[Tensor, "n m"], min_fires: int = MIN_FIRES) -> None:
         self.keep = (true > 0).sum(0) >= min_fires
-        self.true = true[:, self.keep]
+        self.pearson = ColumnPearson(true[:, self.keep])
 
     def mean_r(self, pred: Float[Tensor, "n m"]) -> float:
-        r = column_pearson(pred[:, self.keep], self.true)
+        r = self.pearson(pred[:, self.keep])
         r = r[torch.isfinite(r)]
         return float(r.mean()) if r.numel() else math.nan
 
