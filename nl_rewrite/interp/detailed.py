@@ -26,7 +26,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from nl_rewrite.interp.lexical import Candidates, LexicalItem, TokenActivations, candidate_items, write_explanation
+from nl_rewrite.interp.lexical import (Candidates, LexicalItem, TokenActivations, candidate_items, top_per_latent,
+                                      write_explanation)
 
 PAIR_PRIOR = 2.0
 """Pseudo-counts of a pair's mean towards its token's mean."""
@@ -120,7 +121,8 @@ def pair_items(cache: TokenActivations, window_ids: Sequence[int], plain: Items,
 
 def _exception_keys(plain: Items, bigrams: Tensor, counts: Tensor, vocab: int, min_count: int) -> Tensor:
     """(latent, y, x) keys for every frequent pair (y, x) whose x is one of the latent's strongest plain tokens."""
-    strongest = _first_per_latent(plain.take(torch.nonzero(plain.kind == PLAIN).flatten()), EXCEPTION_TOKENS)
+    plain = plain.take(torch.nonzero(plain.kind == PLAIN).flatten())
+    strongest = plain.take(top_per_latent(plain.latent, plain.gain, EXCEPTION_TOKENS))
     frequent = bigrams[counts >= min_count]
     second = frequent % vocab
     order = torch.argsort(second)
@@ -137,15 +139,6 @@ def _exception_keys(plain: Items, bigrams: Tensor, counts: Tensor, vocab: int, m
         parts.append(strongest.latent[item_of] * vocab * vocab + frequent[order[lo[item_of] + offsets]])
         start = stop
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
-
-
-def _first_per_latent(items: Items, limit: int) -> Items:
-    """Each latent's ``limit`` items of largest gain."""
-    order = torch.argsort(items.gain, descending=True, stable=True)
-    order = order[torch.argsort(items.latent[order], stable=True)]
-    latent = items.latent[order]
-    rank = torch.arange(len(latent)) - torch.searchsorted(latent, latent)
-    return items.take(order[rank < limit])
 
 
 def candidates(cache: TokenActivations, window_ids: Sequence[int]) -> Items:

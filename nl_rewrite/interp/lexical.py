@@ -354,12 +354,17 @@ def _add_joined(out: Tensor, pkeys: Tensor, start: int, stop: int, span: Tensor,
     out.index_add_(0, pos[found], (counts[bigram_of].double() * c_mean[item_of])[found])
 
 
+def top_per_latent(latent: Int[Tensor, " c"], gain: Float[Tensor, " c"], limit: int) -> Int[Tensor, " k"]:
+    """Indices of each latent's ``limit`` rows of largest gain, sorted by latent, then by gain (descending)."""
+    order = torch.argsort(gain, descending=True, stable=True)
+    order = order[torch.argsort(latent[order], stable=True)]
+    grouped = latent[order]
+    rank = torch.arange(len(grouped)) - torch.searchsorted(grouped, grouped)
+    return order[rank < limit]
+
+
 def _top_per_latent(c: Candidates, limit: int) -> Candidates:
-    order = torch.argsort(c.gain, descending=True, stable=True)
-    order = order[torch.argsort(c.latent[order], stable=True)]
-    latent = c.latent[order]
-    starts = torch.searchsorted(latent, latent, right=False)
-    keep = order[(torch.arange(len(latent)) - starts) < limit]
+    keep = top_per_latent(c.latent, c.gain, limit)
     return Candidates(c.latent[keep], c.token[keep], c.previous[keep], c.mean[keep], c.gain[keep])
 
 
