@@ -88,7 +88,9 @@ def test_a_budget_below_the_empty_sentence_is_refused_with_the_minimum():
 def test_the_exception_join_gives_the_same_keys_in_small_chunks(monkeypatch):
     cache = synthetic()
     whole = detailed.candidates(cache, range(len(cache)))
-    monkeypatch.setattr(detailed, "JOIN_CHUNK", 3)
+    import nl_rewrite.interp.lexical as lexical
+
+    monkeypatch.setattr(lexical, "JOIN_CHUNK", 3)
     chunked = detailed.candidates(cache, range(len(cache)))
     assert torch.equal(whole.latent, chunked.latent) and torch.equal(whole.before, chunked.before)
     assert torch.equal(whole.mean, chunked.mean)

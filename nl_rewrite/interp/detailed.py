@@ -26,8 +26,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from nl_rewrite.interp.lexical import (Candidates, LexicalItem, TokenActivations, candidate_items, top_per_latent,
-                                      write_explanation)
+from nl_rewrite.interp.lexical import (Candidates, LexicalItem, TokenActivations, candidate_items, joined_on_second,
+                                      top_per_latent, write_explanation)
 
 PAIR_PRIOR = 2.0
 """Pseudo-counts of a pair's mean towards its token's mean."""
@@ -37,8 +37,6 @@ PLAIN_PER_LATENT = 64
 """Plain and previous-token candidates kept per latent."""
 EXCEPTION_TOKENS = 16
 """Exceptions are looked for after each latent's this many strongest plain tokens."""
-JOIN_CHUNK = 4_000_000
-"""Rows of the (plain token × its frequent predecessors) join held at once while looking for exceptions."""
 MAX_FITS = 8
 """Rounds of :func:`detailed_explanations` trimming the estimate towards the budget."""
 SENTENCE_CHARS = 14
@@ -124,20 +122,8 @@ def _exception_keys(plain: Items, bigrams: Tensor, counts: Tensor, vocab: int, m
     plain = plain.take(torch.nonzero(plain.kind == PLAIN).flatten())
     strongest = plain.take(top_per_latent(plain.latent, plain.gain, EXCEPTION_TOKENS))
     frequent = bigrams[counts >= min_count]
-    second = frequent % vocab
-    order = torch.argsort(second)
-    second_sorted = second[order]
-    lo = torch.searchsorted(second_sorted, strongest.token)
-    span = torch.searchsorted(second_sorted, strongest.token, right=True) - lo
-    ends = torch.cumsum(span, 0)
-    parts, start = [], 0
-    while start < len(span):  # frequent tokens have thousands of predecessors: join in bounded chunks
-        stop = max(start + 1, int(torch.searchsorted(ends, int(ends[start] - span[start]) + JOIN_CHUNK)))
-        sp = span[start:stop]
-        item_of = torch.repeat_interleave(torch.arange(start, stop), sp)
-        offsets = torch.arange(int(sp.sum())) - torch.repeat_interleave(torch.cumsum(sp, 0) - sp, sp)
-        parts.append(strongest.latent[item_of] * vocab * vocab + frequent[order[lo[item_of] + offsets]])
-        start = stop
+    parts = [strongest.latent[item_of] * vocab * vocab + frequent[bigram_of]
+             for item_of, bigram_of in joined_on_second(strongest.token, frequent, vocab)]
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
 

@@ -29,7 +29,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
 from jaxtyping import Float, Int
@@ -319,39 +319,40 @@ def _expected_by_previous(c_lat: Tensor, c_tok: Tensor, c_mean: Tensor, toks: Te
                           pkeys: Tensor) -> Tensor:
     """For each (latent, previous token) key: Σ over positions after that token of the current-token mean."""
     bigrams, counts = torch.unique(toks[:, :-1] * vocab + toks[:, 1:], return_counts=True)
-    first, second = bigrams // vocab, bigrams % vocab
+    first = bigrams // vocab
     # join current-token items (latent, t) with bigrams (u, t) on t: contributes count(u,t)·mean(latent,t) to (latent,u)
-    order = torch.argsort(second)
-    second_sorted = second[order]
-    lo = torch.searchsorted(second_sorted, c_tok, right=False)
-    hi = torch.searchsorted(second_sorted, c_tok, right=True)
-    span = hi - lo
     out = torch.zeros(len(pkeys), dtype=torch.float64)
-    # the join has Σ span rows (frequent tokens have thousands of predecessors): build it in bounded chunks
-    ends = torch.cumsum(span, 0)
-    start = 0
-    while start < len(span):
-        stop = max(start + 1, int(torch.searchsorted(ends, int(ends[start]) - int(span[start]) + JOIN_CHUNK)))
-        _add_joined(out, pkeys, start, stop, span, lo, order, first, counts, c_lat, c_mean, vocab)
-        start = stop
+    for item_of, bigram_of in joined_on_second(c_tok, bigrams, vocab):
+        keys = c_lat[item_of] * vocab + first[bigram_of]
+        pos = torch.searchsorted(pkeys, keys).clamp_max(max(len(pkeys) - 1, 0))
+        found = pkeys[pos] == keys if len(pkeys) else torch.zeros_like(keys, dtype=torch.bool)
+        out.index_add_(0, pos[found], (counts[bigram_of].double() * c_mean[item_of])[found])
     return out
 
 
 JOIN_CHUNK = 4_000_000
-"""Rows of the (item × predecessor) join held at once in :func:`_expected_by_previous`."""
+"""Rows of an (item × predecessor) join held at once in :func:`joined_on_second`."""
 
 
-def _add_joined(out: Tensor, pkeys: Tensor, start: int, stop: int, span: Tensor, lo: Tensor, order: Tensor,
-                first: Tensor, counts: Tensor, c_lat: Tensor, c_mean: Tensor, vocab: int) -> None:
-    items = torch.arange(start, stop)
-    sp = span[start:stop]
-    item_of = torch.repeat_interleave(items, sp)
-    offsets = torch.arange(int(sp.sum())) - torch.repeat_interleave(torch.cumsum(sp, 0) - sp, sp)
-    bigram_of = order[lo[item_of] + offsets]
-    keys = c_lat[item_of] * vocab + first[bigram_of]
-    pos = torch.searchsorted(pkeys, keys).clamp_max(max(len(pkeys) - 1, 0))
-    found = pkeys[pos] == keys if len(pkeys) else torch.zeros_like(keys, dtype=torch.bool)
-    out.index_add_(0, pos[found], (counts[bigram_of].double() * c_mean[item_of])[found])
+def joined_on_second(tokens: Int[Tensor, " i"], bigrams: Int[Tensor, " b"], vocab: int
+                     ) -> Iterator[tuple[Int[Tensor, " r"], Int[Tensor, " r"]]]:
+    """The join of items (their ``tokens``) with the bigrams ``u·vocab + t`` whose second token is theirs, as
+    (item index, bigram index) rows. Frequent tokens have thousands of predecessors, so the rows come in chunks of
+    about ``JOIN_CHUNK``."""
+    second = bigrams % vocab
+    order = torch.argsort(second)
+    second_sorted = second[order]
+    lo = torch.searchsorted(second_sorted, tokens, right=False)
+    span = torch.searchsorted(second_sorted, tokens, right=True) - lo
+    ends = torch.cumsum(span, 0)
+    start = 0
+    while start < len(span):
+        stop = max(start + 1, int(torch.searchsorted(ends, int(ends[start]) - int(span[start]) + JOIN_CHUNK)))
+        sp = span[start:stop]
+        item_of = torch.repeat_interleave(torch.arange(start, stop), sp)
+        offsets = torch.arange(int(sp.sum())) - torch.repeat_interleave(torch.cumsum(sp, 0) - sp, sp)
+        yield item_of, order[lo[item_of] + offsets]
+        start = stop
 
 
 def top_per_latent(latent: Int[Tensor, " c"], gain: Float[Tensor, " c"], limit: int) -> Int[Tensor, " k"]:
