@@ -75,3 +75,23 @@ def test_damaged_tokenised_windows_are_recomputed(tiny, tmp_path, monkeypatch, c
     again = token_windows(tiny, "train", corpus=str(corpus), window=8)
     assert torch.equal(first.tokens, again.tokens) and f"{path} cannot be read" in caplog.text
     assert torch.equal(token_windows(tiny, "train", corpus=str(corpus), window=8).tokens, first.tokens)
+
+
+def test_one_tokenizer_from_two_folders_shares_its_cached_windows(tiny, tmp_path, monkeypatch):
+    """The windows are keyed by what the tokenizer is, not where it was loaded from (each test's cache links the
+    same converted model under another path; keyed by the path, every test tokenised the train split again)."""
+    from transformers import AutoTokenizer
+
+    monkeypatch.setenv("NL_REWRITE_CACHE", str(tmp_path / "cache"))
+    corpus = _write_docs(tmp_path / "txt", ["abcdefgh " * 40] * 4)
+    loaded = []
+    for folder in ("a", "b"):
+        tiny.tokenizer.save_pretrained(tmp_path / folder)
+        loaded.append(AutoTokenizer.from_pretrained(tmp_path / folder))
+        token_windows(loaded[-1], "train", corpus=str(corpus), window=8)
+    assert loaded[0].name_or_path != loaded[1].name_or_path
+    assert len(list((tmp_path / "cache" / "windows").glob("train-*.pt"))) == 1
+    other = AutoTokenizer.from_pretrained(tmp_path / "a")
+    other.add_tokens(["zzz"])  # another vocabulary: other windows
+    token_windows(other, "train", corpus=str(corpus), window=8)
+    assert len(list((tmp_path / "cache" / "windows").glob("train-*.pt"))) == 2

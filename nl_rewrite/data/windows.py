@@ -178,9 +178,16 @@ def _saved_windows(path: Path, split: str) -> TokenWindows:
     return TokenWindows(saved["tokens"], list(saved["doc_ids"]), split)
 
 
+def tokenizer_digest(tokenizer) -> str:
+    """The tokenizer's content (vocabulary, merges, normaliser), not the folder it was loaded from: the same
+    tokenizer reached through another cache folder or link shares the windows cached for it."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return digest(backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items())))
+
+
 def _cached_windows(tokenizer, docs: list[Document], split: str, window: int, bos: int | None) -> TokenWindows:
     """Tokenising the train split takes a while; keep the result keyed by tokenizer, documents and window."""
-    key = digest(json.dumps([getattr(tokenizer, "name_or_path", ""), len(tokenizer), window, bos,
+    key = digest(json.dumps([tokenizer_digest(tokenizer), len(tokenizer), window, bos,
                              [d.doc_id for d in docs], sum(len(d.text) for d in docs)]))
     path = cache_dir() / "windows" / f"{split}-{key}.pt"
     saved = io.read_cached(path, lambda p: _saved_windows(p, split), "tokenised windows")
