@@ -33,7 +33,9 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 from helpers import (REAL_MODEL_FIXTURES, acceptance_error, empty_cache,  # noqa: E402  (after the hook)
-                     record_real_model_loads)
+                     record_real_model_loads, reuse_freed_memory)
+
+reuse_freed_memory()
 
 REAL_MODEL_LOADS = record_real_model_loads()
 """Embedded (real) models loaded in this process since the current test started: setup, fixtures and call."""

@@ -69,6 +69,33 @@ def acceptance_error(nodeid: str, loads: list[str], marked: bool) -> str | None:
             f"@pytest.mark.acceptance if the real model is the point (docs/architecture.md)")
 
 
+# ---- the test session's allocator ------------------------------------------------------------------------------
+
+MALLOC_SETTINGS = {"MMAP_THRESHOLD": 32 << 20, "TRIM_THRESHOLD": 1 << 30, "TOP_PAD": 256 << 20}
+"""glibc malloc settings for the test session: freed buffers up to 32 MB stay in the heap instead of going back to
+the kernel, so the next batch's logits reuse pages instead of faulting fresh zeroed ones in. Measured on the
+plumbing run (``TINY_RUN``, one process): 37 s → 30 s wall, 11 s → 6 s system time. The names are glibc's
+(``MALLOC_<NAME>_`` in the environment, ``M_<NAME>`` for ``mallopt``)."""
+MALLOPT_PARAMETER = {"TRIM_THRESHOLD": -1, "TOP_PAD": -2, "MMAP_THRESHOLD": -3}
+"""glibc's ``M_*`` numbers (malloc.h)."""
+
+
+def reuse_freed_memory() -> None:
+    """Apply :data:`MALLOC_SETTINGS` to this process (``mallopt``) and to the processes it starts (the environment:
+    the kill -9 runs, Ray workers, servers). A no-op where the C library is not glibc."""
+    import ctypes
+    import os
+
+    for name, value in MALLOC_SETTINGS.items():
+        os.environ.setdefault(f"MALLOC_{name}_", str(value))
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    for name, value in MALLOC_SETTINGS.items():
+        mallopt(MALLOPT_PARAMETER[name], value)
+
+
 # ---- the whole pipeline on a tiny random model, for plumbing tests ---------------------------------------------
 
 TINY_RUN = ("--preset", "smoke", "--model", "tiny-smollm2", "--llm", "embedded:tiny-smollm2", "--layer", "1",
