@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from nl_rewrite.placement import Placement
 from nl_rewrite.cli.plan import add_planned_command, cache_plan, planned
 from nl_rewrite.cli.ray_option import runner_from
 from nl_rewrite.data.windows import Split
@@ -18,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class CacheConfig:
+class CacheConfig(Placement):
     """Which coder, model and split to encode, and where the cache goes."""
 
     coder: str = ""
@@ -43,6 +44,7 @@ class CacheConfig:
     """cache folder; empty = <user cache>/latents/<coder id>-<split>-w<window>"""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.window < 2 or self.shard_windows < 1 or self.batch_size < 1 or self.max_windows < 0:
             raise ValueError("window must be >= 2; shard_windows, batch_size >= 1; max_windows >= 0")
 
@@ -71,7 +73,8 @@ def build(cfg: CacheConfig, runner: "ShardRunner | None" = None):
 
     coder = coder_from_arg(cfg.coder, cfg.model)
     name = cfg.model or coder.cfg.model
-    model = load_model(name)
+    model = load_model(name, cfg.placement)
+    coder.to(cfg.torch_device)  # the coder reads the model's activations where they are computed
     windows = token_windows(model, cfg.split, corpus=cfg.corpus, window=cfg.window,
                             max_windows=cfg.max_windows or None, prepend_bos=prepend_bos_for(name))
     folder = Path(cfg.out) if cfg.out else default_cache_folder(coder, cfg.split, cfg.window)

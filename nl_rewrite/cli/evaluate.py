@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from nl_rewrite.placement import Placement
 from nl_rewrite.cli.plan import add_planned_command, evaluate_plan, planned
 from nl_rewrite.cli.ray_option import runner_from
 from nl_rewrite import io
@@ -24,7 +25,7 @@ from nl_rewrite.replacements.plugin import is_plugin_spec, parse_spec
 
 
 @dataclass(frozen=True)
-class EvaluateConfig:
+class EvaluateConfig(Placement):
     """The model, the layer whose MLP output is replaced, the replacements, and the windows they are measured on."""
 
     model: str = DEFAULT_MODEL
@@ -55,6 +56,7 @@ class EvaluateConfig:
     """output directory for results.json"""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.replacement:
             raise ValueError("give at least one --replacement")
         bad = [r for r in self.replacement if r not in CONDITIONS and not r.startswith("coder:")
@@ -87,7 +89,7 @@ def evaluate(cfg: EvaluateConfig, runner: "ShardRunner | None" = None) -> dict:
     suite = cfg.chosen_suite()
     out = Path(cfg.out)
     (out / "results.json").unlink(missing_ok=True)  # written last: a folder holding it is a finished evaluation
-    model = load_model(cfg.model)
+    model = load_model(cfg.model, cfg.placement)
     coder = default_coder_loader(model, cfg.layer)
     reps = [build_condition(name, model, cfg.layer, coder, suite.seed) for name in cfg.replacement]
     results = run_suite(model, cfg.model, suite, reps, prepend_bos=prepend_bos_for(cfg.model),

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from nl_rewrite.placement import Placement
 from nl_rewrite.cli.plan import add_planned_command, explain_plan, planned
 from nl_rewrite.cli.ray_option import runner_from
 from nl_rewrite.interp.explain import ExplainConfig
@@ -21,8 +22,8 @@ DEFAULT_BACKEND = "embedded:smollm2-135m"
 
 
 @dataclass(frozen=True)
-class LLMOptions:
-    """The LLM backend and its on-disk call cache."""
+class LLMOptions(Placement):
+    """The LLM backend, its on-disk call cache, and where an embedded model runs (--device, --dtype)."""
 
     backend: str = DEFAULT_BACKEND
     """LLM backend: embedded[:<model>], openai[:<model>[@<base_url>]] or sglang:<model>@<server root>"""
@@ -62,7 +63,7 @@ def make_llm(opts: LLMOptions):
     from nl_rewrite.llm.factory import make_backend
 
     path = None if opts.llm_cache == "none" else Path(opts.llm_cache or cache_dir() / "llm_calls.sqlite")
-    return make_backend(opts.backend, path)
+    return make_backend(opts.backend, path, opts.placement)
 
 
 def run(args: argparse.Namespace) -> int:

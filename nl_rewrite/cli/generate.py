@@ -32,7 +32,7 @@ def continuations(cfg: RunConfig, prompts: list[str], new_tokens: int) -> list[d
     folder = Path(cfg.out) / "latents"
     if not (folder / "stats.safetensors").is_file():
         raise NLRewriteError(f"no latent cache in {folder}: run `nl-rewrite run --out {cfg.out}` (same options) first")
-    model = load_model(cfg.model)
+    model = load_model(cfg.model, cfg.placement)
     ctx = Context(cfg, model, load_run_coder(cfg, model), LatentCache.open(folder), Path(cfg.out), Stage(),
                   InProcess())
     arm = lexical_budget_arm(ctx, cfg.lexical_budget, heldout_windows(cfg, len(ctx.cache)))

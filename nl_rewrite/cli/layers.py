@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from nl_rewrite.placement import Placement
 from nl_rewrite.cli.parsing import add_command
 from nl_rewrite import io
 from nl_rewrite.data.windows import Split
@@ -15,7 +16,7 @@ from nl_rewrite.model.loading import DEFAULT_MODEL
 
 
 @dataclass(frozen=True)
-class LayersConfig:
+class LayersConfig(Placement):
     """The model and the windows each layer's ablation is measured on."""
 
     model: str = DEFAULT_MODEL
@@ -36,6 +37,7 @@ class LayersConfig:
     """output directory"""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if min(self.windows, self.window, self.mean_windows, self.batch_size) < 1:
             raise ValueError("windows, window, mean_windows and batch_size must be positive")
 
@@ -46,7 +48,7 @@ def measure(cfg: LayersConfig) -> dict:
     from nl_rewrite.model.loading import check_model_name, load_model, prepend_bos_for
 
     check_model_name(cfg.model)
-    model = load_model(cfg.model)
+    model = load_model(cfg.model, cfg.placement)
     bos = prepend_bos_for(cfg.model)
     eval_windows = token_windows(model, cfg.split, window=cfg.window, max_windows=cfg.windows, seed=cfg.seed,
                                  prepend_bos=bos)

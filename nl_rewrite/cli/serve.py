@@ -7,6 +7,7 @@ import argparse
 import logging
 from dataclasses import dataclass
 
+from nl_rewrite.placement import Placement
 from nl_rewrite.cli.parsing import add_command
 from nl_rewrite.model.loading import DEFAULT_MODEL
 
@@ -14,8 +15,8 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class ServeConfig:
-    """The model served and the address it listens on."""
+class ServeConfig(Placement):
+    """The model served, where it runs (--device, --dtype) and the address it listens on."""
 
     model: str = DEFAULT_MODEL
     """embedded model name, HF folder or .gguf path"""
@@ -25,6 +26,7 @@ class ServeConfig:
     """TCP port (0 picks a free one)"""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
 
@@ -36,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg: ServeConfig = args.cfg
     check_model_name(cfg.model)
-    server = make_server(EmbeddedBackend(cfg.model), cfg.host, cfg.port)
+    server = make_server(EmbeddedBackend(cfg.model, placement=cfg.placement), cfg.host, cfg.port)
     host, port = server.server_address[:2]
     print(f"serving {cfg.model} at http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
     try:

@@ -16,17 +16,18 @@ import json
 
 from nl_rewrite.cli.parsing import add_command
 from nl_rewrite.coders.train import DONE_FILE, TrainConfig, train
+from nl_rewrite.placement import Placement
 
 
 def add_parser(subparsers) -> None:
-    parser = add_command(subparsers, "train", "train a sparse coder (transcoder or SAE) on CPU", run,
-                         {"cfg": TrainConfig}, description=__doc__)
+    parser = add_command(subparsers, "train", "train a sparse coder (transcoder or SAE)", run,
+                         {"cfg": TrainConfig, "placement": Placement}, description=__doc__)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
     cfg: TrainConfig = args.cfg
-    train(cfg, progress=not args.no_progress)
+    train(cfg, progress=not args.no_progress, placement=args.placement)
     folder = cfg.output_folder()
     summary = json.loads((folder / DONE_FILE).read_text())
     print(json.dumps({"folder": str(folder), "steps": summary["steps"], "tokens": summary["tokens"],

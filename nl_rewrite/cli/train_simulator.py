@@ -25,13 +25,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--llm-explanations", default="", metavar="FILE.jsonl",
                         help="LLM explanations (nl-rewrite explain, or a run's explanations.jsonl) added as training "
                              "items of kind 'llm' for the training latents they cover")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (training and simulation)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from nl_rewrite.errors import NLRewriteError
     from nl_rewrite.pipeline.experiment import check_before_loading
     from nl_rewrite.pipeline.run_context import explain_cache
     from nl_rewrite.pipeline.trained_arm import default_folder
@@ -39,11 +37,6 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = args.cfg.resolved()
     check_before_loading(cfg)
-    if args.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise NLRewriteError(f"--device {args.device}: this torch sees no CUDA device; use --device cpu")
     cache, doc_ids = explain_cache(cfg)
     llm = {}
     if args.llm_explanations:
@@ -52,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         llm = {r.latent: r.text for r in load_explanations(args.llm_explanations) if r.ok}
     folder = Path(args.save_to) if args.save_to else default_folder(cfg.trained, cache, doc_ids, llm)
     simulator = train_simulator(cfg.trained, cache, doc_ids, folder, llm_explanations=llm or None,
-                                device=args.device, progress=not args.no_progress)
+                                device=str(cfg.torch_device), progress=not args.no_progress)
     log_lines = (folder / LOG_FILE).read_text().strip().splitlines() if (folder / LOG_FILE).is_file() else []
     last = json.loads(log_lines[-1]) if log_lines else {}  # empty when Ctrl-C hit the last validation
     print(json.dumps({"folder": str(folder), "identity": simulator.identity, **last}))

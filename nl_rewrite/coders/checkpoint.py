@@ -27,6 +27,7 @@ from nl_rewrite import io
 from nl_rewrite.errors import CheckpointError, ShapeMismatchError, SiteError
 from nl_rewrite.model.sites import SITE_HOOKS, Site
 from nl_rewrite.coders.sparse_coder import CoderConfig, SparseCoder
+from nl_rewrite.placement import module_device
 
 CFG_FILE = "cfg.json"
 SPARSIFY_WEIGHTS = "sae.safetensors"
@@ -55,7 +56,8 @@ def save_coder(coder: SparseCoder, folder: "str | Path") -> Path:
     """Write ``folder/cfg.json`` + ``folder/sae.safetensors``. Weights first, so a complete cfg means complete weights."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    io.save_tensors(folder / SPARSIFY_WEIGHTS, dict(coder.state_dict()), metadata={"format": "pt"})
+    tensors = {name: t.detach().cpu() for name, t in coder.state_dict().items()}  # device-free on disk
+    io.save_tensors(folder / SPARSIFY_WEIGHTS, tensors, metadata={"format": "pt"})
     io.write_text(folder / CFG_FILE, json.dumps(sparsify_cfg(coder.cfg), indent=1))
     return folder
 
@@ -225,6 +227,7 @@ def load_coder(folder: "str | Path", model=None, dtype: torch.dtype = torch.floa
         raise CheckpointError(f"{folder} holds neither {SPARSIFY_WEIGHTS} (sparsify) nor {SAELENS_WEIGHTS} "
                               f"(SAELens); found {sorted(p.name for p in folder.iterdir())}")
     if model is not None:
+        coder.to(module_device(model))  # the coder follows the model it reads
         try:
             coder.check_fits(model)
         except ShapeMismatchError as exc:

@@ -128,6 +128,13 @@ def backend_for(device: str) -> str:
     return "nccl"
 
 
+def rank_device(device: torch.device) -> torch.device:
+    """Under torchrun, ``cuda`` means this rank's GPU (``cuda:LOCAL_RANK``); anything else is ``device`` itself."""
+    if device.type == "cuda" and under_torchrun():
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
 @contextmanager
 def ranks_from_env(device: str = "cpu") -> Iterator[Ranks]:
     """The ranks torchrun set up (joining, and at the end leaving, the process group), else :data:`SINGLE_PROCESS`.

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from nl_rewrite.errors import ShapeMismatchError
 from nl_rewrite.model.sites import Site, resolve, site_width
+from nl_rewrite.placement import module_device, same_device
 
 Kind = Literal["transcoder", "sae"]
 KINDS: tuple[str, ...] = get_args(Kind)
@@ -187,7 +188,10 @@ class SparseCoder(nn.Module):
         self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).eps))
 
     def check_fits(self, model) -> None:
-        """Raise ShapeMismatchError unless ``model``'s read/write sites have this coder's widths."""
+        """Raise ShapeMismatchError unless ``model``'s read/write sites have this coder's widths, and DeviceError
+        unless the two are on one device."""
+        same_device("the coder", module_device(self), f"the model {getattr(model, 'nl_rewrite_name', '')}".strip(),
+                    module_device(model))
         for site, width in ((self.cfg.read_site, self.cfg.d_in), (self.cfg.write_site, self.cfg.d_out)):
             resolve(model, site)
             have = site_width(model, site)

@@ -39,12 +39,13 @@ from tqdm.auto import tqdm
 
 from nl_rewrite import io
 from nl_rewrite.coders.checkpoint import is_checkpoint, load_coder, save_coder
-from nl_rewrite.coders.distributed import SINGLE_PROCESS, Ranks, check_divisible, ranks_from_env
+from nl_rewrite.coders.distributed import SINGLE_PROCESS, Ranks, check_divisible, rank_device, ranks_from_env
 from nl_rewrite.errors import CheckpointError
 from nl_rewrite.paths import cache_dir
 from nl_rewrite.model.loading import check_layer_before_loading
 from nl_rewrite.model.sites import Site, SiteKind, resolve, site_width
 from nl_rewrite.coders.sparse_coder import KINDS, CoderConfig, Kind, SparseCoder
+from nl_rewrite.placement import Placement, module_device
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,8 @@ def site_activations(model, tokens: Tensor, read_site: str, write_site: str, chu
     stop = max(Site.parse(read_site).layer, Site.parse(write_site).layer) + 1
     xs, ys = [], []
     for start in range(0, tokens.shape[0], chunk):
-        _, cache = model.run_with_cache(tokens[start:start + chunk], names_filter=lambda n: n in (read_hook, write_hook),
+        _, cache = model.run_with_cache(tokens[start:start + chunk].to(module_device(model)),
+                                        names_filter=lambda n: n in (read_hook, write_hook),
                                         stop_at_layer=stop)
         xs.append(cache[read_hook].reshape(-1, cache[read_hook].shape[-1]).float())
         ys.append(cache[write_hook].reshape(-1, cache[write_hook].shape[-1]).float())
@@ -253,7 +255,7 @@ class TrainState:
     @torch.no_grad()
     def exported(self) -> SparseCoder:
         """A copy of the coder that maps raw activations to raw activations (TopK is scale-invariant)."""
-        out = SparseCoder(self.coder.cfg)
+        out = SparseCoder(self.coder.cfg).to(module_device(self.coder))
         out.load_state_dict(self.coder.state_dict())
         ratio = self.y_scale / self.x_scale
         out.encoder.weight.mul_(ratio)  # latent values absorb y_scale; decoder rows stay unit-norm
@@ -264,13 +266,14 @@ class TrainState:
         return out
 
 
-def new_state(cfg: TrainConfig, d_in: int, d_out: int, model_name: str) -> TrainState:
+def new_state(cfg: TrainConfig, d_in: int, d_out: int, model_name: str, device: torch.device) -> TrainState:
+    """A fresh coder on ``device`` (the model's: it trains on the activations where they are computed)."""
     read_site, write_site = cfg.sites
     coder_cfg = CoderConfig(d_in=d_in, d_out=d_out, n_latents=cfg.width, k=cfg.k, skip=cfg.use_skip, kind=cfg.kind,
                             read_site=read_site, write_site=write_site, model=model_name)
-    coder = SparseCoder(coder_cfg, seed=cfg.seed)
+    coder = SparseCoder(coder_cfg, seed=cfg.seed).to(device)  # initialised on the CPU: the same weights anywhere
     optimizer = torch.optim.Adam(coder.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
-    return TrainState(coder, optimizer, since_fired=torch.zeros(cfg.width, dtype=torch.long))
+    return TrainState(coder, optimizer, since_fired=torch.zeros(cfg.width, dtype=torch.long, device=device))
 
 
 def save_state(folder: Path, cfg: TrainConfig, state: TrainState) -> None:
@@ -283,8 +286,8 @@ def load_state(folder: Path, cfg: TrainConfig, fresh: TrainState, saved: dict) -
     _check_same_settings(folder, cfg, saved["cfg"], "a run")
     fresh.coder.load_state_dict(saved["coder"])
     fresh.optimizer.load_state_dict(saved["optimizer"])
-    return TrainState(fresh.coder, fresh.optimizer, saved["step"], saved["since_fired"], saved["seconds"],
-                      saved["x_scale"], saved["y_scale"])
+    return TrainState(fresh.coder, fresh.optimizer, saved["step"], saved["since_fired"].to(fresh.since_fired.device),
+                      saved["seconds"], saved["x_scale"], saved["y_scale"])
 
 
 # ---- one optimiser step ------------------------------------------------------------------------------------
@@ -416,7 +419,7 @@ def _start_state(model, cfg: TrainConfig, folder: Path) -> TrainState:
     d_in, d_out = site_width(model, read_site), site_width(model, write_site)
     from nl_rewrite.model.loading import model_name
 
-    fresh = new_state(cfg, d_in, d_out, model_name(model))
+    fresh = new_state(cfg, d_in, d_out, model_name(model), module_device(model))
     saved = io.read_cached(folder / STATE_FILE, _read_state, "training state")
     if saved is None:
         return fresh
@@ -424,13 +427,13 @@ def _start_state(model, cfg: TrainConfig, folder: Path) -> TrainState:
         state = load_state(folder, cfg, fresh, saved)
     except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as exc:  # wrong shapes, a wrong layout
         log.warning("training state %s does not fit this coder (%s); training from step 0", folder / STATE_FILE, exc)
-        return new_state(cfg, d_in, d_out, model_name(model))  # load_state may have changed ``fresh`` part-way
+        return new_state(cfg, d_in, d_out, model_name(model), module_device(model))  # load_state may have changed ``fresh`` part-way
     log.info("resuming %s at step %d", folder, state.step)
     return state
 
 
 def _read_state(path: Path) -> dict:
-    saved = torch.load(path, weights_only=True)
+    saved = torch.load(path, weights_only=True, map_location="cpu")  # saved on a GPU, resumed anywhere
     missing = {"cfg", "coder", "optimizer", "step", "since_fired", "seconds", "x_scale", "y_scale"} - set(saved)
     if missing:
         raise ValueError(f"no {', '.join(sorted(missing))}")
@@ -462,7 +465,7 @@ def _buffer_batches(stream: ActivationStream, cfg: TrainConfig, start_step: int)
 
 
 def train(cfg: TrainConfig, model=None, windows=None, on_step: Callable[[int, StepMetrics], None] | None = None,
-          progress: bool = True) -> SparseCoder:
+          progress: bool = True, placement: Placement = Placement()) -> SparseCoder:
     """Train (or resume, or just load if finished) the coder ``cfg`` describes; returns it.
 
     ``windows``: a ``TokenWindows`` or a ``[n, window]`` token tensor (default: the corpus train split).
@@ -470,25 +473,28 @@ def train(cfg: TrainConfig, model=None, windows=None, on_step: Callable[[int, St
     saved before the interrupt propagates, so rerunning resumes without losing work.
 
     Under ``torchrun`` every rank calls this with the same arguments (see the module docstring); each returns the
-    same coder, and rank 0 writes the folder.
+    same coder, and rank 0 writes the folder. The coder trains and is returned on ``model``'s device, or, without a
+    model, on ``placement``'s (under torchrun, ``cuda`` is each rank's own GPU, and NCCL joins the ranks).
     """
     folder = cfg.output_folder()
     if model is None:
         check_layer_before_loading(cfg.model, cfg.layer)
+        placement = Placement(str(rank_device(placement.torch_device)), placement.dtype)
+    device = module_device(model) if model is not None else placement.torch_device
     if _finished(folder, cfg):
         coder = io.read_cached(folder, load_coder, "trained coder")
         if coder is not None:
-            return coder
+            return coder.to(device)
         (folder / DONE_FILE).unlink(missing_ok=True)  # re-exported from the training state, or trained again
-    with ranks_from_env() as ranks:  # training runs on CPU, hence gloo
-        return _train_on_ranks(cfg, ranks, folder, model, windows, on_step, progress)
+    with ranks_from_env(str(device)) as ranks:  # gloo on the CPU, NCCL on GPUs
+        return _train_on_ranks(cfg, ranks, folder, model, placement, windows, on_step, progress)
 
 
-def _train_on_ranks(cfg: TrainConfig, ranks: Ranks, folder: Path, model, windows,
+def _train_on_ranks(cfg: TrainConfig, ranks: Ranks, folder: Path, model, placement: Placement, windows,
                     on_step: Callable[[int, StepMetrics], None] | None, progress: bool) -> SparseCoder:
     check_divisible(ranks.world, batch_size=cfg.batch_size, buffer_windows=cfg.buffer_windows)
     with ranks.main_first():  # rank 0 converts the model and tokenises the corpus into the cache; the rest read it
-        model = _loaded(model, cfg)
+        model = _loaded(model, cfg, placement)
         tokens = _training_tokens(model, cfg, windows)
     folder.mkdir(parents=True, exist_ok=True)
     stream = ActivationStream(model, tokens, cfg, ranks)
@@ -503,12 +509,13 @@ def _train_on_ranks(cfg: TrainConfig, ranks: Ranks, folder: Path, model, windows
     return state.exported()
 
 
-def _loaded(model, cfg: TrainConfig):
+def _loaded(model, cfg: TrainConfig, placement: Placement):
+    """The model given, or ``cfg.model`` loaded where ``placement`` says."""
     if model is not None:
         return model
     from nl_rewrite.model.loading import load_model
 
-    return load_model(cfg.model)
+    return load_model(cfg.model, placement)
 
 
 def _agree_on_start(state: TrainState, ranks: Ranks) -> None:

@@ -31,6 +31,7 @@ from nl_rewrite.evaluation.prefix import capture_block_inputs, first_layer, resu
 from nl_rewrite.parallel.runner import InProcess, ShardRunner
 from nl_rewrite.replacements.base import BatchInfo, Replacement, attached_together, replacement_names
 from nl_rewrite.evaluation.stats import CIBounds, RatioCI, bootstrap_indices, mean_ci, paired_wilcoxon, ratio_ci
+from nl_rewrite.placement import module_device
 
 log = logging.getLogger(__name__)
 CLEAN = "clean"
@@ -278,7 +279,8 @@ class Evaluator:
         starts = range(span[0], span[1], self.batch_size)
         for start in tqdm(starts, desc=self.label(len(replacements) + 1), disable=not progress):
             ids = torch.arange(start, min(start + self.batch_size, span[1]))
-            for name, (tok_ce, tok_kl) in self._batch(ids, self.windows.tokens[ids], replacements).items():
+            tokens = self.windows.tokens[ids].to(module_device(self.model))
+            for name, (tok_ce, tok_kl) in self._batch(ids, tokens, replacements).items():
                 out.ce.setdefault(name, []).extend(tok_ce.mean(1).tolist())
                 out.kl.setdefault(name, []).extend(tok_kl.mean(1).tolist())
         return out

@@ -17,13 +17,14 @@ from jaxtyping import Int
 from torch import Tensor
 
 from nl_rewrite.replacements.base import BatchInfo, Replacement
+from nl_rewrite.placement import module_device
 
 
 @torch.no_grad()
 def greedy_batch(model, prompts: Int[Tensor, "batch pos"], n_new: int, replacement: Replacement | None = None
                  ) -> Int[Tensor, "batch n_new"]:
     """The ``n_new`` token ids the model (patched by ``replacement`` if given) picks greedily after each prompt."""
-    tokens, window_ids = prompts.clone(), torch.zeros(len(prompts), dtype=torch.long)
+    tokens, window_ids = prompts.to(module_device(model)), torch.zeros(len(prompts), dtype=torch.long)
     for _ in range(n_new):
         if replacement is None:
             logits = model(tokens)
@@ -31,7 +32,7 @@ def greedy_batch(model, prompts: Int[Tensor, "batch pos"], n_new: int, replaceme
             with replacement.attached(model, BatchInfo(tokens=tokens, window_ids=window_ids)):
                 logits = model(tokens)
         tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return tokens[:, prompts.shape[1]:]
+    return tokens[:, prompts.shape[1]:].cpu()
 
 
 def greedy(model, prompt: Int[Tensor, " pos"], n_new: int, replacement: Replacement | None = None) -> list[int]:

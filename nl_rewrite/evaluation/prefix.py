@@ -20,6 +20,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from nl_rewrite.errors import ShapeMismatchError
+from nl_rewrite.placement import module_device
 
 
 @contextmanager
@@ -76,6 +77,7 @@ def resume_reproduces(model, tokens: Int[Tensor, "batch pos"], layer: int, atol:
     """Whether resuming at ``layer`` without any patch gives the clean logits on ``tokens``: a one-off check that
     this model's blocks follow the contract above (a model whose blocks return tuples would fail it)."""
     try:
+        tokens = tokens.to(module_device(model))
         with capture_block_inputs(model, [layer]) as resid:
             clean = model(tokens)
         if layer not in resid:

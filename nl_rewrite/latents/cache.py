@@ -38,6 +38,7 @@ from nl_rewrite.errors import NLRewriteError
 from nl_rewrite.model.loading import model_name
 from nl_rewrite.model.sites import Site, resolve
 from nl_rewrite.hashing import digest
+from nl_rewrite.placement import module_device
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ def _check_meta(folder: Path, meta: CacheMeta) -> None:
 def _encode_batch(model, coder, hook: str, layer: int, tokens: Int[Tensor, "b pos"]
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Rows (window offset in batch, position, latent id, value) of the positive TopK latents."""
-    _, cache = model.run_with_cache(tokens, names_filter=hook, stop_at_layer=layer + 1)
+    _, cache = model.run_with_cache(tokens.to(module_device(model)), names_filter=hook, stop_at_layer=layer + 1)
     latents = coder.encode(cache[hook].float())
     keep = latents.values > 0  # TopK can pick zeros when fewer than k latents fire: those are not activations
     batch_idx, pos, slot = torch.nonzero(keep, as_tuple=True)
@@ -169,7 +170,7 @@ def _build_shard(model, coder, windows: TokenWindows, start: int, stop: int, bat
         parts.append((b + lo, pos, lat, val))
     cols = [torch.cat([p[i] for p in parts]) for i in range(4)]
     dtypes = (torch.int32, torch.int32, torch.int32, torch.float32)
-    rows = {name: col.to(dtype) for name, col, dtype in zip(ROW_FIELDS, cols, dtypes)}
+    rows = {name: col.to(device="cpu", dtype=dtype) for name, col, dtype in zip(ROW_FIELDS, cols, dtypes)}  # saved
     return {**rows, "tokens": windows.tokens[start:stop].to(torch.int32)}
 
 

@@ -27,6 +27,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from nl_rewrite.errors import LLMError
+from nl_rewrite.placement import Placement
 from nl_rewrite.llm.base import ChatRequest, ScoreRequest
 from nl_rewrite.llm.templates import render_with
 from nl_rewrite.llm.token_layout import layout
@@ -52,7 +53,7 @@ class EmbeddedBackend:
     """
 
     def __init__(self, model: str = "smollm2-135m", *, reuse_prefix: bool = True, batch_size: int = 4,
-                 max_prefixes: int = 4, progress: bool = False) -> None:
+                 max_prefixes: int = 4, progress: bool = False, placement: Placement = Placement()) -> None:
         from nl_rewrite.model.loading import load_hf
 
         if batch_size < 1 or max_prefixes < 1:
@@ -65,6 +66,10 @@ class EmbeddedBackend:
         self.progress = progress
         # fused attention: an explanation prompt's prefill (~1,300 tokens) took 4.7-5.8 s against 9.9-11.2 s eager
         self.model, self.tokenizer = load_hf(model, attention="sdpa")
+        self.placement = placement
+        placement.warn_if_slow()
+        self.device = placement.torch_device
+        self.model.to(device=self.device, dtype=placement.torch_dtype)
         self._prefixes: OrderedDict[str, _Prefix] = OrderedDict()
         self._choice_ids: dict[str, int] = {}
         # transformers 5.x renamed `past_key_values` to `cache` (the old name warns, then goes away)
@@ -74,7 +79,7 @@ class EmbeddedBackend:
     def __reduce__(self):
         """Pickled as its recipe: a worker that receives it loads its own copy of the model."""
         options = dict(reuse_prefix=self.reuse_prefix, batch_size=self.batch_size, max_prefixes=self.max_prefixes,
-                       progress=self.progress)
+                       progress=self.progress, placement=self.placement)
         return (functools.partial(EmbeddedBackend, **options), (self.model_name,))
 
     def __repr__(self) -> str:
@@ -132,7 +137,7 @@ class EmbeddedBackend:
             logprobs = self._suffix_logprobs(prefix, list(suffixes), list(reads))
         else:
             logprobs = self._full_logprobs(batch[0].prefix, list(suffixes), list(reads))
-        return [lp[:, ids] for lp, ids in zip(logprobs, choice_ids)]
+        return [lp[:, ids.to(lp.device)].cpu() for lp, ids in zip(logprobs, choice_ids)]  # results live on the CPU
 
     def _suffix_and_reads(self, request: ScoreRequest) -> tuple[list[int], list[int]]:
         """The segments' ids, and each read point as an index into them (-1 = the prefix's last token).
@@ -149,7 +154,7 @@ class EmbeddedBackend:
         if not ids:
             entry = _Prefix(None, 0, None)
         else:
-            out = self.model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+            out = self.model(torch.tensor([ids], device=self.device), use_cache=True, logits_to_keep=1)
             entry = _Prefix(returned_cache(out), len(ids), out.logits[0, -1].float().log_softmax(-1))
         self._prefixes[text] = entry
         while len(self._prefixes) > self.max_prefixes:
@@ -165,13 +170,13 @@ class EmbeddedBackend:
         needed = sorted({p for r in reads for p in r if p >= 0})
         if not needed:  # every read point is at the prefix's end: no forward pass at all
             return [prefix.last_logprobs.expand(len(r), -1) for r in reads]  # type: ignore[union-attr]
-        tokens = right_padded(suffixes, self.tokenizer.pad_token_id or 0)
+        tokens = right_padded(suffixes, self.tokenizer.pad_token_id or 0, self.device)
         past = None
         if prefix.cache is not None:
             past = copy.deepcopy(prefix.cache)
             if len(suffixes) > 1:
                 past.batch_repeat_interleave(len(suffixes))
-        out = self.model(tokens, use_cache=past is not None, logits_to_keep=torch.tensor(needed),
+        out = self.model(tokens, use_cache=past is not None, logits_to_keep=torch.tensor(needed, device=self.device),
                          **{self._cache_arg: past})
         logprobs = out.logits.float().log_softmax(-1)  # [batch, len(needed), vocab]
         column = {p: j for j, p in enumerate(needed)}
@@ -200,7 +205,7 @@ class EmbeddedBackend:
     def forward_cached(self, ids: Int[Tensor, "1 pos"], cache: object = None) -> tuple[Float[Tensor, "pos vocab"], object]:
         """Logits for ``ids`` continuing from ``cache`` (``None``: from scratch), and the cache to continue from."""
         extra = {self._cache_arg: cache} if cache is not None else {}
-        out = self.model(ids, use_cache=True, **extra)
+        out = self.model(ids.to(self.device), use_cache=True, **extra)
         return out.logits[0], returned_cache(out)
 
     # ---- chat ---------------------------------------------------------------------------------
@@ -230,7 +235,8 @@ class EmbeddedBackend:
             return []
         sample = temperature > 0
         options = dict(do_sample=sample, temperature=temperature if sample else None, top_p=None, top_k=None)
-        with torch.random.fork_rng(devices=[]):
+        ids = ids.to(self.device)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(seed)
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
                                       pad_token_id=self.tokenizer.pad_token_id, **options)

@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from nl_rewrite.placement import Placement
 from nl_rewrite.errors import LLMError
 from nl_rewrite.llm.base import LLMBackend
 from nl_rewrite.llm.cache import CachedBackend
@@ -37,14 +38,16 @@ def check_spec(spec: str) -> None:
                        "'sglang:<model>@<server root>'")
 
 
-def make_backend(spec: str, cache: Path | str | None = None, **options: Any) -> LLMBackend:
-    """The backend ``spec`` names; ``options`` go to its constructor (e.g. ``concurrency``, ``reuse_prefix``)."""
+def make_backend(spec: str, cache: Path | str | None = None, placement: Placement = Placement(), **options: Any
+                 ) -> LLMBackend:
+    """The backend ``spec`` names; ``options`` go to its constructor (e.g. ``concurrency``, ``reuse_prefix``).
+    ``placement`` is where an embedded model runs (a server's model runs where the server put it)."""
     check_spec(spec)
     kind, _, rest = spec.strip().partition(":")
     if kind == "embedded":
         from nl_rewrite.llm.embedded import EmbeddedBackend
 
-        backend: LLMBackend = EmbeddedBackend(rest or DEFAULT_EMBEDDED, **options)
+        backend: LLMBackend = EmbeddedBackend(rest or DEFAULT_EMBEDDED, placement=placement, **options)
     elif kind == "openai":
         from nl_rewrite.llm.openai_backend import OpenAIBackend
 

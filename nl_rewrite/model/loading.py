@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from nl_rewrite.placement import Placement
 from nl_rewrite.errors import ModelLoadError
 from nl_rewrite.model.sites import check_layer
 from nl_rewrite.paths import cache_dir
@@ -252,16 +253,20 @@ def check_layer_before_loading(name: str, layer: int) -> None:
         check_layer(layer, n_layers)
 
 
-def load_model(name: str = DEFAULT_MODEL, device: str = "cpu"):
-    """Load ``name`` as a TransformerLens ``TransformerBridge`` in raw HF numerics (no folded norms).
+def load_model(name: str = DEFAULT_MODEL, placement: Placement = Placement()):
+    """Load ``name`` as a TransformerLens ``TransformerBridge`` in raw HF numerics (no folded norms), on
+    ``placement``'s device and in its dtype (default: CUDA where torch sees it, float32).
 
     The bridge's hook points (``blocks.L.mlp.hook_in`` etc.) are addressed through :mod:`nl_rewrite.model.sites`.
     """
     from transformer_lens.model_bridge import TransformerBridge
 
+    placement.warn_if_slow()
     hf, tok = tiny_smollm2() if name == TINY_SMOLLM2 else load_hf(name)
+    hf.to(device=placement.torch_device, dtype=placement.torch_dtype)
     tl_name = TINY_HF if name in (TINY_HF, TINY_SMOLLM2) else _hf_dir_for(name)[1]
-    bridge = TransformerBridge.boot_transformers(tl_name, hf_model=hf, tokenizer=tok, device=device)
+    bridge = TransformerBridge.boot_transformers(tl_name, hf_model=hf, tokenizer=tok, device=placement.torch_device,
+                                                 dtype=placement.torch_dtype)
     bridge.eval()
     bridge.nl_rewrite_name = name  # type: ignore[attr-defined]  # for manifests and cache keys
     return bridge

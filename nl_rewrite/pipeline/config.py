@@ -18,6 +18,7 @@ from typing import Any, Literal, Optional
 
 from simple_parsing.docstring import get_attribute_docstring
 
+from nl_rewrite.placement import Placement
 from nl_rewrite.coders.sparse_coder import Kind
 from nl_rewrite.coders.train import DEFAULT_LAYER
 from nl_rewrite.model.sites import SiteKind
@@ -91,8 +92,9 @@ ExplainOptions = _run_options(ExplainConfig, "ExplainConfig options; None: the p
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    """Options of nl-rewrite run. An option left at None takes the preset's value; resolved() fills them in."""
+class RunConfig(Placement):
+    """Options of nl-rewrite run (with --device and --dtype). An option left at None takes the preset's value;
+    resolved() fills them in."""
 
     preset: Preset = "default"
     """smoke (~2 min), default (≤15 min CPU) or paper (GPU server)"""
@@ -173,6 +175,7 @@ class RunConfig:
     """training of the default trained simulator"""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; valid: {', '.join(PRESETS)}")
         _validate(self.filled())

@@ -163,7 +163,7 @@ def run_experiment(cfg: RunConfig, runner: ShardRunner | None = None) -> Artifac
                                   ctx.out / "latents_eval", progress=False, runner=ctx.runner)
     eval_strings = window_strings(ctx.cache, eval_windows)
     arms = ctx.stages.timed("lexical", lexical_stage, ctx, eval_strings)
-    backend = make_backend(cfg.llm, cache=cache_dir() / "llm_calls.sqlite")
+    backend = make_backend(cfg.llm, cache=cache_dir() / "llm_calls.sqlite", placement=cfg.placement)
     pool = llm_stage(ctx, backend, eval_strings)
     headline = arms[cfg.lexical_budget]
 
@@ -199,7 +199,7 @@ def open_run(cfg: RunConfig, runner: ShardRunner) -> tuple[Context, TokenWindows
     io.write_text(out / CONFIG_FILE, cfg.to_toml())
     stages = Stage()
     torch.manual_seed(cfg.seed)
-    model = stages.timed("load_model", load_model, cfg.model)
+    model = stages.timed("load_model", load_model, cfg.model, cfg.placement)
     coder = stages.timed(cfg.coder, load_run_coder, cfg, model)
     explain_windows = windows_for(cfg, model, "explain", cfg.explain_windows)
     cache = stages.timed("latent_cache", LatentCache.build, model, coder, explain_windows, out / "latents",

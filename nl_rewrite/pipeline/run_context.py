@@ -48,7 +48,7 @@ def load_run_coder(cfg: RunConfig, model) -> SparseCoder:
 
 def explain_cache(cfg: RunConfig) -> tuple[LatentCache, list[str]]:
     """The run's explain-split latent cache (``<out>/latents``, built if needed) and its windows' document ids."""
-    model = load_model(cfg.model)
+    model = load_model(cfg.model, cfg.placement)
     windows = windows_for(cfg, model, "explain", cfg.explain_windows)
     cache = LatentCache.build(model, load_run_coder(cfg, model), windows, Path(cfg.out) / "latents")
     return cache, windows.doc_ids
@@ -64,8 +64,9 @@ def window_strings(cache: LatentCache, windows: TokenWindows) -> dict[int, list[
 
 
 def result_options(cfg: RunConfig) -> dict:
-    """The options cached results are keyed by: all but the output folder (a moved or copied run stays cached)."""
-    return {k: v for k, v in cfg.to_dict().items() if k != "out"}
+    """The options cached results are keyed by: all but the output folder (a moved or copied run stays cached) and
+    the device (a run moved to a GPU reuses what the CPU computed, as it does under another runner)."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in ("out", "device")}
 
 
 def code_version() -> str:

@@ -47,9 +47,10 @@ def check_trained_simulator(spec: str) -> None:
                               f"{Path(spec) / SIMULATOR_CONFIG}); train one with nl-rewrite train-simulator --save-to {spec}")
 
 
-def get_simulator(cfg: RunConfig, cache: LatentCache, doc_ids: list[str], device: str = "cpu",
-                  progress: bool = True) -> TrainedSimulator:
-    """``cfg.trained_simulator``: ``default`` trains (or resumes, or reuses) on ``cache``; else a checkpoint folder."""
+def get_simulator(cfg: RunConfig, cache: LatentCache, doc_ids: list[str], progress: bool = True) -> TrainedSimulator:
+    """``cfg.trained_simulator``: ``default`` trains (or resumes, or reuses) on ``cache``; else a checkpoint folder.
+    Either way on the run's device."""
+    device = str(cfg.torch_device)
     if cfg.trained_simulator == "default":
         folder = default_folder(cfg.trained, cache, doc_ids)
         return train_simulator(cfg.trained, cache, doc_ids, folder, device=device, progress=progress)

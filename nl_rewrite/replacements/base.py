@@ -72,7 +72,7 @@ class Replacement(nn.Module):
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ShapeMismatchError(f"replacement {self.name!r} returned shape {got} for site {self.write_site} "
                                      f"({hook}), which has shape {tuple(act.shape)}")
-        out = out.to(act.dtype)
+        out = out.to(device=act.device, dtype=act.dtype)
         if positions is not None:
             keep = torch.ones(act.shape[1], dtype=torch.bool, device=act.device)
             keep[positions] = False
@@ -141,9 +141,3 @@ def replacement_names(replacements: "list[Replacement]") -> list[str]:
         raise ValueError(f"replacement names must be unique; repeated: {dupes}")
     return names
 
-
-def expected_device(module: nn.Module) -> torch.device:
-    """The device of a module's first parameter or buffer (CPU if it has none)."""
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        return tensor.device
-    return torch.device("cpu")

@@ -11,6 +11,7 @@ from nl_rewrite.data.windows import TokenWindows
 from nl_rewrite.errors import ShapeMismatchError
 from nl_rewrite.model.sites import Site, resolve
 from nl_rewrite.replacements.base import BatchInfo, Replacement
+from nl_rewrite.placement import module_device
 
 
 class ZeroReplacement(Replacement):
@@ -45,7 +46,7 @@ class MeanReplacement(Replacement):
     def forward(self, x: Float[Tensor, "batch pos d"], batch: BatchInfo) -> Float[Tensor, "batch pos d"]:
         if x.shape[-1] != self.mean.shape[0]:
             raise ShapeMismatchError(f"mean has width {self.mean.shape[0]} but site {self.write_site} has {x.shape[-1]}")
-        return self.mean.to(x.dtype).expand_as(x)
+        return self.mean.to(device=x.device, dtype=x.dtype).expand_as(x)
 
     @classmethod
     @torch.no_grad()
@@ -55,7 +56,8 @@ class MeanReplacement(Replacement):
         hook = resolve(model, site)
         total, count = None, 0
         for _, tokens in tqdm(windows.batches(batch_size), total=-(-len(windows) // batch_size), desc=f"mean of {site}"):
-            _, cache = model.run_with_cache(tokens, names_filter=lambda n: n == hook, stop_at_layer=site.layer + 1)
+            _, cache = model.run_with_cache(tokens.to(module_device(model)), names_filter=lambda n: n == hook,
+                                            stop_at_layer=site.layer + 1)
             act = cache[hook].float()
             total = act.sum((0, 1)) if total is None else total + act.sum((0, 1))
             count += act.shape[0] * act.shape[1]

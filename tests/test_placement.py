@@ -1,0 +1,106 @@
+"""--device and --dtype: parsed and checked on every command before any work, carried to the objects, and a
+half-precision model evaluated with float32 statistics. CUDA itself is checked by benchmarks/gpu_check.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import pytest
+import torch
+
+from helpers import make_coder, make_windows
+from nl_rewrite.cli.main import COMMANDS, build_parser, main
+from nl_rewrite.evaluation.evaluator import Evaluator, token_ce_and_kl
+from nl_rewrite.model.loading import TINY_HF, load_model
+from nl_rewrite.placement import DeviceError, Placement, module_device, resolve_device
+from nl_rewrite.replacements import TranscoderReplacement, ZeroReplacement
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+COMMAND_NAMES = [module.rsplit(".", 1)[1].replace("_", "-") for module in COMMANDS if not module.endswith("compare")]
+"""Every command that runs a model (compare only merges result files)."""
+
+
+def test_auto_is_cuda_where_torch_sees_it_else_cpu():
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("spec", ["gpu", "cuda0", "cuda:", "mps", ""])
+def test_a_device_that_is_no_device_is_a_value_error(spec):
+    with pytest.raises(ValueError, match="valid are auto, cpu, cuda and cuda:N"):
+        resolve_device(spec)
+
+
+@NO_CUDA
+@pytest.mark.parametrize("spec", ["cuda", "cuda:1"])
+def test_cuda_without_cuda_names_the_fix(spec):
+    with pytest.raises(DeviceError, match="sees no CUDA device; use --device cpu"):
+        Placement(device=spec)
+
+
+@pytest.mark.parametrize("command", COMMAND_NAMES)
+def test_every_command_takes_device_and_dtype_and_they_reach_its_config(command):
+    required = {"generate": ["--prompt", "The"]}.get(command, [])
+    args = build_parser().parse_args([command, *required, "--device", "cpu", "--dtype", "bfloat16"])
+    placements = [v for v in vars(args).values() if isinstance(v, Placement)]
+    assert placements, f"nl-rewrite {command} parsed no Placement"
+    assert all((p.device, p.dtype) == ("cpu", "bfloat16") for p in placements)
+    assert all(p.placement == Placement("cpu", "bfloat16") for p in placements)
+
+
+@NO_CUDA
+def test_device_cuda_fails_while_parsing_with_the_message(capsys, real_model_loads):
+    assert main(["run", "--preset", "smoke", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda: this torch" in err and "use --device cpu" in err and "Traceback" not in err
+    assert not real_model_loads
+
+
+def test_half_precision_on_the_cpu_warns_that_it_is_slower(caplog):
+    caplog.set_level(logging.WARNING)
+    Placement("cpu", "float32").warn_if_slow()
+    assert not caplog.records
+    Placement("cpu", "bfloat16").warn_if_slow()
+    assert "slower than float32" in caplog.text and "--dtype float32" in caplog.text
+
+
+def test_a_coder_on_another_device_than_the_model_is_an_error_naming_both(tiny):
+    coder = make_coder().to("meta")  # a second device on a CPU-only machine
+    with pytest.raises(DeviceError, match="the coder is on meta but the model .* is on cpu"):
+        coder.check_fits(tiny)
+
+
+def test_a_bfloat16_model_evaluates_close_to_float32_with_float32_statistics():
+    """The tiny model in bfloat16: weights in bfloat16 on the device asked for, the coder in float32 beside it, the
+    patched activations written back in bfloat16, and CE/KL accumulated in float32 within 0.05 nats of float32."""
+    windows = make_windows(n=8, window=12)
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        model = load_model(TINY_HF, Placement("cpu", dtype))
+        coder = make_coder().to(module_device(model))
+        coder.check_fits(model)
+        assert {p.dtype for p in model.parameters()} == {getattr(torch, dtype)}
+        assert module_device(model) == module_device(coder) == torch.device("cpu")
+        reps = [ZeroReplacement("mlp_out.1"), TranscoderReplacement(coder, name="tc")]
+        results[dtype] = Evaluator(model, windows, batch_size=4, progress=False, n_bootstrap=50).run(reps)
+    fp32, bf16 = results["float32"], results["bfloat16"]
+    for name in ("clean", "zero", "tc"):
+        ce32, ce16 = (torch.tensor(r.ce[name]) for r in (fp32, bf16))
+        assert torch.isfinite(ce16).all()
+        assert (ce16 - ce32).abs().max() < 0.05, f"{name}: bfloat16 CE differs from float32 by more than 0.05"
+    assert all(kl >= 0 for kl in bf16.kl["zero"])
+    logits = torch.randn(2, 3, 97).to(torch.bfloat16)
+    ce, kl = token_ce_and_kl(logits, torch.randn(2, 3, 97).log_softmax(-1), torch.zeros(2, 3, dtype=torch.long))
+    assert ce.dtype == kl.dtype == torch.float32  # accumulated in float32 whatever the logits' dtype
+
+
+def test_placement_is_a_run_option_but_the_device_keys_no_cached_result():
+    from nl_rewrite.pipeline.config import RunConfig
+    from nl_rewrite.pipeline.run_context import result_options
+
+    cfg = RunConfig(device="cpu", dtype="bfloat16")
+    assert cfg.placement == Placement("cpu", "bfloat16")
+    options = result_options(cfg)
+    assert "device" not in options and options["dtype"] == "bfloat16"
+    assert result_options(dataclasses.replace(cfg, device="auto")) == options
