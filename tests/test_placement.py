@@ -104,3 +104,17 @@ def test_placement_is_a_run_option_but_the_device_keys_no_cached_result():
     options = result_options(cfg)
     assert "device" not in options and options["dtype"] == "bfloat16"
     assert result_options(dataclasses.replace(cfg, device="auto")) == options
+
+
+@NO_CUDA
+def test_the_gpu_check_reports_no_cuda_and_exits_0():
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "gpu_check.py"
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    last = json.loads(done.stdout.strip().splitlines()[-1])
+    assert last["benchmark"] == "gpu_check" and last["cuda"] is False and "no CUDA device" in last["reason"]
