@@ -118,3 +118,15 @@ def test_the_gpu_check_reports_no_cuda_and_exits_0():
     assert done.returncode == 0, done.stderr
     last = json.loads(done.stdout.strip().splitlines()[-1])
     assert last["benchmark"] == "gpu_check" and last["cuda"] is False and "no CUDA device" in last["reason"]
+
+
+def test_ray_gpus_per_worker_reaches_the_ray_options(monkeypatch):
+    from nl_rewrite.cli.ray_option import runner_from
+    from nl_rewrite.parallel import runner
+
+    monkeypatch.setattr(runner, "connect", lambda address: None)  # the runner's options, without starting Ray
+    args = build_parser().parse_args(["evaluate", "--ray", "--ray-gpus-per-worker", "0.5", "--device", "cpu"])
+    assert runner_from(args).options.gpus_per_worker == 0.5
+    assert runner_from(build_parser().parse_args(["evaluate", "--ray"])).options.gpus_per_worker == 0.0
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["evaluate", "--ray", "--ray-gpus-per-worker", "-1"])

@@ -20,6 +20,10 @@ def add_ray_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ray-workers", type=at_least_one, default=None, metavar="N",
                         help="worker actors per stage under --ray; each holds its own copy of the model and, with the "
                              "embedded LLM, of that too (default: one per CPU of the cluster)")
+    parser.add_argument("--ray-gpus-per-worker", type=non_negative, default=0.0, metavar="G",
+                        help="GPUs each worker actor reserves under --ray (fractions share a GPU: 0.5 puts two workers "
+                             "on one); give it with --device cuda, or Ray hides every GPU from the workers "
+                             "(default: 0)")
 
 
 def at_least_one(text: str) -> int:
@@ -29,6 +33,17 @@ def at_least_one(text: str) -> int:
     return int(text)
 
 
+def non_negative(text: str) -> float:
+    """argparse type: a number ≥ 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of at least 0, got {text!r}")
+    return value
+
+
 def runner_from(args: argparse.Namespace) -> ShardRunner:
     """The runner ``--ray`` asks for (this process when it is absent)."""
-    return make_runner(args.ray, args.ray_workers)
+    return make_runner(args.ray, args.ray_workers, args.ray_gpus_per_worker)

@@ -148,8 +148,8 @@ def connect(address: str):
     return ray
 
 
-def make_runner(ray_address: str | None, workers: int | None = None) -> ShardRunner:
+def make_runner(ray_address: str | None, workers: int | None = None, gpus_per_worker: float = 0.0) -> ShardRunner:
     """This process when ``ray_address`` is None, else a :class:`RayRunner` on that cluster."""
     if ray_address is None:
         return InProcess()
-    return RayRunner(RayOptions(address=ray_address, workers=workers))
+    return RayRunner(RayOptions(address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker))
