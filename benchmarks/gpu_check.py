@@ -59,7 +59,8 @@ def compare(cuda: dict, cpu: dict) -> dict:
     ce = {f"{r}/{c}": abs(cuda[(r, c)][0] - cpu[(r, c)][0]) for r, c in shared}
     kl = {f"{r}/{c}": abs(cuda[(r, c)][1] - cpu[(r, c)][1]) for r, c in shared}
     return {"conditions": len(shared), "only_one_device": sorted(f"{r}/{c}" for r, c in set(cuda) ^ set(cpu)),
-            "max_abs_ce_difference": max(ce.values(), default=None), "max_abs_kl_difference": max(kl.values(), default=None),
+            "max_abs_ce_difference": max(ce.values(), default=None),
+            "max_abs_kl_difference": max(kl.values(), default=None),
             "outside_tolerance": sorted(k for k in ce if ce[k] > CE_TOLERANCE or kl[k] > KL_TOLERANCE)}
 
 

@@ -29,7 +29,7 @@ BEFORE_COMMON = dict(model="smollm2-135m", layer=10, out="runs/nl_rewrite", llm=
                      sweep_fractions=(0.001, 0.01, 0.1, 0.5), window=32, seed=0, batch_size=8,
                      coder="transcoder", sae_site="resid_post",  # added with the SAE runs; defaults keep the old run
                      trained_simulator="none", trained_eval_windows=8, trained_calib_windows=16,  # off by default
-                     device="auto", dtype="float32")  # added with --device/--dtype: CUDA where it exists, as before fp32
+                     device="auto", dtype="float32")  # --device/--dtype: CUDA where it exists, float32 as before
 BEFORE = {
     "smoke": dict(transcoder="small", train_tokens=40_000, width=1024, pool=2, explain_windows=96, calib_windows=4,
                   eval_windows=8, llm_eval_windows=4, lexical_calib_windows=16, fractions=(1.0,),
@@ -254,7 +254,8 @@ def test_run_experiment_writes_its_resolved_config_first(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("text,message", [
-    ("n_train_examples = 6", "unknown key 'n_train_examples'; valid keys at the top level: device, dtype, preset, model, layer"),
+    ("n_train_examples = 6",
+     "unknown key 'n_train_examples'; valid keys at the top level: device, dtype, preset, model, layer"),
     ("[explain]\nmax_tokenz = 3", "unknown key 'explain.max_tokenz'; valid keys at table [explain]: variant"),
     ("[sampler]\nn_train = 3", "unknown key 'sampler'"),
     ('eval_windows = "many"', "eval_windows must be an integer, got 'many' (str)"),

@@ -130,3 +130,44 @@ def test_ray_gpus_per_worker_reaches_the_ray_options(monkeypatch):
     assert runner_from(build_parser().parse_args(["evaluate", "--ray"])).options.gpus_per_worker == 0.0
     with pytest.raises(SystemExit):
         build_parser().parse_args(["evaluate", "--ray", "--ray-gpus-per-worker", "-1"])
+
+
+def tensors_in(obj, path: str = "", seen: set[int] | None = None) -> list[tuple[str, torch.Tensor]]:
+    """Every tensor reachable from ``obj`` through modules, dataclass fields, attributes, dicts and lists."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen or isinstance(obj, (str, bytes, int, float, bool, type(None))):
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return [(path, obj)]
+    if isinstance(obj, torch.nn.Module):
+        return [(f"{path}.{name}", t) for name, t in obj.state_dict(keep_vars=True).items()]
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    elif hasattr(obj, "__dict__") and type(obj).__module__.startswith("nl_rewrite"):
+        items = vars(obj).items()
+    else:
+        return []
+    return [found for key, value in items for found in tensors_in(value, f"{path}.{key}", seen)]
+
+
+def test_a_bfloat16_run_builds_its_objects_where_and_as_asked(tmp_path, monkeypatch):
+    """The plumbing run's model, coder and explain latent cache built with --device cpu --dtype bfloat16: the model's
+    floating tensors in bfloat16, the coder's in float32 on the model's device, every cached tensor on the CPU."""
+    from helpers import TINY_RUN, empty_cache
+    from nl_rewrite.parallel.runner import InProcess
+    from nl_rewrite.pipeline.experiment import open_run
+
+    monkeypatch.setenv("NL_REWRITE_CACHE", str(empty_cache(tmp_path / "cache")))
+    argv = ["run", *TINY_RUN, "--device", "cpu", "--dtype", "bfloat16",
+            "--out", str(tmp_path / "run")]
+    ctx, _ = open_run(build_parser().parse_args(argv).cfg.resolved(), InProcess())
+    model, coder, cache = tensors_in(ctx.model, "model"), tensors_in(ctx.coder, "coder"), tensors_in(ctx.cache, "cache")
+    assert model and coder and cache
+    assert {t.dtype for _, t in model if t.is_floating_point()} == {torch.bfloat16}
+    assert {t.dtype for _, t in coder} == {torch.float32}
+    wrong = [(p, t.device) for p, t in model + coder + cache if t.device != torch.device("cpu")]
+    assert not wrong, f"tensors off the device asked for: {wrong}"
+    assert module_device(ctx.coder) == module_device(ctx.model)

@@ -427,7 +427,8 @@ def _start_state(model, cfg: TrainConfig, folder: Path) -> TrainState:
         state = load_state(folder, cfg, fresh, saved)
     except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as exc:  # wrong shapes, a wrong layout
         log.warning("training state %s does not fit this coder (%s); training from step 0", folder / STATE_FILE, exc)
-        return new_state(cfg, d_in, d_out, model_name(model), module_device(model))  # load_state may have changed ``fresh`` part-way
+        # load_state may have changed ``fresh`` part-way
+        return new_state(cfg, d_in, d_out, model_name(model), module_device(model))
     log.info("resuming %s at step %d", folder, state.step)
     return state
 
