@@ -114,10 +114,11 @@ def write_bytes(path: Path | str, data: bytes, sync: bool = True) -> None:
 
 def save_tensors(path: Path | str, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None,
                  sync: bool = True) -> None:
-    """A safetensors file (tensors made contiguous and detached, as safetensors requires)."""
+    """A safetensors file (tensors made contiguous and detached, as safetensors requires, and moved to the CPU: a file
+    written on a GPU loads anywhere)."""
     from safetensors.torch import save
 
-    write_bytes(path, save({k: v.detach().contiguous() for k, v in tensors.items()}, metadata=metadata), sync)
+    write_bytes(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata), sync)
 
 
 def torch_save(path: Path | str, obj: object) -> None:

@@ -57,8 +57,7 @@ def save_coder(coder: SparseCoder, folder: "str | Path") -> Path:
     """Write ``folder/cfg.json`` + ``folder/sae.safetensors``. Weights first, so a complete cfg means complete weights."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {name: t.detach().cpu() for name, t in coder.state_dict().items()}  # device-free on disk
-    io.save_tensors(folder / SPARSIFY_WEIGHTS, tensors, metadata={"format": "pt"})
+    io.save_tensors(folder / SPARSIFY_WEIGHTS, dict(coder.state_dict()), metadata={"format": "pt"})  # on the CPU
     io.write_text(folder / CFG_FILE, json.dumps(sparsify_cfg(coder.cfg), indent=1))
     return folder
 
