@@ -7,6 +7,7 @@ Evaluator and the replacements follow the model's device. What is saved (checkpo
 so a coder trained on a GPU loads on a laptop. The Evaluator accumulates CE and KL in float32 whatever the dtype.
 """
 
+import itertools
 import logging
 import re
 from dataclasses import dataclass
@@ -90,6 +91,16 @@ def same_device(what: str, tensor_device: torch.device, other: str, other_device
                           f"--device (or move one with .to({str(other_device)!r}))")
 
 
+def place(module: torch.nn.Module, placement: Placement) -> torch.nn.Module:
+    """``module`` moved to the placement's device, its parameters cast to its dtype. Buffers keep their precision:
+    rotary embeddings' ``inv_freq`` in bfloat16 would blur every position angle (transformers and TransformerLens
+    keep such buffers in float32 too)."""
+    module.to(placement.torch_device)
+    for param in module.parameters():
+        param.data = param.data.to(placement.torch_dtype)
+    return module
+
+
 def normal(device: torch.device | str) -> tuple[str, int]:
     """A device as (type, index), ``cuda`` meaning ``cuda:0``: torch compares ``cuda`` and ``cuda:0`` as unequal."""
     device = torch.device(device)
@@ -98,6 +109,5 @@ def normal(device: torch.device | str) -> tuple[str, int]:
 
 def module_device(module: torch.nn.Module) -> torch.device:
     """The device of a module's first parameter or buffer (CPU for a module with neither): where its inputs go."""
-    for tensor in (*module.parameters(), *module.buffers()):
-        return tensor.device
-    return torch.device("cpu")
+    first = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return torch.device("cpu") if first is None else first.device

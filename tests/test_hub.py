@@ -59,8 +59,13 @@ def test_a_repo_missing_from_the_cache_offline_names_it_and_how_to_fetch_it(hub_
     with pytest.raises(ModelLoadError, match=r"'acme/absent' is not in the local huggingface_hub cache and "
                                              r"HF_HUB_OFFLINE is set: .*`hf download acme/absent`"):
         load_model("acme/absent")
+    save_coder(make_coder(), cached_repo(hub_cache, "acme/coders") / "layers.1.mlp")  # another layer is cached
     with pytest.raises(ModelLoadError, match=r"`hf download acme/coders --include layers.9/\*`"):
         load_coder("hf:acme/coders/layers.9")
+    tokenizer_only = cached_repo(hub_cache, "acme/half")  # a cached snapshot without the model's config.json
+    tiny_hf()[1].save_pretrained(tokenizer_only)
+    with pytest.raises(ModelLoadError, match=r"'acme/half' is not in the local huggingface_hub cache"):
+        load_model("acme/half")
 
 
 def test_without_the_repo_or_a_network_the_error_says_it_could_not_download(hub_cache, monkeypatch):

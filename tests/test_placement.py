@@ -171,3 +171,21 @@ def test_a_bfloat16_run_builds_its_objects_where_and_as_asked(tmp_path, monkeypa
     wrong = [(p, t.device) for p, t in model + coder + cache if t.device != torch.device("cpu")]
     assert not wrong, f"tensors off the device asked for: {wrong}"
     assert module_device(ctx.coder) == module_device(ctx.model)
+
+
+def test_what_another_dtype_computed_is_not_reused_as_float32s(tmp_path):
+    """A latent cache built in bfloat16 is refused by a float32 build of the same folder (and named for it), and the
+    embedded LLM's replies are cached under a bfloat16 key; float32 keeps the keys it always had."""
+    from nl_rewrite.errors import NLRewriteError
+    from nl_rewrite.latents.cache import LatentCache
+    from nl_rewrite.llm.embedded import EmbeddedBackend
+    from nl_rewrite.model.loading import TINY_SMOLLM2
+
+    windows, folder = make_windows(n=8, window=12), tmp_path / "latents"
+    bf16 = load_model(TINY_HF, Placement("cpu", "bfloat16"))
+    LatentCache.build(bf16, make_coder(), windows, folder, progress=False)
+    with pytest.raises(NLRewriteError, match="dtype: folder has 'bfloat16', this build has 'float32'"):
+        LatentCache.build(load_model(TINY_HF, Placement("cpu")), make_coder(), windows, folder, progress=False)
+    assert EmbeddedBackend(TINY_SMOLLM2, placement=Placement("cpu")).backend_id == "embedded:tiny-smollm2"
+    assert EmbeddedBackend(TINY_SMOLLM2, placement=Placement("cpu", "bfloat16")).backend_id == \
+        "embedded:tiny-smollm2@bfloat16"

@@ -69,12 +69,19 @@ def coder_from_arg(path: str, model_name: str = ""):
 def build(cfg: CacheConfig, runner: "ShardRunner | None" = None):
     from nl_rewrite.data.windows import token_windows
     from nl_rewrite.latents.cache import LatentCache
-    from nl_rewrite.model.loading import load_model, prepend_bos_for
+    from nl_rewrite.coders.checkpoint import load_coder
+    from nl_rewrite.coders.train import default_transcoder
+    from nl_rewrite.model.loading import DEFAULT_MODEL, load_model, prepend_bos_for
 
-    coder = coder_from_arg(cfg.coder, cfg.model)
-    name = cfg.model or coder.cfg.model
-    model = load_model(name, cfg.placement)
-    coder.to(cfg.torch_device)  # the coder reads the model's activations where they are computed
+    if cfg.coder:
+        coder = load_coder(cfg.coder)
+        name = cfg.model or coder.cfg.model
+        model = load_model(name, cfg.placement)
+        coder.to(cfg.torch_device)  # the coder reads the model's activations where they are computed
+    else:  # the default transcoder, trained (if absent) on this model, where --device says
+        name = cfg.model or DEFAULT_MODEL
+        model = load_model(name, cfg.placement)
+        coder = default_transcoder(name, model=model)
     windows = token_windows(model, cfg.split, corpus=cfg.corpus, window=cfg.window,
                             max_windows=cfg.max_windows or None, prepend_bos=prepend_bos_for(name))
     folder = Path(cfg.out) if cfg.out else default_cache_folder(coder, cfg.split, cfg.window)

@@ -217,7 +217,7 @@ def checkpoint_folder(spec: "str | Path") -> Path:
     into it if needed; see :mod:`nl_rewrite.model.hub`)."""
     if str(spec).startswith(HF_SPEC):
         repo_id, subfolder = split_spec(str(spec))
-        return snapshot(repo_id, "coder", subfolder)
+        return snapshot(repo_id, "coder", CFG_FILE, subfolder)
     return Path(spec)
 
 

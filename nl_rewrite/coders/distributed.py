@@ -92,7 +92,8 @@ class Ranks:
         """Rank 0's ``value``, on every rank."""
         if not self.distributed:
             return value
-        carrier = torch.tensor([value], dtype=torch.float64)
+        carrier = torch.tensor([value], dtype=torch.float64,  # NCCL reduces only CUDA tensors
+                               device="cuda" if dist.get_backend() == "nccl" else "cpu")
         dist.broadcast(carrier, src=0)
         return float(carrier.item())
 

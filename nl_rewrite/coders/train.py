@@ -387,7 +387,7 @@ def linear_init(coder: SparseCoder, x: Tensor, y: Tensor, ridge: float = 0.1, la
     if coder.W_skip is not None:
         xc, yc = (x - x.mean(0)).double(), (y - y_mean).double()
         gram = xc.T @ xc
-        gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+        gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
         w = torch.linalg.solve(gram, xc.T @ yc).float()  # [d_in, d_out]
         coder.W_skip.copy_(w.T)
         coder.b_dec.copy_(y_mean - x.mean(0) @ w)

@@ -68,6 +68,8 @@ class CacheMeta:
     window: int
     shard_windows: int
     version: int = CACHE_VERSION
+    dtype: str = "float32"
+    """The model's precision (caches written before it was recorded were float32)."""
 
     @property
     def n_shards(self) -> int:
@@ -270,7 +272,8 @@ class LatentCache:
         folder = Path(folder)
         (folder / "shards").mkdir(parents=True, exist_ok=True)
         meta = CacheMeta(coder_fingerprint(coder), windows.fingerprint(), model_name(model), coder.cfg.read_site,
-                         windows.split, coder.cfg.n_latents, len(windows), windows.window, shard_windows)
+                         windows.split, coder.cfg.n_latents, len(windows), windows.window, shard_windows,
+                         dtype=str(next(model.parameters()).dtype).removeprefix("torch."))
         _check_meta(folder, meta)
         if io.read_cached(folder / "token_strings.json", _read_token_strings, "latent cache token strings") is None:
             io.write_json(folder / "token_strings.json", _token_strings(model))

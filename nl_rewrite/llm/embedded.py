@@ -27,7 +27,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from nl_rewrite.errors import LLMError
-from nl_rewrite.placement import Placement
+from nl_rewrite.placement import Placement, place
 from nl_rewrite.llm.base import ChatRequest, ScoreRequest
 from nl_rewrite.llm.templates import render_with
 from nl_rewrite.llm.token_layout import layout
@@ -59,7 +59,8 @@ class EmbeddedBackend:
         if batch_size < 1 or max_prefixes < 1:
             raise ValueError(f"batch_size and max_prefixes must be >= 1, got {batch_size}, {max_prefixes}")
         self.model_name = model
-        self.backend_id = f"embedded:{model}"
+        # the cache of LLM calls keys replies by this: another precision gives other replies (float32 keeps its key)
+        self.backend_id = f"embedded:{model}" + ("" if placement.dtype == "float32" else f"@{placement.dtype}")
         self.reuse_prefix = reuse_prefix
         self.batch_size = batch_size
         self.max_prefixes = max_prefixes
@@ -69,7 +70,7 @@ class EmbeddedBackend:
         self.placement = placement
         placement.warn_if_slow()
         self.device = placement.torch_device
-        self.model.to(device=self.device, dtype=placement.torch_dtype)
+        place(self.model, placement)
         self._prefixes: OrderedDict[str, _Prefix] = OrderedDict()
         self._choice_ids: dict[str, int] = {}
         # transformers 5.x renamed `past_key_values` to `cache` (the old name warns, then goes away)

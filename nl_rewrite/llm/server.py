@@ -169,7 +169,7 @@ def _pick(logprobs: Float[Tensor, " vocab"], temperature: float, generator: torc
     if temperature <= 0:
         return int(logprobs.argmax())
     probs = (logprobs / temperature).softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))  # the generator is a CPU one
 
 
 def _generated_offsets(backend: EmbeddedBackend, new_ids: list[int], start: int) -> list[int]:

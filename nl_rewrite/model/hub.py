@@ -30,9 +30,10 @@ def split_spec(spec: str) -> tuple[str, str | None]:
     return f"{parts[0]}/{parts[1]}", parts[2] if len(parts) == 3 else None
 
 
-def snapshot(repo_id: str, what: str, subfolder: str | None = None) -> Path:
-    """The local folder of ``repo_id`` (only ``subfolder`` of it when given): from the huggingface_hub cache, else
-    downloaded into it. ``what`` (\"model\", \"coder\") names it in errors."""
+def snapshot(repo_id: str, what: str, marker: str, subfolder: str | None = None) -> Path:
+    """The local folder of ``repo_id`` (only ``subfolder`` of it when given): from the huggingface_hub cache when the
+    folder there holds ``marker`` (``config.json`` for a model, ``cfg.json`` for a coder), else downloaded into it.
+    ``what`` ("model", "coder") names it in errors."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
@@ -43,17 +44,27 @@ def snapshot(repo_id: str, what: str, subfolder: str | None = None) -> Path:
     except HFValidationError as exc:
         raise ModelLoadError(f"{what} {repo_id!r} is not a hub id ({exc})") from exc
     except (LocalEntryNotFoundError, OfflineModeIsEnabled, FileNotFoundError):
-        if offline():
-            raise ModelLoadError(f"{what} {repo_id!r} is not in the local huggingface_hub cache and HF_HUB_OFFLINE is "
-                                 f"set: fetch it on a machine with a network ({fetch}) and point HF_HOME at that "
-                                 "cache, or unset HF_HUB_OFFLINE") from None
-        try:
-            root = Path(snapshot_download(repo_id, allow_patterns=patterns))
-        except Exception as exc:  # no network, no such repo, a gated repo: all end here, said plainly
-            raise ModelLoadError(f"{what} {repo_id!r} is not in the local huggingface_hub cache and could not be "
-                                 f"downloaded ({type(exc).__name__}: {exc}); check the id and the network, or fetch "
-                                 f"it where one exists with {fetch}") from exc
+        root = None
+    # a cached snapshot may hold other files of the repo only (another layer's folder, the tokenizer alone)
+    if root is None or not (root / (subfolder or "") / marker).is_file():
+        root = download(repo_id, what, patterns, fetch)
     folder = root / subfolder if subfolder else root
-    if not folder.is_dir():
-        raise ModelLoadError(f"{what} {repo_id!r} has no folder {subfolder!r}")
+    if not (folder / marker).is_file():
+        raise ModelLoadError(f"{what} {repo_id!r} has no {marker} in {subfolder or 'its root'}: is it a {what}?")
     return folder
+
+
+def download(repo_id: str, what: str, patterns: list[str] | None, fetch: str) -> Path:
+    """``repo_id`` (its files matching ``patterns``) downloaded into the huggingface_hub cache, or a clear error."""
+    from huggingface_hub import snapshot_download
+
+    if offline():
+        raise ModelLoadError(f"{what} {repo_id!r} is not in the local huggingface_hub cache and HF_HUB_OFFLINE is "
+                             f"set: fetch it on a machine with a network ({fetch}) and point HF_HOME at that "
+                             "cache, or unset HF_HUB_OFFLINE")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as exc:  # no network, no such repo, a gated repo: all end here, said plainly
+        raise ModelLoadError(f"{what} {repo_id!r} is not in the local huggingface_hub cache and could not be "
+                             f"downloaded ({type(exc).__name__}: {exc}); check the id and the network, or fetch "
+                             f"it where one exists with {fetch}") from exc

@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from nl_rewrite.placement import Placement
+from nl_rewrite.placement import Placement, place
 from nl_rewrite.errors import ModelLoadError
 from nl_rewrite.model.hub import snapshot
 from nl_rewrite.model.sites import check_layer
@@ -136,7 +136,7 @@ def _hf_dir_for(name: str) -> tuple[Path | str, str]:
         return target, path.stem
     if path.is_dir():
         return path, path.name
-    return snapshot(name, "model"), name  # a hub id: the huggingface_hub cache, else downloaded into it
+    return snapshot(name, "model", "config.json"), name  # a hub id: the huggingface_hub cache, else downloaded into it
 
 
 TINY_HF = "tiny-llama"
@@ -262,7 +262,7 @@ def load_model(name: str = DEFAULT_MODEL, placement: Placement = Placement()):
 
     placement.warn_if_slow()
     hf, tok = tiny_smollm2() if name == TINY_SMOLLM2 else load_hf(name)
-    hf.to(device=placement.torch_device, dtype=placement.torch_dtype)
+    place(hf, placement)
     tl_name = TINY_HF if name in (TINY_HF, TINY_SMOLLM2) else _hf_dir_for(name)[1]
     bridge = TransformerBridge.boot_transformers(tl_name, hf_model=hf, tokenizer=tok, device=placement.torch_device,
                                                  dtype=placement.torch_dtype)

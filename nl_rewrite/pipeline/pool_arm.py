@@ -44,7 +44,8 @@ def condition_name(calibration: str, fraction: float) -> str:
 
 def output_mass(cache: LatentCache, coder: SparseCoder) -> Float[Tensor, " n_latents"]:
     """Each latent's share of what the transcoder writes on the explain split: Σ activation × ‖decoder row‖."""
-    mass = cache.stats.count.double() * torch.nan_to_num(cache.stats.mean.double()) * coder.W_dec.detach().norm(dim=-1).double()
+    norms = coder.W_dec.detach().norm(dim=-1).double().cpu()  # the cache's statistics live on the CPU
+    mass = cache.stats.count.double() * torch.nan_to_num(cache.stats.mean.double()) * norms
     return mass / mass.sum()
 
 

@@ -91,7 +91,7 @@ class RandomLatentsReplacement(CoderReplacement):
             noise = torch.rand(*row_values.shape[:-1], n_latents, generator=gen)
             indices[row] = noise.topk(row_values.shape[-1], dim=-1).indices  # k distinct uniform ids
             order = torch.rand(row_values.shape, generator=gen).argsort(dim=-1)
-            values[row] = row_values.gather(-1, order)
+            values[row] = row_values.gather(-1, order.to(row_values.device))
         return SparseLatents(values, indices)
 
     @torch.no_grad()

@@ -57,9 +57,9 @@ class OracleReplacement(CoderReplacement):
         if self.mode == "true":
             return true
         if self.mode == "binary":
-            return (true > 0).to(true.dtype) * self.mean_active[self.ids]
+            return (true > 0).to(true.dtype) * self.mean_active[self.ids].to(true.device)
         noise = torch.stack([torch.randn(true.shape[1:], generator=self._generator(int(w))) for w in window_ids])
-        return torch.relu(true + noise.to(true) * self.noise_sd[self.ids])
+        return torch.relu(true + noise.to(true) * self.noise_sd[self.ids].to(true.device))
 
     def _generator(self, window_id: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + window_id)
