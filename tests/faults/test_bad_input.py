@@ -67,7 +67,7 @@ def _refuse_loading(monkeypatch) -> list[str]:
     (["run", "--model", "tiny-smollm2", "--layer", "1", "--llm", "claude:x", "--out", "{out}"],
      "unknown backend 'claude:x'"),
     (["run", "--model", "tiny-smollm2", "--layer", "1", "--transcoder", "/no/such/folder", "--out", "{out}"],
-     "--transcoder '/no/such/folder' is neither default, small nor a checkpoint folder"),
+     "--transcoder '/no/such/folder' is neither default, small, hf:ORG/REPO[/SUBFOLDER] nor a checkpoint folder"),
     (["run", "--model", "tiny-smollm2", "--layer", "1", "--trained-simulator", "/no/such/sim", "--out", "{out}"],
      "--trained-simulator '/no/such/sim' is neither none, default nor a checkpoint folder"),
     (["evaluate", "--model", "tiny-smollm2", "--layer", "99", "--out", "{out}"], "layer 99 out of range"),
