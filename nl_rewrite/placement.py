@@ -94,7 +94,8 @@ def same_device(what: str, tensor_device: torch.device, other: str, other_device
 def place(module: torch.nn.Module, placement: Placement) -> torch.nn.Module:
     """``module`` moved to the placement's device, its parameters cast to its dtype. Buffers keep their precision:
     rotary embeddings' ``inv_freq`` in bfloat16 would blur every position angle (transformers and TransformerLens
-    keep such buffers in float32 too)."""
+    keep such buffers in float32 too). Warns when the placement is a slow one here (:meth:`Placement.warn_if_slow`)."""
+    placement.warn_if_slow()
     module.to(placement.torch_device)
     for param in module.parameters():
         param.data = param.data.to(placement.torch_dtype)

@@ -68,7 +68,6 @@ class EmbeddedBackend:
         # fused attention: an explanation prompt's prefill (~1,300 tokens) took 4.7-5.8 s against 9.9-11.2 s eager
         self.model, self.tokenizer = load_hf(model, attention="sdpa")
         self.placement = placement
-        placement.warn_if_slow()
         self.device = placement.torch_device
         place(self.model, placement)
         self._prefixes: OrderedDict[str, _Prefix] = OrderedDict()

@@ -260,7 +260,6 @@ def load_model(name: str = DEFAULT_MODEL, placement: Placement = Placement()):
     """
     from transformer_lens.model_bridge import TransformerBridge
 
-    placement.warn_if_slow()
     hf, tok = tiny_smollm2() if name == TINY_SMOLLM2 else load_hf(name)
     place(hf, placement)
     tl_name = TINY_HF if name in (TINY_HF, TINY_SMOLLM2) else _hf_dir_for(name)[1]
