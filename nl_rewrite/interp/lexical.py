@@ -163,12 +163,16 @@ def explanation_problems(texts: dict[int, str]) -> tuple[int, int]:
 def read_scores(parsed: ParsedExplanation, tokens: Sequence[str]) -> Float[Tensor, " pos"]:
     """Per token: its pair item's strength where the token before matches one; else strength of its own item +
     strength of the previous token's item (0 where none). The first token has no token before it."""
-    def score(i: int, t: str) -> int:
-        if i and (tokens[i - 1], t) in parsed.pairs:
-            return parsed.pairs[(tokens[i - 1], t)]
-        return parsed.current.get(t, 0) + (parsed.previous.get(tokens[i - 1], 0) if i else 0)
-
-    return torch.tensor([score(i, t) for i, t in enumerate(tokens)], dtype=torch.float32)
+    # a loop, not a helper function: under the tests' runtime type checks a nested function is decorated anew on
+    # every call, which made this the plumbing run's most expensive line
+    scores = []
+    for i, t in enumerate(tokens):
+        pair = (tokens[i - 1], t) if i else None
+        if pair in parsed.pairs:
+            scores.append(parsed.pairs[pair])
+        else:
+            scores.append(parsed.current.get(t, 0) + (parsed.previous.get(tokens[i - 1], 0) if i else 0))
+    return torch.tensor(scores, dtype=torch.float32)
 
 
 def strength_table(strengths: dict[str, int], vocabulary: dict[str, int]) -> Float[Tensor, " vocab"]:
