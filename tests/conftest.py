@@ -29,16 +29,32 @@ if os.environ.get("NL_REWRITE_TYPECHECK", "1") != "0":
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+"""Processes running the suite (pytest-xdist's ``-n``): they share the cores, so each takes its share of threads."""
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // XDIST_WORKERS)))
 
 
-from helpers import (REAL_MODEL_FIXTURES, acceptance_error, empty_cache,  # noqa: E402  (after the hook)
+from helpers import (REAL_MODEL_FIXTURES, SHARED_RUNS, acceptance_error, empty_cache,  # noqa: E402  (after the hook)
                      record_real_model_loads, reuse_freed_memory)
 
 reuse_freed_memory()
 
 REAL_MODEL_LOADS = record_real_model_loads()
 """Embedded (real) models loaded in this process since the current test started: setup, fixtures and call."""
+
+
+def pytest_itemcollected(item):
+    """Under pytest-xdist (``--dist loadgroup``), tests go to processes by group, so a shared fixture is made once:
+    the tests reading one shared run (:data:`helpers.SHARED_RUNS`) form one group, the other tests of a module
+    another (its module-scoped fixtures). xdist reads the groups after collection."""
+    run = next((name for name in SHARED_RUNS if name in getattr(item, "fixturenames", ())), None)
+    item.add_marker(pytest.mark.xdist_group(run or item.nodeid.split("::")[0]))
+
+
+def pytest_collection_modifyitems(items):
+    """The shared runs' groups first (the longest units of work), so parallel processes start them at once instead
+    of one being left with a run at the end."""
+    items.sort(key=lambda item: not any(name in getattr(item, "fixturenames", ()) for name in SHARED_RUNS))
 
 
 def pytest_runtest_logstart(nodeid, location):

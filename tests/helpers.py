@@ -56,6 +56,8 @@ def record_real_model_loads() -> list[str]:
     return loads
 
 
+SHARED_RUNS = ("smoke_run", "tiny_run")
+"""Session fixtures holding a whole run that several tests read (tests/conftest.py)."""
 REAL_MODEL_FIXTURES = ("smol", "smoke_run")
 """Session fixtures that hold the real SmolLM2 or its run: only the first test to use one loads it."""
 

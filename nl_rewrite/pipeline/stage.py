@@ -9,6 +9,8 @@ truncated file, missing fields, wrong types, an older layout) is recomputed, wit
 from __future__ import annotations
 
 import logging
+import resource
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +35,14 @@ class Stage:
         log.info("stage %s ...", name)
         result = fn(*args, **kwargs)
         self.seconds[name] = round(time.perf_counter() - start, 2)
-        log.info("stage %s done in %.1fs", name, self.seconds[name])
+        log.info("stage %s done in %.1fs (peak RSS so far %.2f GB)", name, self.seconds[name], peak_rss_gb())
         return result
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory so far: the stage whose line first shows the run's peak set it."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20  # bytes on macOS, KiB on Linux
 
 
 def cached(path: Path, fingerprint: str, result_type: object, compute: Callable[[], T]) -> T:

@@ -80,7 +80,8 @@ def rerun(root: Path) -> Artifacts:
 def damaged_rerun(source: Path, root: Path, damages: dict[Path, str], expected: str, caplog
                   ) -> tuple[list[str], list[Path]]:
     """Rerun a copy of ``source`` with ``damages`` (file → damage) applied: the problems found, and the damaged
-    files the rerun replaced without naming them in its log (each may have been replaced before it was read)."""
+    files (not deleted ones) the rerun replaced without naming them in its log (each may have been replaced before
+    it was read)."""
     copy_run(source, root)
     damaged = {}
     for relative, damage in damages.items():
@@ -96,8 +97,9 @@ def damaged_rerun(source: Path, root: Path, damages: dict[Path, str], expected: 
             problems = [f"{sorted(map(str, damages))}: an error that names none of the damaged files: {exc}"]
     except Exception as exc:  # what a user would see as a raw traceback
         problems = [f"{sorted(map(str, damages))}: {type(exc).__name__}: {exc}"]
+    # a deleted file that comes back was missing, as in every first run: nothing damaged could have been read
     replaced = [relative for relative, data in damaged.items()
-                if not named(root / relative, caplog.messages) and changed(root / relative, data)]
+                if data is not None and not named(root / relative, caplog.messages) and changed(root / relative, data)]
     shutil.rmtree(root)
     return problems, replaced
 

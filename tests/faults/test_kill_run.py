@@ -13,6 +13,8 @@ import threading
 import time
 from pathlib import Path
 
+import torch
+
 from helpers import TINY_RUN, empty_cache
 
 KILL_AT: tuple[tuple[str, float | str], ...] = (
@@ -42,7 +44,8 @@ def _run(out: Path, cache: Path, kill_at: str | None = None, when: float | str =
     """``nl-rewrite run`` in a subprocess; with ``kill_at``, SIGKILL it at ``when`` in that stage (see KILL_AT),
     failing if a kill meant to land inside the stage came after it ended. Returns the exit code, or None when it
     was killed."""
-    env = {**os.environ, "NL_REWRITE_CACHE": str(cache)}
+    # as many threads as the in-process reference run used: float sums depend on the thread count
+    env = {**os.environ, "NL_REWRITE_CACHE": str(cache), "OMP_NUM_THREADS": str(torch.get_num_threads())}
     cmd = [sys.executable, "-m", "nl_rewrite.cli.main", "run", *TINY_RUN, "--out", str(out)]
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     deadline = time.monotonic() + timeout
