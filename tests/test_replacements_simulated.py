@@ -178,3 +178,33 @@ def test_an_sae_on_the_residual_is_rewritten_the_same_way(tiny):
     torch.testing.assert_close(logits["oracle"], logits["sae"])
     torch.testing.assert_close(logits["zero_latents"], only_bias)
     assert not torch.allclose(logits["zero_latents"], logits["sae"])
+
+
+def test_window_rows_give_the_same_patch_as_one_tensor_per_window(tiny, coder):
+    """The lexical arms hand in each latent's windows as one tensor (WindowRows): the same calibrated table, and the
+    same patched forward, as a dict of one tensor per window; windows missing for one latent stay incomplete."""
+    from nl_rewrite.interp.window_rows import WindowRows
+
+    tokens, batch = tokens_and_batch(n_windows=4)
+    scores = torch.rand(4, POS, N_LATENTS, generator=torch.Generator().manual_seed(3)) * 9
+    ids = [int(w) for w in batch.window_ids]
+    chosen = [1, 7, 30]
+    calibrators = {lat: identity_calibrator() for lat in chosen}
+    per_window = NLSimulatorReplacement(coder, simulations_from(dict(zip(ids, scores)), chosen), calibrators, chosen)
+    position = {w: i for i, w in enumerate(ids)}
+    rows = NLSimulatorReplacement(coder, {lat: WindowRows(ids, scores[..., lat], position) for lat in chosen},
+                                  calibrators, chosen)
+    assert rows.window_ids == per_window.window_ids == sorted(ids)
+    with torch.no_grad():
+        with per_window.attached(tiny, batch):
+            expected = tiny(tokens)
+        with rows.attached(tiny, batch):
+            got = tiny(tokens)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+    short = {lat: WindowRows(ids, scores[..., lat]) for lat in chosen}
+    short[7] = WindowRows(ids[1:], scores[1:, :, 7])
+    partial = NLSimulatorReplacement(coder, short, calibrators, chosen)
+    assert partial.window_ids == sorted(ids[1:])
+    with pytest.raises(ValueError, match="3 window ids for 4 rows"):
+        WindowRows(ids[1:], scores[..., 7])

@@ -30,6 +30,7 @@ from nl_rewrite.interp.lexical import LEXICAL_VERSION, Candidates, LexicalSimula
 from nl_rewrite.replacements.oracles import OracleReplacement, mean_pearson, noise_multiplier
 from nl_rewrite.replacements.simulated import NLSimulatorReplacement
 from nl_rewrite.interp.simulation_store import SimulationQuality, simulation_quality
+from nl_rewrite.interp.window_rows import WindowRows
 from nl_rewrite.coders.sparse_coder import SparseCoder
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,8 @@ class LexicalArm:
     calibrators: dict[int, Calibrator]
     quality: dict[int, SimulationQuality]
     """Per latent, on the held-out explain-split calibration windows."""
-    eval_sims: dict[int, dict[int, Tensor]]
+    eval_sims: dict[int, Mapping[int, Tensor]]
+    """latent → window id → raw simulated scores ``[pos]``."""
     fallbacks: int
     """Explanations the reader could not parse."""
     linear_calibrations: int = 0
@@ -105,7 +107,8 @@ def simulated_arm(simulator: WindowSimulator, texts: dict[int, str], budget: int
     linear = sum(1 for c in calibrators.values() if isinstance(c, LinearCalibrator))
     unparseable, _ = explanation_problems(texts)  # counted from the texts, so a resumed run counts the same
     ids = list(eval_windows)
-    eval_sims = {lat: dict(zip(ids, rows.unbind(0)))
+    position = {w: i for i, w in enumerate(ids)}  # one index for every latent's rows
+    eval_sims = {lat: WindowRows(ids, rows, position)
                  for lat, rows in simulator.simulate_windows(texts, [eval_windows[w] for w in ids]).items()}
     return LexicalArm(budget, texts, calibrators, quality, eval_sims, unparseable, linear)
 

@@ -20,6 +20,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from nl_rewrite.interp.calibrate import Calibrator
+from nl_rewrite.interp.window_rows import WindowRows
 from nl_rewrite.errors import MissingSimulationError, ShapeMismatchError
 from nl_rewrite.coders.sparse_coder import SparseCoder
 from nl_rewrite.replacements.base import BatchInfo
@@ -47,31 +48,39 @@ class NLSimulatorReplacement(CoderReplacement):
     def _build_table(self, simulations, calibrators) -> tuple[dict[int, Tensor], dict[int, list[int]]]:
         """window id → calibrated values ``[pos, m]`` for windows simulated for every chosen latent."""
         per_latent = [self._calibrated(latent, simulations[latent], calibrators[latent]) for latent in self.latents]
-        windows = set().union(*(d.keys() for d in per_latent)) if per_latent else set()
-        table, incomplete = {}, {}
-        for w in sorted(windows):
-            missing = [lat for lat, d in zip(self.latents, per_latent) if w not in d]
-            if missing:
-                incomplete[w] = missing
-            else:
-                table[w] = torch.stack([d[w] for d in per_latent], dim=-1)
         if self.nan_values:
             log.warning("%s: %d simulated values were NaN (no usable logprobs) and are set to 0",
                         self.name, self.nan_values)
+        if per_latent and all(ids == per_latent[0][0] for ids, _ in per_latent):
+            # the usual case, every latent on the same windows: one stack, not one per window
+            stacked = torch.stack([values for _, values in per_latent], dim=-1)
+            return {w: stacked[i] for i, w in sorted(enumerate(per_latent[0][0]), key=lambda iw: iw[1])}, {}
+        rows = [dict(zip(ids, values)) for ids, values in per_latent]
+        table, incomplete = {}, {}
+        for w in sorted(set().union(*rows)):
+            missing = [lat for lat, d in zip(self.latents, rows) if w not in d]
+            if missing:
+                incomplete[w] = missing
+            else:
+                table[w] = torch.stack([d[w] for d in rows], dim=-1)
         return table, incomplete
 
-    def _calibrated(self, latent: int, windows: Mapping[int, Tensor], calibrator: Calibrator) -> dict[int, Tensor]:
-        if not windows:
-            return {}
-        ids = list(windows)
-        # one stack and one dtype conversion per latent (a conversion per window was a quarter of the default
-        # run's time building conditions)
-        scores = torch.stack([windows[w] for w in ids]).reshape(len(ids), -1).to(torch.float32)
-        values = calibrator(scores.reshape(-1)).reshape(scores.shape)  # one call per latent, not per window
+    def _calibrated(self, latent: int, windows: Mapping[int, Tensor], calibrator: Calibrator
+                    ) -> tuple[tuple[int, ...], Tensor]:
+        """(window ids, calibrated values ``[windows, pos]``) of one latent: one calibrator call per latent, not per
+        window."""
+        if isinstance(windows, WindowRows):
+            ids, scores = windows.ids, windows.rows
+        else:
+            ids = tuple(int(w) for w in windows)
+            scores = torch.stack([windows[w] for w in ids]) if ids else torch.zeros(0, 0)
+        # one dtype conversion per latent (a conversion per window was a quarter of the default run's time building
+        # conditions)
+        scores = scores.reshape(len(ids), -1).to(torch.float32)
+        values = calibrator(scores.reshape(-1)).reshape(scores.shape) if ids else scores
         nan = torch.isnan(values)
         self.nan_values += int(nan.sum())
-        values = torch.where(nan, torch.zeros_like(values), values)
-        return {int(w): row for w, row in zip(ids, values)}
+        return ids, torch.where(nan, torch.zeros_like(values), values)
 
     @property
     def window_ids(self) -> list[int]:
