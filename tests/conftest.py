@@ -43,18 +43,22 @@ REAL_MODEL_LOADS = record_real_model_loads()
 """Embedded (real) models loaded in this process since the current test started: setup, fixtures and call."""
 
 
+def shared_run_of(item) -> str | None:
+    """The shared run (:data:`helpers.SHARED_RUNS`) a test reads, if any."""
+    return next((name for name in SHARED_RUNS if name in getattr(item, "fixturenames", ())), None)
+
+
 def pytest_itemcollected(item):
     """Under pytest-xdist (``--dist loadgroup``), tests go to processes by group, so a shared fixture is made once:
-    the tests reading one shared run (:data:`helpers.SHARED_RUNS`) form one group, the other tests of a module
-    another (its module-scoped fixtures). xdist reads the groups after collection."""
-    run = next((name for name in SHARED_RUNS if name in getattr(item, "fixturenames", ())), None)
-    item.add_marker(pytest.mark.xdist_group(run or item.nodeid.split("::")[0]))
+    the tests reading one shared run form one group, the other tests of a module another (its module-scoped
+    fixtures). xdist reads the groups after collection."""
+    item.add_marker(pytest.mark.xdist_group(shared_run_of(item) or item.nodeid.split("::")[0]))
 
 
 def pytest_collection_modifyitems(items):
     """The shared runs' groups first (the longest units of work), so parallel processes start them at once instead
     of one being left with a run at the end."""
-    items.sort(key=lambda item: not any(name in getattr(item, "fixturenames", ()) for name in SHARED_RUNS))
+    items.sort(key=lambda item: shared_run_of(item) is None)
 
 
 def pytest_runtest_logstart(nodeid, location):
