@@ -168,6 +168,8 @@ def run_experiment(cfg: RunConfig, runner: ShardRunner | None = None) -> Artifac
     arms = ctx.stages.timed("lexical", lexical_stage, ctx, eval_strings)
     backend = make_backend(cfg.llm, cache=cache_dir() / "llm_calls.sqlite", placement=cfg.placement)
     pool = llm_stage(ctx, backend, eval_strings)
+    calls = llm_call_counts(ctx, backend)
+    del backend  # no stage after the LLM's needs it: the evaluations' peak memory goes without its weights
     headline = arms[cfg.lexical_budget]
 
     # the trained simulator's options key only its own block (adding it to a finished run evaluates nothing else)
@@ -189,7 +191,7 @@ def run_experiment(cfg: RunConfig, runner: ShardRunner | None = None) -> Artifac
         explanations=pool.explanations, scores=pool.scores, quality=pool.quality, pool=sorted(pool.texts),
         n_latents=ctx.cache.n_latents, chosen=pool.chosen,
         fallbacks={k: count_fallbacks(v.values()) for k, v in pool.calibrators.items()},
-        counts=run_counts(ctx, arms, pool, backend), stages=ctx.stages.seconds, decode=ctx.cache.token_strings,
+        counts=run_counts(ctx, arms, pool, calls), stages=ctx.stages.seconds, decode=ctx.cache.token_strings,
         generations=generations, trained_results=trained_results)
 
 
@@ -234,15 +236,18 @@ def pool_block(ctx: Context, pool: PoolArm, headline: LexicalArm, eval_windows: 
                                   fingerprint)
 
 
-def run_counts(ctx: Context, arms: dict[int, LexicalArm], pool: PoolArm, backend) -> dict[str, int]:
-    # under Ray the calls are made by the workers' own copies of the backend, which this process cannot count
-    backend_counts = {k: getattr(backend, k) for k in ("new_calls", "hits")
-                      if hasattr(backend, k) and not ctx.runner.parallel}
+def llm_call_counts(ctx: Context, backend) -> dict[str, int]:
+    """The LLM calls made and answered from the call cache (none under Ray: the calls are made by the workers' own
+    copies of the backend, which this process cannot count)."""
+    return {k: getattr(backend, k) for k in ("new_calls", "hits") if hasattr(backend, k) and not ctx.runner.parallel}
+
+
+def run_counts(ctx: Context, arms: dict[int, LexicalArm], pool: PoolArm, calls: dict[str, int]) -> dict[str, int]:
     return {"pool": len(pool.pool), "explained_ok": len(pool.texts),
             "explanations_failed": len(pool.explanations) - len(pool.texts),
             "simulated_nan_predictions": pool.nan_predictions,
             "lexical_explained": len(arms[ctx.cfg.lexical_budget].texts),
-            "lexical_parse_fallbacks": sum(a.fallbacks for a in arms.values()), **backend_counts}
+            "lexical_parse_fallbacks": sum(a.fallbacks for a in arms.values()), **calls}
 
 
 def trained_stage(ctx: Context, headline: LexicalArm, explain_doc_ids: list[str], eval_windows: TokenWindows,
