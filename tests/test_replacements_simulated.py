@@ -208,3 +208,18 @@ def test_window_rows_give_the_same_patch_as_one_tensor_per_window(tiny, coder):
     assert partial.window_ids == sorted(ids[1:])
     with pytest.raises(ValueError, match="3 window ids for 4 rows"):
         WindowRows(ids[1:], scores[..., 7])
+
+
+def test_a_simulated_condition_pickles_in_proportion_to_its_windows(coder):
+    """Conditions travel to Ray workers pickled: each window's values must not drag the other windows' along."""
+    import pickle
+
+    from nl_rewrite.interp.window_rows import WindowRows
+
+    n_windows, chosen = 16, list(range(N_LATENTS))
+    ids = list(range(n_windows))
+    scores = torch.rand(n_windows, POS, N_LATENTS, generator=torch.Generator().manual_seed(4)) * 9
+    rep = NLSimulatorReplacement(coder, {lat: WindowRows(ids, scores[..., lat]) for lat in chosen},
+                                 {lat: identity_calibrator() for lat in chosen}, chosen)
+    values_bytes = scores.numel() * 4
+    assert len(pickle.dumps(rep)) < 2 * values_bytes + len(pickle.dumps(coder)) + 100_000

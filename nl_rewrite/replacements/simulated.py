@@ -52,9 +52,10 @@ class NLSimulatorReplacement(CoderReplacement):
             log.warning("%s: %d simulated values were NaN (no usable logprobs) and are set to 0",
                         self.name, self.nan_values)
         if per_latent and all(ids == per_latent[0][0] for ids, _ in per_latent):
-            # the usual case, every latent on the same windows: one stack, not one per window
+            # the usual case, every latent on the same windows: one stack, not one per window. Each window's rows are
+            # copied out: a view would pickle the whole stack (for every window) when the condition travels to Ray
             stacked = torch.stack([values for _, values in per_latent], dim=-1)
-            return {w: stacked[i] for i, w in sorted(enumerate(per_latent[0][0]), key=lambda iw: iw[1])}, {}
+            return {w: stacked[i].clone() for i, w in sorted(enumerate(per_latent[0][0]), key=lambda iw: iw[1])}, {}
         rows = [dict(zip(ids, values)) for ids, values in per_latent]
         table, incomplete = {}, {}
         for w in sorted(set().union(*rows)):
