@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from nl_rewrite.interp.calibrate import LinearCalibrator, QuantileCalibrator
+from nl_rewrite.interp.window_rows import WindowRows
 from nl_rewrite.replacements.base import BatchInfo
 from nl_rewrite.replacements.coders import TranscoderReplacement
 from nl_rewrite.errors import MissingSimulationError
@@ -183,8 +184,6 @@ def test_an_sae_on_the_residual_is_rewritten_the_same_way(tiny):
 def test_window_rows_give_the_same_patch_as_one_tensor_per_window(tiny, coder):
     """The lexical arms hand in each latent's windows as one tensor (WindowRows): the same calibrated table, and the
     same patched forward, as a dict of one tensor per window; windows missing for one latent stay incomplete."""
-    from nl_rewrite.interp.window_rows import WindowRows
-
     tokens, batch = tokens_and_batch(n_windows=4)
     scores = torch.rand(4, POS, N_LATENTS, generator=torch.Generator().manual_seed(3)) * 9
     ids = [int(w) for w in batch.window_ids]
@@ -213,8 +212,6 @@ def test_window_rows_give_the_same_patch_as_one_tensor_per_window(tiny, coder):
 def test_a_simulated_condition_pickles_in_proportion_to_its_windows(coder):
     """Conditions travel to Ray workers pickled: each window's values must not drag the other windows' along."""
     import pickle
-
-    from nl_rewrite.interp.window_rows import WindowRows
 
     n_windows, chosen = 16, list(range(N_LATENTS))
     ids = list(range(n_windows))

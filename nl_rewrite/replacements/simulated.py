@@ -46,25 +46,23 @@ class NLSimulatorReplacement(CoderReplacement):
         self._table, self._incomplete = self._build_table(simulations, calibrators)
 
     def _build_table(self, simulations, calibrators) -> tuple[dict[int, Tensor], dict[int, list[int]]]:
-        """window id → calibrated values ``[pos, m]`` for windows simulated for every chosen latent."""
+        """window id → calibrated values ``[pos, m]`` for windows simulated for every chosen latent; the other windows
+        → the chosen latents they lack."""
         per_latent = [self._calibrated(latent, simulations[latent], calibrators[latent]) for latent in self.latents]
         if self.nan_values:
             log.warning("%s: %d simulated values were NaN (no usable logprobs) and are set to 0",
                         self.name, self.nan_values)
-        if per_latent and all(ids == per_latent[0][0] for ids, _ in per_latent):
-            # the usual case, every latent on the same windows: one stack, not one per window. Each window's rows are
-            # copied out: a view would pickle the whole stack (for every window) when the condition travels to Ray
-            stacked = torch.stack([values for _, values in per_latent], dim=-1)
-            return {w: stacked[i].clone() for i, w in sorted(enumerate(per_latent[0][0]), key=lambda iw: iw[1])}, {}
-        rows = [dict(zip(ids, values)) for ids, values in per_latent]
-        table, incomplete = {}, {}
-        for w in sorted(set().union(*rows)):
-            missing = [lat for lat, d in zip(self.latents, rows) if w not in d]
-            if missing:
-                incomplete[w] = missing
-            else:
-                table[w] = torch.stack([d[w] for d in rows], dim=-1)
-        return table, incomplete
+        rows = [{w: i for i, w in enumerate(ids)} for ids, _ in per_latent]  # per latent: window id → row
+        windows = sorted(set().union(*rows))
+        incomplete = {w: missing for w in windows
+                      if (missing := [lat for lat, r in zip(self.latents, rows) if w not in r])}
+        complete = [w for w in windows if w not in incomplete]
+        if not complete:
+            return {}, incomplete
+        # one gather per latent and one stack, not a stack per window. Each window's values are copied out: a view
+        # would pickle the whole stack (for every window) when the condition travels to Ray
+        stacked = torch.stack([values[[r[w] for w in complete]] for r, (_, values) in zip(rows, per_latent)], dim=-1)
+        return {w: row.clone() for w, row in zip(complete, stacked)}, incomplete
 
     def _calibrated(self, latent: int, windows: Mapping[int, Tensor], calibrator: Calibrator
                     ) -> tuple[tuple[int, ...], Tensor]:
