@@ -6,7 +6,7 @@ Loads the cached default transcoder (training it first if absent), then for ``ev
 - FVU of the transcoder's mlp_out prediction, mean L0, and the fraction of latents that never fire on a larger
   sample (``--dead-windows``).
 
-With ``--tokens``, ``--passes`` or ``--lr``, it trains a candidate with those settings (the rest the default's) into
+With ``--tokens``, ``--passes``, ``--lr`` or ``--lr-decay``, it trains a candidate with those settings (the rest the default's) into
 ``--out`` instead, and reports its training seconds beside its quality: how to measure a new default before making it.
 
 Usage: python benchmarks/transcoder_quality.py [--windows 96] [--layer 10] [--tokens 200k --passes 4 --out DIR]
@@ -77,13 +77,15 @@ def main() -> None:
     parser.add_argument("--tokens", default=None, help="train a candidate on this many model tokens (e.g. 200k)")
     parser.add_argument("--passes", type=int, default=None, help="the candidate's optimiser passes per buffer")
     parser.add_argument("--lr", type=float, default=None, help="the candidate's learning rate")
+    parser.add_argument("--lr-decay", type=float, default=None,
+                        help="the candidate's share of steps with a linearly falling learning rate")
     parser.add_argument("--out", default="runs/transcoder_candidate", help="the candidate's folder")
     args = parser.parse_args()
     torch.set_num_threads(2)
     model = load_model(args.model)
     start = time.perf_counter()
-    candidate = {k: v for k, v in (("tokens", args.tokens), ("buffer_passes", args.passes), ("lr", args.lr))
-                 if v is not None}
+    settings = (("tokens", args.tokens), ("buffer_passes", args.passes), ("lr", args.lr), ("lr_decay", args.lr_decay))
+    candidate = {k: v for k, v in settings if v is not None}
     if candidate:
         cfg = TrainConfig(model=args.model, layer=args.layer, out=args.out,
                           **{"buffer_passes": DEFAULT_BUFFER_PASSES, **candidate})

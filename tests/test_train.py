@@ -82,6 +82,33 @@ def test_other_settings_in_folder_refused(tiny, tmp_path):
         train(tiny_cfg(tmp_path, tokens=512, width=64), model=tiny, windows=tokens, progress=False)
 
 
+def test_lr_schedule_warms_up_holds_and_decays_to_zero():
+    cfg = TrainConfig(tokens=10 * 1024, batch_size=1024, buffer_passes=2, lr=1.0, lr_warmup=4, lr_decay=0.5)
+    lrs = [cfg.lr_at(step) for step in range(cfg.total_steps)]
+    assert cfg.total_steps == 20
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0] and lrs[4:10] == [1.0] * 6
+    assert lrs[10:] == [(20 - s) / 10 for s in range(10, 20)]  # the last step at 1/10, never 0
+    assert TrainConfig(lr=1.0, lr_warmup=0).lr_at(10**6) == 1.0  # no decay: constant after warm-up
+    with pytest.raises(ValueError, match="lr_decay"):
+        TrainConfig(lr_decay=1.5)
+
+
+def test_decay_makes_the_token_count_part_of_the_result(tiny, tmp_path):
+    """Without decay a longer request resumes a finished run; with decay the schedule ends at ``tokens``, so another
+    count is another coder. A folder cached before ``lr_decay`` existed reads as trained without decay."""
+    tokens = tiny_tokens()
+    train(tiny_cfg(tmp_path / "const", tokens=512), model=tiny, windows=tokens, progress=False)
+    done = tmp_path / "const" / DONE_FILE
+    summary = json.loads(done.read_text())
+    del summary["config"]["lr_decay"]
+    done.write_text(json.dumps(summary))
+    train(tiny_cfg(tmp_path / "const", tokens=1024), model=tiny, windows=tokens, progress=False)  # resumes
+    assert json.loads(done.read_text())["steps"] == 8
+    train(tiny_cfg(tmp_path / "decay", tokens=512, lr_decay=0.5), model=tiny, windows=tokens, progress=False)
+    with pytest.raises(CheckpointError, match="tokens"):
+        train(tiny_cfg(tmp_path / "decay", tokens=1024, lr_decay=0.5), model=tiny, windows=tokens, progress=False)
+
+
 @pytest.mark.acceptance
 def test_short_real_training_run(smol, tmp_cache):
     """A few hundred small steps on SmolLM2 layer 15 (width 512, batch 256, each buffer seen 3 times): loss falls

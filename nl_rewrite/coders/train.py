@@ -59,6 +59,8 @@ training on CPU, so a second pass costs ~15% more time and lowers FVU."""
 STATE_FILE, LOG_FILE, DONE_FILE = "train_state.pt", "train_log.jsonl", "training.json"
 # fields that may differ between an interrupted run and its resumption without changing the result
 _RESUMABLE_CHANGES = ("tokens", "checkpoint_every", "out")
+# settings added after coders were first cached, at the value that reproduces those coders
+_LEGACY_SETTINGS = {"lr_decay": 0.0}
 
 
 def coder_sites(kind: Kind, layer: int, sae_site: SiteKind) -> tuple[str, str]:
@@ -112,6 +114,8 @@ class TrainConfig:
     """Adam learning rate"""
     lr_warmup: int = 20
     """linear warm-up steps"""
+    lr_decay: float = 0.0
+    """share of the steps, at the end, over which the learning rate falls linearly to 0 (0: constant)"""
     auxk_alpha: float = 1 / 32
     """weight of the AuxK dead-latent loss"""
     dead_tokens: int = 50_000
@@ -141,6 +145,8 @@ class TrainConfig:
             raise ValueError(f"k={self.k} exceeds width={self.width}")
         if self.lr <= 0 or self.auxk_alpha < 0 or self.lr_warmup < 0:
             raise ValueError("lr must be positive; auxk_alpha and lr_warmup non-negative")
+        if not 0 <= self.lr_decay <= 1:
+            raise ValueError(f"lr_decay is a share of the steps, in [0, 1], got {self.lr_decay}")
         if (self.buffer_windows * self.window) % self.batch_size:
             raise ValueError(f"a buffer ({self.buffer_windows} windows × {self.window} tokens) must split into whole "
                              f"batches of {self.batch_size} tokens")
@@ -162,6 +168,18 @@ class TrainConfig:
     def total_steps(self) -> int:
         """Optimiser steps: every one of ``tokens`` model tokens is seen ``buffer_passes`` times."""
         return max(1, self.tokens // self.batch_size) * self.buffer_passes
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of 0-based optimiser step ``step``: warm-up, constant, then the linear decay."""
+        warm = min(1.0, (step + 1) / max(1, self.lr_warmup))
+        decay_steps = round(self.lr_decay * self.total_steps)
+        decay = min(1.0, (self.total_steps - step) / decay_steps) if decay_steps else 1.0
+        return self.lr * warm * decay
+
+    def resumable_changes(self) -> tuple[str, ...]:
+        """Fields that may differ between an interrupted run and its resumption without changing the result: a
+        decaying learning rate ends at ``tokens``, so then the token count shapes every step after the decay starts."""
+        return tuple(name for name in _RESUMABLE_CHANGES if not (name == "tokens" and self.lr_decay))
 
     def output_folder(self) -> Path:
         if self.out:
@@ -329,7 +347,7 @@ def train_step(state: TrainState, cfg: TrainConfig, x: Tensor, y: Tensor,
     aux = auxk_loss(coder, raw, error, dead, total_variance) if cfg.auxk_alpha > 0 else fvu.new_zeros(())
     loss = fvu + cfg.auxk_alpha * aux
     for group in state.optimizer.param_groups:
-        group["lr"] = cfg.lr * min(1.0, (state.step + 1) / max(1, cfg.lr_warmup))
+        group["lr"] = cfg.lr_at(state.step)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     # every exchange between ranks happens before the weights change: a rank that fails or is interrupted in one
@@ -582,7 +600,8 @@ def _finished(folder: Path, cfg: TrainConfig) -> bool:
 
 def _check_same_settings(folder: Path, cfg: TrainConfig, saved: dict, what: str) -> None:
     """Refuse to resume or reuse ``folder`` when it was trained under settings that change the coder."""
-    differing = sorted(k for k, v in asdict(cfg).items() if k not in _RESUMABLE_CHANGES and saved.get(k) != v)
+    saved = {**_LEGACY_SETTINGS, **saved}
+    differing = sorted(k for k, v in asdict(cfg).items() if k not in cfg.resumable_changes() and saved.get(k) != v)
     if differing:
         raise CheckpointError(f"{folder} holds {what} trained with different settings ({', '.join(differing)}); "
                               "pass another --out or delete the folder")
