@@ -132,4 +132,14 @@ def test_cli_parses_train_command():
     cfg = args.cfg
     assert isinstance(cfg, TrainConfig)
     assert (cfg.layer, cfg.width, cfg.k, cfg.tokens, cfg.kind) == (12, 4096, 32, 2_000_000, "transcoder")
-    assert cfg.output_folder().name == "mlp_in.12-w4096-k32"
+    assert cfg.output_folder().name == f"mlp_in.12-w4096-k32-{cfg.settings_digest()}"
+
+
+def test_cache_folder_per_result_shaping_settings():
+    base = TrainConfig(layer=12)
+    assert TrainConfig(layer=12, tokens="1M").output_folder() == base.output_folder()  # a longer run resumes
+    assert TrainConfig(layer=12, lr=1e-3).output_folder() != base.output_folder()
+    decayed = TrainConfig(layer=12, lr_decay=0.2)
+    assert decayed.output_folder() != base.output_folder()
+    assert TrainConfig(layer=12, lr_decay=0.2, tokens="1M").output_folder() != decayed.output_folder()
+    assert TrainConfig(layer=12, out="here").output_folder().name == "here"

@@ -41,6 +41,7 @@ from nl_rewrite import io
 from nl_rewrite.coders.checkpoint import is_checkpoint, load_coder, save_coder
 from nl_rewrite.coders.distributed import SINGLE_PROCESS, Ranks, check_divisible, rank_device, ranks_from_env
 from nl_rewrite.errors import CheckpointError
+from nl_rewrite.hashing import digest
 from nl_rewrite.paths import cache_dir
 from nl_rewrite.model.loading import check_layer_before_loading
 from nl_rewrite.model.sites import Site, SiteKind, resolve, site_width
@@ -182,9 +183,17 @@ class TrainConfig:
         return tuple(name for name in _RESUMABLE_CHANGES if not (name == "tokens" and self.lr_decay))
 
     def output_folder(self) -> Path:
+        """``out``, else a cache folder of its own for every set of result-shaping settings (so a changed default
+        trains a new coder beside the old one instead of refusing the old folder)."""
         if self.out:
             return Path(self.out)
-        return coder_folder(self.model, self.sites[0], self.kind, self.width, self.k)
+        folder = coder_folder(self.model, self.sites[0], self.kind, self.width, self.k)
+        return folder.with_name(f"{folder.name}-{self.settings_digest()}")
+
+    def settings_digest(self) -> str:
+        """A digest of the settings that shape the trained coder (not the resumable ones)."""
+        shaping = {k: v for k, v in asdict(self).items() if k not in self.resumable_changes()}
+        return digest(json.dumps(shaping, sort_keys=True), length=8)
 
 
 def coder_folder(model: str, read_site: str, kind: str, width: int, k: int) -> Path:
