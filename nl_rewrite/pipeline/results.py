@@ -33,11 +33,11 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from functools import cache, cached_property
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import JsonValue, TypeAdapter, ValidationError
+from pydantic import JsonValue
 
 from nl_rewrite import io
 from nl_rewrite.errors import NLRewriteError
@@ -45,6 +45,7 @@ from nl_rewrite.evaluation.evaluator import CLEAN, ConditionSummary
 from nl_rewrite.evaluation.generate import Generation
 from nl_rewrite.evaluation.recovery import Gap, Recovery
 from nl_rewrite.pipeline.conditions import ConditionInfo
+from nl_rewrite.typed_json import adapter, validated
 
 SCHEMA = "nl_rewrite.run/2"
 RESULTS_FILE = "results.json"
@@ -182,7 +183,7 @@ class RunResults:
 
     @cached_property
     def settings(self) -> RunSettings:
-        return _settings_adapter().validate_python(self.config)
+        return validated(RunSettings, self.config, ResultsError, "its config", where="config.")
 
     @property
     def all_positions(self) -> ModeResults:
@@ -190,19 +191,9 @@ class RunResults:
         return self.modes["all"]
 
 
-@cache
-def _adapter() -> TypeAdapter:  # (TypeAdapter[RunResults]: the runtime type checker cannot read it)
-    return TypeAdapter(RunResults)
-
-
-@cache
-def _settings_adapter() -> TypeAdapter:
-    return TypeAdapter(RunSettings)
-
-
 def results_json(results: RunResults) -> dict:
     """The tree as results.json's JSON object (NaN stays NaN: python mode, then ``json.dumps``, as the stage cache)."""
-    return _adapter().dump_python(results)
+    return adapter(RunResults).dump_python(results)
 
 
 def write_results(results: RunResults, path: Path) -> None:
@@ -224,24 +215,12 @@ def load_results(path: Path) -> RunResults:
     if found != SCHEMA:
         raise ResultsError(f"{path} has schema {found!r}; this version of nl_rewrite reads {SCHEMA!r} only: "
                            f"{rerun_fix(path)}")
+    results = validated(RunResults, data, ResultsError, f"{path} as {SCHEMA} results", rerun_fix(path))
     try:
-        results = _adapter().validate_python(data)
         check_results(results)  # reads results.settings too: a config lacking what the report prints is refused here
-    except ValidationError as exc:
-        where = "config." if exc.title == RunSettings.__name__ else ""
-        raise ResultsError(f"{path} is not a valid {SCHEMA} results file: {_problems(exc, where)}; "
-                           f"{rerun_fix(path)}") from None
     except ResultsError as exc:
         raise ResultsError(f"{path}: {exc}; {rerun_fix(path)}") from None
     return results
-
-
-def _problems(exc: ValidationError, where: str = "", shown: int = 3) -> str:
-    """pydantic's first few complaints, each with its place in the file (``pool.size: Input should be ...``)."""
-    errors = exc.errors(include_url=False)
-    lines = [f"{where}{'.'.join(str(part) for part in e['loc'])}: {e['msg']}" for e in errors[:shown]]
-    more = f" (and {len(errors) - shown} more)" if len(errors) > shown else ""
-    return "; ".join(lines) + more
 
 
 def check_results(results: RunResults) -> None:
