@@ -17,14 +17,14 @@ from pathlib import Path
 from typing import Callable
 
 from nl_rewrite import io
-from nl_rewrite.pipeline.answer import answer_lines
-from nl_rewrite.evaluation.evaluator import ConditionSummary, EvalResults
+from nl_rewrite.evaluation.evaluator import CLEAN, ConditionSummary, EvalResults
+from nl_rewrite.evaluation.generate import Generation
+from nl_rewrite.evaluation.recovery import Recovered, Recovery, format_p, gaps, recovery_table
 from nl_rewrite.interp.explain import Explanation
+from nl_rewrite.pipeline.answer import answer_lines
 from nl_rewrite.pipeline.conditions import ConditionInfo
 from nl_rewrite.pipeline.experiment import Artifacts
-from nl_rewrite.evaluation.recovery import Recovered, Recovery, format_p, gaps, recovery_table
 from nl_rewrite.pipeline.report_plots import PLOTS
-from nl_rewrite.evaluation.generate import Generation
 from nl_rewrite.pipeline.results import (RESULTS_FILE, SCHEMA, ZERO_LATENTS, LatentRow, LexicalSummary,
                                          ModeResults, PoolChoice, PoolRun, RunResults, RunSettings, SimulationScores,
                                          TrainedRun, write_results)
@@ -38,7 +38,7 @@ def reference(coder: str) -> tuple[str, str]:
 
 def _simulated(res: EvalResults, coder: str) -> list[str]:
     """The conditions measured against the gap: all but the clean model and the gap's two ends."""
-    return [n for n in res.conditions if n not in ("clean", *reference(coder))]
+    return [n for n in res.conditions if n not in (CLEAN, *reference(coder))]
 
 
 def _default_llm_condition(res: EvalResults) -> str:
@@ -74,9 +74,7 @@ def latent_rows(art: Artifacts) -> list[LatentRow]:
     rows = []
     for rec in art.explanations:
         s = scores.get(rec.latent)
-        sim = {kind: SimulationScores(q[rec.latent].pearson, q[rec.latent].spearman, q[rec.latent].precision,
-                                      q[rec.latent].recall)
-               for kind, q in art.quality.items() if rec.latent in q}
+        sim = {kind: SimulationScores.of(q[rec.latent]) for kind, q in art.quality.items() if rec.latent in q}
         rows.append(LatentRow(latent=rec.latent, explanation=rec.text,
                               lexical_explanation=headline.texts.get(rec.latent, ""), ok=rec.ok, error=rec.error,
                               detection_balanced_accuracy=s.balanced_accuracy if s else None,

@@ -44,6 +44,7 @@ from nl_rewrite.errors import NLRewriteError
 from nl_rewrite.evaluation.evaluator import CLEAN, ConditionSummary
 from nl_rewrite.evaluation.generate import Generation
 from nl_rewrite.evaluation.recovery import Gap, Recovery
+from nl_rewrite.interp.simulation_store import SimulationQuality
 from nl_rewrite.pipeline.conditions import ConditionInfo
 from nl_rewrite.typed_json import adapter, validated
 
@@ -140,6 +141,10 @@ class SimulationScores:
     spearman: float
     precision: float
     recall: float
+
+    @classmethod
+    def of(cls, quality: SimulationQuality) -> SimulationScores:
+        return cls(quality.pearson, quality.spearman, quality.precision, quality.recall)
 
 
 @dataclass(frozen=True)
