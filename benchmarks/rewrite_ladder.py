@@ -15,37 +15,37 @@ import math
 import time
 from pathlib import Path
 
+from nl_rewrite.evaluation.recovery import Recovered, Recovery
+from nl_rewrite.pipeline.conditions import ConditionInfo
+from nl_rewrite.pipeline.results import RunResults, load_results
+
 
 def finite_or_none(value):
     """Strict JSON has no NaN: an undefined correlation (baselines) becomes null."""
     return value if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
-def triple(summary: dict, value: str, ci: str) -> list[float]:
-    return [summary[value], *summary[ci]]
+def condition_entry(rec: Recovery, info: ConditionInfo, **extra) -> dict:
+    def frac(r: Recovered):
+        return r.fraction.as_list() if r.fraction else f"undefined: {r.reason}"
+
+    return {"recovered_ce": frac(rec.ce), "recovered_kl": frac(rec.kl), "pearson": finite_or_none(info.pearson),
+            "fraction": info.fraction_of_latents, **extra}
 
 
-def condition_entry(rec: dict, info: dict, **extra) -> dict:
-    def frac(metric: str):
-        return rec[metric]["fraction"] or f"undefined: {rec[metric]['reason']}"
-
-    return {"recovered_ce": frac("ce"), "recovered_kl": frac("kl"), "pearson": finite_or_none(info["pearson"]),
-            "fraction": info["fraction_of_latents"], **extra}
-
-
-def ladder(data: dict) -> dict:
-    conds = data["modes"]["all"]["conditions"]
-    out = {"layer": data["config"]["layer"],
-           "zero_mlp_delta_ce": triple(conds["zero_mlp"], "ce_delta", "ce_delta_ci"),
-           "gap_ce": data["gap"]["ce"], "gap_kl": data["gap"]["kl"], "n_tokens": data["n_tokens"],
-           "conditions": {name: condition_entry(data["recovery"][name], info)
-                          for name, info in data["conditions_info"].items() if name in data["recovery"]}}
-    pool = data["pool_run"]
-    for name in (pool["llm_condition"], "lexical_pool"):
+def ladder(results: RunResults) -> dict:
+    conds = results.all_positions.conditions
+    zero = conds["zero_mlp"]
+    out = {"layer": results.settings.layer, "zero_mlp_delta_ce": [zero.ce_delta, *zero.ce_delta_ci],
+           "gap_ce": results.gap.ce.as_list(), "gap_kl": results.gap.kl.as_list(), "n_tokens": results.n_tokens,
+           "conditions": {name: condition_entry(results.recovery[name], info)
+                          for name, info in results.conditions_info.items() if name in results.recovery}}
+    pool = results.pool_run
+    for name in (pool.llm_condition, "lexical_pool"):
         if name:
             out["conditions"][f"pool:{name}"] = condition_entry(
-                pool["recovery_vs_pool_zeroed"][name], pool["conditions_info"][name], reference="pool_zeroed",
-                n_tokens=pool["conditions"][name]["n_tokens"])
+                pool.recovery_vs_pool_zeroed[name], pool.conditions_info[name], reference="pool_zeroed",
+                n_tokens=pool.conditions[name].n_tokens)
     return out
 
 
@@ -59,10 +59,10 @@ def main() -> None:
         from nl_rewrite.cli.main import main as cli
 
         cli(["run", "--out", args.run])
-    data = json.loads(path.read_text())
-    out = ladder(data)
+    results = load_results(path)
+    out = ladder(results)
     out["seconds"] = round(time.perf_counter() - start, 1)
-    out["run_stage_seconds"] = data["stage_seconds"]
+    out["run_stage_seconds"] = results.stage_seconds
     print(json.dumps(out, allow_nan=False))
 
 

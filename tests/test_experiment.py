@@ -12,7 +12,7 @@ from jaxtyping import TypeCheckError
 from helpers import TINY_RUN
 from nl_rewrite.cli.main import main
 from nl_rewrite.latents.cache import LatentCache
-from nl_rewrite.pipeline.report import validate_results
+from nl_rewrite.pipeline.results import load_results
 from nl_rewrite.pipeline.config import RunConfig
 
 OUTPUTS = ("results.json", "results.csv", "ladder.png", "fractions.png", "budgets.png", "report.html", "manifest.json",
@@ -44,7 +44,7 @@ def test_smoke_run_end_to_end_and_cached_rerun(smoke_run, monkeypatch):
     for name in OUTPUTS:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     data = smoke_run.results
-    validate_results(data)
+    load_results(out)
     for mode in ("all", "last"):
         conds = data["modes"][mode]["conditions"]
         for name in ("oracle", "binary_oracle", "lexical", "noisy_r0.5", "lexical_b3", "lexical_f0.1", "binary_oracle_f0.1"):
@@ -88,7 +88,7 @@ def test_an_sae_on_the_residual_stream_end_to_end(tmp_cache, tmp_path):
     out = tmp_path / "sae_run"
     assert main(["run", *TINY_RUN, "--coder", "sae", "--position-modes", "all", "--out", str(out)]) == 0
     data = json.loads((out / "results.json").read_text())
-    validate_results(data)
+    assert load_results(out).settings.coder == "sae"
     conds = data["modes"]["all"]["conditions"]
     for name in ("sae", "zero_latents", "zero_resid_post", "mean_resid_post", "random_latents", "oracle", "lexical"):
         assert name in conds, name
@@ -110,7 +110,7 @@ def test_the_trained_simulator_added_to_a_finished_run(tiny_run, tmp_path, monke
             "--trained.batch_size", "4", "--trained-eval-windows", "2", "--trained-calib-windows", "2"]
     assert main(argv) == 0
     data = json.loads((out / "results.json").read_text())
-    validate_results(data)
+    assert load_results(out).trained_run is not None
     trained = data["trained_run"]
     assert trained["n_windows"] == 2
     for name in ("transcoder", "zero_latents", "zero_mlp", "lexical", "oracle", "binary_oracle", "trained"):
@@ -124,3 +124,14 @@ def test_the_trained_simulator_added_to_a_finished_run(tiny_run, tmp_path, monke
     stored = list((out / "simulations" / "trained").rglob("latent_*.safetensors"))
     alive = len(LatentCache.open(out / "latents").stats.alive())
     assert alive > 0 and len(stored) == alive, "every latent that fired on explain is read through the simulation store"
+
+
+def test_the_tiny_runs_results_load_and_redraw_unchanged(tiny_run, tmp_path):
+    """The shared tiny run's results.json reads back as the typed tree, whose answer and results.csv are the run's."""
+    from nl_rewrite.pipeline.answer import answer_lines
+    from nl_rewrite.pipeline.report import write_csv
+
+    results = load_results(tiny_run.out)
+    assert results.answer == tiny_run.results["answer"] == answer_lines(results)
+    write_csv(results, tmp_path / "results.csv")
+    assert (tmp_path / "results.csv").read_text() == (tiny_run.out / "results.csv").read_text()

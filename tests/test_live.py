@@ -54,5 +54,5 @@ def test_prompts_continued_in_batches_equal_one_at_a_time(tiny):
     rows = side_by_side(tiny, prompts, {"clean": None, "live": live}, 4, decode)
     for prompt, row in zip(prompts, rows):
         for name, rep in (("clean", None), ("live", live)):
-            assert row["continuations"][name] == "".join(decode(greedy(tiny, prompt, 4, rep))), name
-    assert [r["prompt"] for r in rows] == ["".join(decode(p.tolist())) for p in prompts]
+            assert row.continuations[name] == "".join(decode(greedy(tiny, prompt, 4, rep))), name
+    assert [r.prompt for r in rows] == ["".join(decode(p.tolist())) for p in prompts]

@@ -6,7 +6,7 @@ import pytest
 
 from nl_rewrite.evaluation.comparison import (ComparisonError, Run, describe_recovered, load_run, merge_runs,
                                               write_report)
-from nl_rewrite.evaluation.suite import Suite, run_suite
+from nl_rewrite.evaluation.suite import Suite, VersusZero, run_suite
 from nl_rewrite.replacements import MeanReplacement, ZeroReplacement
 from nl_rewrite.replacements.base import Replacement
 
@@ -49,12 +49,12 @@ def test_paired_tests_match_the_per_window_numbers(halve_run):
     block = halve_run.blocks["eval/all"]
     tests = halve_run.tests("eval/all")["halve"]
     diff = [a - b for a, b in zip(block.ce["halve"], block.ce["zero@mlp_out.1"])]
-    assert tests["vs_zero"]["ce_diff"] == pytest.approx(sum(diff) / len(diff))
-    lo, hi = tests["vs_zero"]["ce_diff_ci"]
-    assert lo <= tests["vs_zero"]["ce_diff"] <= hi
-    assert tests["vs_clean"]["ce_delta"] == pytest.approx(block.summaries["halve"].ce_delta)
-    recovered = tests["vs_zero"]["recovered"]
-    assert recovered is None or tests["vs_zero"]["recovered_ci"][0] <= recovered <= tests["vs_zero"]["recovered_ci"][1]
+    assert tests.vs_zero.ce_diff == pytest.approx(sum(diff) / len(diff))
+    lo, hi = tests.vs_zero.ce_diff_ci
+    assert lo <= tests.vs_zero.ce_diff <= hi
+    assert tests.vs_clean.ce_delta == pytest.approx(block.summaries["halve"].ce_delta)
+    recovered = tests.vs_zero.recovered
+    assert recovered is None or tests.vs_zero.recovered_ci[0] <= recovered <= tests.vs_zero.recovered_ci[1]
 
 
 def test_fingerprint_follows_suite_model_and_windows(tiny, halve_run):
@@ -97,8 +97,11 @@ def test_compare_refuses_different_fingerprints_and_says_why(tiny, halve_run):
 
 
 def test_undefined_recovery_is_said_in_words_not_numbers():
-    assert describe_recovered({"recovered": None, "recovered_ci": None}).startswith("undefined")
-    assert describe_recovered({"recovered": 0.5, "recovered_ci": [0.25, 0.75]}) == "50% [25%, 75%]"
+    def versus_zero(recovered, ci):
+        return VersusZero("zero", 0.1, (0.0, 0.2), 0.1, (0.0, 0.2), 0.5, recovered, ci)
+
+    assert describe_recovered(versus_zero(None, None)).startswith("undefined")
+    assert describe_recovered(versus_zero(0.5, (0.25, 0.75))) == "50% [25%, 75%]"
 
 
 def test_load_run_errors_name_the_fix(tmp_path):
@@ -109,4 +112,19 @@ def test_load_run_errors_name_the_fix(tmp_path):
         load_run(tmp_path)
     (tmp_path / "results.json").write_text(json.dumps({"summaries": {}}))
     with pytest.raises(ComparisonError, match="no suite fingerprint"):
+        load_run(tmp_path)
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda d: d.pop("references"), "references: Field required"),
+    (lambda d: d["blocks"]["eval/all"]["ce"].update(halve="high"), r"blocks.eval/all.ce.halve: Input should be a "
+                                                                   "valid list"),
+    (lambda d: d["blocks"]["eval/last"].pop("window_ids"), "blocks.eval/last.window_ids: Field required"),
+])
+def test_load_run_refuses_an_ill_typed_file_naming_the_field(halve_run, tmp_path, breakage, message):
+    data = json.loads(json.dumps(halve_run.to_json()))
+    breakage(data)
+    (tmp_path / "results.json").write_text(json.dumps(data))
+    with pytest.raises(ComparisonError, match=f"results.json as evaluation results is not valid: {message}.*; run "
+                                              f"`nl-rewrite evaluate --out"):
         load_run(tmp_path)

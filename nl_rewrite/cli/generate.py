@@ -12,10 +12,11 @@ from pathlib import Path
 
 from nl_rewrite.cli.run import add_run_config
 from nl_rewrite.errors import NLRewriteError
+from nl_rewrite.evaluation.generate import Generation
 from nl_rewrite.pipeline.config import RunConfig
 
 
-def continuations(cfg: RunConfig, prompts: list[str], new_tokens: int) -> list[dict]:
+def continuations(cfg: RunConfig, prompts: list[str], new_tokens: int) -> list[Generation]:
     import torch
 
     from nl_rewrite.pipeline.stage import Stage
@@ -54,7 +55,7 @@ def run(args) -> int:
     if args.new_tokens < 1:
         raise ValueError("--new-tokens must be at least 1")
     for item in continuations(args.cfg, args.prompt, args.new_tokens):
-        print(f"\n{item['prompt']!r}")
-        for name, text in item["continuations"].items():
+        print(f"\n{item.prompt!r}")
+        for name, text in item.continuations.items():
             print(f"  {name:<28} {text!r}")
     return 0

@@ -18,7 +18,8 @@ from typing import Sequence
 from nl_rewrite import io
 from nl_rewrite.errors import NLRewriteError
 from nl_rewrite.evaluation.evaluator import CLEAN, EvalResults
-from nl_rewrite.evaluation.suite import SuiteResults, fingerprint_differences
+from nl_rewrite.evaluation.suite import SuiteFile, SuiteResults, VersusZero, fingerprint_differences
+from nl_rewrite.typed_json import validated
 
 
 class ComparisonError(NLRewriteError, ValueError):
@@ -37,12 +38,13 @@ def load_run(folder: "str | Path") -> Run:
     if Path(folder).is_dir() and not path.is_file():
         raise ComparisonError(f"{folder} holds no finished evaluation (results.json, written last, is missing: it "
                               f"did not finish, or never ran there); run `nl-rewrite evaluate --out {folder}`")
-    data = io.read_json_object(path, ComparisonError, "evaluation results",
-                               f"run `nl-rewrite evaluate --out {folder}` (again)")
+    fix = f"run `nl-rewrite evaluate --out {folder}` (again)"
+    data = io.read_json_object(path, ComparisonError, "evaluation results", fix)
     if "fingerprint_parts" not in data:
         raise ComparisonError(f"{path} has no suite fingerprint (written by `nl-rewrite run` or an older "
                               "`nl-rewrite evaluate`); rerun `nl-rewrite evaluate --suite standard`")
-    return Run(str(folder), SuiteResults.from_json(data))
+    stored = validated(SuiteFile, data, ComparisonError, f"{path} as evaluation results", fix)
+    return Run(str(folder), stored.suite_results())
 
 
 def check_comparable(runs: Sequence[Run]) -> None:
@@ -100,23 +102,23 @@ def _p(p: float) -> str:
     return "n/a" if not math.isfinite(p) else ("<0.001" if p < 0.001 else f"{p:.3f}")
 
 
-def describe_recovered(vs_zero: dict) -> str:
-    if vs_zero["recovered"] is None:
+def describe_recovered(vs_zero: VersusZero) -> str:
+    if vs_zero.recovered is None or vs_zero.recovered_ci is None:
         return "undefined (zero-ablation's CE gap is not clearly positive)"
-    lo, hi = vs_zero["recovered_ci"]
-    return f"{100 * vs_zero['recovered']:.0f}% [{100 * lo:.0f}%, {100 * hi:.0f}%]"
+    lo, hi = vs_zero.recovered_ci
+    return f"{100 * vs_zero.recovered:.0f}% [{100 * lo:.0f}%, {100 * hi:.0f}%]"
 
 
 def rows(results: SuiteResults, block: str, sources: dict[str, str]) -> list[list[str]]:
     """Table rows of one block: every condition but clean, with its paired tests."""
     out = []
     for name, tests in results.tests(block).items():
-        c, z = tests["vs_clean"], tests["vs_zero"]
-        versus_zero = (["(is the reference)", "", "", ""] if z["reference"] == name else
-                       [z["reference"], f"{z['ce_diff']:+.4f} {_ci(*z['ce_diff_ci'])}", _p(z["wilcoxon_p"]),
+        c, z = tests.vs_clean, tests.vs_zero
+        versus_zero = (["(is the reference)", "", "", ""] if z.reference == name else
+                       [z.reference, f"{z.ce_diff:+.4f} {_ci(*z.ce_diff_ci)}", _p(z.wilcoxon_p),
                         describe_recovered(z)])
-        out.append([name, sources.get(name, ""), f"{c['ce_delta']:+.4f} {_ci(*c['ce_delta_ci'])}",
-                    f"{c['kl']:.4f} {_ci(*c['kl_ci'])}", _p(c["wilcoxon_p"]), *versus_zero])
+        out.append([name, sources.get(name, ""), f"{c.ce_delta:+.4f} {_ci(*c.ce_delta_ci)}",
+                    f"{c.kl:.4f} {_ci(*c.kl_ci)}", _p(c.wilcoxon_p), *versus_zero])
     return out
 
 

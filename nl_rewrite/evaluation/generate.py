@@ -9,6 +9,7 @@ backend, so a near-tie between two tokens could in principle flip; none did in t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from itertools import groupby
 from typing import Callable, Mapping
 
@@ -51,10 +52,18 @@ def greedy_continuations(model, prompts: list[Tensor], n_new: int, replacement: 
     return [out[i] for i in range(len(prompts))]
 
 
+@dataclass(frozen=True)
+class Generation:
+    """Greedy continuations of one prompt, per model (condition name → the continuation's text)."""
+
+    prompt: str
+    continuations: dict[str, str]
+
+
 def side_by_side(model, prompts: list[Tensor], conditions: Mapping[str, Replacement | None], n_new: int,
-                 decode: Callable[[list[int]], list[str]]) -> list[dict]:
+                 decode: Callable[[list[int]], list[str]]) -> list[Generation]:
     """Per prompt: its text and each condition's continuation (``None`` is the clean model)."""
     per_condition = {name: greedy_continuations(model, prompts, n_new, rep) for name, rep in conditions.items()}
-    return [{"prompt": "".join(decode(p.tolist())),
-             "continuations": {name: "".join(decode(ids[i])) for name, ids in per_condition.items()}}
+    return [Generation("".join(decode(p.tolist())),
+                       {name: "".join(decode(ids[i])) for name, ids in per_condition.items()})
             for i, p in enumerate(prompts)]

@@ -12,15 +12,18 @@ number is given.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from pydantic_core import core_schema
 from torch import Tensor
 
 from nl_rewrite.evaluation.evaluator import EvalResults
 from nl_rewrite.evaluation.stats import bootstrap_indices, mean_ci, paired_wilcoxon, ratio_ci
 
-METRICS = ("ce", "kl")
+Metric = Literal["ce", "kl"]
+METRICS: tuple[Metric, ...] = ("ce", "kl")
 LEVEL = 0.95
 
 
@@ -35,6 +38,15 @@ class Interval:
 
     def excludes_zero(self) -> bool:
         return self.lo > 0 or self.hi < 0
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: object, handler: object) -> core_schema.CoreSchema:
+        """In a results file an interval is the list ``[value, lo, hi]``: pydantic reads and writes it so (the
+        layout results.json has always had)."""
+        triple = core_schema.tuple_schema([core_schema.float_schema()] * 3)
+        return core_schema.no_info_after_validator_function(
+            lambda values: cls(*values), triple,
+            serialization=core_schema.plain_serializer_function_ser_schema(cls.as_list))
 
 
 @dataclass(frozen=True)
@@ -51,6 +63,28 @@ class Recovered:
     """Why the fraction is undefined (empty when defined)."""
 
 
+@dataclass(frozen=True)
+class Gap:
+    """The gap ``M(worse) − M(better)`` on both metrics."""
+
+    ce: Interval
+    kl: Interval
+
+    def on(self, metric: Metric) -> Interval:
+        return self.ce if metric == "ce" else self.kl
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """One condition's recovered fraction of a gap on both metrics."""
+
+    ce: Recovered
+    kl: Recovered
+
+    def on(self, metric: Metric) -> Recovered:
+        return self.ce if metric == "ce" else self.kl
+
+
 def _metric(res: EvalResults, metric: str, name: str) -> Tensor:
     table = res.ce if metric == "ce" else res.kl
     if name not in table:
@@ -62,6 +96,11 @@ def gap(res: EvalResults, metric: str, worse: str = "zero_latents", better: str 
     """Mean per-window ``M_worse − M_better`` with its window-bootstrap CI."""
     diff = _metric(res, metric, worse) - _metric(res, metric, better)
     return Interval(float(diff.mean()), *mean_ci(diff, bootstrap_indices(len(diff), res.n_bootstrap, res.seed), LEVEL))
+
+
+def gaps(res: EvalResults, worse: str = "zero_latents", better: str = "transcoder") -> Gap:
+    """:func:`gap` on CE and on KL."""
+    return Gap(gap(res, "ce", worse, better), gap(res, "kl", worse, better))
 
 
 def recovered(res: EvalResults, name: str, metric: str, worse: str = "zero_latents",
@@ -86,15 +125,10 @@ def recovered(res: EvalResults, name: str, metric: str, worse: str = "zero_laten
 
 
 def recovery_table(res: EvalResults, names: list[str], worse: str = "zero_latents",
-                   better: str = "transcoder") -> dict[str, dict[str, Recovered]]:
-    """condition → metric → :class:`Recovered`."""
-    return {name: {m: recovered(res, name, m, worse, better) for m in METRICS} for name in names}
-
-
-def recovered_json(r: Recovered) -> dict:
-    data = asdict(r)
-    data["fraction"] = r.fraction.as_list() if r.fraction else None
-    return data
+                   better: str = "transcoder") -> dict[str, Recovery]:
+    """condition → its :class:`Recovery` of the gap ``worse − better``."""
+    return {name: Recovery(recovered(res, name, "ce", worse, better), recovered(res, name, "kl", worse, better))
+            for name in names}
 
 
 def undefined_note(r: Recovered) -> str:

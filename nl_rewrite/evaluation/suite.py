@@ -16,8 +16,11 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
+from pydantic import JsonValue
+
 from nl_rewrite.data.windows import Split, TokenWindows, token_windows
 from nl_rewrite.evaluation.evaluator import CLEAN, EvalResults, Evaluator, PositionMode
+from nl_rewrite.evaluation.stats import CIBounds
 from nl_rewrite.parallel.runner import ShardRunner
 from nl_rewrite.replacements.base import Replacement
 from nl_rewrite.replacements.baselines import ZeroReplacement
@@ -96,27 +99,57 @@ def with_references(replacements: Sequence[Replacement]) -> list[Replacement]:
     return [*replacements, *extra.values()]
 
 
-def paired_tests(results: EvalResults, condition: str, zero: str) -> dict:
-    """Per-window paired comparisons of ``condition`` with the clean model and with zero-ablation ``zero``.
+@dataclass(frozen=True)
+class VersusClean:
+    """A condition against the clean model: condition − clean (nats, 95% window-bootstrap CIs)."""
 
-    Differences are condition − reference (CE and KL, nats, 95% window-bootstrap CIs; Wilcoxon p on per-window
-    CE). ``recovered`` is the fraction of zero-ablation's CE gap the condition closes, None when that gap's CI
-    includes 0 (then no fraction is defined)."""
+    ce_delta: float
+    ce_delta_ci: CIBounds
+    kl: float
+    """KL(clean‖patched): the clean model's own is 0."""
+    kl_ci: CIBounds
+    wilcoxon_p: float
+    """Paired Wilcoxon p on per-window CE."""
+
+
+@dataclass(frozen=True)
+class VersusZero:
+    """A condition against the zero-ablation of its write site: condition − zero (nats, 95% CIs)."""
+
+    reference: str
+    """The zero-ablation condition (the condition itself when it is one)."""
+    ce_diff: float
+    ce_diff_ci: CIBounds
+    kl_diff: float
+    kl_diff_ci: CIBounds
+    wilcoxon_p: float
+    recovered: float | None
+    """The fraction of zero-ablation's CE gap the condition closes; None when undefined (the gap's CI includes 0,
+    or too many resamples had no ratio)."""
+    recovered_ci: CIBounds | None
+
+
+@dataclass(frozen=True)
+class PairedTests:
+    """One condition's per-window paired comparisons, as results.json's ``tests`` and compare's table give them."""
+
+    vs_clean: VersusClean
+    vs_zero: VersusZero
+
+
+def paired_tests(results: EvalResults, condition: str, zero: str) -> PairedTests:
+    """Per-window paired comparisons of ``condition`` with the clean model and with zero-ablation ``zero``."""
     s = results.summaries[condition]
     ce_diff, ce_diff_ci = results.difference(condition, zero, "ce")
     kl_diff, kl_diff_ci = results.difference(condition, zero, "kl")
     gap_lo = results.summaries[zero].ce_delta_ci[0]
     value, ci = results.fraction_recovered(condition, worse=zero)
     defined = gap_lo > 0 and ci.reliable and math.isfinite(value)
-    return {
-        "vs_clean": {"ce_delta": s.ce_delta, "ce_delta_ci": list(s.ce_delta_ci), "kl": s.kl_mean,
-                     "kl_ci": list(s.kl_ci), "wilcoxon_p": results.wilcoxon(condition, CLEAN)},
-        "vs_zero": {"reference": zero, "ce_diff": ce_diff, "ce_diff_ci": list(ce_diff_ci),
-                    "kl_diff": kl_diff, "kl_diff_ci": list(kl_diff_ci),
-                    "wilcoxon_p": results.wilcoxon(condition, zero) if condition != zero else 1.0,
-                    "recovered": value if defined else None,
-                    "recovered_ci": list(ci) if defined else None},
-    }
+    return PairedTests(
+        VersusClean(s.ce_delta, s.ce_delta_ci, s.kl_mean, s.kl_ci, results.wilcoxon(condition, CLEAN)),
+        VersusZero(zero, ce_diff, ce_diff_ci, kl_diff, kl_diff_ci,
+                   results.wilcoxon(condition, zero) if condition != zero else 1.0,
+                   value if defined else None, (ci.lo, ci.hi) if defined else None))
 
 
 @dataclass
@@ -124,7 +157,7 @@ class SuiteResults:
     """One suite's results: an :class:`EvalResults` per block, and which zero-ablation each condition is tested
     against."""
 
-    parts: dict
+    parts: dict[str, JsonValue]
     """What the fingerprint hashes (suite, model, window digests)."""
     blocks: dict[str, EvalResults]
     references: dict[str, str]
@@ -134,19 +167,28 @@ class SuiteResults:
     def fingerprint(self) -> str:
         return fingerprint(self.parts)
 
-    def tests(self, block: str) -> dict[str, dict]:
+    def tests(self, block: str) -> dict[str, PairedTests]:
         results = self.blocks[block]
         return {c: paired_tests(results, c, self.references[c]) for c in results.conditions if c != CLEAN}
 
     def to_json(self) -> dict:
+        tests = {name: {c: asdict(t) for c, t in self.tests(name).items()} for name in self.blocks}
         return {"fingerprint": self.fingerprint, "fingerprint_parts": self.parts, "references": self.references,
-                "blocks": {name: {**r.to_json(), "tests": self.tests(name)} for name, r in self.blocks.items()}}
+                "blocks": {name: {**r.to_json(), "tests": tests[name]} for name, r in self.blocks.items()}}
 
-    @classmethod
-    def from_json(cls, data: dict) -> "SuiteResults":
-        blocks = {name: EvalResults.from_json({k: v for k, v in b.items() if k != "tests"})
-                  for name, b in data["blocks"].items()}
-        return cls(data["fingerprint_parts"], blocks, data["references"])
+
+@dataclass(frozen=True)
+class SuiteFile:
+    """What compare reads of an evaluation's results.json (the paired tests and the config in it are not read: the
+    tests are recomputed from the per-window numbers, the same for every merged run)."""
+
+    fingerprint_parts: dict[str, JsonValue]
+    references: dict[str, str]
+    blocks: dict[str, EvalResults]
+    """Each block's per-window CE and KL and their summaries (its ``tests`` are ignored)."""
+
+    def suite_results(self) -> SuiteResults:
+        return SuiteResults(self.fingerprint_parts, self.blocks, self.references)
 
 
 def suite_windows(model, suite: Suite, prepend_bos: bool) -> dict[str, TokenWindows]:

@@ -8,7 +8,8 @@ from nl_rewrite._lazy import by_module, lazy_exports
 _EXPORTS = by_module({
     "nl_rewrite.pipeline.config": ("RunConfig",),
     "nl_rewrite.pipeline.experiment": ("run_experiment", "Artifacts"),
-    "nl_rewrite.pipeline.report": ("write_outputs", "results_payload"),
+    "nl_rewrite.pipeline.report": ("write_outputs", "run_results"),
+    "nl_rewrite.pipeline.results": ("RunResults", "load_results"),
 })
 
 __all__ = list(_EXPORTS)

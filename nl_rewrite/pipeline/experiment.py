@@ -30,7 +30,7 @@ from nl_rewrite.evaluation.evaluator import EvalResults, Evaluator
 from nl_rewrite.interp.explain import Explanation
 from nl_rewrite.pipeline.ladder import LEXICAL_CALIBRATION, LexicalArm, eval_pearson
 from nl_rewrite.latents.cache import LatentCache
-from nl_rewrite.evaluation.generate import side_by_side
+from nl_rewrite.evaluation.generate import Generation, side_by_side
 from nl_rewrite.interp.lexical import LexicalSimulator
 from nl_rewrite.llm.factory import check_spec, make_backend
 from nl_rewrite.model.hub import HF_SPEC
@@ -39,6 +39,7 @@ from nl_rewrite.paths import cache_dir
 from nl_rewrite.replacements.base import Replacement
 from nl_rewrite.replacements.live import LiveSimulatorReplacement
 from nl_rewrite.pipeline.config import RunConfig
+from nl_rewrite.pipeline.results import RESULTS_FILE
 from nl_rewrite.pipeline.stage import Stage, cached
 from nl_rewrite.pipeline.trained_arm import (TrainedMaterials, check_trained_simulator, get_simulator, trained_arm,
                                              trained_conditions, trained_windows)
@@ -54,8 +55,6 @@ from nl_rewrite.pipeline.main_arm import lexical_stage, main_conditions, arm_dig
 
 CONFIG_FILE = "config.toml"
 """The resolved config of a run, in its output folder."""
-RESULTS_FILE = "results.json"
-"""A run's summary: written last, and removed when a rerun starts, so a folder holding it is a finished run."""
 
 
 @dataclass
@@ -68,6 +67,9 @@ class Artifacts:
     pool_results: EvalResults
     """The LLM pool's conditions (and references) on the first ``llm_eval_windows`` eval windows."""
     info: dict[str, ConditionInfo]
+    """What each main condition is (family, fraction, measured Pearson r), by name."""
+    pool_info: dict[str, ConditionInfo]
+    """The same for the pool's conditions (their names may repeat a main condition's: they are other windows)."""
     lexical: dict[int, LexicalArm]
     pool_mass_share: float
     explanations: list[Explanation]
@@ -81,11 +83,13 @@ class Artifacts:
     stages: dict[str, float]
     decode: Callable[[list[int]], list[str]]
     """token ids → token strings, for showing examples."""
-    generations: list[dict] = field(default_factory=list)
+    generations: list[Generation] = field(default_factory=list)
     """Greedy continuations of eval prompts from the clean and rewritten models."""
     trained_results: EvalResults | None = None
     """The trained simulator at 100% of latents and its references on the first ``trained_eval_windows`` eval
     windows (None unless ``--trained-simulator`` is set)."""
+    trained_info: dict[str, ConditionInfo] = field(default_factory=dict)
+    """What each condition of the trained block is (empty without it)."""
 
 
 def evaluate_cached(model, windows: TokenWindows, build: Callable[[], list[Replacement]], path: Path, mode: str,
@@ -131,13 +135,14 @@ def rewritten_models(ctx: Context, arm: LexicalArm) -> dict[str, Replacement | N
             "zero_latents": build_condition("zero_latents", ctx.model, ctx.cfg.layer, lambda: tc)}
 
 
-def generation_stage(ctx: Context, arm: LexicalArm, eval_windows: TokenWindows, fingerprint: str) -> list[dict]:
+def generation_stage(ctx: Context, arm: LexicalArm, eval_windows: TokenWindows, fingerprint: str
+                     ) -> list[Generation]:
     """Greedy continuations of the first eval windows' openings, per rewritten model (cached by fingerprint)."""
-    def generate() -> list[dict]:
+    def generate() -> list[Generation]:
         prompts = [eval_windows.tokens[i, :PROMPT_TOKENS] for i in range(min(GENERATION_PROMPTS, len(eval_windows)))]
         return side_by_side(ctx.model, prompts, rewritten_models(ctx, arm), NEW_TOKENS, ctx.cache.token_strings)
 
-    return cached(ctx.out / "generations.json", fingerprint, list[dict], generate)
+    return cached(ctx.out / "generations.json", fingerprint, list[Generation], generate)
 
 
 def check_before_loading(cfg: RunConfig) -> None:
@@ -184,15 +189,13 @@ def run_experiment(cfg: RunConfig, runner: ShardRunner | None = None) -> Artifac
     generations = ctx.stages.timed("generate", generation_stage, ctx, headline, eval_windows, main_fp)
     mass = output_mass(ctx.cache, ctx.coder)
     return Artifacts(
-        cfg=cfg, results=results, pool_results=pool_results, lexical=arms,
-        info={**info, **{f"pool:{k}": v for k, v in pool_info.items()},
-              **{f"trained:{k}": v for k, v in trained_info.items()}},
+        cfg=cfg, results=results, pool_results=pool_results, lexical=arms, info=info, pool_info=pool_info,
         pool_mass_share=float(mass[sorted(pool.texts)].sum()) if pool.texts else 0.0,
         explanations=pool.explanations, scores=pool.scores, quality=pool.quality, pool=sorted(pool.texts),
         n_latents=ctx.cache.n_latents, chosen=pool.chosen,
         fallbacks={k: count_fallbacks(v.values()) for k, v in pool.calibrators.items()},
         counts=run_counts(ctx, arms, pool, calls), stages=ctx.stages.seconds, decode=ctx.cache.token_strings,
-        generations=generations, trained_results=trained_results)
+        generations=generations, trained_results=trained_results, trained_info=trained_info)
 
 
 def open_run(cfg: RunConfig, runner: ShardRunner) -> tuple[Context, TokenWindows]:

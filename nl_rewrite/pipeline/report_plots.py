@@ -1,6 +1,7 @@
 """Plots of ``nl-rewrite run``: the oracle ladder, the fraction sweeps and the explanation-length curve.
 
-Each reads the results.json payload only, so a plot can be redrawn from a finished run.
+Each reads the results tree only (:class:`~nl_rewrite.pipeline.results.RunResults`), so a plot can be redrawn from a
+finished run's results.json (``load_results``).
 """
 
 from __future__ import annotations
@@ -8,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from nl_rewrite.evaluation.plotting import pyplot
-from nl_rewrite.pipeline.answer import run_coder
+from nl_rewrite.evaluation.recovery import Metric, Recovered
+from nl_rewrite.pipeline.results import RunResults
 
 METRIC_LABEL = {"kl": "KL(clean‖patched) gap recovered", "ce": "CE gap recovered"}
 
@@ -50,9 +52,9 @@ def _save(plt, fig, title: str, path: Path) -> None:
     plt.close(fig)
 
 
-def _point(rec: dict) -> tuple[float, float, float] | None:
-    frac = rec["fraction"]
-    return tuple(frac) if frac else None  # type: ignore[return-value]
+def _point(rec: Recovered) -> tuple[float, float, float] | None:
+    frac = rec.fraction
+    return None if frac is None else (frac.value, frac.lo, frac.hi)
 
 
 def _errorbar(ax, xs, points, **style) -> None:
@@ -65,48 +67,53 @@ def _errorbar(ax, xs, points, **style) -> None:
     ax.errorbar(x, y, yerr=err, capsize=3, **style)
 
 
-def plot_ladder(data: dict, path: Path) -> None:
+def _ladder_extras(ax, results: RunResults, metric: Metric) -> None:
+    """The simulators beside the oracle curve: the LLM on its pool and the trained simulator, when the run has them."""
+    pool = results.pool_run
+    llm = pool.llm_condition
+    if llm:
+        _errorbar(ax, [pool.conditions_info[llm].pearson], [_point(pool.recovery_vs_pool_zeroed[llm].on(metric))],
+                  ls="none", marker="^", color="tab:red", label=f"LLM on its pool ({llm}; gap of zeroing the pool)")
+    trained = results.trained_run
+    if trained is not None:
+        _errorbar(ax, [trained.conditions_info["trained"].pearson], [_point(trained.recovery["trained"].on(metric))],
+                  ls="none", marker="*", color="tab:green", ms=10,
+                  label=f"trained simulator, all latents (first {trained.n_windows} eval windows)")
+
+
+def plot_ladder(results: RunResults, path: Path) -> None:
     """Fraction of the gap recovered vs the simulation's Pearson r: oracles as a curve, simulators as points."""
     plt = pyplot()
-    info, rec = data["conditions_info"], data["recovery"]
+    info, rec = results.conditions_info, results.recovery
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.3))
     for ax, metric in zip(axes, ("kl", "ce")):
-        oracles = sorted((n for n in info if n.startswith("noisy_r") or n == "oracle"), key=lambda n: info[n]["pearson"])
-        _errorbar(ax, [info[n]["pearson"] for n in oracles], [_point(rec[n][metric]) for n in oracles],
+        oracles = sorted((n for n in info if n.startswith("noisy_r") or n == "oracle"), key=lambda n: info[n].pearson)
+        _errorbar(ax, [info[n].pearson for n in oracles], [_point(rec[n].on(metric)) for n in oracles],
                   marker="o", color="grey", label="noise-degraded oracles")
         for name, style in (("binary_oracle", dict(marker="s", color="black")),
                             ("lexical", dict(marker="D", color="tab:blue"))):
             if name in info:
-                _errorbar(ax, [info[name]["pearson"]], [_point(rec[name][metric])], ls="none",
-                          label=info[name]["label"], **style)
-        pool = data["pool_run"]
-        llm = pool["llm_condition"]
-        if llm:
-            _errorbar(ax, [pool["conditions_info"][llm]["pearson"]],
-                      [_point(pool["recovery_vs_pool_zeroed"][llm][metric])],
-                      ls="none", marker="^", color="tab:red", label=f"LLM on its pool ({llm}; gap of zeroing the pool)")
-        trained = data.get("trained_run")
-        if trained:
-            _errorbar(ax, [trained["conditions_info"]["trained"]["pearson"]], [_point(trained["recovery"]["trained"][metric])],
-                      ls="none", marker="*", color="tab:green", ms=10,
-                      label=f"trained simulator, all latents (first {trained['n_windows']} eval windows)")
+                _errorbar(ax, [info[name].pearson], [_point(rec[name].on(metric))], ls="none",
+                          label=info[name].label, **style)
+        _ladder_extras(ax, results, metric)
         _reference_lines(ax)
         _clip_low(ax, FLOOR)
         _label(ax, "mean per-latent Pearson r with true activations (eval)", METRIC_LABEL[metric])
-    _save(plt, fig, f"What quality a simulator needs: gap zero-latents → {run_coder(data)} recovered (95% CIs)", path)
+    _save(plt, fig, f"What quality a simulator needs: gap zero-latents → {results.settings.coder} recovered (95% CIs)",
+          path)
 
 
-def plot_fractions(data: dict, path: Path) -> None:
+def plot_fractions(results: RunResults, path: Path) -> None:
     """Recovered fraction vs fraction of all latents simulated (best-explained first)."""
     plt = pyplot()
-    info, rec = data["conditions_info"], data["recovery"]
+    info, rec = results.conditions_info, results.recovery
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.3))
     families = {"lexical": ("lexical_f", "lexical"), "binary oracle": ("binary_oracle_f", "binary_oracle")}
     for ax, metric in zip(axes, ("kl", "ce")):
         for label, (prefix, full) in families.items():
-            names = sorted((n for n in info if n.startswith(prefix)), key=lambda n: info[n]["fraction_of_latents"])
+            names = sorted((n for n in info if n.startswith(prefix)), key=lambda n: info[n].fraction_of_latents)
             names += [full] if full in info else []
-            _errorbar(ax, [info[n]["fraction_of_latents"] for n in names], [_point(rec[n][metric]) for n in names],
+            _errorbar(ax, [info[n].fraction_of_latents for n in names], [_point(rec[n].on(metric)) for n in names],
                       marker="o", label=label)
         _reference_lines(ax)
         ax.set_xscale("log")
@@ -114,15 +121,16 @@ def plot_fractions(data: dict, path: Path) -> None:
     _save(plt, fig, "Fraction sweep (95% CIs)", path)
 
 
-def plot_budgets(data: dict, path: Path) -> None:
+def plot_budgets(results: RunResults, path: Path) -> None:
     """Recovered fraction vs explanation length budget (items), all latents."""
     plt = pyplot()
-    rec, budget = data["recovery"], data["config"]["lexical_budget"]
+    rec, budget = results.recovery, results.settings.lexical_budget
     names = {budget: "lexical", **{int(n.split("_b")[1]): n for n in rec if n.startswith("lexical_b")}}
     budgets = sorted(names)
     fig, ax = plt.subplots(figsize=(6, 4))
     for metric in ("kl", "ce"):
-        _errorbar(ax, budgets, [_point(rec[names[b]][metric]) for b in budgets], marker="o", label=METRIC_LABEL[metric])
+        _errorbar(ax, budgets, [_point(rec[names[b]].on(metric)) for b in budgets], marker="o",
+                  label=METRIC_LABEL[metric])
     ax.set_xscale("log", base=2)
     ax.set_xticks(budgets, [str(b) for b in budgets])
     _label(ax, "items per lexical explanation", "fraction of gap recovered")

@@ -67,7 +67,8 @@ def answer(art: Artifacts) -> str:
     """What a run measures and writes, as comparable text (NaN included)."""
     return json.dumps({"eval": {mode: [r.ce, r.kl] for mode, r in art.results.items()},
                        "pool": [art.pool_results.ce, art.pool_results.kl],
-                       "info": {k: asdict(v) for k, v in art.info.items()}, "generations": art.generations,
+                       "info": [{k: asdict(v) for k, v in block.items()} for block in (art.info, art.pool_info)],
+                       "generations": [asdict(g) for g in art.generations],
                        "explanations": [e.text for e in art.explanations], "scores": [asdict(s) for s in art.scores],
                        "lexical": {b: arm.texts for b, arm in art.lexical.items()}}, sort_keys=True, default=str)
 
