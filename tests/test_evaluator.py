@@ -136,7 +136,7 @@ def test_real_model_zero_mean_identity(smol, tmp_cache):
     res = Evaluator(smol, windows, batch_size=8, progress=False).run(
         [ZeroReplacement(f"mlp_out.{layer}"), mean, IdentityReplacement(f"mlp_out.{layer}")])
     s = res.summaries
-    print(res.table())
+    print(res.summary_table())
     assert abs(s["identity"].ce_delta) < 1e-5
     assert s["zero"].ce_delta > 0.02
     assert s["clean"].mean_ce < s["mean"].mean_ce < s["zero"].mean_ce

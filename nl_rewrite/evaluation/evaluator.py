@@ -140,8 +140,8 @@ class EvalResults:
                              for k, s in data.get("summaries", {}).items()}
         return cls(**data)
 
-    def table(self) -> str:
-        """A plain-text table of the summaries."""
+    def summary_table(self) -> str:
+        """The conditions' summaries as a plain-text table."""
         rows = [f"{'condition':<28}{'mean CE':>10}{'ΔCE':>10}{'ΔCE 95% CI':>22}{'KL(clean‖patched)':>20}"]
         for name, s in self.summaries.items():
             ci = f"[{s.ce_delta_ci[0]:+.4f}, {s.ce_delta_ci[1]:+.4f}]"
@@ -273,7 +273,8 @@ class Evaluator:
         step = n if batches_per_span is None else self.batch_size * batches_per_span
         return [(start, min(start + step, n)) for start in range(0, max(n, 1), max(step, 1))]
 
-    def table(self, replacements: Sequence[Replacement], span: tuple[int, int], progress: bool) -> "WindowTable":
+    def window_table(self, replacements: Sequence[Replacement], span: tuple[int, int], progress: bool
+                     ) -> "WindowTable":
         """Per-window mean CE and KL of every condition on windows ``[start, stop)``, in batches of ``batch_size``."""
         out = WindowTable({}, {})
         starts = range(span[0], span[1], self.batch_size)
@@ -309,4 +310,4 @@ class EvalShard:
 
 
 def evaluate_span(shard: EvalShard, span: tuple[int, int]) -> WindowTable:
-    return shard.evaluator.table(shard.replacements, span, progress=shard.batch_progress)
+    return shard.evaluator.window_table(shard.replacements, span, progress=shard.batch_progress)
