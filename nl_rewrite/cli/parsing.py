@@ -83,10 +83,9 @@ def metavar(kind: Any) -> str | None:
         if len(options) > 1:
             return "|".join(filter(None, map(metavar, options)))
         kind = options[0]
-    inner = kind
-    if typing.get_origin(inner) is tuple:
-        inner = typing.get_args(inner)[0]
-    return getattr(inner, "__name__", None)
+    if typing.get_origin(kind) is tuple:
+        kind = typing.get_args(kind)[0]
+    return getattr(kind, "__name__", None)
 
 
 def shown(default: Any) -> str:
@@ -104,7 +103,8 @@ def tightened(spec: FieldSpec, kwargs: dict[str, Any]) -> dict[str, Any]:
     if kwargs.get("nargs") == "?" and optional_scalar(spec.kind) is not None:
         kwargs["nargs"] = None  # simple_parsing would accept a bare --eval-windows as None
     default = kwargs.get("default")
-    text = spec.doc.replace("%", "%%") if "%%" not in spec.doc else spec.doc
+    # argparse %-formats help; docstrings written for it already say "100%%", the others need their % doubled
+    text = spec.doc if "%%" in spec.doc else spec.doc.replace("%", "%%")
     if "default:" not in text and default is not argparse.SUPPRESS:  # a docstring may say what its None means
         text = f"{text} (default: {shown(default).replace('%', '%%')})".strip()
     kwargs["help"] = text
@@ -132,7 +132,7 @@ def store_action(specs: Mapping[str, FieldSpec]) -> type[argparse.Action]:
     return Store
 
 
-Defaults = Callable[[list[str]], "dict[str, Any]"]
+Defaults = Callable[[list[str]], dict[str, Any]]
 """A command line → the defaults of its dataclasses by dest; a ValueError or OSError is a usage error."""
 
 
