@@ -307,3 +307,12 @@ def test_a_run_without_all_positions_is_refused_before_it_starts(capsys):
 
     assert main(["run", "--preset", "smoke", "--position-modes", "last"]) == 2
     assert "position_modes must include 'all'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--layer"], ["--eval-windows"], ["evaluate", "--suite"]])
+def test_an_optional_option_needs_its_value(argv, capsys):
+    """A bare ``--layer`` is an error, not None (parsed only: nothing runs even if it were accepted)."""
+    command = ["run", *argv] if argv[0] != "evaluate" else argv
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(command)
+    assert exc.value.code == 2 and "expected one argument" in capsys.readouterr().err

@@ -133,3 +133,24 @@ def test_cli_parses_train_command():
     assert isinstance(cfg, TrainConfig)
     assert (cfg.layer, cfg.width, cfg.k, cfg.tokens, cfg.kind) == (12, 4096, 32, 2_000_000, "transcoder")
     assert cfg.output_folder().name == "mlp_in.12-w4096-k32"
+
+
+@pytest.mark.parametrize("argv,tokens,linear_init", [
+    ([], 400_000, True), (["--tokens", "500k"], 500_000, True), (["--tokens", "1234"], 1234, True),
+    (["--nolinear-init"], 400_000, False), (["--linear-init", "false"], 400_000, False),
+])
+def test_train_options_need_nothing_of_the_cli_library_in_the_config(argv, tokens, linear_init):
+    """TrainConfig is a plain dataclass: the token count is parsed by its __post_init__, linear_init is a bool."""
+    from nl_rewrite.cli.main import build_parser
+
+    cfg = build_parser().parse_args(["train", *argv]).cfg
+    assert (cfg.tokens, cfg.linear_init) == (tokens, linear_init)
+    assert TrainConfig(tokens="2M").tokens == 2_000_000
+
+
+def test_a_bad_token_count_is_a_usage_error(capsys):
+    from nl_rewrite.cli.main import main
+
+    assert main(["train", "--tokens", "2X"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot parse token count '2X'; write e.g. 2M, 500k or 300000" in err and "Traceback" not in err
