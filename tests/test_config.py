@@ -245,6 +245,18 @@ def test_the_command_line_overrides_the_file_which_overrides_the_preset(tmp_path
         SamplingConfig(**{**PRESETS["default"]["sampling"], "n_train": 2}, seed=4), "the preset's, seeded by --seed"
 
 
+def test_a_file_may_rely_on_the_command_line_to_be_valid(tmp_path, capsys):
+    path = tmp_path / "run.toml"
+    path.write_text('preset = "smoke"\nlexical_calib_windows = 200\n')  # smoke explains on 96 windows
+    cfg = parse("--config", str(path), "--explain-windows", "300")
+    assert (cfg.lexical_calib_windows, cfg.explain_windows) == (200, 300)
+    assert main(["run", "--config", str(path), "--help"]) == 0, "--help reads a file that is valid only with flags"
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        parse("--config", str(path))
+    assert "must be fewer than explain_windows" in capsys.readouterr().err
+
+
 def test_the_resolved_config_round_trips_through_its_toml_file(tmp_path):
     cfg = parse("--preset", "smoke", "--explain.max-tokens", "20", "--fractions", "0.5", "1", "--simulator.mode",
                 "paper", "--out", str(tmp_path / "run"), "--sampling.n-bins", "3").resolved()

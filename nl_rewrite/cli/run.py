@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,13 @@ overrides it, nested stage options included (--sampling.n_train, --explain.max_t
 repeats that run); options on the command line override the file. See docs/configuration.md."""
 
 
-def run_defaults(args: list[str]) -> dict[str, RunConfig]:
+def run_defaults(args: list[str]) -> dict[str, dict[str, Any]]:
     """The defaults of RunConfig's options for this command line.
 
-    Presets are defaults: ``--config FILE.toml`` and ``--preset``/``--seed`` (read here first) pick the resolved
-    config the other options start from, so ``--help`` shows the preset's values and the stage options fill whole
-    ``SamplingConfig``/``ExplainConfig`` values, not copies whose fields may be None."""
+    Presets are defaults: ``--preset`` and ``--seed`` (read here first) give the resolved preset the options start
+    from, so ``--help`` shows its values and the stage options fill whole ``SamplingConfig``/``ExplainConfig``
+    values, not copies whose fields may be None. A ``--config FILE.toml``'s values replace the preset's; the config
+    is validated once, with the command line's options in (a file may rely on them)."""
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     for option in ("--config", "--preset", "--seed"):
         pre.add_argument(option)
@@ -32,15 +34,16 @@ def run_defaults(args: list[str]) -> dict[str, RunConfig]:
         given["preset"] = known.preset
     if known.seed is not None and known.seed.lstrip("-").isdigit():  # it seeds the preset's sampling
         given["seed"] = int(known.seed)
-    cfg = RunConfig.from_toml(known.config, **given) if known.config else RunConfig(**given)
-    return {"cfg": cfg.resolved()}
+    values = RunConfig.toml_values(known.config, **given) if known.config else given
+    preset = RunConfig(**{k: v for k, v in values.items() if k in ("preset", "seed")}).resolved()
+    return {"cfg": {**{f.name: getattr(preset, f.name) for f in dataclasses.fields(preset)}, **values}}
 
 
 def add_run_config(subparsers, name: str, **kwargs):
     """A subparser whose options are RunConfig's (at ``args.cfg``), ``--config`` included."""
     parser = subparsers.add_parser(name, defaults=run_defaults, **kwargs)
     parser.add_arguments(RunConfig, dest="cfg")
-    parser.add_argument("--config", metavar="FILE.toml",
+    parser.add_argument("--config", metavar="FILE.toml", default=argparse.SUPPRESS,  # read by run_defaults
                         help="TOML file of options (same names and nesting: [explain] max_tokens = 32); options on the "
                              "command line override it, and the file's preset (or --preset) fills in the rest")
     return parser

@@ -187,7 +187,13 @@ class RunConfig(Placement):
         A ``[sampling]`` or ``[explain]`` table sets those keys of the preset's stage config (as the command line's
         ``--sampling.n_train`` does), not of the class defaults. Unknown keys and wrong types are ValueErrors naming
         the key."""
-        return cls(**read_toml(cls, path, lambda data: _on_preset({**data, **overrides})))
+        return cls(**cls.toml_values(path, **overrides))
+
+    @classmethod
+    def toml_values(cls, path: str | Path, **overrides: Any) -> dict[str, Any]:
+        """:meth:`from_toml`'s keyword arguments, each checked, before the config is built and validated as a whole
+        (the command line may still change them)."""
+        return read_toml(cls, path, lambda data: _on_preset({**data, **overrides}))
 
 
 def _on_preset(data: dict[str, Any]) -> dict[str, Any]:
