@@ -13,7 +13,7 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Mapping, Union
+from typing import Any, Callable, Literal, Mapping, Union
 
 import tomli_w
 
@@ -91,15 +91,17 @@ def check_fields(cls: type, data: Mapping[str, Any], where: str = "") -> dict[st
     return checked
 
 
-def read_toml(cls: type, path: str | Path) -> dict[str, Any]:
-    """The TOML file at ``path`` as checked keyword arguments of ``cls`` (see :func:`check_fields`)."""
+def read_toml(cls: type, path: str | Path, complete: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+              ) -> dict[str, Any]:
+    """The TOML file at ``path`` as checked keyword arguments of ``cls`` (see :func:`check_fields`); ``complete``
+    may add to the file's table before it is checked (a run's preset fills in its stage tables)."""
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"{path} is not valid TOML: {exc}") from exc
     try:
-        return check_fields(cls, data)
+        return check_fields(cls, complete(data) if complete else data)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from exc
 

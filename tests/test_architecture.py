@@ -66,3 +66,27 @@ def test_no_module_reaches_into_private_members():
     root = Path(nl_rewrite.__file__).parent
     found = [hit for path in sorted(root.rglob("*.py")) for hit in _private_reaches(path)]
     assert not found, "\n".join(found)
+
+
+CLI_LIBRARY_MODULES = {"simple_parsing", "simple_parsing.docstring"}
+"""What the CLI may import of its library: the package's top-level names and the attribute-docstring reader."""
+
+
+def test_only_the_cli_uses_the_cli_library_and_only_its_public_api():
+    """The configs (coders, stages, the run) import nothing of the CLI library, and the CLI imports none of its
+    internals (issue 25: simple_parsing's private names had pinned it below 0.2)."""
+    root = Path(nl_rewrite.__file__).parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        in_cli = path.parent.name == "cli"
+        for node in ast.walk(tree):
+            modules = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                       [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            for module in (m for m in modules if m.split(".")[0] == "simple_parsing"):
+                if not in_cli or module not in CLI_LIBRARY_MODULES:
+                    found.append(f"{path.relative_to(root)}:{node.lineno} imports {module}")
+            if in_cli and isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                    and node.value.id == "self" and _is_private(node.attr):
+                found.append(f"{path.relative_to(root)}:{node.lineno} uses self.{node.attr} (a base class's private)")
+    assert not found, "\n".join(found)

@@ -1,5 +1,6 @@
-"""`nl-rewrite run`'s configuration: presets, None = the preset's, nested stage options, choices checked while
-parsing, TOML files (--config) and the resolved config a run writes (docs/configuration.md)."""
+"""`nl-rewrite run`'s configuration: presets (None = the preset's in Python, the defaults on the command line), nested
+stage configs, choices checked while parsing, TOML files (--config) and the resolved config a run writes
+(docs/configuration.md)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,7 @@ from nl_rewrite.interp.score import ScoreConfig
 from nl_rewrite.interp.simulate import SimulatorConfig
 from nl_rewrite.latents.sampling import SamplingConfig
 from nl_rewrite.model.sites import SITE_HOOKS, SiteKind
-from nl_rewrite.pipeline.config import (PRESETS, Calibration, ExplainOptions, PositionMode, RunConfig,
-                                        SamplingOptions)
+from nl_rewrite.pipeline.config import PRESETS, STAGE_PRESETS, Calibration, PositionMode, RunConfig
 
 # What each preset resolved to before the configs were nested, in the flat names of then (RunConfig after its
 # __post_init__, the layer run_experiment set, and the stage configs run_experiment built from it).
@@ -63,7 +63,7 @@ def test_presets_resolve_to_the_same_settings_as_before(preset):
     before = {**BEFORE_COMMON, **BEFORE[preset]}
     cfg = RunConfig(preset=preset)
     assert flat_view(cfg) == before
-    assert parse("--preset", preset) == cfg, "the CLI's defaults are the dataclass's"
+    assert parse("--preset", preset) == cfg.resolved(), "the CLI's defaults are the resolved preset"
     resolved = cfg.resolved()
     assert resolved.sampling_config() == SamplingConfig(n_train=before["n_train_examples"], n_heldout=before["n_heldout"],
                                                         n_negatives=before["n_negatives"], seed=0)
@@ -73,21 +73,25 @@ def test_presets_resolve_to_the_same_settings_as_before(preset):
 
 
 def test_none_means_the_preset_and_explicit_values_win():
-    cfg = RunConfig(preset="smoke", eval_windows=6, sampling=SamplingOptions(n_train=5), seed=3)
+    cfg = RunConfig(preset="smoke", eval_windows=6, seed=3)
     assert cfg.eval_windows == 6 and cfg.calib_windows is None and cfg.layer is None
-    assert cfg.sampling.n_heldout is None and cfg.explain.max_tokens is None
+    assert cfg.sampling is None and cfg.explain is None
     r = cfg.resolved()
     assert (r.eval_windows, r.calib_windows, r.layer, r.transcoder) == (6, 4, DEFAULT_LAYER, "small")
-    assert (r.sampling.n_train, r.sampling.n_heldout, r.sampling.seed, r.explain.max_tokens) == (5, 3, 3, 24)
+    assert r.sampling == SamplingConfig(n_train=6, n_heldout=3, n_negatives=3, seed=3), "the preset's, seeded by the run"
+    assert r.explain == ExplainConfig(max_tokens=24)
     assert r.llm_eval_windows == 4 and RunConfig(preset="smoke", eval_windows=2).resolved().llm_eval_windows == 2
     assert r.is_resolved and not cfg.is_resolved and r.resolved() == r
-    assert RunConfig(preset="paper", explain=ExplainOptions(max_tokens=7)).resolved().explain.max_tokens == 7
+    # a stage config given is used whole: the preset fills in only what is left None
+    own = dataclasses.replace(r.sampling, n_train=5)
+    assert RunConfig(preset="smoke", sampling=own).resolved().sampling is own
+    assert RunConfig(preset="paper", explain=ExplainConfig(max_tokens=7)).resolved().explain.max_tokens == 7
 
 
 def test_configs_are_frozen_and_resolving_makes_a_new_one():
     cfg = RunConfig(preset="smoke")
     resolved = cfg.resolved()
-    assert resolved is not cfg and cfg.eval_windows is None
+    assert resolved is not cfg and cfg.eval_windows is None and cfg.sampling is None
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.layer = 3  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -98,11 +102,9 @@ def test_every_preset_key_is_an_option_left_to_the_preset():
     fields = {f.name: f for f in dataclasses.fields(RunConfig)}
     none_default = {name for name, f in fields.items() if f.default is None} - {"layer"}
     for preset, values in PRESETS.items():
-        top = {k for k in values if k not in ("sampling", "explain")}
-        assert top == none_default, preset
-        for table, cls in (("sampling", SamplingOptions), ("explain", ExplainOptions)):
-            for key in values[table]:
-                assert getattr(cls(), key) is None, (preset, table, key)
+        top = {k for k in values if k not in STAGE_PRESETS}
+        assert top | set(STAGE_PRESETS) == none_default, preset
+        SamplingConfig(**values["sampling"]), ExplainConfig(**values["explain"])  # keys of the stage configs
 
 
 def test_literal_types_match_the_runtime_lists():
@@ -111,14 +113,17 @@ def test_literal_types_match_the_runtime_lists():
     assert set(typing.get_args(SiteKind)) == set(SITE_HOOKS)
 
 
-def test_help_names_the_preset_default_not_a_sentinel(capsys):
-    assert main(["run", "--help"]) == 0
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_help_shows_the_chosen_presets_values(preset, capsys):
+    assert main(["run", "--preset", preset, "--seed", "5", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert "--eval-windows int, --eval_windows int eval-split windows evaluated (default: the preset's)" in text
+    values = PRESETS[preset]
+    assert f"--eval-windows int, --eval_windows int eval-split windows evaluated " \
+           f"(default: {values['eval_windows']})" in text
     assert "(default: -1)" not in text and "(default: None)" not in text
-    assert "--explain.max-tokens int, --explain.max_tokens int reply length limit in tokens (default: the preset's)" \
-        in text
-    assert "--sampling.seed int sampling seed (combined with the latent id) (default: the run's --seed)" in text
+    assert f"--explain.max-tokens int, --explain.max_tokens int reply length limit in tokens " \
+           f"(default: {values['explain']['max_tokens']})" in text, "a nested option, with its field's docstring"
+    assert "--sampling.seed int sampling seed (combined with the latent id) (default: 5)" in text, "the run's --seed"
 
 
 def test_every_stage_option_is_an_option_of_run(capsys):
@@ -219,11 +224,37 @@ def test_config_file_sets_options_and_flags_override_it(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text(RUN_TOML)
     from_file = parse("--config", str(path))
-    assert from_file == RunConfig.from_toml(path)
+    assert from_file == RunConfig.from_toml(path).resolved()
     assert (from_file.preset, from_file.eval_windows, from_file.fractions) == ("smoke", 6, (0.5, 1.0))
-    assert (from_file.explain.max_tokens, from_file.sampling.n_train, from_file.sampling.n_heldout) == (16, 5, None)
+    smoke = PRESETS["smoke"]
+    assert from_file.explain == ExplainConfig(max_tokens=16), "a table sets keys of the preset's stage config"
+    assert from_file.sampling == SamplingConfig(**{**smoke["sampling"], "n_train": 5})
     both = parse("--eval-windows", "7", "--config", str(path), "--explain.max-tokens", "20", "--preset", "default")
     assert (both.preset, both.eval_windows, both.explain.max_tokens, both.sampling.n_train) == ("default", 7, 20, 5)
+    assert (both.calib_windows, both.fractions) == (PRESETS["default"]["calib_windows"], (0.5, 1.0)), \
+        "the file's values, then --preset's for the rest"
+
+
+def test_the_command_line_overrides_the_file_which_overrides_the_preset(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('preset = "smoke"\neval_windows = 6\ncalib_windows = 3\n')
+    cfg = parse("--config", str(path), "--calib-windows", "2")
+    assert (cfg.calib_windows, cfg.eval_windows, cfg.explain_windows) == (2, 6, PRESETS["smoke"]["explain_windows"])
+    assert cfg.sampling == SamplingConfig(**PRESETS["smoke"]["sampling"], seed=0)
+    assert parse("--seed", "4", "--sampling.n-train", "2").sampling == \
+        SamplingConfig(**{**PRESETS["default"]["sampling"], "n_train": 2}, seed=4), "the preset's, seeded by --seed"
+
+
+def test_a_file_may_rely_on_the_command_line_to_be_valid(tmp_path, capsys):
+    path = tmp_path / "run.toml"
+    path.write_text('preset = "smoke"\nlexical_calib_windows = 200\n')  # smoke explains on 96 windows
+    cfg = parse("--config", str(path), "--explain-windows", "300")
+    assert (cfg.lexical_calib_windows, cfg.explain_windows) == (200, 300)
+    assert main(["run", "--config", str(path), "--help"]) == 0, "--help reads a file that is valid only with flags"
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        parse("--config", str(path))
+    assert "must be fewer than explain_windows" in capsys.readouterr().err
 
 
 def test_the_resolved_config_round_trips_through_its_toml_file(tmp_path):
@@ -244,7 +275,7 @@ def test_run_experiment_writes_its_resolved_config_first(tmp_path, monkeypatch):
         raise RuntimeError("stop before the model")
 
     monkeypatch.setattr(experiment, "load_model", stop)
-    cfg = RunConfig(preset="smoke", out=str(tmp_path / "run"), explain=ExplainOptions(max_tokens=20))
+    cfg = RunConfig(preset="smoke", out=str(tmp_path / "run"), explain=ExplainConfig(max_tokens=20))
     with pytest.raises(RuntimeError, match="stop before the model"):
         experiment.run_experiment(cfg)
     assert cfg.layer is None and cfg.eval_windows is None, "the caller's config is never changed"
@@ -288,3 +319,12 @@ def test_a_run_without_all_positions_is_refused_before_it_starts(capsys):
 
     assert main(["run", "--preset", "smoke", "--position-modes", "last"]) == 2
     assert "position_modes must include 'all'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--layer"], ["--eval-windows"], ["evaluate", "--suite"]])
+def test_an_optional_option_needs_its_value(argv, capsys):
+    """A bare ``--layer`` is an error, not None (parsed only: nothing runs even if it were accepted)."""
+    command = ["run", *argv] if argv[0] != "evaluate" else argv
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(command)
+    assert exc.value.code == 2 and "expected one argument" in capsys.readouterr().err

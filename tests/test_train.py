@@ -143,3 +143,24 @@ def test_cache_folder_per_result_shaping_settings():
     assert decayed.output_folder() != base.output_folder()
     assert TrainConfig(layer=12, lr_decay=0.2, tokens="1M").output_folder() != decayed.output_folder()
     assert TrainConfig(layer=12, out="here").output_folder().name == "here"
+
+
+@pytest.mark.parametrize("argv,tokens,linear_init", [
+    ([], 400_000, True), (["--tokens", "500k"], 500_000, True), (["--tokens", "1234"], 1234, True),
+    (["--nolinear-init"], 400_000, False), (["--linear-init", "false"], 400_000, False),
+])
+def test_train_options_need_nothing_of_the_cli_library_in_the_config(argv, tokens, linear_init):
+    """TrainConfig is a plain dataclass: the token count is parsed by its __post_init__, linear_init is a bool."""
+    from nl_rewrite.cli.main import build_parser
+
+    cfg = build_parser().parse_args(["train", *argv]).cfg
+    assert (cfg.tokens, cfg.linear_init) == (tokens, linear_init)
+    assert TrainConfig(tokens="2M").tokens == 2_000_000
+
+
+def test_a_bad_token_count_is_a_usage_error(capsys):
+    from nl_rewrite.cli.main import main
+
+    assert main(["train", "--tokens", "2X"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot parse token count '2X'; write e.g. 2M, 500k or 300000" in err and "Traceback" not in err

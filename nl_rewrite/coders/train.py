@@ -31,7 +31,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Literal
 
-import simple_parsing
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -101,7 +100,7 @@ class TrainConfig:
     """active latents per token"""
     skip: Literal["auto", "yes", "no"] = "auto"
     """linear skip path: auto (transcoder yes, SAE no), yes, no"""
-    tokens: int | str = simple_parsing.field(default=DEFAULT_TOKENS, type=parse_tokens, metavar="TOKENS")
+    tokens: int | str = DEFAULT_TOKENS
     """training tokens (accepts 2M, 500k; always an int after construction)"""
     window: int = 64
     """tokens per corpus window"""
@@ -121,8 +120,8 @@ class TrainConfig:
     """weight of the AuxK dead-latent loss"""
     dead_tokens: int = 50_000
     """a latent silent for this many tokens is dead"""
-    linear_init: bool = simple_parsing.helpers.flag(True, negative_prefix="--no-")
-    """initialise skip + bias by least squares on buffer 0 (--no-linear-init: random init)"""
+    linear_init: bool = True
+    """initialise skip + bias by least squares on buffer 0 (--nolinear-init or --linear-init false: random init)"""
     seed: int = 0
     """seed for init, window order and shuffles"""
     corpus: str = "default"

@@ -3,9 +3,10 @@
 An option left ``None`` takes the preset's value (``PRESETS``; ``layer``: the default transcoder's).
 ``cfg.resolved()`` is a new config with every value filled in: what a run uses, writes to ``<out>/config.toml``
 and records in ``manifest.json``; ``RunConfig.from_toml`` of that file resolves to the same config. Nested
-tables hold the stages' own configs: ``sampling`` (:class:`SamplingConfig`; its ``seed`` defaults to the run's),
-``explain`` (:class:`ExplainConfig`), ``score`` (:class:`ScoreConfig`), ``simulator`` (:class:`SimulatorConfig`).
-See docs/configuration.md.
+tables hold the stages' own configs, nested as they are: ``sampling`` (:class:`SamplingConfig`; None: the preset's,
+seeded with the run's ``seed``), ``explain`` (:class:`ExplainConfig`; None: the preset's), ``score``
+(:class:`ScoreConfig`), ``simulator`` (:class:`SimulatorConfig`). The command line starts from the resolved
+preset instead (:mod:`nl_rewrite.cli.run`), so there every option has a value. See docs/configuration.md.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
-
-from simple_parsing.docstring import get_attribute_docstring
 
 from nl_rewrite.placement import Placement
 from nl_rewrite.coders.sparse_coder import Kind
@@ -57,44 +56,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                   fractions=PAPER_FRACTIONS, position_modes=("all", "last"),
                   sampling=dict(n_train=40, n_heldout=20, n_negatives=20), explain=dict(max_tokens=120)),
 }
-NESTED_PRESET_KEYS = {"sampling": ("n_train", "n_heldout", "n_negatives"), "explain": ("max_tokens",)}
-"""The nested options a preset sets; they default to None (the preset's) in ``nl-rewrite run``."""
-
-
-def _run_options(cls: type, doc: str, from_preset: tuple[str, ...] = (), from_run: dict[str, str] | None = None
-                 ) -> type:
-    """``cls``'s fields as a frozen dataclass for :class:`RunConfig`: a field in ``from_preset`` defaults to None
-    (the preset's value), one in ``from_run`` to None (the run option named there); the rest keep ``cls``'s
-    defaults. Each field's help is ``cls``'s field docstring. Validation is ``cls``'s, once resolved."""
-    from_run = from_run or {}
-    hints = typing.get_type_hints(cls)
-    specs = []
-    for f in dataclasses.fields(cls):
-        help_text = get_attribute_docstring(cls, f.name).docstring_below
-        if f.name in from_preset or f.name in from_run:
-            if f.name in from_run:
-                help_text += f" (default: the run's --{from_run[f.name]})"
-            spec = field(default=None, metadata={**f.metadata, "help": help_text})
-            specs.append((f.name, Optional[hints[f.name]], spec))
-        else:
-            spec = field(default=f.default, default_factory=f.default_factory,  # type: ignore[call-overload]
-                         metadata={**f.metadata, "help": help_text})
-            specs.append((f.name, hints[f.name], spec))
-    options = dataclasses.make_dataclass(f"Run{cls.__name__.removesuffix('Config')}Options", specs, frozen=True)
-    options.__doc__, options.__module__ = doc, __name__
-    return options
-
-
-SamplingOptions = _run_options(SamplingConfig, "SamplingConfig options; None: the preset's (seed: the run's).",
-                               NESTED_PRESET_KEYS["sampling"], {"seed": "seed"})
-ExplainOptions = _run_options(ExplainConfig, "ExplainConfig options; None: the preset's.",
-                              NESTED_PRESET_KEYS["explain"])
-
-
+STAGE_PRESETS = ("sampling", "explain")
+"""The stage configs a preset sets (a run's ``sampling`` and ``explain`` left None); the rest keep their defaults."""
 @dataclass(frozen=True)
 class RunConfig(Placement):
-    """Options of nl-rewrite run (with --device and --dtype). An option left at None takes the preset's value;
-    resolved() fills them in."""
+    """Options of nl-rewrite run (with --device and --dtype). On the command line the preset's values are the
+    defaults; in Python an option left at None takes the preset's value, and resolved() fills them in."""
 
     preset: Preset = "default"
     """smoke (~2 min), default (≤15 min CPU) or paper (GPU server)"""
@@ -155,10 +122,10 @@ class RunConfig(Placement):
     """explain-split windows held out from lexical statistics to calibrate and rank lexical explanations"""
     position_modes: Optional[tuple[PositionMode, ...]] = None
     """all and/or last (the paper's protocol)"""
-    sampling: SamplingOptions = field(default_factory=SamplingOptions)  # type: ignore[valid-type]
-    """which windows the explainer sees and detection scoring uses"""
-    explain: ExplainOptions = field(default_factory=ExplainOptions)  # type: ignore[valid-type]
-    """the LLM explainer"""
+    sampling: Optional[SamplingConfig] = None
+    """which windows the explainer sees and detection scoring uses (None: the preset's, seeded with --seed)"""
+    explain: Optional[ExplainConfig] = None
+    """the LLM explainer (None: the preset's)"""
     score: ScoreConfig = field(default_factory=ScoreConfig)
     """detection scoring of the explanations"""
     simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
@@ -185,14 +152,11 @@ class RunConfig(Placement):
         preset = PRESETS[self.preset]
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         values.update({name: preset[name] for name in preset
-                       if name not in NESTED_PRESET_KEYS and values[name] is None})
+                       if name not in STAGE_PRESETS and values[name] is None})
         values["layer"] = DEFAULT_LAYER if self.layer is None else self.layer
         values["llm_eval_windows"] = min(values["llm_eval_windows"], values["eval_windows"])
-        defaults = {"sampling": {**preset["sampling"], "seed": self.seed}, "explain": preset["explain"]}
-        for name, fallback in defaults.items():
-            nested = getattr(self, name)
-            values[name] = dataclasses.replace(nested, **{k: v for k, v in fallback.items()
-                                                          if getattr(nested, k) is None})
+        values["sampling"] = self.sampling or SamplingConfig(**preset["sampling"], seed=self.seed)
+        values["explain"] = self.explain or ExplainConfig(**preset["explain"])
         return values
 
     def resolved(self) -> RunConfig:
@@ -204,10 +168,10 @@ class RunConfig(Placement):
         return self == self.resolved()
 
     def sampling_config(self) -> SamplingConfig:
-        return SamplingConfig(**asdict(self.resolved().sampling))
+        return self.resolved().sampling
 
     def explain_config(self) -> ExplainConfig:
-        return ExplainConfig(**asdict(self.resolved().explain))
+        return self.resolved().explain
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -217,9 +181,32 @@ class RunConfig(Placement):
                                     "them.\nSee docs/configuration.md.")
 
     @classmethod
-    def from_toml(cls, path: str | Path) -> RunConfig:
-        """The config in a TOML file (unknown keys and wrong types are ValueErrors naming the key)."""
-        return cls(**read_toml(cls, path))
+    def from_toml(cls, path: str | Path, **overrides: Any) -> RunConfig:
+        """The config in a TOML file, with ``overrides`` (e.g. the command line's ``preset``) replacing its keys.
+
+        A ``[sampling]`` or ``[explain]`` table sets those keys of the preset's stage config (as the command line's
+        ``--sampling.n_train`` does), not of the class defaults. Unknown keys and wrong types are ValueErrors naming
+        the key."""
+        return cls(**cls.toml_values(path, **overrides))
+
+    @classmethod
+    def toml_values(cls, path: str | Path, **overrides: Any) -> dict[str, Any]:
+        """:meth:`from_toml`'s keyword arguments, each checked, before the config is built and validated as a whole
+        (the command line may still change them)."""
+        return read_toml(cls, path, lambda data: _on_preset({**data, **overrides}))
+
+
+def _on_preset(data: dict[str, Any]) -> dict[str, Any]:
+    """A TOML table of a run with its stage tables completed from its preset's (the sampling seed: its seed)."""
+    preset = PRESETS.get(data.get("preset", "default"))
+    if preset is None:
+        return data  # an unknown preset is refused when the table is checked
+    completed = dict(data)
+    for name in STAGE_PRESETS:
+        if isinstance(data.get(name), dict):
+            base = {**preset[name], **({"seed": data.get("seed", 0)} if name == "sampling" else {})}
+            completed[name] = {**base, **data[name]}
+    return completed
 
 
 def _validate(v: dict[str, Any]) -> None:
@@ -254,5 +241,3 @@ def _validate(v: dict[str, Any]) -> None:
     for name in ("train_tokens", "width", "pool", "layer"):
         if v[name] < 0:
             raise ValueError(f"{name} must be >= 0, got {v[name]}")
-    SamplingConfig(**asdict(v["sampling"]))  # the stages' own validation
-    ExplainConfig(**asdict(v["explain"]))
