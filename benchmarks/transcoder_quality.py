@@ -28,7 +28,7 @@ from nl_rewrite.model.loading import load_model, prepend_bos_for
 from nl_rewrite.replacements.baselines import ZeroReplacement
 from nl_rewrite.replacements.coders import TranscoderReplacement, ZeroLatentsReplacement
 from nl_rewrite.coders.sparse_coder import SparseCoder
-from nl_rewrite.coders.train import (DEFAULT_BUFFER_PASSES, DEFAULT_LAYER, TrainConfig, default_transcoder,
+from nl_rewrite.coders.train import (DEFAULT_CODER_RECIPE, DEFAULT_LAYER, TrainConfig, default_transcoder,
                                      site_activations, train)
 
 
@@ -88,7 +88,7 @@ def main() -> None:
     candidate = {k: v for k, v in settings if v is not None}
     if candidate:
         cfg = TrainConfig(model=args.model, layer=args.layer, out=args.out,
-                          **{"buffer_passes": DEFAULT_BUFFER_PASSES, **candidate})
+                          **{**DEFAULT_CODER_RECIPE, **candidate})
         coder = train(cfg, model=model)
     else:
         coder = default_transcoder(args.model, args.layer, model=model)
