@@ -1,3 +1,4 @@
+import dataclasses
 import logging
 import re
 
@@ -250,6 +251,10 @@ def test_quality_correlations_and_fire_precision_recall(tmp_path):
     store.save_quality("linear", [q, flat])
     loaded = store.load_quality("linear")
     assert loaded[7] == q and set(quality_ranking(loaded, "spearman")) == {7, 8}
+    unranked = simulation_quality(7, scores, true, calibrated, rank_correlation=False)
+    assert unranked.spearman is None and dataclasses.replace(unranked, spearman=q.spearman) == q
+    store.save_quality("lexical", [unranked])
+    assert store.load_quality("lexical")[7] == unranked
 
 
 def test_stored_simulations_feed_the_calibrators(tmp_path):

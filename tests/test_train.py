@@ -121,7 +121,8 @@ def test_short_real_training_run(smol, tmp_cache):
     first, last = sum(m.fvu for m in seen[:10]) / 10, sum(m.fvu for m in seen[-10:]) / 10
     assert last < first and last < 1.0
     assert coder.cfg.read_site == "mlp_in.15" and coder.cfg.d_in == 576
-    assert (tmp_cache / "coders" / "smollm2-135m" / "mlp_in.15-w512-k16" / DONE_FILE).is_file()
+    folder = tmp_cache / "coders" / "smollm2-135m" / f"mlp_in.15-w512-k16-{cfg.settings_digest()}"
+    assert cfg.output_folder() == folder and (folder / DONE_FILE).is_file()
 
 
 def test_cli_parses_train_command():

@@ -232,20 +232,24 @@ class SimulationQuality:
     n: int
     n_nan: int
     pearson: float
-    spearman: float
+    spearman: float | None
+    """None when not asked for (:func:`simulation_quality`'s ``rank_correlation``)."""
     precision: float
     recall: float
 
 
-def _ranks(values: np.ndarray) -> np.ndarray:
+def _spearman(s: np.ndarray, t: np.ndarray) -> float:
     from scipy.stats import rankdata
 
-    return rankdata(values)
+    return pearson(torch.from_numpy(rankdata(s)), torch.from_numpy(rankdata(t))) if s.size else math.nan
 
 
 def simulation_quality(latent: int, scores: Float[Tensor, " n"], true_acts: Float[Tensor, " n"],
-                       calibrated: Float[Tensor, " n"] | None = None) -> SimulationQuality:
-    """Correlations of raw scores with true activations; precision/recall of ``calibrated > 0`` vs ``true > 0``."""
+                       calibrated: Float[Tensor, " n"] | None = None, rank_correlation: bool = True
+                       ) -> SimulationQuality:
+    """Correlations of raw scores with true activations; precision/recall of ``calibrated > 0`` vs ``true > 0``.
+    Without ``rank_correlation`` the Spearman r is left out (None): its ranks are half the cost, and the lexical
+    arms, which score every latent, never report it."""
     s, t = scores.double().reshape(-1).numpy(), true_acts.double().reshape(-1).numpy()
     if s.shape != t.shape:
         raise ValueError(f"{s.size} scores for {t.size} true activations")
@@ -258,7 +262,7 @@ def simulation_quality(latent: int, scores: Float[Tensor, " n"], true_acts: Floa
         precision = float((fires & truly).sum() / fires.sum()) if fires.any() else math.nan
         recall = float((fires & truly).sum() / truly.sum()) if truly.any() else math.nan
     return SimulationQuality(int(latent), int(s.size), int((~keep).sum()), pearson(torch.from_numpy(s_k), torch.from_numpy(t_k)),
-                             pearson(torch.from_numpy(_ranks(s_k)), torch.from_numpy(_ranks(t_k))) if s_k.size else math.nan, precision, recall)
+                             _spearman(s_k, t_k) if rank_correlation else None, precision, recall)
 
 
 def quality_ranking(quality: Mapping[int, SimulationQuality], metric: str = "pearson") -> dict[int, float]:

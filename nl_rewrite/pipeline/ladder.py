@@ -103,7 +103,7 @@ def simulated_arm(simulator: WindowSimulator, texts: dict[int, str], budget: int
     for lat in texts:
         sims = calib_sims[lat].reshape(-1)
         calibrators[lat] = calibrated(lat, sims, acts[:, lat], cache)
-        quality[lat] = simulation_quality(lat, sims, acts[:, lat], calibrators[lat](sims))
+        quality[lat] = simulation_quality(lat, sims, acts[:, lat], calibrators[lat](sims), rank_correlation=False)
     linear = sum(1 for c in calibrators.values() if isinstance(c, LinearCalibrator))
     unparseable, _ = explanation_problems(texts)  # counted from the texts, so a resumed run counts the same
     ids = list(eval_windows)
