@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 from nl_rewrite.placement import Placement
 from nl_rewrite.cli.plan import add_planned_command, explain_plan, planned
@@ -17,6 +17,7 @@ from nl_rewrite.cli.ray_option import runner_from
 from nl_rewrite.interp.explain import ExplainConfig
 from nl_rewrite.paths import cache_dir
 from nl_rewrite.latents.sampling import SamplingConfig
+from nl_rewrite.pipeline.plan import Plan, ThroughputOptions
 
 DEFAULT_BACKEND = "embedded:smollm2-135m"
 
@@ -58,6 +59,17 @@ def open_cache(folder: str):
     return LatentCache.open(folder if folder else default_cache_folder(coder_from_arg("")))
 
 
+def llm_job_cache(args: argparse.Namespace, make_plan: Callable[[ThroughputOptions], Plan]):
+    """The latent cache an LLM command (explain, score) works on, once its backend spec is checked; None when only
+    its plan was asked for (``--plan``: printed and written beside ``args.job.out``)."""
+    from nl_rewrite.llm.factory import check_spec
+
+    check_spec(args.llm.backend)
+    if planned(args, make_plan, Path(args.job.out).parent if args.job.out else Path(".")):
+        return None
+    return open_cache(args.job.cache)
+
+
 def make_llm(opts: LLMOptions):
     """The backend named by ``opts.backend``, wrapped in the on-disk call cache."""
     from nl_rewrite.llm.factory import make_backend
@@ -68,14 +80,12 @@ def make_llm(opts: LLMOptions):
 
 def run(args: argparse.Namespace) -> int:
     from nl_rewrite.interp.explain import explain_latents
-    from nl_rewrite.llm.factory import check_spec
     from nl_rewrite.latents.sampling import select_latents
 
     job: ExplainRun = args.job
-    check_spec(args.llm.backend)
-    if planned(args, lambda opts: explain_plan(args, opts), Path(job.out).parent if job.out else Path(".")):
+    cache = llm_job_cache(args, lambda opts: explain_plan(args, opts))
+    if cache is None:
         return 0
-    cache = open_cache(job.cache)
     latents = select_latents(cache, job.latents, job.select, job.select_seed)
     out = Path(job.out) if job.out else cache.folder / "explanations.jsonl"
     records = explain_latents(make_llm(args.llm), cache, latents, args.explain, args.sampling, out,

@@ -10,11 +10,11 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from nl_rewrite.cli.plan import add_planned_command, planned, score_plan
+from nl_rewrite.cli.plan import add_planned_command, score_plan
 from nl_rewrite.cli.ray_option import runner_from
 from nl_rewrite.latents.sampling import SamplingConfig
 from nl_rewrite.interp.score import ScoreConfig
-from nl_rewrite.cli.explain import LLMOptions, make_llm, open_cache
+from nl_rewrite.cli.explain import LLMOptions, llm_job_cache, make_llm
 
 
 @dataclass(frozen=True)
@@ -32,13 +32,11 @@ class ScoreRun:
 def run(args: argparse.Namespace) -> int:
     from nl_rewrite.interp.explain import load_explanations
     from nl_rewrite.interp.score import rank_latents, score_explanations
-    from nl_rewrite.llm.factory import check_spec
 
     job: ScoreRun = args.job
-    check_spec(args.llm.backend)
-    if planned(args, lambda opts: score_plan(args, opts), Path(job.out).parent if job.out else Path(".")):
+    cache = llm_job_cache(args, lambda opts: score_plan(args, opts))
+    if cache is None:
         return 0
-    cache = open_cache(job.cache)
     source = Path(job.explanations) if job.explanations else cache.folder / "explanations.jsonl"
     if not source.is_file():
         raise ValueError(f"no explanations at {source}; run `nl-rewrite explain` first or pass --explanations")
