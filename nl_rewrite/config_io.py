@@ -1,21 +1,25 @@
 """Config dataclasses ⇄ TOML: tables for nested configs, arrays for tuples, every key and type checked.
 
 ``check_fields(cls, data)`` turns a parsed TOML table into constructor arguments of ``cls``: an unknown key is a
-``ValueError`` naming it and the valid ones, a value of the wrong type a ``ValueError`` naming the key and the
-type expected; arrays become tuples and nested tables instances of their dataclass. ``to_toml`` writes a config
-back (keys whose value is ``None`` are left out: TOML has no null).
+``ValueError`` naming it and the valid ones; each value is checked against its field's type by pydantic (strict: no
+string is read as a number, no boolean as an integer; an integer is a valid float), arrays becoming tuples and
+nested tables instances of their dataclass, and a wrong one is a ``ValueError`` naming the key and what pydantic
+expected. ``to_toml`` writes a config back (keys whose value is ``None`` are left out: TOML has no null).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
-import types
 import typing
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Union
+from typing import Any, Callable, Mapping
 
 import tomli_w
+from pydantic import ValidationError
+
+from nl_rewrite.typed_json import adapter
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -23,72 +27,48 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
-SCALARS: dict[type, tuple[type, ...]] = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
-"""The TOML values each scalar field type accepts (an integer is a valid float)."""
-
-
 def _qualified(where: str, key: str) -> str:
     return f"{where}.{key}" if where else key
 
 
-def _describe(kind: Any) -> str:
-    origin, args = typing.get_origin(kind), typing.get_args(kind)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_describe(a) for a in args if a is not type(None))
-    if origin is tuple:
-        return f"an array (items: {_describe(args[0])})"
-    if dataclasses.is_dataclass(kind):
-        return "a table"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(kind, str(kind))
-
-
-def _check(kind: Any, value: Any, key: str) -> Any:
-    origin, args = typing.get_origin(kind), typing.get_args(kind)
-    wrong = ValueError(f"{key} must be {_describe(kind)}, got {value!r} ({type(value).__name__})")
-    if origin in (Union, types.UnionType):
-        options = [a for a in args if a is not type(None)]
-        if len(options) == 1:  # Optional[X]: TOML has no null, so the value is an X
-            return _check(options[0], value, key)
-        for option in options:
-            try:
-                return _check(option, value, key)
-            except ValueError:
-                continue
-        raise wrong
-    if origin is Literal:
-        if value in args and not isinstance(value, bool):
-            return value
-        raise wrong
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise wrong
-        item = args[0]
-        return tuple(_check(item, v, f"{key}[{i}]") for i, v in enumerate(value))
-    if dataclasses.is_dataclass(kind):
-        if not isinstance(value, Mapping):
-            raise wrong
-        return kind(**check_fields(kind, value, key))
-    if kind in SCALARS:
-        # bool is an int subclass: true/false is accepted only where the field is a bool
-        if isinstance(value, SCALARS[kind]) and (kind is bool or not isinstance(value, bool)):
-            return float(value) if kind is float else value
-        raise wrong
-    raise TypeError(f"{key}: config files cannot hold a {kind!r}")
-
-
-def check_fields(cls: type, data: Mapping[str, Any], where: str = "") -> dict[str, Any]:
-    """``data`` as keyword arguments of ``cls``, every key known and every value of its field's type."""
+def _check_keys(cls: type, data: Mapping[str, Any], where: str) -> None:
+    """Every key of ``data`` (and of its tables, for fields that are dataclasses) is a field of ``cls``: pydantic
+    would drop an unknown key of a plain dataclass, and a misspelt option must not pass silently."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
-    checked = {}
     for key, value in data.items():
         if key not in names:
             place = f"table [{where}]" if where else "the top level"
             raise ValueError(f"unknown key {_qualified(where, key)!r}; valid keys at {place}: {', '.join(names)}")
-        checked[key] = _check(hints[key], value, _qualified(where, key))
-    return checked
+        nested = typing.get_args(hints[key]) or (hints[key],)
+        table = next((kind for kind in nested if dataclasses.is_dataclass(kind)), None)
+        if table is not None and isinstance(value, Mapping):
+            _check_keys(table, value, _qualified(where, key))
+
+
+def _checked(kind: Any, value: Any, key: str) -> Any:
+    """``value`` as a ``kind``, read as JSON in pydantic's strict mode: a TOML value is a JSON value (TOML's dates
+    aside, which no config holds), and JSON is the mode where an array may become a tuple and nothing else is
+    coerced."""
+    try:
+        text = json.dumps(value)
+    except TypeError:
+        raise ValueError(f"{key} cannot be a {type(value).__name__} ({value!r})") from None
+    try:
+        return adapter(kind).validate_json(text, strict=True)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        place = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"])
+        said = first["msg"].replace("an object", "a table")  # a JSON object is a TOML table
+        got = "" if first["type"] == "value_error" else f", got {first['input']!r} ({type(first['input']).__name__})"
+        raise ValueError(f"{key}{place}: {said}{got}") from None
+
+
+def check_fields(cls: type, data: Mapping[str, Any], where: str = "") -> dict[str, Any]:
+    """``data`` as keyword arguments of ``cls``, every key known and every value of its field's type."""
+    _check_keys(cls, data, where)
+    hints = typing.get_type_hints(cls)
+    return {key: _checked(hints[key], value, _qualified(where, key)) for key, value in data.items()}
 
 
 def read_toml(cls: type, path: str | Path, complete: Callable[[dict[str, Any]], dict[str, Any]] | None = None

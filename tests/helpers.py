@@ -100,6 +100,10 @@ def reuse_freed_memory() -> None:
 
 # ---- the whole pipeline on a tiny random model, for plumbing tests ---------------------------------------------
 
+SMOKE_RUN = ("run", "--preset", "smoke", "--position-modes", "all")
+"""The acceptance run's command (tests/conftest.py's ``smoke_run``): the smoke preset on the real SmolLM2, all
+positions only. Add ``--out``."""
+
 TINY_RUN = ("--preset", "smoke", "--model", "tiny-smollm2", "--llm", "embedded:tiny-smollm2", "--layer", "1",
             "--width", "256", "--train-tokens", "8000", "--pool", "8")
 """`nl-rewrite run` options for the plumbing run: every stage of the smoke preset, on ``tiny-smollm2`` (a random

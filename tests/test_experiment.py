@@ -9,7 +9,7 @@ import tomllib
 import pytest
 from jaxtyping import TypeCheckError
 
-from helpers import TINY_RUN
+from helpers import SMOKE_RUN, TINY_RUN
 from nl_rewrite.cli.main import main
 from nl_rewrite.latents.cache import LatentCache
 from nl_rewrite.pipeline.results import load_results
@@ -45,10 +45,10 @@ def test_smoke_run_end_to_end_and_cached_rerun(smoke_run, monkeypatch):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     data = smoke_run.results
     load_results(out)
-    for mode in ("all", "last"):
-        conds = data["modes"][mode]["conditions"]
-        for name in ("oracle", "binary_oracle", "lexical", "noisy_r0.5", "lexical_b3", "lexical_f0.1", "binary_oracle_f0.1"):
-            assert name in conds, name
+    assert list(data["modes"]) == ["all"]
+    conds = data["modes"]["all"]["conditions"]
+    for name in ("oracle", "binary_oracle", "lexical", "noisy_r0.5", "lexical_b3", "lexical_f0.1", "binary_oracle_f0.1"):
+        assert name in conds, name
     all_pos = data["modes"]["all"]["conditions"]
     assert all_pos["transcoder"]["mean_ce"] < all_pos["zero_mlp"]["mean_ce"]
     assert abs(all_pos["oracle"]["mean_ce"] - all_pos["transcoder"]["mean_ce"]) < 1e-5, "true oracle = transcoder"
@@ -64,7 +64,7 @@ def test_smoke_run_end_to_end_and_cached_rerun(smoke_run, monkeypatch):
     assert len(data["generations"]) == 3 and len(data["generations"][0]["continuations"]) == 4
     html = (out / "report.html").read_text()
     assert html.index("The answer") < html.index("ladder.png")
-    resolved = RunConfig(preset="smoke", out=str(out)).resolved()
+    resolved = RunConfig(preset="smoke", position_modes=("all",), out=str(out)).resolved()
     assert RunConfig.from_toml(out / "config.toml") == resolved
     assert json.loads((out / "manifest.json").read_text())["config"] == tomllib.loads((out / "config.toml").read_text())
 
@@ -72,7 +72,7 @@ def test_smoke_run_end_to_end_and_cached_rerun(smoke_run, monkeypatch):
                  "--new-tokens", "3"]) == 0
 
     start = time.perf_counter()
-    assert main(["run", "--preset", "smoke", "--out", str(out)]) == 0
+    assert main([*SMOKE_RUN, "--out", str(out)]) == 0
     rerun_s = time.perf_counter() - start
     again = json.loads((out / "results.json").read_text())
     assert again["counts"]["new_calls"] == 0, "a cached rerun must not call the LLM again"

@@ -220,10 +220,12 @@ def test_a_run_evaluates_and_reports_exactly_the_declared_conditions(tiny_run):
     data = tiny_run.results
     main_names = [p.name for p in main_planned(cfg)]
     pool_names = [p.name for p in pool_planned(cfg, data["pool"]["size"] / cfg.width)]
-    assert list(data["modes"]["all"]["conditions"]) == ["clean", *main_names]
+    for mode in ("all", "last"):
+        assert list(data["modes"][mode]["conditions"]) == ["clean", *main_names], mode
     assert list(data["conditions_info"]) == main_names
     assert list(data["pool_run"]["conditions_info"]) == pool_names
     with open(tiny_run.out / "results.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert [r["condition"] for r in rows if r["run"] == "eval_all"] == ["clean", *main_names]
+    for mode in ("all", "last"):
+        assert [r["condition"] for r in rows if r["run"] == f"eval_{mode}"] == ["clean", *main_names], mode
     assert [r["condition"] for r in rows if r["run"] == "eval_pool"] == ["clean", *pool_names]
