@@ -96,31 +96,33 @@ class ModeResults:
 
 
 @dataclass(frozen=True)
-class PoolRun:
-    """The LLM pool's conditions and their own references on the first ``llm_eval_windows`` eval windows."""
+class ConditionBlock:
+    """Conditions evaluated together on the first ``n_windows`` eval windows, beside their own references: the gap
+    zero-latents − the coder on those windows, and each simulated condition's recovery of it."""
 
     n_windows: int
-    llm_condition: str
-    """The LLM condition the answer quotes (empty when none was evaluated)."""
     conditions: dict[str, ConditionSummary]
     conditions_info: dict[str, ConditionInfo]
     gap: Gap
     recovery: dict[str, Recovery]
+
+
+@dataclass(frozen=True)
+class PoolRun(ConditionBlock):
+    """The LLM pool's conditions and their own references on the first ``llm_eval_windows`` eval windows."""
+
+    llm_condition: str
+    """The LLM condition the answer quotes (empty when none was evaluated)."""
     gap_vs_pool_zeroed: Gap
     """The gap pool_zeroed − the coder: only the pool's latents set to 0, every other latent true."""
     recovery_vs_pool_zeroed: dict[str, Recovery]
 
 
 @dataclass(frozen=True)
-class TrainedRun:
+class TrainedRun(ConditionBlock):
     """The trained simulator at 100% of latents, and its references, on the first ``trained_eval_windows``."""
 
-    n_windows: int
     simulator: str
-    conditions: dict[str, ConditionSummary]
-    conditions_info: dict[str, ConditionInfo]
-    gap: Gap
-    recovery: dict[str, Recovery]
 
 
 @dataclass(frozen=True)
