@@ -1,7 +1,7 @@
 """Config dataclasses ⇄ TOML: tables for nested configs, arrays for tuples, every key and type checked.
 
 ``check_fields(cls, data)`` turns a parsed TOML table into constructor arguments of ``cls``: an unknown key is a
-``ValueError`` naming it and the valid ones; each value is checked against its field's type by pydantic (strict: no
+``ValueError`` naming it and the valid ones (or, for a key the class lists in its ``RENAMED`` mapping, its new name); each value is checked against its field's type by pydantic (strict: no
 string is read as a number, no boolean as an integer; an integer is a valid float), arrays becoming tuples and
 nested tables instances of their dataclass, and a wrong one is a ``ValueError`` naming the key and what pydantic
 expected. ``to_toml`` writes a config back (keys whose value is ``None`` are left out: TOML has no null).
@@ -36,7 +36,10 @@ def _check_keys(cls: type, data: Mapping[str, Any], where: str) -> None:
     would drop an unknown key of a plain dataclass, and a misspelt option must not pass silently."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
+    renamed: Mapping[str, str] = getattr(cls, "RENAMED", {})
     for key, value in data.items():
+        if key in renamed:
+            raise ValueError(f"key {_qualified(where, key)!r} was renamed {renamed[key]!r}: rename it in the file")
         if key not in names:
             place = f"table [{where}]" if where else "the top level"
             raise ValueError(f"unknown key {_qualified(where, key)!r}; valid keys at {place}: {', '.join(names)}")

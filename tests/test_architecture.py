@@ -90,3 +90,16 @@ def test_only_the_cli_uses_the_cli_library_and_only_its_public_api():
                     and node.value.id == "self" and _is_private(node.attr):
                 found.append(f"{path.relative_to(root)}:{node.lineno} uses self.{node.attr} (a base class's private)")
     assert not found, "\n".join(found)
+
+
+def test_the_run_reads_as_its_chain():
+    """The run's one module stays short and ``run_experiment`` reads as the chain of stages (issue 25: at most 300
+    lines and 40 lines); a stage that grows goes into a function of its own."""
+    from nl_rewrite.pipeline import experiment
+
+    path = Path(experiment.__file__)
+    source = path.read_text()
+    tree = ast.parse(source)
+    run = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "run_experiment")
+    assert len(source.splitlines()) <= 300, f"{path.name} has {len(source.splitlines())} lines (at most 300)"
+    assert run.end_lineno - run.lineno + 1 <= 40, f"run_experiment has {run.end_lineno - run.lineno + 1} lines"

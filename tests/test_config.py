@@ -31,13 +31,13 @@ BEFORE_COMMON = dict(model="smollm2-135m", layer=10, out="runs/nl_rewrite", llm=
                      trained_simulator="none", trained_eval_windows=8, trained_calib_windows=16,  # off by default
                      device="auto", dtype="float32")  # --device/--dtype: CUDA where it exists, float32 as before
 BEFORE = {
-    "smoke": dict(transcoder="small", train_tokens=40_000, width=1024, pool=2, explain_windows=96, calib_windows=4,
+    "smoke": dict(coder_checkpoint="small", train_tokens=40_000, width=1024, pool=2, explain_windows=96, calib_windows=4,
                   eval_windows=8, llm_eval_windows=4, lexical_calib_windows=16, fractions=(1.0,),
                   position_modes=("all", "last"), n_train_examples=6, n_heldout=3, n_negatives=3, explain_max_tokens=24),
-    "default": dict(transcoder="default", train_tokens=0, width=4096, pool=6, explain_windows=768, calib_windows=6,
+    "default": dict(coder_checkpoint="default", train_tokens=0, width=4096, pool=6, explain_windows=768, calib_windows=6,
                     eval_windows=128, llm_eval_windows=24, lexical_calib_windows=128, fractions=(0.5, 1.0),
                     position_modes=("all",), n_train_examples=10, n_heldout=4, n_negatives=4, explain_max_tokens=32),
-    "paper": dict(transcoder="default", train_tokens=0, width=4096, pool=0, explain_windows=20_000, calib_windows=64,
+    "paper": dict(coder_checkpoint="default", train_tokens=0, width=4096, pool=0, explain_windows=20_000, calib_windows=64,
                   eval_windows=1000, llm_eval_windows=1000, lexical_calib_windows=1000,
                   fractions=(0.001, 0.01, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0), position_modes=("all", "last"),
                   n_train_examples=40, n_heldout=20, n_negatives=20, explain_max_tokens=120),
@@ -77,7 +77,7 @@ def test_none_means_the_preset_and_explicit_values_win():
     assert cfg.eval_windows == 6 and cfg.calib_windows is None and cfg.layer is None
     assert cfg.sampling is None and cfg.explain is None
     r = cfg.resolved()
-    assert (r.eval_windows, r.calib_windows, r.layer, r.transcoder) == (6, 4, DEFAULT_LAYER, "small")
+    assert (r.eval_windows, r.calib_windows, r.layer, r.coder_checkpoint) == (6, 4, DEFAULT_LAYER, "small")
     assert r.sampling == SamplingConfig(n_train=6, n_heldout=3, n_negatives=3, seed=3), "the preset's, seeded by the run"
     assert r.explain == ExplainConfig(max_tokens=24)
     assert r.llm_eval_windows == 4 and RunConfig(preset="smoke", eval_windows=2).resolved().llm_eval_windows == 2
@@ -289,6 +289,7 @@ def test_run_experiment_writes_its_resolved_config_first(tmp_path, monkeypatch):
      "unknown key 'n_train_examples'; valid keys at the top level: device, dtype, preset, model, layer"),
     ("[explain]\nmax_tokenz = 3", "unknown key 'explain.max_tokenz'; valid keys at table [explain]: variant"),
     ("[sampler]\nn_train = 3", "unknown key 'sampler'"),
+    ('transcoder = "small"', "key 'transcoder' was renamed 'coder_checkpoint': rename it in the file"),
     ('eval_windows = "many"', "eval_windows: Input should be a valid integer, got 'many' (str)"),
     ("eval_windows = true", "eval_windows: Input should be a valid integer, got True (bool)"),
     ('preset = "huge"', "preset: Input should be 'smoke', 'default' or 'paper', got 'huge'"),

@@ -19,7 +19,7 @@ from nl_rewrite.pipeline.config import RunConfig
 def continuations(cfg: RunConfig, prompts: list[str], new_tokens: int) -> list[Generation]:
     import torch
 
-    from nl_rewrite.pipeline.stage import Stage
+    from nl_rewrite.pipeline.stage import StageTimes
     from nl_rewrite.pipeline.experiment import rewritten_models
     from nl_rewrite.pipeline.main_arm import lexical_budget_arm
     from nl_rewrite.pipeline.run_context import Context, heldout_windows, load_run_coder
@@ -34,7 +34,7 @@ def continuations(cfg: RunConfig, prompts: list[str], new_tokens: int) -> list[G
     if not (folder / "stats.safetensors").is_file():
         raise NLRewriteError(f"no latent cache in {folder}: run `nl-rewrite run --out {cfg.out}` (same options) first")
     model = load_model(cfg.model, cfg.placement)
-    ctx = Context(cfg, model, load_run_coder(cfg, model), LatentCache.open(folder), Path(cfg.out), Stage(),
+    ctx = Context(cfg, model, load_run_coder(cfg, model), LatentCache.open(folder), Path(cfg.out), StageTimes(),
                   InProcess())
     arm = lexical_budget_arm(ctx, cfg.lexical_budget, heldout_windows(cfg, len(ctx.cache)))
     tok = model.tokenizer

@@ -15,7 +15,7 @@ import dataclasses
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 from nl_rewrite.placement import Placement
 from nl_rewrite.coders.sparse_coder import Kind
@@ -39,19 +39,19 @@ PAPER_FRACTIONS = (0.001, 0.01, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # a few minutes on 2 CPU cores with a warm model cache: a small transcoder, a handful of latents.
-    "smoke": dict(transcoder="small", train_tokens=40_000, width=1024, pool=2, explain_windows=96,
+    "smoke": dict(coder_checkpoint="small", train_tokens=40_000, width=1024, pool=2, explain_windows=96,
                   calib_windows=4, eval_windows=8, llm_eval_windows=4, lexical_calib_windows=16,
                   fractions=(1.0,), position_modes=("all", "last"),
                   sampling=dict(n_train=6, n_heldout=3, n_negatives=3), explain=dict(max_tokens=24)),
     # ≤ 15 minutes from a cold cache on 2 cores (docs/results.md has the measured stage times): the default
     # transcoder; lexical explanations and oracles for all 4096 latents on 128 eval windows; the embedded LLM
     # explains and simulates a pool of the 6 latents carrying the most output mass, on 24 of those windows.
-    "default": dict(transcoder="default", train_tokens=0, width=4096, pool=6, explain_windows=768,
+    "default": dict(coder_checkpoint="default", train_tokens=0, width=4096, pool=6, explain_windows=768,
                     calib_windows=6, eval_windows=128, llm_eval_windows=24, lexical_calib_windows=128,
                     fractions=(0.5, 1.0), position_modes=("all",),
                     sampling=dict(n_train=10, n_heldout=4, n_negatives=4), explain=dict(max_tokens=32)),
     # Paper scale, for a GPU server behind an OpenAI-compatible endpoint (--llm openai:<model>@<url>).
-    "paper": dict(transcoder="default", train_tokens=0, width=4096, pool=0, explain_windows=20_000,
+    "paper": dict(coder_checkpoint="default", train_tokens=0, width=4096, pool=0, explain_windows=20_000,
                   calib_windows=64, eval_windows=1000, llm_eval_windows=1000, lexical_calib_windows=1000,
                   fractions=PAPER_FRACTIONS, position_modes=("all", "last"),
                   sampling=dict(n_train=40, n_heldout=20, n_negatives=20), explain=dict(max_tokens=120)),
@@ -62,6 +62,9 @@ STAGE_PRESETS = ("sampling", "explain")
 class RunConfig(Placement):
     """Options of nl-rewrite run (with --device and --dtype). On the command line the preset's values are the
     defaults; in Python an option left at None takes the preset's value, and resolved() fills them in."""
+
+    RENAMED: ClassVar[dict[str, str]] = {"transcoder": "coder_checkpoint"}
+    """Options of earlier versions, by their new names: a config.toml that still uses one is told the new name."""
 
     preset: Preset = "default"
     """smoke (~2 min), default (≤15 min CPU) or paper (GPU server)"""
@@ -101,7 +104,7 @@ class RunConfig(Placement):
     """seed for splits, sampling, latent choice and bootstrap"""
     batch_size: int = 8
     """windows per evaluation forward pass"""
-    transcoder: str | None = None
+    coder_checkpoint: str | None = None
     """the sparse coder (transcoder or SAE, per --coder): default (cached 4096×k32), small (quick), a checkpoint
     path, or hf:ORG/REPO[/SUBFOLDER] (a sparsify or SAELens folder on the hub)"""
     train_tokens: int | None = None

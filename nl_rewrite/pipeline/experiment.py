@@ -40,7 +40,7 @@ from nl_rewrite.replacements.base import Replacement
 from nl_rewrite.replacements.live import LiveSimulatorReplacement
 from nl_rewrite.pipeline.config import RunConfig
 from nl_rewrite.pipeline.results import RESULTS_FILE
-from nl_rewrite.pipeline.stage import Stage, cached
+from nl_rewrite.pipeline.stage import StageTimes, cached
 from nl_rewrite.pipeline.trained_arm import (TrainedMaterials, check_trained_simulator, get_simulator, trained_arm,
                                              trained_conditions, trained_windows)
 from nl_rewrite.interp.score import DetectionScore
@@ -93,12 +93,13 @@ class Artifacts:
 
 
 def evaluate_cached(model, windows: TokenWindows, build: Callable[[], list[Replacement]], path: Path, mode: str,
-                    cfg: RunConfig, fingerprint: str, stages: Stage, runner: ShardRunner) -> EvalResults:
+                    cfg: RunConfig, fingerprint: str, stages: StageTimes, runner: ShardRunner) -> EvalResults:
     """One Evaluator run, reused from ``path`` when its fingerprint matches (conditions are then never built)."""
     def evaluate() -> EvalResults:
-        conditions = stages.timed(f"conditions_{path.stem}", build)  # fits mean ablation and noise, tabulates sims
-        return stages.timed(f"evaluate_{path.stem}", Evaluator(model, windows, cfg.batch_size, mode, seed=cfg.seed).run,
-                            conditions, runner)
+        with stages.timer(f"conditions_{path.stem}"):
+            conditions = build()  # fits mean ablation and noise, tabulates simulations
+        with stages.timer(f"evaluate_{path.stem}"):
+            return Evaluator(model, windows, cfg.batch_size, mode, seed=cfg.seed).run(conditions, runner)
 
     return cached(path, fingerprint, EvalResults, evaluate)
 
@@ -150,9 +151,9 @@ def check_before_loading(cfg: RunConfig) -> None:
     check_layer_before_loading(cfg.model, cfg.layer)  # the model's name too
     check_spec(cfg.llm)
     check_trained_simulator(cfg.trained_simulator)
-    local = cfg.transcoder not in ("default", "small") and not cfg.transcoder.startswith(HF_SPEC)
-    if local and not is_checkpoint(cfg.transcoder):
-        raise CheckpointError(f"--transcoder {cfg.transcoder!r} is neither default, small, hf:ORG/REPO[/SUBFOLDER] "
+    local = cfg.coder_checkpoint not in ("default", "small") and not cfg.coder_checkpoint.startswith(HF_SPEC)
+    if local and not is_checkpoint(cfg.coder_checkpoint):
+        raise CheckpointError(f"--coder-checkpoint {cfg.coder_checkpoint!r} is neither default, small, hf:ORG/REPO[/SUBFOLDER] "
                               "nor a checkpoint folder (cfg.json and weights); train one with `nl-rewrite train --out "
                               "FOLDER`")
 
@@ -167,26 +168,25 @@ def run_experiment(cfg: RunConfig, runner: ShardRunner | None = None) -> Artifac
     check_before_loading(cfg)
     ctx, explain_windows = open_run(cfg, runner or InProcess())
     eval_windows = windows_for(cfg, ctx.model, "eval", cfg.eval_windows)
-    eval_cache = ctx.stages.timed("latent_cache_eval", LatentCache.build, ctx.model, ctx.coder, eval_windows,
-                                  ctx.out / "latents_eval", progress=False, runner=ctx.runner)
+    with ctx.stages.timer("latent_cache_eval"):
+        eval_cache = LatentCache.build(ctx.model, ctx.coder, eval_windows, ctx.out / "latents_eval", progress=False,
+                                       runner=ctx.runner)
     eval_strings = window_strings(ctx.cache, eval_windows)
-    arms = ctx.stages.timed("lexical", lexical_stage, ctx, eval_strings)
+    with ctx.stages.timer("lexical"):
+        arms = lexical_stage(ctx, eval_strings)
     backend = make_backend(cfg.llm, cache=cache_dir() / "llm_calls.sqlite", placement=cfg.placement)
     pool = llm_stage(ctx, backend, eval_strings)
     calls = llm_call_counts(ctx, backend)
     del backend  # no stage after the LLM's needs it: the evaluations' peak memory goes without its weights
     headline = arms[cfg.lexical_budget]
 
-    # the trained simulator's options key only its own block (adding it to a finished run evaluates nothing else)
-    run_options = {k: v for k, v in result_options(cfg).items() if not k.startswith("trained")}
-    base_fp = [run_options, eval_windows.fingerprint(), ctx.cache.meta.coder_fingerprint, code_version()]
-    main_fp = json.dumps(base_fp + [LexicalSimulator().identity, LEXICAL_CALIBRATION,
-                                    {b: arm_digest(a) for b, a in arms.items()}], default=str)
+    base_fp, main_fp = run_fingerprints(ctx, eval_windows, arms)
     results, info = main_block(ctx, arms, eval_windows, eval_cache, main_fp)
     pool_results, pool_info = pool_block(ctx, pool, headline, eval_windows, eval_cache, base_fp, main_fp)
     trained_results, trained_info = trained_stage(ctx, headline, explain_windows.doc_ids, eval_windows, eval_cache,
                                                   eval_strings, [result_options(cfg), main_fp])
-    generations = ctx.stages.timed("generate", generation_stage, ctx, headline, eval_windows, main_fp)
+    with ctx.stages.timer("generate"):
+        generations = generation_stage(ctx, headline, eval_windows, main_fp)
     mass = output_mass(ctx.cache, ctx.coder)
     return Artifacts(
         cfg=cfg, results=results, pool_results=pool_results, lexical=arms, info=info, pool_info=pool_info,
@@ -198,6 +198,17 @@ def run_experiment(cfg: RunConfig, runner: ShardRunner | None = None) -> Artifac
         generations=generations, trained_results=trained_results, trained_info=trained_info)
 
 
+def run_fingerprints(ctx: Context, eval_windows: TokenWindows, arms: dict[int, LexicalArm]) -> tuple[list, str]:
+    """What every evaluated block is keyed by (the options, the eval windows, the coder, the version), and the main
+    block's key (that, plus the lexical simulator and explanations)."""
+    # the trained simulator's options key only its own block (adding it to a finished run evaluates nothing else)
+    run_options = {k: v for k, v in result_options(ctx.cfg).items() if not k.startswith("trained")}
+    base_fp = [run_options, eval_windows.fingerprint(), ctx.cache.meta.coder_fingerprint, code_version()]
+    main_fp = json.dumps(base_fp + [LexicalSimulator().identity, LEXICAL_CALIBRATION,
+                                    {b: arm_digest(a) for b, a in arms.items()}], default=str)
+    return base_fp, main_fp
+
+
 def open_run(cfg: RunConfig, runner: ShardRunner) -> tuple[Context, TokenWindows]:
     """Prepare the output folder (config first; a finished run's marker removed), then load the model and the coder
     and build the latent cache of the explain windows (returned too)."""
@@ -205,13 +216,15 @@ def open_run(cfg: RunConfig, runner: ShardRunner) -> tuple[Context, TokenWindows
     out.mkdir(parents=True, exist_ok=True)
     (out / RESULTS_FILE).unlink(missing_ok=True)  # until this run finishes, the folder must not look finished
     io.write_text(out / CONFIG_FILE, cfg.to_toml())
-    stages = Stage()
+    stages = StageTimes()
     torch.manual_seed(cfg.seed)
-    model = stages.timed("load_model", load_model, cfg.model, cfg.placement)
-    coder = stages.timed(cfg.coder, load_run_coder, cfg, model)
+    with stages.timer("load_model"):
+        model = load_model(cfg.model, cfg.placement)
+    with stages.timer(cfg.coder):
+        coder = load_run_coder(cfg, model)
     explain_windows = windows_for(cfg, model, "explain", cfg.explain_windows)
-    cache = stages.timed("latent_cache", LatentCache.build, model, coder, explain_windows, out / "latents",
-                         runner=runner)
+    with stages.timer("latent_cache"):
+        cache = LatentCache.build(model, coder, explain_windows, out / "latents", runner=runner)
     return Context(cfg, model, coder, cache, out, stages, runner), explain_windows
 
 
@@ -222,8 +235,9 @@ def main_block(ctx: Context, arms: dict[int, LexicalArm], eval_windows: TokenWin
     results = {mode: evaluate_cached(ctx.model, eval_windows, build, ctx.out / f"eval_{mode}.json", mode, ctx.cfg,
                                      fingerprint, ctx.stages, ctx.runner)
                for mode in ctx.cfg.position_modes}
-    info = ctx.stages.timed("measure_pearson", measured_info, plan, build, eval_cache, list(range(len(eval_windows))),
-                            ctx.out / "conditions.json", fingerprint)
+    with ctx.stages.timer("measure_pearson"):
+        info = measured_info(plan, build, eval_cache, list(range(len(eval_windows))), ctx.out / "conditions.json",
+                             fingerprint)
     return results, info
 
 
@@ -260,11 +274,13 @@ def trained_stage(ctx: Context, headline: LexicalArm, explain_doc_ids: list[str]
     cfg, stages = ctx.cfg, ctx.stages
     if cfg.trained_simulator == "none":
         return None, {}
-    simulator = stages.timed("train_simulator", get_simulator, cfg, ctx.cache, explain_doc_ids)
+    with stages.timer("train_simulator"):
+        simulator = get_simulator(cfg, ctx.cache, explain_doc_ids)
     calib_ids = trained_calibration_windows(cfg, simulator, ctx.cache)
     windows = trained_windows(cfg, eval_windows)
-    arm = stages.timed("simulate_trained", trained_arm, simulator, headline, ctx.cache, calib_ids,
-                       {w: eval_strings[w] for w in range(len(windows))}, ctx.out / "simulations" / "trained")
+    with stages.timer("simulate_trained"):
+        arm = trained_arm(simulator, headline, ctx.cache, calib_ids, {w: eval_strings[w] for w in range(len(windows))},
+                          ctx.out / "simulations" / "trained")
     build, plan = trained_conditions(cfg, TrainedMaterials(ctx.model, ctx.coder, ctx.cache, arm, headline),
                                      coder_site(cfg))
     fingerprint = json.dumps(base_fp + [simulator.identity, calib_ids, len(windows)], default=str)

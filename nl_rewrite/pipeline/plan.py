@@ -444,8 +444,8 @@ def run_notes(cfg: RunConfig) -> tuple[str, ...]:
              f"{len(cfg.calibrations)} calibrations and the position modes ({', '.join(cfg.position_modes)})",
              "the paper's protocol reads the last token only: one prompt per (latent, window); this project's paper "
              "mode reads every position (one prompt each), all-at-once reads every position in one prompt"]
-    if cfg.transcoder != "small":
-        notes.append(f"latents: --width {cfg.width:,} is counted; the run's coder ({cfg.transcoder}) decides its real "
+    if cfg.coder_checkpoint != "small":
+        notes.append(f"latents: --width {cfg.width:,} is counted; the run's coder ({cfg.coder_checkpoint}) decides its real "
                      "width (the default coder has 4,096)")
     return tuple(notes)
 

@@ -25,7 +25,7 @@ from nl_rewrite.replacements.oracles import OracleReplacement
 from nl_rewrite.interp.selection import choose_latents, usable_pool
 from nl_rewrite.replacements.simulated import NLSimulatorReplacement
 from nl_rewrite.pipeline.config import RunConfig
-from nl_rewrite.pipeline.stage import Stage
+from nl_rewrite.pipeline.stage import StageTimes
 from nl_rewrite.latents.sampling import select_latents
 from nl_rewrite.interp.score import DetectionScore, score_explanations
 from nl_rewrite.interp.simulate import Simulator
@@ -59,12 +59,14 @@ def choose_pool(cfg: RunConfig, cache: LatentCache, coder: SparseCoder, min_coun
 
 
 def explain_and_score(cfg: RunConfig, backend, cache: LatentCache, pool: list[int], out: Path,
-                      stages: Stage, runner: ShardRunner) -> tuple[list[Explanation], list[DetectionScore]]:
+                      stages: StageTimes, runner: ShardRunner) -> tuple[list[Explanation], list[DetectionScore]]:
     sampling = cfg.sampling_config()
-    explanations = stages.timed("explain", explain_latents, backend, cache, pool, cfg.explain_config(), sampling,
-                                out / "explanations.jsonl", runner=runner)
-    scores = stages.timed("score", score_explanations, backend, cache, explanations, cfg.score, sampling,
-                          out / "scores.jsonl", runner=runner)
+    with stages.timer("explain"):
+        explanations = explain_latents(backend, cache, pool, cfg.explain_config(), sampling,
+                                       out / "explanations.jsonl", runner=runner)
+    with stages.timer("score"):
+        scores = score_explanations(backend, cache, explanations, cfg.score, sampling, out / "scores.jsonl",
+                                    runner=runner)
     return explanations, scores
 
 
@@ -150,12 +152,15 @@ def llm_stage(ctx: Context, backend, eval_strings: dict[int, list[str]]) -> Pool
     simulator = Simulator.from_config(backend, cfg.simulator)
     calib_ids = sorted(random.Random(cfg.seed).sample(range(len(cache)), min(cfg.calib_windows, len(cache))))
     calib_windows = {w: cache.token_strings(cache.window_tokens(w)) for w in calib_ids}
-    calib_store, calib_run = stages.timed("simulate_explain", simulate_split, simulator,
-                                          ctx.out / "simulations" / "explain", texts, calib_windows, ctx.runner)
+    with stages.timer("simulate_explain"):
+        calib_store, calib_run = simulate_split(simulator, ctx.out / "simulations" / "explain", texts, calib_windows,
+                                                ctx.runner)
     llm_windows = {w: eval_strings[w] for w in range(cfg.llm_eval_windows)}
-    eval_store, eval_run = stages.timed("simulate_eval", simulate_split, simulator,
-                                        ctx.out / "simulations" / "eval", texts, llm_windows, ctx.runner)
-    calibrators, quality = stages.timed("calibrate", calibrate, cfg, cache, calib_store, texts, calib_windows)
+    with stages.timer("simulate_eval"):
+        eval_store, eval_run = simulate_split(simulator, ctx.out / "simulations" / "eval", texts, llm_windows,
+                                              ctx.runner)
+    with stages.timer("calibrate"):
+        calibrators, quality = calibrate(cfg, cache, calib_store, texts, calib_windows)
     chosen = fraction_choices(cfg, list(texts), scores, quality)
     eval_sims = {lat: eval_store.load(lat, text, llm_windows) for lat, text in texts.items()}
     return PoolArm(pool, explanations, scores, texts, calibrators, quality, chosen, eval_sims, simulator.identity,

@@ -14,7 +14,7 @@ from nl_rewrite.data.windows import TokenWindows, token_windows
 from nl_rewrite.latents.cache import LatentCache
 from nl_rewrite.model.loading import load_model, model_name, prepend_bos_for
 from nl_rewrite.pipeline.config import RunConfig
-from nl_rewrite.pipeline.stage import Stage
+from nl_rewrite.pipeline.stage import StageTimes
 from nl_rewrite.parallel.runner import ShardRunner
 from nl_rewrite.coders.checkpoint import load_coder
 from nl_rewrite.coders.sparse_coder import SparseCoder
@@ -31,16 +31,16 @@ def load_run_coder(cfg: RunConfig, model) -> SparseCoder:
     """The run's transcoder or SAE: the cached default, a quickly trained small one, or a checkpoint."""
     from nl_rewrite.coders.train import TrainConfig, coder_folder, default_coder, train
 
-    if cfg.transcoder == "default":
+    if cfg.coder_checkpoint == "default":
         return default_coder(model_name(model), cfg.layer, model=model, kind=cfg.coder, sae_site=cfg.sae_site)
-    if cfg.transcoder == "small":
+    if cfg.coder_checkpoint == "small":
         tcfg = TrainConfig(model=model_name(model), layer=cfg.layer, kind=cfg.coder, sae_site=cfg.sae_site,
                            width=cfg.width, tokens=cfg.train_tokens, seed=cfg.seed)
         folder = f"{coder_folder(tcfg.model, tcfg.sites[0], tcfg.kind, tcfg.width, tcfg.k)}-t{cfg.train_tokens}"
         return train(dataclasses.replace(tcfg, out=folder), model=model)
-    coder = load_coder(cfg.transcoder, model=model)
+    coder = load_coder(cfg.coder_checkpoint, model=model)
     if coder.cfg.kind != cfg.coder or coder.cfg.write_site != coder_site(cfg):
-        raise CheckpointError(f"{cfg.transcoder} is a {coder.cfg.kind} writing {coder.cfg.write_site}, but the run asks "
+        raise CheckpointError(f"{cfg.coder_checkpoint} is a {coder.cfg.kind} writing {coder.cfg.write_site}, but the run asks "
                               f"for a {cfg.coder} writing {coder_site(cfg)}; pass --coder and --layer (and --sae-site) "
                               "to match the checkpoint")
     return coder
@@ -89,7 +89,7 @@ class Context:
     """The run's transcoder, or SAE under ``--coder sae``."""
     cache: LatentCache
     out: Path
-    stages: Stage
+    stages: StageTimes
     runner: ShardRunner
     """Where the sharded stages run (this process, or Ray workers)."""
 

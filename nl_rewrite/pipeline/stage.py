@@ -12,9 +12,10 @@ import logging
 import resource
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 from pydantic import TypeAdapter
 
@@ -25,18 +26,20 @@ T = TypeVar("T")
 
 
 @dataclass
-class Stage:
+class StageTimes:
     """Wall-clock seconds per stage, for the manifest."""
 
     seconds: dict[str, float] = field(default_factory=dict)
 
-    def timed(self, name: str, fn, *args, **kwargs):
+    @contextmanager
+    def timer(self, name: str) -> Iterator[None]:
+        """Time the block as stage ``name``, logging its start, its seconds and the peak memory so far (a block that
+        raises records nothing: the stage did not finish)."""
         start = time.perf_counter()
         log.info("stage %s ...", name)
-        result = fn(*args, **kwargs)
+        yield
         self.seconds[name] = round(time.perf_counter() - start, 2)
         log.info("stage %s done in %.1fs (peak RSS so far %.2f GB)", name, self.seconds[name], peak_rss_gb())
-        return result
 
 
 def peak_rss_gb() -> float:

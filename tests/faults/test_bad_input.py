@@ -66,8 +66,8 @@ def _refuse_loading(monkeypatch) -> list[str]:
      "unknown backend 'claude:x'"),  # a hub id is only resolved when it loads: the next check still runs first
     (["run", "--model", "tiny-smollm2", "--layer", "1", "--llm", "claude:x", "--out", "{out}"],
      "unknown backend 'claude:x'"),
-    (["run", "--model", "tiny-smollm2", "--layer", "1", "--transcoder", "/no/such/folder", "--out", "{out}"],
-     "--transcoder '/no/such/folder' is neither default, small, hf:ORG/REPO[/SUBFOLDER] nor a checkpoint folder"),
+    (["run", "--model", "tiny-smollm2", "--layer", "1", "--coder-checkpoint", "/no/such/folder", "--out", "{out}"],
+     "--coder-checkpoint '/no/such/folder' is neither default, small, hf:ORG/REPO[/SUBFOLDER] nor a checkpoint folder"),
     (["run", "--model", "tiny-smollm2", "--layer", "1", "--trained-simulator", "/no/such/sim", "--out", "{out}"],
      "--trained-simulator '/no/such/sim' is neither none, default nor a checkpoint folder"),
     (["evaluate", "--model", "tiny-smollm2", "--layer", "99", "--out", "{out}"], "layer 99 out of range"),
