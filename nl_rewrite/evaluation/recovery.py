@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Generic, Literal, TypeVar
 
 import torch
 from pydantic_core import core_schema
@@ -23,6 +23,7 @@ from nl_rewrite.evaluation.evaluator import EvalResults
 from nl_rewrite.evaluation.stats import bootstrap_indices, mean_ci, paired_wilcoxon, ratio_ci
 
 Metric = Literal["ce", "kl"]
+V = TypeVar("V")
 METRICS: tuple[Metric, ...] = ("ce", "kl")
 LEVEL = 0.95
 
@@ -63,26 +64,30 @@ class Recovered:
     """Why the fraction is undefined (empty when defined)."""
 
 
+class ByMetric(Generic[V]):
+    """A value on each metric, read by the metric's name (the subclass, a dataclass, declares the two fields)."""
+
+    ce: V
+    kl: V
+
+    def on(self, metric: Metric) -> V:
+        return self.ce if metric == "ce" else self.kl
+
+
 @dataclass(frozen=True)
-class Gap:
+class Gap(ByMetric[Interval]):
     """The gap ``M(worse) − M(better)`` on both metrics."""
 
     ce: Interval
     kl: Interval
 
-    def on(self, metric: Metric) -> Interval:
-        return self.ce if metric == "ce" else self.kl
-
 
 @dataclass(frozen=True)
-class Recovery:
+class Recovery(ByMetric[Recovered]):
     """One condition's recovered fraction of a gap on both metrics."""
 
     ce: Recovered
     kl: Recovered
-
-    def on(self, metric: Metric) -> Recovered:
-        return self.ce if metric == "ce" else self.kl
 
 
 def _metric(res: EvalResults, metric: str, name: str) -> Tensor:

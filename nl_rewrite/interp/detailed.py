@@ -51,13 +51,17 @@ class Items:
     """Candidate items of every latent (one row each)."""
 
     latent: Int[Tensor, " c"]
+    """The latent the item would explain."""
     token: Int[Tensor, " c"]
+    """The token it names (for a previous-token item, the token before the firing position)."""
     before: Int[Tensor, " c"]
     """The pair's preceding token id (-1 for the other kinds)."""
     kind: Int[Tensor, " c"]
+    """PLAIN, AFTER or PAIR."""
     mean: Float[Tensor, " c"]
     """The value the item would state: a pair's shrunk mean; a plain or previous-token item's mean."""
     gain: Float[Tensor, " c"]
+    """The squared activation error the item removes on the statistics windows (before the decoder weighting)."""
     total: Float[Tensor, " c"]
     """Plain and pair items: the latent's summed activation over the item's positions (0 for previous-token items)."""
     count: Float[Tensor, " c"]
