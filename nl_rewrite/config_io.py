@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 import tomli_w
 from pydantic import ValidationError
 
-from nl_rewrite.typed_json import adapter
+from nl_rewrite.typed_json import adapter, problems
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -31,10 +31,10 @@ def _qualified(where: str, key: str) -> str:
     return f"{where}.{key}" if where else key
 
 
-def _check_keys(cls: type, data: Mapping[str, Any], where: str) -> None:
+def _check_keys(cls: type, hints: Mapping[str, Any], data: Mapping[str, Any], where: str) -> None:
     """Every key of ``data`` (and of its tables, for fields that are dataclasses) is a field of ``cls``: pydantic
-    would drop an unknown key of a plain dataclass, and a misspelt option must not pass silently."""
-    hints = typing.get_type_hints(cls)
+    would drop an unknown key of a plain dataclass, and a misspelt option must not pass silently. ``hints``: the
+    field types of ``cls``."""
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     renamed: Mapping[str, str] = getattr(cls, "RENAMED", {})
     for key, value in data.items():
@@ -46,7 +46,7 @@ def _check_keys(cls: type, data: Mapping[str, Any], where: str) -> None:
         nested = typing.get_args(hints[key]) or (hints[key],)
         table = next((kind for kind in nested if dataclasses.is_dataclass(kind)), None)
         if table is not None and isinstance(value, Mapping):
-            _check_keys(table, value, _qualified(where, key))
+            _check_keys(table, typing.get_type_hints(table), value, _qualified(where, key))
 
 
 def _checked(kind: Any, value: Any, key: str) -> Any:
@@ -60,17 +60,14 @@ def _checked(kind: Any, value: Any, key: str) -> Any:
     try:
         return adapter(kind).validate_json(text, strict=True)
     except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        place = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"])
-        said = first["msg"].replace("an object", "a table")  # a JSON object is a TOML table
-        got = "" if first["type"] == "value_error" else f", got {first['input']!r} ({type(first['input']).__name__})"
-        raise ValueError(f"{key}{place}: {said}{got}") from None
+        # a JSON object is a TOML table
+        raise ValueError(problems(exc, key, shown=1, inputs=True).replace("an object", "a table")) from None
 
 
 def check_fields(cls: type, data: Mapping[str, Any], where: str = "") -> dict[str, Any]:
     """``data`` as keyword arguments of ``cls``, every key known and every value of its field's type."""
-    _check_keys(cls, data, where)
     hints = typing.get_type_hints(cls)
+    _check_keys(cls, hints, data, where)
     return {key: _checked(hints[key], value, _qualified(where, key)) for key, value in data.items()}
 
 

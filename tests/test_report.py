@@ -152,9 +152,9 @@ def _ghost(d: dict) -> None:
     (lambda d: d.pop("schema"), "has schema None"),
     (lambda d: d.pop("pool_run"), "pool_run: Field required"),
     (lambda d: d["pool"].update(size="two"), "pool.size: Input should be a valid integer"),
-    (lambda d: d["recovery"]["lexical"]["kl"].update(fraction=[0.5, 0.4]), r"recovery.lexical.kl.fraction.*2: Field "
+    (lambda d: d["recovery"]["lexical"]["kl"].update(fraction=[0.5, 0.4]), r"recovery.lexical.kl.fraction\[2\]: Field "
                                                                            "required"),
-    (lambda d: d["latents"][0].pop("ok"), "latents.0.ok: Field required"),
+    (lambda d: d["latents"][0].pop("ok"), r"latents\[0\].ok: Field required"),
     (lambda d: d["config"].pop("lexical_budget"), "config.lexical_budget: Field required"),
     (lambda d: d["config"].update(coder="crosscoder"), "config.coder: Input should be 'transcoder' or 'sae'"),
     (lambda d: d.update(complete=False), "complete: Input should be True"),

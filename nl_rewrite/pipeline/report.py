@@ -14,7 +14,7 @@ import platform
 import subprocess
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 from nl_rewrite import io
 from nl_rewrite.evaluation.evaluator import CLEAN, ConditionSummary, EvalResults
@@ -25,9 +25,11 @@ from nl_rewrite.pipeline.answer import answer_lines
 from nl_rewrite.pipeline.conditions import ConditionInfo
 from nl_rewrite.pipeline.experiment import Artifacts
 from nl_rewrite.pipeline.report_plots import PLOTS
-from nl_rewrite.pipeline.results import (RESULTS_FILE, SCHEMA, ZERO_LATENTS, LatentRow, LexicalSummary,
-                                         ModeResults, PoolChoice, PoolRun, RunResults, RunSettings, SimulationScores,
+from nl_rewrite.pipeline.results import (RESULTS_FILE, SCHEMA, ZERO_LATENTS, ConditionBlock, LatentRow,
+                                         LexicalSummary, ModeResults, PoolChoice, PoolRun, RunResults, RunSettings, SimulationScores,
                                          TrainedRun, write_results)
+
+Block = TypeVar("Block", bound=ConditionBlock)
 
 
 def reference(coder: str) -> tuple[str, str]:
@@ -47,25 +49,29 @@ def _default_llm_condition(res: EvalResults) -> str:
     return (preferred or names or [""])[0]
 
 
+def condition_block(kind: type[Block], res: EvalResults, info: dict[str, ConditionInfo], coder: str,
+                    **extra: object) -> Block:
+    """A block of ``kind`` from its evaluation: the fields every block has (its gap between zero latents and the coder,
+    each simulated condition's recovery of it), and the ``extra`` ones of its kind."""
+    return kind(n_windows=len(res.window_ids), conditions=dict(res.summaries), conditions_info=info,
+                gap=gaps(res, better=coder), recovery=recovery_table(res, _simulated(res, coder), better=coder),
+                **extra)
+
+
 def pool_run(art: Artifacts) -> PoolRun:
     res, coder = art.pool_results, art.cfg.coder
-    simulated = _simulated(res, coder)
-    return PoolRun(n_windows=len(res.window_ids), llm_condition=_default_llm_condition(res),
-                   conditions=dict(res.summaries), conditions_info=art.pool_info, gap=gaps(res, better=coder),
-                   recovery=recovery_table(res, simulated, better=coder),
-                   gap_vs_pool_zeroed=gaps(res, worse="pool_zeroed", better=coder),
-                   recovery_vs_pool_zeroed=recovery_table(res, [n for n in simulated if n != "pool_zeroed"],
-                                                          worse="pool_zeroed", better=coder))
+    rest = [n for n in _simulated(res, coder) if n != "pool_zeroed"]
+    return condition_block(PoolRun, res, art.pool_info, coder, llm_condition=_default_llm_condition(res),
+                           gap_vs_pool_zeroed=gaps(res, worse="pool_zeroed", better=coder),
+                           recovery_vs_pool_zeroed=recovery_table(res, rest, worse="pool_zeroed", better=coder))
 
 
 def trained_run(art: Artifacts) -> TrainedRun | None:
     """The trained simulator's block: 100% of latents and its references on the first eval windows."""
-    res, coder = art.trained_results, art.cfg.coder
-    if res is None:
+    if art.trained_results is None:
         return None
-    return TrainedRun(n_windows=len(res.window_ids), simulator=art.cfg.trained_simulator,
-                      conditions=dict(res.summaries), conditions_info=art.trained_info,
-                      gap=gaps(res, better=coder), recovery=recovery_table(res, _simulated(res, coder), better=coder))
+    return condition_block(TrainedRun, art.trained_results, art.trained_info, art.cfg.coder,
+                           simulator=art.cfg.trained_simulator)
 
 
 def latent_rows(art: Artifacts) -> list[LatentRow]:

@@ -190,7 +190,7 @@ class RunResults:
 
     @cached_property
     def settings(self) -> RunSettings:
-        return validated(RunSettings, self.config, ResultsError, "its config", where="config.")
+        return validated(RunSettings, self.config, ResultsError, "its config", where="config")
 
     @property
     def all_positions(self) -> ModeResults:
