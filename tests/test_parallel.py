@@ -87,7 +87,26 @@ def test_ray_kill_on_a_worker_mid_stage_loses_no_shard(cluster):
 
     cluster.map(None, _slow_square, list(range(8)), keep)
     assert seen == {i: i * i for i in range(8)}
-    assert cluster.workers == []  # the stage's actors are gone
+
+
+def _with_context(context: str, shard: int) -> str:
+    import os
+
+    return f"{context}{shard}@{os.getpid()}"
+
+
+def test_workers_stay_from_stage_to_stage_and_each_stage_reads_its_own_context(cluster):
+    """The second stage runs on the first one's worker processes (no new start-up) and sees its own context."""
+    stages = {}
+    for context in ("a", "b"):
+        got: dict[int, str] = {}
+        cluster.map(context, _with_context, [0, 1, 2, 3], lambda i, r: got.__setitem__(i, r))
+        stages[context] = got
+    assert {i: r.split("@")[0] for i, r in stages["b"].items()} == {i: f"b{i}" for i in range(4)}
+    pids = {context: {r.split("@")[1] for r in got.values()} for context, got in stages.items()}
+    assert pids["b"] <= pids["a"], "the second stage started new worker processes"
+    cluster.stop()
+    assert cluster.workers == []
 
 
 def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], name: str) -> None:
@@ -262,7 +281,7 @@ def test_the_plumbing_run_on_ray_resumes_and_matches_one_process(cluster, tiny_r
 
     out = tmp_path / "run"
     shutil.copytree(tiny_run.out, out)
-    # one of each sharded kind of stage (each Ray stage starts its workers, ~13 s here): the eval simulations stand
+    # one of each sharded kind of stage (each unpickles its context on every worker): the eval simulations stand
     # for the explain split's (kept: the same explanations find them again), the "all" evaluation for the "last" one;
     # the pool's evaluation reads the eval simulations, so it reruns and shows whether they came back the same
     for lost in ["latents/shards/00000.safetensors", "explanations.jsonl", "scores.jsonl", "simulations/eval",

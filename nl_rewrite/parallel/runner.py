@@ -5,8 +5,8 @@ a *work* function ``work(context, shard) -> result`` and its shards. The runner 
 in the calling process as each shard finishes, so the stage's store (latent-cache shards, JSONL records,
 simulation files) keeps one writer, and a rerun resumes from whatever any worker finished.
 
-On Ray (:class:`RayRunner`) the context is put in the object store once and every worker actor unpickles its own
-copy: an LLM backend pickles as its recipe, so each worker loads its own embedded model or opens its own client
+On Ray (:class:`RayRunner`) the context is put in the object store once per stage and every worker actor unpickles
+its own copy (the actors live from the first stage to the last, so only the first pays their start-up): an LLM backend pickles as its recipe, so each worker loads its own embedded model or opens its own client
 and cache connection. A worker killed mid-shard is restarted by Ray and the shard retried
 (``max_restarts``/``max_task_retries``); its result reaches ``on_result`` once. Ray is an optional extra:
 ``pip install 'nl_rewrite[ray]'``.
@@ -74,20 +74,37 @@ class RayOptions:
 
 
 class ShardWorker(Generic[C]):
-    """One Ray actor: holds its own copy of the context and runs shards against it."""
+    """One Ray actor, kept from stage to stage: it holds the running stage's context (its own copy, unpickled once
+    per stage) and runs that stage's shards against it."""
 
-    def __init__(self, payload: bytes, threads: int) -> None:
+    def __init__(self, threads: int) -> None:
         import torch
 
         torch.set_num_threads(max(1, threads))  # workers share the node's cores; oversubscription slows all
-        self.context = loads(payload)
+        self.stage: int | None = None
+        self.context: C | None = None
 
-    def run(self, work: Callable[[C, S], R], index: int, shard: S) -> tuple[int, R]:
-        return index, work(self.context, shard)
+    def run(self, stage: int, payload: list, work: Callable[[C, S], R], index: int, shard: S) -> tuple[int, R]:
+        """``work`` on ``shard`` (the ``index``-th of stage number ``stage``, whose context is ``payload[0]``: an
+        object reference in a list, so Ray passes it unread and only a worker new to the stage fetches it)."""
+        if self.stage != stage:
+            import ray
+
+            self.context = None  # the last stage's copy goes before this one's is read
+            self.context, self.stage = loads(ray.get(payload[0])), stage
+        return index, work(self.context, shard)  # type: ignore[arg-type]
+
+    def release(self) -> None:
+        """Drop the stage's context (the process stays, warm, for the next stage)."""
+        self.stage, self.context = None, None
 
 
 class RayRunner:
-    """Shards over a pool of :class:`ShardWorker` actors (``ray.util.ActorPool``), results in completion order."""
+    """Shards over a pool of :class:`ShardWorker` actors (``ray.util.ActorPool``), results in completion order.
+
+    The actors are started by the first stage that needs them and kept for the next ones (a new worker process spends
+    seconds importing torch and the package); each stage's context is dropped when the stage ends. A stage that fails
+    stops them all, so the next one starts from fresh workers."""
 
     parallel = True
 
@@ -95,7 +112,8 @@ class RayRunner:
         self.options = options
         self.ray = connect(options.address)
         self.workers: list = []
-        """The running stage's actor handles (empty between stages), for monitoring or fault injection."""
+        """The worker actors' handles (empty until the first stage), for monitoring or fault injection."""
+        self.stages = 0
 
     def n_workers(self, n_shards: int) -> int:
         cpus = int(self.ray.cluster_resources().get("CPU", 1) // max(self.options.cpus_per_worker, 1e-9))
@@ -107,26 +125,36 @@ class RayRunner:
             return
         from ray.util import ActorPool
 
-        payload = self.ray.put(dumps(context))  # held until the stage ends: a restarted worker reads it again
-        actors = self.workers = self._start_workers(payload, self.n_workers(len(shards)))
+        self.stages += 1
+        stage, payload = self.stages, [self.ray.put(dumps(context))]  # a restarted worker reads the payload again
+        actors = self._workers(self.n_workers(len(shards)))
         try:
-            results = ActorPool(actors).map_unordered(lambda actor, item: actor.run.remote(work, *item),
+            results = ActorPool(actors).map_unordered(lambda actor, item: actor.run.remote(stage, payload, work, *item),
                                                       list(enumerate(shards)))
             for index, result in tqdm(results, total=len(shards), desc=f"{desc} (ray)", disable=not progress):
                 on_result(index, result)
-        finally:
-            self.workers = []
-            for actor in actors:
-                self.ray.kill(actor)
-            del payload
+        except BaseException:
+            self.stop()
+            raise
+        for actor in actors:
+            actor.release.remote()
 
-    def _start_workers(self, payload, n: int) -> list:
+    def stop(self) -> None:
+        """Kill the worker actors (the next stage starts new ones). Ray also ends them when the runner is dropped."""
+        workers, self.workers = self.workers, []
+        for actor in workers:
+            self.ray.kill(actor)
+
+    def _workers(self, n: int) -> list:
+        """The first ``n`` worker actors, starting the missing ones."""
         opts = self.options
-        actor = self.ray.remote(ShardWorker).options(
-            num_cpus=opts.cpus_per_worker, num_gpus=opts.gpus_per_worker, max_restarts=opts.retries,
-            max_task_retries=opts.retries)
-        log.info("ray: %d workers", n)
-        return [actor.remote(payload, int(opts.cpus_per_worker)) for _ in range(n)]
+        if len(self.workers) < n:
+            actor = self.ray.remote(ShardWorker).options(
+                num_cpus=opts.cpus_per_worker, num_gpus=opts.gpus_per_worker, max_restarts=opts.retries,
+                max_task_retries=opts.retries)
+            log.info("ray: starting %d workers", n - len(self.workers))
+            self.workers += [actor.remote(int(opts.cpus_per_worker)) for _ in range(n - len(self.workers))]
+        return self.workers[:n]
 
 
 def connect(address: str):

@@ -7,15 +7,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import torch
 
-from helpers import TINY_RUN, empty_cache
+from helpers import TINY_RUN, empty_cache, start_cli
 
 KILL_AT: tuple[tuple[str, float | str], ...] = (
     ("transcoder", 1.0), ("explain", "explanations.jsonl"), ("score", 0.0),
@@ -30,46 +27,48 @@ VOLATILE = ("stage_seconds", "counts", "config")
 """Results keys that legitimately differ between runs: timings, cache hit counts, the output path."""
 
 
-def _wait_for(when: float | str, out: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
+def _wait_for(when: float | str, out: Path, proc, timeout: float = 60) -> None:
     if isinstance(when, (int, float)):
         time.sleep(when)
         return
     deadline = time.monotonic() + timeout
-    while not any(p.stat().st_size for p in out.glob(when)) and proc.poll() is None and time.monotonic() < deadline:
+    while not any(p.stat().st_size for p in out.glob(when)) and proc.is_alive() and time.monotonic() < deadline:
         time.sleep(0.005)
 
 
 def _run(out: Path, cache: Path, kill_at: str | None = None, when: float | str = 0.0, timeout: float = 300
          ) -> int | None:
-    """``nl-rewrite run`` in a subprocess; with ``kill_at``, SIGKILL it at ``when`` in that stage (see KILL_AT),
-    failing if a kill meant to land inside the stage came after it ended. Returns the exit code, or None when it
-    was killed."""
+    """``nl-rewrite run`` in a child process (forked from a server with the imports done: ``helpers.start_cli``);
+    with ``kill_at``, SIGKILL it at ``when`` in that stage (see KILL_AT), failing if a kill meant to land inside the
+    stage came after it ended. Returns the exit code, or None when it was killed."""
     # as many threads as the in-process reference run used: float sums depend on the thread count
     env = {**os.environ, "NL_REWRITE_CACHE": str(cache), "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    cmd = [sys.executable, "-m", "nl_rewrite.cli.main", "run", *TINY_RUN, "--out", str(out)]
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    log = out.parent / f"{out.name}-{kill_at or 'finish'}.log"
+    log.write_text("")  # the child truncates it; until then it is read empty
+    proc = start_cli(["run", *TINY_RUN, "--out", str(out)], env, log)
     deadline = time.monotonic() + timeout
     try:
-        for line in proc.stderr:  # type: ignore[union-attr]
+        started = f"stage {kill_at} ..."
+        while kill_at and proc.is_alive() and started not in log.read_text(errors="replace"):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"nl-rewrite run did not finish within {timeout} s")
-            if kill_at and f"stage {kill_at} ..." in line:
-                logged: list[str] = []  # keep draining stderr while waiting, so the child never blocks on it
-                drain = threading.Thread(target=lambda: logged.extend(proc.stderr), daemon=True)  # type: ignore
-                drain.start()
-                _wait_for(when, out, proc)
-                proc.send_signal(signal.SIGKILL)
-                code = proc.wait()
-                drain.join(timeout=10)
-                assert code == -signal.SIGKILL, f"the run exited by itself (code {code}) in stage {kill_at}: " + \
-                    "".join(logged)[-2000:]
-                inside = when != 0.0
-                assert not (inside and any(f"stage {kill_at} done" in entry for entry in logged)), \
-                    f"stage {kill_at} finished before the kill at {when!r}: the kill did not land inside it"
-                return None
-        return proc.wait(timeout=60)
+                raise TimeoutError(f"nl-rewrite run did not reach stage {kill_at} within {timeout} s")
+            time.sleep(0.005)
+        if not kill_at or not proc.is_alive():
+            proc.join(timeout=max(1.0, deadline - time.monotonic()))
+            assert not proc.is_alive(), f"nl-rewrite run did not finish within {timeout} s"
+            return proc.exitcode
+        _wait_for(when, out, proc)
+        proc.kill()
+        proc.join(timeout=10)
+        logged = log.read_text(errors="replace")
+        assert proc.exitcode == -signal.SIGKILL, f"the run exited by itself (code {proc.exitcode}) in stage " \
+                                                 f"{kill_at}: {logged[-2000:]}"
+        inside = when != 0.0
+        assert not (inside and f"stage {kill_at} done" in logged), \
+            f"stage {kill_at} finished before the kill at {when!r}: the kill did not land inside it"
+        return None
     finally:
-        if proc.poll() is None:
+        if proc.is_alive():
             proc.kill()
 
 
