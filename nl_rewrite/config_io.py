@@ -1,10 +1,11 @@
 """Config dataclasses ⇄ TOML: tables for nested configs, arrays for tuples, every key and type checked.
 
 ``check_fields(cls, data)`` turns a parsed TOML table into constructor arguments of ``cls``: an unknown key is a
-``ValueError`` naming it and the valid ones (or, for a key the class lists in its ``RENAMED`` mapping, its new name); each value is checked against its field's type by pydantic (strict: no
-string is read as a number, no boolean as an integer; an integer is a valid float), arrays becoming tuples and
-nested tables instances of their dataclass, and a wrong one is a ``ValueError`` naming the key and what pydantic
-expected. ``to_toml`` writes a config back (keys whose value is ``None`` are left out: TOML has no null).
+``ValueError`` naming it and the valid ones (or, for a key the class lists in its ``RENAMED`` mapping, its new
+name); each value is checked against its field's type by pydantic (strict: no string is read as a number, no boolean
+as an integer; an integer is a valid float), arrays becoming tuples and nested tables instances of their dataclass,
+and a wrong one is a ``ValueError`` naming the key and what pydantic expected. ``to_toml`` writes a config back
+(keys whose value is ``None`` are left out: TOML has no null).
 """
 
 from __future__ import annotations

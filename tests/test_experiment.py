@@ -85,7 +85,9 @@ def test_an_sae_on_the_residual_stream_end_to_end(tmp_cache, tmp_path):
     """The paper's second experiment end to end on the tiny model: an SAE on resid_post.1 through cache,
     explanations, simulation, calibration and patching, with the SAE's own baselines."""
     out = tmp_path / "sae_run"
-    assert main(["run", *TINY_RUN, "--coder", "sae", "--position-modes", "all", "--out", str(out)]) == 0
+    # one position mode, half the eval windows and a pool of 2: every kind of stage still runs
+    assert main(["run", *TINY_RUN, "--coder", "sae", "--position-modes", "all", "--eval-windows", "4", "--pool", "2",
+                 "--out", str(out)]) == 0
     data = json.loads((out / "results.json").read_text())
     assert load_results(out).settings.coder == "sae"
     conds = data["modes"]["all"]["conditions"]

@@ -1,10 +1,10 @@
 """``nl-rewrite train-simulator``: train the single-pass simulator on a run's explain split.
 
-It uses the run options that define the data (--model, --layer, --coder, --coder-checkpoint, --explain-windows, --window,
---seed, --out: the explain split's latent cache goes to <out>/latents, shared with ``nl-rewrite run --out`` the
-same folder) and the training options under --trained.* (layers kept, head, steps, ...). The checkpoint goes to
---save-to, by default the user cache, where ``nl-rewrite run --trained-simulator default`` finds it (not with
---llm-explanations, which key it apart: pass its folder to ``run --trained-simulator FOLDER``). Ctrl-C saves
+It uses the run options that define the data (--model, --layer, --coder, --coder-checkpoint, --explain-windows,
+--window, --seed, --out: the explain split's latent cache goes to <out>/latents, shared with ``nl-rewrite run
+--out`` the same folder) and the training options under --trained.* (layers kept, head, steps, ...). The checkpoint
+goes to --save-to, by default the user cache, where ``nl-rewrite run --trained-simulator default`` finds it (not
+with --llm-explanations, which key it apart: pass its folder to ``run --trained-simulator FOLDER``). Ctrl-C saves
 the last finished step; the same command resumes it. See docs/trained_simulator.md.
 """
 

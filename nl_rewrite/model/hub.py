@@ -1,4 +1,5 @@
-"""Models and coders by Hugging Face hub id: ``--model EleutherAI/pythia-160m``, ``--coder-checkpoint hf:ORG/REPO/SUBFOLDER``.
+"""Models and coders by Hugging Face hub id: ``--model EleutherAI/pythia-160m``,
+``--coder-checkpoint hf:ORG/REPO/SUBFOLDER``.
 
 A hub id is looked up in huggingface_hub's own cache first, then downloaded into it, unless ``HF_HUB_OFFLINE`` is
 set (then only the cache is used). Nothing else in nl_rewrite reaches for a network: the embedded models, local

@@ -6,8 +6,9 @@ in the calling process as each shard finishes, so the stage's store (latent-cach
 simulation files) keeps one writer, and a rerun resumes from whatever any worker finished.
 
 On Ray (:class:`RayRunner`) the context is put in the object store once per stage and every worker actor unpickles
-its own copy (the actors live from the first stage to the last, so only the first pays their start-up): an LLM backend pickles as its recipe, so each worker loads its own embedded model or opens its own client
-and cache connection. A worker killed mid-shard is restarted by Ray and the shard retried
+its own copy (the actors live from the first stage to the last, so only the first pays their start-up): an LLM
+backend pickles as its recipe, so each worker loads its own embedded model or opens its own client and cache
+connection. A worker killed mid-shard is restarted by Ray and the shard retried
 (``max_restarts``/``max_task_retries``); its result reaches ``on_result`` once. Ray is an optional extra:
 ``pip install 'nl_rewrite[ray]'``.
 """

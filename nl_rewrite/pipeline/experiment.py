@@ -153,9 +153,9 @@ def check_before_loading(cfg: RunConfig) -> None:
     check_trained_simulator(cfg.trained_simulator)
     local = cfg.coder_checkpoint not in ("default", "small") and not cfg.coder_checkpoint.startswith(HF_SPEC)
     if local and not is_checkpoint(cfg.coder_checkpoint):
-        raise CheckpointError(f"--coder-checkpoint {cfg.coder_checkpoint!r} is neither default, small, hf:ORG/REPO[/SUBFOLDER] "
-                              "nor a checkpoint folder (cfg.json and weights); train one with `nl-rewrite train --out "
-                              "FOLDER`")
+        raise CheckpointError(f"--coder-checkpoint {cfg.coder_checkpoint!r} is neither default, small, "
+                              "hf:ORG/REPO[/SUBFOLDER] nor a checkpoint folder (cfg.json and weights); train one with "
+                              "`nl-rewrite train --out FOLDER`")
 
 
 def run_experiment(cfg: RunConfig, runner: ShardRunner | None = None) -> Artifacts:

@@ -445,8 +445,8 @@ def run_notes(cfg: RunConfig) -> tuple[str, ...]:
              "the paper's protocol reads the last token only: one prompt per (latent, window); this project's paper "
              "mode reads every position (one prompt each), all-at-once reads every position in one prompt"]
     if cfg.coder_checkpoint != "small":
-        notes.append(f"latents: --width {cfg.width:,} is counted; the run's coder ({cfg.coder_checkpoint}) decides its real "
-                     "width (the default coder has 4,096)")
+        notes.append(f"latents: --width {cfg.width:,} is counted; the run's coder ({cfg.coder_checkpoint}) decides its "
+                     "real width (the default coder has 4,096)")
     return tuple(notes)
 
 

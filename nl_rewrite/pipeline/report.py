@@ -26,8 +26,8 @@ from nl_rewrite.pipeline.conditions import ConditionInfo
 from nl_rewrite.pipeline.experiment import Artifacts
 from nl_rewrite.pipeline.report_plots import PLOTS
 from nl_rewrite.pipeline.results import (RESULTS_FILE, SCHEMA, ZERO_LATENTS, ConditionBlock, LatentRow,
-                                         LexicalSummary, ModeResults, PoolChoice, PoolRun, RunResults, RunSettings, SimulationScores,
-                                         TrainedRun, write_results)
+                                         LexicalSummary, ModeResults, PoolChoice, PoolRun, RunResults, RunSettings,
+                                         SimulationScores, TrainedRun, write_results)
 
 Block = TypeVar("Block", bound=ConditionBlock)
 

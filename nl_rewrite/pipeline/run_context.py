@@ -40,9 +40,9 @@ def load_run_coder(cfg: RunConfig, model) -> SparseCoder:
         return train(dataclasses.replace(tcfg, out=folder), model=model)
     coder = load_coder(cfg.coder_checkpoint, model=model)
     if coder.cfg.kind != cfg.coder or coder.cfg.write_site != coder_site(cfg):
-        raise CheckpointError(f"{cfg.coder_checkpoint} is a {coder.cfg.kind} writing {coder.cfg.write_site}, but the run asks "
-                              f"for a {cfg.coder} writing {coder_site(cfg)}; pass --coder and --layer (and --sae-site) "
-                              "to match the checkpoint")
+        raise CheckpointError(f"{cfg.coder_checkpoint} is a {coder.cfg.kind} writing {coder.cfg.write_site}, but "
+                              f"the run asks for a {cfg.coder} writing {coder_site(cfg)}; pass --coder and --layer "
+                              "(and --sae-site) to match the checkpoint")
     return coder
 
 
