@@ -1,7 +1,7 @@
 """Train a TopK sparse coder (transcoder or SAE) on CPU, streaming activations from the model.
 
 The stream: the corpus ``train`` split's windows in a seeded random order; each *buffer* of
-``buffer_windows`` windows is run through the model up to the coder's layer (``stop_at_layer``), its
+``buffer_windows`` windows is run through the model up to the coder's sites (``model.capture``), its
 tokens are shuffled (seeded by buffer index) and cut into steps of ``batch_size`` tokens. Because buffer
 boundaries and shuffles depend only on the seed, a training state (weights, Adam, step, dead-latent
 counters) is enough to resume exactly: the interrupted buffer is recomputed and its finished steps skipped.
@@ -43,6 +43,7 @@ from nl_rewrite.errors import CheckpointError
 from nl_rewrite.hashing import digest
 from nl_rewrite.paths import cache_dir
 from nl_rewrite.model.loading import check_layer_before_loading
+from nl_rewrite.model.capture import capture
 from nl_rewrite.model.sites import Site, SiteKind, resolve, site_width
 from nl_rewrite.coders.sparse_coder import KINDS, CoderConfig, Kind, SparseCoder
 from nl_rewrite.placement import Placement, module_device
@@ -210,12 +211,9 @@ def site_activations(model, tokens: Tensor, read_site: str, write_site: str, chu
                      ) -> tuple[Float[Tensor, "n d_in"], Float[Tensor, "n d_out"]]:
     """Activations at the read and write sites for every token, running the model only up to that layer."""
     read_hook, write_hook = resolve(model, read_site), resolve(model, write_site)
-    stop = max(Site.parse(read_site).layer, Site.parse(write_site).layer) + 1
     xs, ys = [], []
     for start in range(0, tokens.shape[0], chunk):
-        _, cache = model.run_with_cache(tokens[start:start + chunk].to(module_device(model)),
-                                        names_filter=lambda n: n in (read_hook, write_hook),
-                                        stop_at_layer=stop)
+        cache = capture(model, tokens[start:start + chunk], [read_hook, write_hook])
         xs.append(cache[read_hook].reshape(-1, cache[read_hook].shape[-1]).float())
         ys.append(cache[write_hook].reshape(-1, cache[write_hook].shape[-1]).float())
     return torch.cat(xs), torch.cat(ys)

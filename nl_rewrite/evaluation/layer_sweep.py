@@ -18,8 +18,8 @@ from nl_rewrite.data.windows import TokenWindows
 from nl_rewrite.evaluation.evaluator import EvalResults, Evaluator
 from nl_rewrite.evaluation.stats import CIBounds
 from nl_rewrite.replacements.baselines import MeanReplacement, ZeroReplacement
+from nl_rewrite.model.capture import capture
 from nl_rewrite.model.sites import mlp_out, resolve
-from nl_rewrite.placement import module_device
 
 MIN_DELTA_CE = 0.15
 """Zero-ablating the rewritten MLP must cost at least this much CE (nats), or there is no gap to recover."""
@@ -36,7 +36,7 @@ def mlp_out_means(model, windows: TokenWindows, layers: list[int], batch_size: i
     sums: dict[int, Tensor] = {}
     count = 0
     for _, tokens in windows.batches(batch_size):
-        _, cache = model.run_with_cache(tokens.to(module_device(model)), names_filter=lambda name: name in hooks)
+        cache = capture(model, tokens, list(hooks))
         for hook, layer in hooks.items():
             sums[layer] = sums.get(layer, 0) + cache[hook].float().sum((0, 1))
         count += tokens.numel()

@@ -36,9 +36,9 @@ from nl_rewrite import io
 from nl_rewrite.parallel.runner import InProcess, ShardRunner
 from nl_rewrite.errors import NLRewriteError
 from nl_rewrite.model.loading import model_name
+from nl_rewrite.model.capture import capture
 from nl_rewrite.model.sites import Site, resolve
 from nl_rewrite.hashing import digest
-from nl_rewrite.placement import module_device
 
 log = logging.getLogger(__name__)
 
@@ -152,11 +152,10 @@ def _check_meta(folder: Path, meta: CacheMeta) -> None:
 # ---- building ------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def _encode_batch(model, coder, hook: str, layer: int, tokens: Int[Tensor, "b pos"]
+def _encode_batch(model, coder, hook: str, tokens: Int[Tensor, "b pos"]
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Rows (window offset in batch, position, latent id, value) of the positive TopK latents."""
-    _, cache = model.run_with_cache(tokens.to(module_device(model)), names_filter=hook, stop_at_layer=layer + 1)
-    latents = coder.encode(cache[hook].float())
+    latents = coder.encode(capture(model, tokens, [hook])[hook].float())
     keep = latents.values > 0  # TopK can pick zeros when fewer than k latents fire: those are not activations
     batch_idx, pos, slot = torch.nonzero(keep, as_tuple=True)
     return batch_idx, pos, latents.indices[batch_idx, pos, slot], latents.values[batch_idx, pos, slot]
@@ -168,7 +167,7 @@ def _build_shard(model, coder, windows: TokenWindows, start: int, stop: int, bat
     parts: list[tuple[Tensor, ...]] = []
     for lo in range(start, stop, batch_size):
         hi = min(lo + batch_size, stop)
-        b, pos, lat, val = _encode_batch(model, coder, hook, site.layer, windows.tokens[lo:hi])
+        b, pos, lat, val = _encode_batch(model, coder, hook, windows.tokens[lo:hi])
         parts.append((b + lo, pos, lat, val))
     cols = [torch.cat([p[i] for p in parts]) for i in range(4)]
     dtypes = (torch.int32, torch.int32, torch.int32, torch.float32)

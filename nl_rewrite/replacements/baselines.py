@@ -9,9 +9,9 @@ from tqdm.auto import tqdm
 
 from nl_rewrite.data.windows import TokenWindows
 from nl_rewrite.errors import ShapeMismatchError
+from nl_rewrite.model.capture import capture
 from nl_rewrite.model.sites import Site, resolve
 from nl_rewrite.replacements.base import BatchInfo, Replacement
-from nl_rewrite.placement import module_device
 
 
 class ZeroReplacement(Replacement):
@@ -56,9 +56,7 @@ class MeanReplacement(Replacement):
         hook = resolve(model, site)
         total, count = None, 0
         for _, tokens in tqdm(windows.batches(batch_size), total=-(-len(windows) // batch_size), desc=f"mean of {site}"):
-            _, cache = model.run_with_cache(tokens.to(module_device(model)), names_filter=lambda n: n == hook,
-                                            stop_at_layer=site.layer + 1)
-            act = cache[hook].float()
+            act = capture(model, tokens, [hook])[hook].float()
             total = act.sum((0, 1)) if total is None else total + act.sum((0, 1))
             count += act.shape[0] * act.shape[1]
         return cls(site, total / count, name=name)
