@@ -8,35 +8,50 @@ import json
 import os
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from helpers import TINY_RUN, empty_cache, start_cli
 
-KILL_AT: tuple[tuple[str, float | str], ...] = (
-    ("transcoder", 1.0), ("explain", "explanations.jsonl"), ("score", 0.0),
+@dataclass(frozen=True)
+class Logged:
+    """The moment the run's log shows ``text``: for a stage too quick to kill by the clock and with no file written
+    part-way (the tiny transcoder trains in about 0.2 s; its progress bar appears when the first step starts)."""
+
+    text: str
+
+
+KILL_AT: tuple[tuple[str, float | str | Logged], ...] = (
+    ("transcoder", Logged("train transcoder")), ("explain", "explanations.jsonl"), ("score", 0.0),
     ("simulate_explain", "simulations/explain/*/*.safetensors"), ("calibrate", 0.0), ("evaluate_eval_all", 1.0))
 """(stage, when) of a kill -9, in consecutive runs of one output folder. ``when`` is seconds after the stage starts,
-or a file (a glob in the output folder) the stage writes part-way: the kill lands once the first batch of
-explanations or simulations is on disk, so the rerun must finish a half-written stage. Those kills, and the ones
-at 1 s into training and evaluation, must land inside their stage (checked: its "done" line must not have been
-logged). Score and calibrate take milliseconds on the tiny model and are killed the moment they start. Caching
+a file (a glob in the output folder) the stage writes part-way, or a line of the log: the kill lands once the first
+batch of explanations or simulations is on disk, so the rerun must finish a half-written stage. Those kills, and the
+ones in training and at 1 s into evaluation, must land inside their stage (checked: its "done" line must not have
+been logged). Score and calibrate take milliseconds on the tiny model and are killed the moment they start. Caching
 latents is killed in tests/test_latents.py."""
 VOLATILE = ("stage_seconds", "counts", "config")
 """Results keys that legitimately differ between runs: timings, cache hit counts, the output path."""
 
 
-def _wait_for(when: float | str, out: Path, proc, timeout: float = 60) -> None:
+def _wait_for(when: float | str | Logged, out: Path, log: Path, proc, timeout: float = 60) -> None:
     if isinstance(when, (int, float)):
         time.sleep(when)
         return
     deadline = time.monotonic() + timeout
-    while not any(p.stat().st_size for p in out.glob(when)) and proc.is_alive() and time.monotonic() < deadline:
+
+    def seen() -> bool:
+        if isinstance(when, Logged):
+            return when.text in log.read_text(errors="replace")
+        return any(p.stat().st_size for p in out.glob(when))
+
+    while not seen() and proc.is_alive() and time.monotonic() < deadline:
         time.sleep(0.005)
 
 
-def _run(out: Path, cache: Path, kill_at: str | None = None, when: float | str = 0.0, timeout: float = 300
+def _run(out: Path, cache: Path, kill_at: str | None = None, when: float | str | Logged = 0.0, timeout: float = 300
          ) -> int | None:
     """``nl-rewrite run`` in a child process (forked from a server with the imports done: ``helpers.start_cli``);
     with ``kill_at``, SIGKILL it at ``when`` in that stage (see KILL_AT), failing if a kill meant to land inside the
@@ -57,7 +72,7 @@ def _run(out: Path, cache: Path, kill_at: str | None = None, when: float | str =
             proc.join(timeout=max(1.0, deadline - time.monotonic()))
             assert not proc.is_alive(), f"nl-rewrite run did not finish within {timeout} s"
             return proc.exitcode
-        _wait_for(when, out, proc)
+        _wait_for(when, out, log, proc)
         proc.kill()
         proc.join(timeout=10)
         logged = log.read_text(errors="replace")
