@@ -332,3 +332,11 @@ def test_an_optional_option_needs_its_value(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(command)
     assert exc.value.code == 2 and "expected one argument" in capsys.readouterr().err
+
+
+def test_a_renamed_option_keys_cached_results_under_its_old_name():
+    """A run finished before ``transcoder`` became ``coder_checkpoint`` reruns from its cached results."""
+    from nl_rewrite.pipeline.run_context import result_options
+
+    options = result_options(RunConfig(coder_checkpoint="small"))
+    assert options["transcoder"] == "small" and "coder_checkpoint" not in options

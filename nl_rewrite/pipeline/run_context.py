@@ -65,8 +65,10 @@ def window_strings(cache: LatentCache, windows: TokenWindows) -> dict[int, list[
 
 def result_options(cfg: RunConfig) -> dict:
     """The options cached results are keyed by: all but the output folder (a moved or copied run stays cached) and
-    the device (a run moved to a GPU reuses what the CPU computed, as it does under another runner)."""
-    return {k: v for k, v in cfg.to_dict().items() if k not in ("out", "device")}
+    the device (a run moved to a GPU reuses what the CPU computed, as it does under another runner). A renamed
+    option keys under its old name (``RunConfig.RENAMED``), so a finished run's results stay cached."""
+    old_name = {new: old for old, new in RunConfig.RENAMED.items()}
+    return {old_name.get(k, k): v for k, v in cfg.to_dict().items() if k not in ("out", "device")}
 
 
 def code_version() -> str:
