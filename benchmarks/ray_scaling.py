@@ -2,10 +2,10 @@
 
 In one process torch uses every core (``--threads``); on Ray, ``--workers`` actors use one core each and each gets
 its own copy of the model (unpickling it is part of the Ray time, paid per stage). Two Ray paths: ``ray`` keeps its
-worker processes from stage to stage (the runner's behaviour), ``ray_fresh`` stops them after every stage, so each
-stage also pays their start-up (the behaviour before the workers were kept). Paths are interleaved and the minimum
-of ``--repeats`` wall times is kept (the machine is shared). Also reports the largest difference between the one-
-process and Ray numbers.
+worker processes from the latent cache to the evaluation, as one run keeps them from stage to stage, and stops them
+after (so each repeat's cache stage starts them); ``ray_fresh`` starts new ones for every stage (the behaviour before
+workers were kept). Paths are interleaved and the minimum of ``--repeats`` wall times is kept (the machine is
+shared). Also reports the largest difference between the one-process and Ray numbers.
 
 Usage: python benchmarks/ray_scaling.py [--windows 64] [--workers 2] [--repeats 2]
 Last line of stdout: one JSON object.
@@ -82,6 +82,8 @@ def main() -> None:
                 evaluator = Evaluator(model, windows, batch_size=8, progress=False)
                 seconds, out[f"evaluate_{name}"] = timed(lambda: evaluator.run(conditions, runner))
                 best[f"evaluate_{name}"] = min(best[f"evaluate_{name}"], seconds)
+                if isinstance(runner, RayRunner):
+                    runner.stop()  # kept for its two stages (cache, then evaluate), like one run; the CPUs freed
         one, other = out["evaluate_one_process"], out["evaluate_ray"]
         ce_diff = max(abs(a - b) for n in one.ce for a, b in zip(one.ce[n], other.ce[n]))
         stats_diff = float((out["cache_one_process"].stats.mean - out["cache_ray"].stats.mean).abs().nan_to_num().max())

@@ -279,6 +279,7 @@ def test_the_plumbing_run_on_ray_resumes_and_matches_one_process(cluster, tiny_r
     from helpers import TINY_RUN
     from nl_rewrite.cli.main import main
 
+    cluster.stop()  # the module's runner would hold both CPUs of the cluster the command's own runner needs
     out = tmp_path / "run"
     shutil.copytree(tiny_run.out, out)
     # one of each sharded kind of stage (each unpickles its context on every worker): the eval simulations stand

@@ -105,7 +105,9 @@ class RayRunner:
 
     The actors are started by the first stage that needs them and kept for the next ones (a new worker process spends
     seconds importing torch and the package); each stage's context is dropped when the stage ends. A stage that fails
-    stops them all, so the next one starts from fresh workers."""
+    stops them all, so the next one starts from fresh workers. Kept workers keep their CPUs (and GPUs) reserved until
+    :meth:`stop` or until the runner is dropped: on a small cluster, stop one runner before another starts its
+    workers, or the second waits for resources forever."""
 
     parallel = True
 
@@ -137,8 +139,10 @@ class RayRunner:
         except BaseException:
             self.stop()
             raise
-        for actor in actors:
-            actor.release.remote()
+        try:  # waited for: a release still queued when stop() kills its actor would be retried, and logged
+            self.ray.get([actor.release.remote() for actor in actors])
+        except self.ray.exceptions.RayError:
+            self.stop()  # a worker that cannot drop its context is not kept
 
     def stop(self) -> None:
         """Kill the worker actors (the next stage starts new ones). Ray also ends them when the runner is dropped."""
