@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
 from jaxtyping import Int
 from torch import Tensor
 
@@ -22,8 +23,8 @@ class _AllCaptured(Exception):
 
 def capture(model, tokens: Int[Tensor, "batch pos"], hooks: Sequence[str]) -> dict[str, Tensor]:
     """The activations at ``hooks`` (bridge hook names, as :func:`nl_rewrite.model.sites.resolve` gives them) on
-    ``tokens``, moved to the model's device; the forward pass ends as soon as the last of them is computed. Gradients
-    follow the caller's mode (``torch.no_grad`` or not)."""
+    ``tokens``, moved to the model's device, detached; the forward pass (without gradients) ends as soon as the last
+    of them is computed."""
     wanted, found = set(hooks), {}
 
     def keeper(name: str):
@@ -35,7 +36,9 @@ def capture(model, tokens: Int[Tensor, "batch pos"], hooks: Sequence[str]) -> di
         return keep
 
     try:
-        model.run_with_hooks(tokens.to(module_device(model)), fwd_hooks=[(name, keeper(name)) for name in wanted])
+        with torch.no_grad():
+            model.run_with_hooks(tokens.to(module_device(model)),
+                                 fwd_hooks=[(name, keeper(name)) for name in wanted])
     except _AllCaptured:
         pass
     missing = sorted(wanted - found.keys())

@@ -96,8 +96,15 @@ class ShardWorker(Generic[C]):
         return index, work(self.context, shard)  # type: ignore[arg-type]
 
     def release(self) -> None:
-        """Drop the stage's context (the process stays, warm, for the next stage)."""
+        """Drop the stage's context (the process stays, warm, for the next stage), and its GPU memory."""
+        import gc
+
+        import torch
+
         self.stage, self.context = None, None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # cached blocks would stay reserved in this idle process
 
 
 class RayRunner:
@@ -154,8 +161,9 @@ class RayRunner:
         """The first ``n`` worker actors, starting the missing ones."""
         opts = self.options
         if len(self.workers) < n:
+            # restarts unbounded: a kept worker lives through many stages, and each shard's retries are the limit
             actor = self.ray.remote(ShardWorker).options(
-                num_cpus=opts.cpus_per_worker, num_gpus=opts.gpus_per_worker, max_restarts=opts.retries,
+                num_cpus=opts.cpus_per_worker, num_gpus=opts.gpus_per_worker, max_restarts=-1,
                 max_task_retries=opts.retries)
             log.info("ray: starting %d workers", n - len(self.workers))
             self.workers += [actor.remote(int(opts.cpus_per_worker)) for _ in range(n - len(self.workers))]
