@@ -37,7 +37,7 @@ from nl_rewrite.parallel.runner import InProcess, ShardRunner
 from nl_rewrite.errors import NLRewriteError
 from nl_rewrite.model.loading import model_name
 from nl_rewrite.model.capture import capture
-from nl_rewrite.model.sites import Site, resolve
+from nl_rewrite.model.sites import resolve
 from nl_rewrite.hashing import digest
 
 log = logging.getLogger(__name__)
@@ -162,8 +162,7 @@ def _encode_batch(model, coder, hook: str, tokens: Int[Tensor, "b pos"]
 
 
 def _build_shard(model, coder, windows: TokenWindows, start: int, stop: int, batch_size: int) -> dict[str, Tensor]:
-    site = Site.parse(coder.cfg.read_site)
-    hook = resolve(model, site)
+    hook = resolve(model, coder.cfg.read_site)
     parts: list[tuple[Tensor, ...]] = []
     for lo in range(start, stop, batch_size):
         hi = min(lo + batch_size, stop)
