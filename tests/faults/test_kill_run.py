@@ -63,11 +63,10 @@ def _run(out: Path, cache: Path, kill_at: str | None = None, when: float | str |
     proc = start_cli(["run", *TINY_RUN, "--out", str(out)], env, log)
     deadline = time.monotonic() + timeout
     try:
-        started = f"stage {kill_at} ..."
-        while kill_at and proc.is_alive() and started not in log.read_text(errors="replace"):
-            if time.monotonic() > deadline:
+        if kill_at:
+            _wait_for(Logged(f"stage {kill_at} ..."), out, log, proc, timeout)
+            if proc.is_alive() and f"stage {kill_at} ..." not in log.read_text(errors="replace"):
                 raise TimeoutError(f"nl-rewrite run did not reach stage {kill_at} within {timeout} s")
-            time.sleep(0.005)
         if not kill_at or not proc.is_alive():
             proc.join(timeout=max(1.0, deadline - time.monotonic()))
             assert not proc.is_alive(), f"nl-rewrite run did not finish within {timeout} s"
