@@ -313,6 +313,13 @@ def test_config_file_errors_name_the_key(tmp_path, capsys, no_model, text, messa
         RunConfig.from_toml(path)
 
 
+
+@pytest.mark.parametrize("option", ["--transcoder", "--transcoder=small"])
+def test_a_renamed_option_on_the_command_line_names_its_new_name(option, capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["run", option] + ([] if "=" in option else ["small"]))
+    assert exc.value.code == 2 and "--transcoder was renamed --coder-checkpoint" in capsys.readouterr().err
+
 def test_a_missing_config_file_is_a_usage_error(tmp_path, capsys):
     assert main(["run", "--config", str(tmp_path / "nowhere.toml")]) == 2
     assert "cannot read" in capsys.readouterr().err

@@ -152,10 +152,15 @@ class ConfigParser(simple_parsing.ArgumentParser):
         self.register("action", "store", store)
         self.defaults = defaults
         self.defaults_read = False
+        self.renamed: dict[str, str] = {}
+        """An option a config no longer has (its ``RENAMED`` fields, both spellings) → the option that replaced it."""
 
     def add_arguments(self, dataclass: type, dest: str, **kwargs):  # type: ignore[override]
         """simple_parsing's ``add_arguments``, recording the fields' types for their options."""
         self.specs.update(field_specs(dataclass, dest))
+        for old, new in getattr(dataclass, "RENAMED", {}).items():
+            self.renamed.update({f"--{old}": f"--{new.replace('_', '-')}",
+                                 f"--{old.replace('_', '-')}": f"--{new.replace('_', '-')}"})
         return super().add_arguments(dataclass, dest=dest, **kwargs)
 
     def error(self, message: str) -> typing.NoReturn:
@@ -181,9 +186,13 @@ class ConfigParser(simple_parsing.ArgumentParser):
         args = list(sys.argv[1:] if args is None else args)
         self.read_defaults(args)
         try:
-            return super().parse_known_args(args, namespace, attempt_to_reorder)
+            parsed, extras = super().parse_known_args(args, namespace, attempt_to_reorder)
         except ValueError as exc:  # a config's validation, while its dataclass is built
             self.error(str(exc))
+        for option in (extra.split("=")[0] for extra in extras):
+            if option in self.renamed:
+                self.error(f"{option} was renamed {self.renamed[option]}")
+        return parsed, extras
 
 
 def add_command(subparsers, name: str, help: str, func, configs: dict[str, type], description: str | None = None):
