@@ -8,7 +8,7 @@ import torch
 
 from nl_rewrite.data.windows import TokenWindows, token_windows
 from nl_rewrite.errors import ShapeMismatchError
-from nl_rewrite.evaluation.evaluator import EvalResults, Evaluator
+from nl_rewrite.evaluation.evaluator import CleanPrediction, EvalResults, Evaluator, token_ce_and_kl
 from nl_rewrite.evaluation.stats import bootstrap_indices
 from nl_rewrite.replacements import IdentityReplacement, MeanReplacement, Replacement, ZeroReplacement
 
@@ -18,6 +18,25 @@ def windows():
     gen = torch.Generator().manual_seed(0)
     return TokenWindows(torch.randint(1, 90, (10, 12), generator=gen), [f"d{i // 3}" for i in range(10)], "eval")
 
+
+
+def test_ce_and_kl_equal_their_definitions_in_float64():
+    """The KL is computed without a log-softmax of the patched logits; it must still be KL(clean || patched) to
+    float32's precision when it is small, and exactly 0 for the clean logits themselves."""
+    gen = torch.Generator().manual_seed(0)
+    clean_logits = 3 * torch.randn(2, 5, 1000, generator=gen)
+    targets = torch.randint(0, 1000, (2, 5), generator=gen)
+    clean = CleanPrediction.of(clean_logits)
+    for scale in (0.01, 0.3, 3.0):
+        patched = clean_logits + scale * torch.randn(2, 5, 1000, generator=gen)
+        ce, kl = token_ce_and_kl(patched, clean, targets)
+        logp, logq = clean_logits.double().log_softmax(-1), patched.double().log_softmax(-1)
+        expected_kl = (logp.exp() * (logp - logq)).sum(-1)
+        torch.testing.assert_close(kl.double(), expected_kl, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(ce.double(), -logq.gather(-1, targets[..., None]).squeeze(-1), rtol=1e-6, atol=1e-5)
+    assert token_ce_and_kl(clean_logits, clean, targets)[1].eq(0).all()
+    with pytest.raises(ShapeMismatchError, match="clean pass's own batch"):
+        token_ce_and_kl(clean_logits[:, 1:], clean, targets[:, 1:])
 
 def test_identity_is_exact_and_zero_moves_the_output(tiny, windows):
     res = Evaluator(tiny, windows, batch_size=4, progress=False).run(

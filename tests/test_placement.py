@@ -11,7 +11,7 @@ import torch
 
 from helpers import make_coder, make_windows
 from nl_rewrite.cli.main import COMMANDS, build_parser, main
-from nl_rewrite.evaluation.evaluator import Evaluator, token_ce_and_kl
+from nl_rewrite.evaluation.evaluator import CleanPrediction, Evaluator, token_ce_and_kl
 from nl_rewrite.model.loading import TINY_HF, load_model
 from nl_rewrite.placement import DeviceError, Placement, module_device, resolve_device
 from nl_rewrite.replacements import TranscoderReplacement, ZeroReplacement
@@ -91,7 +91,7 @@ def test_a_bfloat16_model_evaluates_close_to_float32_with_float32_statistics():
         assert (ce16 - ce32).abs().max() < 0.05, f"{name}: bfloat16 CE differs from float32 by more than 0.05"
     assert all(kl >= 0 for kl in bf16.kl["zero"])
     logits = torch.randn(2, 3, 97).to(torch.bfloat16)
-    ce, kl = token_ce_and_kl(logits, torch.randn(2, 3, 97).log_softmax(-1), torch.zeros(2, 3, dtype=torch.long))
+    ce, kl = token_ce_and_kl(logits, CleanPrediction.of(torch.randn(2, 3, 97)), torch.zeros(2, 3, dtype=torch.long))
     assert ce.dtype == kl.dtype == torch.float32  # accumulated in float32 whatever the logits' dtype
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from jaxtyping import TypeCheckError
 
-from nl_rewrite.evaluation.evaluator import token_ce_and_kl
+from nl_rewrite.evaluation.evaluator import CleanPrediction, token_ce_and_kl
 from nl_rewrite.evaluation.stats import bootstrap_indices
 from nl_rewrite.replacements.base import BatchInfo
 
@@ -23,18 +23,18 @@ pytestmark = pytest.mark.skipif(os.environ.get("NL_REWRITE_TYPECHECK", "1") == "
 
 def test_a_function_rejects_inconsistent_dimensions():
     logits, targets = torch.randn(2, 3, 10), torch.randint(0, 10, (2, 3))
-    ce, kl = token_ce_and_kl(logits, torch.log_softmax(logits, -1), targets)  # consistent: runs
+    ce, kl = token_ce_and_kl(logits, CleanPrediction.of(logits), targets)  # consistent: runs
     assert ce.shape == kl.shape == (2, 3)
-    with pytest.raises(TypeCheckError, match=r"clean_logprobs[\s\S]*pos=3"):
-        token_ce_and_kl(logits, torch.log_softmax(torch.randn(2, 4, 10), -1), targets)
+    with pytest.raises(TypeCheckError, match=r"targets[\s\S]*pos=4"):
+        token_ce_and_kl(torch.randn(2, 4, 10), CleanPrediction.of(torch.randn(2, 4, 10)), targets)
 
 
 def test_a_function_rejects_the_wrong_dtype_and_rank():
     logits = torch.randn(2, 3, 10)
     with pytest.raises(TypeCheckError, match="targets"):
-        token_ce_and_kl(logits, torch.log_softmax(logits, -1), torch.zeros(2, 3))  # float targets
+        token_ce_and_kl(logits, CleanPrediction.of(logits), torch.zeros(2, 3))  # float targets
     with pytest.raises(TypeCheckError, match="logits"):
-        token_ce_and_kl(torch.randn(6, 10), torch.randn(6, 10), torch.zeros(6, dtype=torch.long))
+        CleanPrediction.of(torch.randn(6, 10))
 
 
 def test_a_dataclass_checks_its_fields():

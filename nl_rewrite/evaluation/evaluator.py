@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from nl_rewrite import io
 from nl_rewrite.data.windows import TokenWindows
+from nl_rewrite.errors import ShapeMismatchError
 from nl_rewrite.evaluation.prefix import capture_block_inputs, first_layer, resume_reproduces, resumed_at
 from nl_rewrite.parallel.runner import InProcess, ShardRunner
 from nl_rewrite.replacements.base import BatchInfo, Replacement, attached_together, replacement_names
@@ -149,17 +150,40 @@ class EvalResults:
         return "\n".join(rows)
 
 
-def token_ce_and_kl(logits: Float[Tensor, "batch pos vocab"], clean_logprobs: Float[Tensor, "batch pos vocab"],
-                    targets: Int[Tensor, "batch pos"], clean_probs: Float[Tensor, "batch pos vocab"] | None = None
+@dataclass(frozen=True)
+class CleanPrediction:
+    """What every condition's KL on one batch is measured against, computed once from the clean logits."""
+
+    logits: Float[Tensor, "batch pos vocab"]
+    probs: Float[Tensor, "batch pos vocab"]
+    mass: Float[Tensor, "batch pos"]
+    """``Σ_v probs``: 1 up to rounding, kept so that logits equal to the clean ones give a KL of exactly 0."""
+    log_normaliser: Float[Tensor, "batch pos"]
+    """``logsumexp`` of the clean logits."""
+
+    @classmethod
+    def of(cls, logits: Float[Tensor, "batch pos vocab"]) -> "CleanPrediction":
+        logits = logits.float().contiguous()
+        probs = F.softmax(logits, dim=-1)
+        return cls(logits, probs, probs.sum(-1), torch.logsumexp(logits, dim=-1))
+
+
+def token_ce_and_kl(logits: Float[Tensor, "batch pos vocab"], clean: CleanPrediction, targets: Int[Tensor, "batch pos"]
                     ) -> tuple[Float[Tensor, "batch pos"], Float[Tensor, "batch pos"]]:
     """Per-token cross-entropy of ``targets`` and KL(clean || patched), in float32 whatever the logits' dtype.
 
-    ``clean_probs`` (``clean_logprobs.exp()``) is the same for every condition of a batch: pass it to compute it once."""
-    logprobs = F.log_softmax(logits.float(), dim=-1)
-    ce = -logprobs.gather(-1, targets[..., None]).squeeze(-1)
-    probs = clean_logprobs.exp() if clean_probs is None else clean_probs
-    kl = torch.einsum("bpv,bpv->bp", probs, clean_logprobs - logprobs).clamp_min(0.0)
-    return ce, kl
+    With ``z`` the patched logits and ``p``, ``z_c`` the clean ones' probabilities and logits,
+    ``KL = Σ p·(log p − log softmax z) = Σ p·(z_c − z) + (logsumexp z − logsumexp z_c)·Σ p``: no log-softmax of the
+    patched logits is written, and the difference of two close logits is exact, so the KL keeps float32's precision
+    where it is small (a vocabulary-sized tensor per token is the largest thing an evaluation allocates)."""
+    if logits.shape != clean.logits.shape:
+        raise ShapeMismatchError(f"patched logits {tuple(logits.shape)} and clean logits {tuple(clean.logits.shape)} "
+                                 "differ: score a condition on the clean pass's own batch and positions")
+    logits = logits.float()
+    log_normaliser = torch.logsumexp(logits, dim=-1)
+    ce = log_normaliser - logits.gather(-1, targets[..., None]).squeeze(-1)
+    kl = torch.einsum("bpv,bpv->bp", clean.probs, clean.logits - logits)
+    return ce, (kl + (log_normaliser - clean.log_normaliser) * clean.mass).clamp_min(0.0)
 
 
 class Evaluator:
@@ -213,14 +237,13 @@ class Evaluator:
         starts = {self._start_layer(rep) for rep in replacements} - {0}
         with capture_block_inputs(self.model, starts) as resid:
             clean_logits = self.model(tokens)[:, scored]
-        clean_logprobs = F.log_softmax(clean_logits.float(), dim=-1)
-        clean_probs = clean_logprobs.exp()
-        out = {CLEAN: token_ce_and_kl(clean_logits, clean_logprobs, targets, clean_probs)}
+        clean = CleanPrediction.of(clean_logits)
+        out = {CLEAN: token_ce_and_kl(clean_logits, clean, targets)}
         batch = BatchInfo(tokens=tokens, window_ids=ids)
         for group in self._stacks(replacements):
             logits = self._patched_logits(group, tokens, batch, patch_positions, resid)
             for rep, part in zip(group, logits.split(len(tokens))):
-                out[rep.name] = token_ce_and_kl(part[:, scored], clean_logprobs, targets, clean_probs)
+                out[rep.name] = token_ce_and_kl(part[:, scored], clean, targets)
         return {name: out[name] for name in [CLEAN, *(rep.name for rep in replacements)]}
 
     def _stacks(self, replacements: Sequence[Replacement]) -> list[list[Replacement]]:
