@@ -37,10 +37,10 @@ from nl_rewrite.placement import module_device
 log = logging.getLogger(__name__)
 CLEAN = "clean"
 PositionMode = Literal["all", "last"]
-DEFAULT_STACK = 1
-"""Conditions per forward pass from the patch point. On this project's 2-core CPU, stacking 4 was 0.87x the speed of
-one at a time and took 325 MB more (benchmarks/evaluate_throughput.py, docs/history.md): a batch of 8 windows already
-fills the cores. Raise it where wider batches pay (a GPU)."""
+DEFAULT_STACK = 2
+"""Conditions per forward pass from the patch point. On this project's 2-core CPU (benchmarks/evaluate_throughput.py,
+24 conditions at MLP 10, 16 windows): stacking 2 ran 1.19× faster than one at a time for 137 MB more, 4 ran 1.16×,
+8 ran 1.08× for 723 MB more. Raise it where wider batches pay (a GPU)."""
 POSITION_MODES: tuple[str, ...] = get_args(PositionMode)
 
 
