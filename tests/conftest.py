@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,6 +113,8 @@ class SmokeRun:
     """The cache the run started empty (models linked) and filled: its transcoder, windows and LLM calls."""
     results: dict
     """results.json as the uninterrupted run wrote it (tests may rerun into ``out`` later)."""
+    warnings: list[str]
+    """Every warning the run raised (``category: message``), whatever the session's filters hide."""
 
 
 def shared_run(root: Path, argv: list[str]) -> SmokeRun:
@@ -123,14 +126,17 @@ def shared_run(root: Path, argv: list[str]) -> SmokeRun:
     saved = os.environ.get("NL_REWRITE_CACHE")
     os.environ["NL_REWRITE_CACHE"] = str(cache)
     try:
-        code = main([*argv, "--out", str(out)])
+        with warnings.catch_warnings(record=True) as raised:
+            warnings.simplefilter("always")
+            code = main([*argv, "--out", str(out)])
     finally:
         if saved is None:
             del os.environ["NL_REWRITE_CACHE"]
         else:
             os.environ["NL_REWRITE_CACHE"] = saved
     assert code == 0, f"the shared run {argv} failed; see its log above"
-    return SmokeRun(out, cache, json.loads((out / "results.json").read_text()))
+    return SmokeRun(out, cache, json.loads((out / "results.json").read_text()),
+                    [f"{w.category.__name__}: {w.message}" for w in raised])
 
 
 @pytest.fixture(scope="session")

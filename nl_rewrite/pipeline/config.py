@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional
 
@@ -24,6 +24,7 @@ from nl_rewrite.model.sites import SiteKind
 from nl_rewrite.evaluation.evaluator import PositionMode
 from nl_rewrite.interp.calibrate import Calibration
 from nl_rewrite.config_io import read_toml, to_toml
+from nl_rewrite.typed_json import adapter
 from nl_rewrite.interp.explain import ExplainConfig
 from nl_rewrite.interp.lexical import DEFAULT_BUDGET
 from nl_rewrite.interp.score import ScoreConfig
@@ -177,7 +178,8 @@ class RunConfig(Placement):
         return self.resolved().explain
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The options as JSON values (tuples as lists): results.json's and the manifest's ``config``."""
+        return adapter(RunConfig).dump_python(self, mode="json")
 
     def to_toml(self) -> str:
         return to_toml(self, header="nl-rewrite run --config <this file> uses these options again; flags override "
