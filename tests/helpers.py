@@ -236,10 +236,13 @@ def synthetic(n: int = 300, pos: int = 16, seed: int = 0) -> SyntheticCache:
 
 # ---- whole runs in child processes that may be killed -9 -------------------------------------------------------
 
-PRELOADED = ("torch", "transformer_lens", "transformers", "matplotlib.pyplot", "nl_rewrite.cli.main",
+PRELOADED = ("torch", "transformer_lens", "transformer_lens.model_bridge", "transformers",
+             "transformers.models.llama.modeling_llama", "matplotlib.pyplot", "nl_rewrite.cli.main",
              "nl_rewrite.pipeline.experiment", "nl_rewrite.pipeline.report", "helpers")
 """What the fork server imports once, so that each child it forks starts `nl-rewrite` at once instead of spending
-about 8 s importing (measured: a cached tiny rerun takes 19.5 s in a fresh interpreter, 6.1 s in a warm one)."""
+seconds importing. A cached tiny rerun takes 19.5 s in a fresh interpreter and 8.9-10.4 s forked from a server
+without TransformerLens's bridge and transformers' Llama (imported lazily, at the first model load), 5.5-6.6 s with
+them."""
 
 
 def start_cli(argv: list[str], env: dict[str, str], log: Path):
