@@ -10,7 +10,7 @@ import typing
 
 import pytest
 
-from nl_rewrite.cli.main import build_parser, main
+from nl_rewrite.cli.main import COMMANDS, build_parser, main
 from nl_rewrite.coders.train import DEFAULT_LAYER
 from nl_rewrite.evaluation.evaluator import POSITION_MODES
 from nl_rewrite.interp.calibrate import CALIBRATIONS
@@ -347,3 +347,17 @@ def test_a_renamed_option_keys_cached_results_under_its_old_name():
 
     options = result_options(RunConfig(coder_checkpoint="small"))
     assert options["transcoder"] == "small" and "coder_checkpoint" not in options
+
+
+def test_a_named_subcommand_imports_only_its_own_module(monkeypatch):
+    """`nl-rewrite train` (every torchrun worker) must not pay for the run pipeline's imports; --help lists them all."""
+    import importlib
+
+    imported = []
+    real = importlib.import_module
+    monkeypatch.setattr(importlib, "import_module", lambda name, *a: imported.append(name) or real(name, *a))
+    build_parser(["-v", "train", "--help"])
+    assert [name for name in imported if name in COMMANDS] == ["nl_rewrite.cli.train"]
+    imported.clear()
+    build_parser(["--help"])
+    assert [name for name in imported if name in COMMANDS] == COMMANDS

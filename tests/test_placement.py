@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from helpers import make_coder, make_windows
-from nl_rewrite.cli.main import COMMANDS, build_parser, main
+from nl_rewrite.cli.main import COMMANDS, build_parser, command_name, main
 from nl_rewrite.evaluation.evaluator import CleanPrediction, Evaluator, token_ce_and_kl
 from nl_rewrite.model.loading import TINY_HF, load_model
 from nl_rewrite.placement import DeviceError, Placement, module_device, resolve_device
 from nl_rewrite.replacements import TranscoderReplacement, ZeroReplacement
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
-COMMAND_NAMES = [module.rsplit(".", 1)[1].replace("_", "-") for module in COMMANDS if not module.endswith("compare")]
+COMMAND_NAMES = [command_name(module) for module in COMMANDS if not module.endswith("compare")]
 """Every command that runs a model (compare only merges result files)."""
 
 

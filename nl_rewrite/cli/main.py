@@ -8,6 +8,7 @@ import argparse
 import importlib
 import logging
 import sys
+from typing import Sequence
 
 from nl_rewrite.cli.parsing import ConfigParser
 from nl_rewrite.errors import NLRewriteError
@@ -28,18 +29,28 @@ COMMANDS = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_name(module: str) -> str:
+    """The subcommand a module in :data:`COMMANDS` defines: ``nl_rewrite.cli.train_simulator`` → ``train-simulator``."""
+    return module.rsplit(".", 1)[1].replace("_", "-")
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The parser for ``argv``: when it names a subcommand, only that subcommand's module is imported (the others'
+    imports would cost seconds at every start, in every torchrun worker); otherwise all of them, for the listing."""
     parser = argparse.ArgumentParser(prog="nl-rewrite", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     # each subcommand's options come from config dataclasses, checked while parsing (nl_rewrite.cli.parsing)
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=ConfigParser)
-    for module in COMMANDS:
+    command = next((arg for arg in argv if not arg.startswith("-")), None)  # the top level's options take no value
+    named = [module for module in COMMANDS if command_name(module) == command]
+    for module in named or COMMANDS:
         importlib.import_module(module).add_parser(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0), or a usage error already printed (2): options are checked here
