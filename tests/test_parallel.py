@@ -98,15 +98,20 @@ def _with_context(context: str, shard: int) -> str:
 def test_workers_stay_from_stage_to_stage_and_each_stage_reads_its_own_context(cluster):
     """The second stage runs on the first one's worker processes (no new start-up) and sees its own context."""
     stages = {}
-    for context in ("a", "b"):
-        got: dict[int, str] = {}
-        cluster.map(context, _with_context, [0, 1, 2, 3], lambda i, r: got.__setitem__(i, r))
-        stages[context] = got
+    with cluster:  # whoever makes a runner ends it: the workers stop with the block
+        for context in ("a", "b"):
+            got: dict[int, str] = {}
+            cluster.map(context, _with_context, [0, 1, 2, 3], lambda i, r: got.__setitem__(i, r))
+            stages[context] = got
+    assert cluster.workers == []
     assert {i: r.split("@")[0] for i, r in stages["b"].items()} == {i: f"b{i}" for i in range(4)}
     pids = {context: {r.split("@")[1] for r in got.values()} for context, got in stages.items()}
     assert pids["b"] <= pids["a"], "the second stage started new worker processes"
-    cluster.stop()
-    assert cluster.workers == []
+    with pytest.raises(RuntimeError, match="between stages"), cluster:  # a run failing outside any stage
+        cluster.map("c", _with_context, [0], lambda i, r: None)
+        assert cluster.workers
+        raise RuntimeError("between stages")
+    assert cluster.workers == [], "a failure between stages left the workers holding their CPUs"
 
 
 def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], name: str) -> None:

@@ -92,7 +92,8 @@ def build(cfg: CacheConfig, runner: "ShardRunner | None" = None):
 def run(args: argparse.Namespace) -> int:
     if planned(args, lambda opts: cache_plan(args.cfg), Path(args.cfg.out or ".")):
         return 0
-    cache = build(args.cfg, runner_from(args))
+    with runner_from(args) as runner:
+        cache = build(args.cfg, runner)
     stats = cache.stats
     alive = int((stats.count > 0).sum())
     print(f"latent cache: {cache.folder}")

@@ -112,5 +112,6 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     if planned(args, lambda opts: evaluate_plan(args.cfg), args.cfg.out):
         return 0
-    evaluate(args.cfg, runner_from(args))
+    with runner_from(args) as runner:
+        evaluate(args.cfg, runner)
     return 0

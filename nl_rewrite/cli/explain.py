@@ -88,8 +88,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     latents = select_latents(cache, job.latents, job.select, job.select_seed)
     out = Path(job.out) if job.out else cache.folder / "explanations.jsonl"
-    records = explain_latents(make_llm(args.llm), cache, latents, args.explain, args.sampling, out,
-                              runner=runner_from(args))
+    with runner_from(args) as runner:
+        records = explain_latents(make_llm(args.llm), cache, latents, args.explain, args.sampling, out, runner=runner)
     failed = [r for r in records if not r.ok]
     print(f"{len(records) - len(failed)} explanations, {len(failed)} failed → {out}")
     for r in records[:10]:

@@ -55,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
 
     if planned(args, lambda opts: run_plan(args.cfg, opts), args.cfg.resolved().out):
         return 0
-    artifacts = run_experiment(args.cfg, runner_from(args))  # resolves the config (presets filled in) and records it
+    with runner_from(args) as runner:  # its workers stop with the run, however it ends
+        artifacts = run_experiment(args.cfg, runner)  # resolves the config (presets filled in) and records it
     cfg = artifacts.cfg
     data = write_outputs(artifacts, Path(cfg.out))
     print(summary_text(data))

@@ -42,8 +42,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"no explanations at {source}; run `nl-rewrite explain` first or pass --explanations")
     out = Path(job.out) if job.out else cache.folder / "detection.jsonl"
     records = load_explanations(source)
-    scores = score_explanations(make_llm(args.llm), cache, records, args.score, args.sampling, out,
-                                runner=runner_from(args))
+    with runner_from(args) as runner:
+        scores = score_explanations(make_llm(args.llm), cache, records, args.score, args.sampling, out, runner=runner)
     by_latent = {s.latent: s for s in scores}
     print(f"scored {len(scores)} latents ({sum(not r.ok for r in records)} failed explanations skipped) → {out}")
     for latent in rank_latents(scores)[:10]:

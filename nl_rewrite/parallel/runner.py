@@ -46,8 +46,28 @@ class ShardRunner(Protocol):
     def map(self, context: C, work: Callable[[C, S], R], shards: Sequence[S], on_result: Callable[[int, R], None],
             desc: str = "shards", progress: bool = True) -> None: ...
 
+    def stop(self) -> None:
+        """Free what the runner holds between stages (its workers); the next stage may start again."""
 
-class InProcess:
+    def __enter__(self) -> "ShardRunner": ...
+
+    def __exit__(self, *exc_info: object) -> None: ...
+
+
+class StopsOnExit:
+    """``with runner:`` stops the runner when the block ends, however it ends: whoever makes a runner ends it."""
+
+    def stop(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+class InProcess(StopsOnExit):
     """The default: every shard in this process, in order, with a progress bar."""
 
     parallel = False
@@ -107,14 +127,14 @@ class ShardWorker(Generic[C]):
             torch.cuda.empty_cache()  # cached blocks would stay reserved in this idle process
 
 
-class RayRunner:
+class RayRunner(StopsOnExit):
     """Shards over a pool of :class:`ShardWorker` actors (``ray.util.ActorPool``), results in completion order.
 
     The actors are started by the first stage that needs them and kept for the next ones (a new worker process spends
     seconds importing torch and the package); each stage's context is dropped when the stage ends. A stage that fails
     stops them all, so the next one starts from fresh workers. Kept workers keep their CPUs (and GPUs) reserved until
-    :meth:`stop` or until the runner is dropped: on a small cluster, stop one runner before another starts its
-    workers, or the second waits for resources forever."""
+    :meth:`stop` (``with RayRunner(...) as runner:`` calls it) or until the runner is dropped: on a small cluster,
+    stop one runner before another starts its workers, or the second waits for resources forever."""
 
     parallel = True
 
