@@ -152,14 +152,14 @@ class EvalResults:
 
 @dataclass(frozen=True)
 class CleanPrediction:
-    """What every condition's KL on one batch is measured against, computed once from the clean logits."""
+    """What every condition's KL on one batch is measured against, computed once from the clean logits: the logits,
+    their softmax ``probs``, its sum ``mass`` (1 up to rounding, kept so that logits equal to the clean ones give a KL
+    of exactly 0) and their ``logsumexp``, ``log_normaliser``."""
 
     logits: Float[Tensor, "batch pos vocab"]
     probs: Float[Tensor, "batch pos vocab"]
     mass: Float[Tensor, "batch pos"]
-    """``Σ_v probs``: 1 up to rounding, kept so that logits equal to the clean ones give a KL of exactly 0."""
     log_normaliser: Float[Tensor, "batch pos"]
-    """``logsumexp`` of the clean logits."""
 
     @classmethod
     def of(cls, logits: Float[Tensor, "batch pos vocab"]) -> "CleanPrediction":
