@@ -31,7 +31,7 @@ BEFORE_COMMON = dict(model="smollm2-135m", layer=10, out="runs/nl_rewrite", llm=
                      trained_simulator="none", trained_eval_windows=8, trained_calib_windows=16,  # off by default
                      device="auto", dtype="float32")  # --device/--dtype: CUDA where it exists, float32 as before
 BEFORE = {
-    "smoke": dict(coder_checkpoint="small", train_tokens=40_000, width=1024, pool=2, explain_windows=96,
+    "smoke": dict(coder_checkpoint="small", train_tokens=16_000, width=1024, pool=2, explain_windows=96,
                   calib_windows=4, eval_windows=8, llm_eval_windows=4, lexical_calib_windows=16, fractions=(1.0,),
                   position_modes=("all", "last"), n_train_examples=6, n_heldout=3, n_negatives=3, explain_max_tokens=24),
     "default": dict(coder_checkpoint="default", train_tokens=0, width=4096, pool=6, explain_windows=768,

@@ -40,7 +40,7 @@ PAPER_FRACTIONS = (0.001, 0.01, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # a few minutes on 2 CPU cores with a warm model cache: a small transcoder, a handful of latents.
-    "smoke": dict(coder_checkpoint="small", train_tokens=40_000, width=1024, pool=2, explain_windows=96,
+    "smoke": dict(coder_checkpoint="small", train_tokens=16_000, width=1024, pool=2, explain_windows=96,
                   calib_windows=4, eval_windows=8, llm_eval_windows=4, lexical_calib_windows=16,
                   fractions=(1.0,), position_modes=("all", "last"),
                   sampling=dict(n_train=6, n_heldout=3, n_negatives=3), explain=dict(max_tokens=24)),
@@ -109,7 +109,7 @@ class RunConfig(Placement):
     """the sparse coder (transcoder or SAE, per --coder): default (cached 4096×k32), small (quick), a checkpoint
     path, or hf:ORG/REPO[/SUBFOLDER] (a sparsify or SAELens folder on the hub)"""
     train_tokens: int | None = None
-    """training tokens for a 'small' coder"""
+    """model tokens a 'small' coder trains on (each read 3 times, as the default coder's recipe does)"""
     width: int | None = None
     """latents of a 'small' coder"""
     pool: int | None = None

@@ -3,7 +3,6 @@ folder), the windows it draws, and the two reference conditions every recovery i
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,15 +28,14 @@ def coder_site(cfg: RunConfig) -> str:
 
 def load_run_coder(cfg: RunConfig, model) -> SparseCoder:
     """The run's transcoder or SAE: the cached default, a quickly trained small one, or a checkpoint."""
-    from nl_rewrite.coders.train import TrainConfig, coder_folder, default_coder, train
+    from nl_rewrite.coders.train import DEFAULT_CODER_RECIPE, TrainConfig, default_coder, train
 
     if cfg.coder_checkpoint == "default":
         return default_coder(model_name(model), cfg.layer, model=model, kind=cfg.coder, sae_site=cfg.sae_site)
-    if cfg.coder_checkpoint == "small":
-        tcfg = TrainConfig(model=model_name(model), layer=cfg.layer, kind=cfg.coder, sae_site=cfg.sae_site,
-                           width=cfg.width, tokens=cfg.train_tokens, seed=cfg.seed)
-        folder = f"{coder_folder(tcfg.model, tcfg.sites[0], tcfg.kind, tcfg.width, tcfg.k)}-t{cfg.train_tokens}"
-        return train(dataclasses.replace(tcfg, out=folder), model=model)
+    if cfg.coder_checkpoint == "small":  # the default coder's recipe (passes over each buffer, decay), smaller
+        recipe = {**DEFAULT_CODER_RECIPE, "width": cfg.width, "tokens": cfg.train_tokens}
+        return train(TrainConfig(model=model_name(model), layer=cfg.layer, kind=cfg.coder, sae_site=cfg.sae_site,
+                                 seed=cfg.seed, **recipe), model=model)  # cached in a folder named by its settings
     coder = load_coder(cfg.coder_checkpoint, model=model)
     if coder.cfg.kind != cfg.coder or coder.cfg.write_site != coder_site(cfg):
         raise CheckpointError(f"{cfg.coder_checkpoint} is a {coder.cfg.kind} writing {coder.cfg.write_site}, but "
