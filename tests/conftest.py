@@ -114,7 +114,7 @@ class SmokeRun:
     results: dict
     """results.json as the uninterrupted run wrote it (tests may rerun into ``out`` later)."""
     warnings: list[str]
-    """Every warning the run raised (``category: message``), whatever the session's filters hide."""
+    """Every warning the run raised (``category: message (file:line)``), whatever the session's filters hide."""
 
 
 def shared_run(root: Path, argv: list[str]) -> SmokeRun:
@@ -136,7 +136,7 @@ def shared_run(root: Path, argv: list[str]) -> SmokeRun:
             os.environ["NL_REWRITE_CACHE"] = saved
     assert code == 0, f"the shared run {argv} failed; see its log above"
     return SmokeRun(out, cache, json.loads((out / "results.json").read_text()),
-                    [f"{w.category.__name__}: {w.message}" for w in raised])
+                    [f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in raised])
 
 
 @pytest.fixture(scope="session")

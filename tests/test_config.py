@@ -313,7 +313,6 @@ def test_config_file_errors_name_the_key(tmp_path, capsys, no_model, text, messa
         RunConfig.from_toml(path)
 
 
-
 @pytest.mark.parametrize("option", ["--transcoder", "--transcoder=small"])
 def test_a_renamed_option_on_the_command_line_names_its_new_name(option, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -358,6 +357,7 @@ def test_a_named_subcommand_imports_only_its_own_module(monkeypatch):
     monkeypatch.setattr(importlib, "import_module", lambda name, *a: imported.append(name) or real(name, *a))
     build_parser(["-v", "train", "--help"])
     assert [name for name in imported if name in COMMANDS] == ["nl_rewrite.cli.train"]
-    imported.clear()
-    build_parser(["--help"])
-    assert [name for name in imported if name in COMMANDS] == COMMANDS
+    for argv in (["--help"], ["--help", "train"]):
+        imported.clear()
+        build_parser(argv)
+        assert [name for name in imported if name in COMMANDS] == COMMANDS, argv

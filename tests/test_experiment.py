@@ -141,6 +141,7 @@ def test_the_tiny_runs_results_load_and_redraw_unchanged(tiny_run, tmp_path):
 def test_the_tiny_run_raises_no_warning_of_its_own(tiny_run):
     """A warning the session's filters hide still reaches a user's terminal: the run's own code raises none (results
     once printed 55 lines of pydantic serializer warnings per run, from tuples in the config)."""
-    print("\n".join(sorted({w.split(":")[0] for w in tiny_run.warnings})))
-    ours = [w for w in tiny_run.warnings if not w.startswith("Beartype")]  # beartype: the suite's type checks
+    # raised in our code or by pydantic serialising our results; beartype's are the suite's own type checks, and a
+    # dependency's deprecation notices are not the run's to fix
+    ours = [w for w in tiny_run.warnings if ("/nl_rewrite/" in w or "/pydantic/" in w) and not w.startswith("Beartype")]
     assert not ours, "\n".join(ours)

@@ -41,7 +41,9 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     # each subcommand's options come from config dataclasses, checked while parsing (nl_rewrite.cli.parsing)
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=ConfigParser)
-    command = next((arg for arg in argv if not arg.startswith("-")), None)  # the top level's options take no value
+    # the command is the first word: the top level's options take no value. `--help train` lists every command.
+    first = next((i for i, arg in enumerate(argv) if not arg.startswith("-")), len(argv))
+    command = argv[first] if first < len(argv) and not {"-h", "--help"} & set(argv[:first]) else None
     named = [module for module in COMMANDS if command_name(module) == command]
     for module in named or COMMANDS:
         importlib.import_module(module).add_parser(subparsers)

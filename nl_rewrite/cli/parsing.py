@@ -159,8 +159,8 @@ class ConfigParser(simple_parsing.ArgumentParser):
         """simple_parsing's ``add_arguments``, recording the fields' types for their options."""
         self.specs.update(field_specs(dataclass, dest))
         for old, new in getattr(dataclass, "RENAMED", {}).items():
-            self.renamed.update({f"--{old}": f"--{new.replace('_', '-')}",
-                                 f"--{old.replace('_', '-')}": f"--{new.replace('_', '-')}"})
+            option = f"--{new.replace('_', '-')}"
+            self.renamed.update({f"--{old}": option, f"--{old.replace('_', '-')}": option})
         return super().add_arguments(dataclass, dest=dest, **kwargs)
 
     def error(self, message: str) -> typing.NoReturn:

@@ -182,7 +182,9 @@ def token_ce_and_kl(logits: Float[Tensor, "batch pos vocab"], clean: CleanPredic
     logits = logits.float()
     log_normaliser = torch.logsumexp(logits, dim=-1)
     ce = log_normaliser - logits.gather(-1, targets[..., None]).squeeze(-1)
-    kl = torch.einsum("bpv,bpv->bp", clean.probs, clean.logits - logits)
+    # summed by torch.sum (pairwise), not einsum's matmul: the logit change weighted here can be several nats, and a
+    # plain running sum over 49k entries would leave an error of the size of a near-clean condition's KL
+    kl = (clean.logits - logits).mul_(clean.probs).sum(-1)
     return ce, (kl + (log_normaliser - clean.log_normaliser) * clean.mass).clamp_min(0.0)
 
 

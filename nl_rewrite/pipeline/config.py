@@ -109,7 +109,7 @@ class RunConfig(Placement):
     """the sparse coder (transcoder or SAE, per --coder): default (cached 4096×k32), small (quick), a checkpoint
     path, or hf:ORG/REPO[/SUBFOLDER] (a sparsify or SAELens folder on the hub)"""
     train_tokens: int | None = None
-    """model tokens a 'small' coder trains on (each read 3 times, as the default coder's recipe does)"""
+    """model tokens a 'small' coder trains on (by the default coder's recipe: several passes over each)"""
     width: int | None = None
     """latents of a 'small' coder"""
     pool: int | None = None

@@ -3,6 +3,7 @@ folder), the windows it draws, and the two reference conditions every recovery i
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +34,10 @@ def load_run_coder(cfg: RunConfig, model) -> SparseCoder:
     if cfg.coder_checkpoint == "default":
         return default_coder(model_name(model), cfg.layer, model=model, kind=cfg.coder, sae_site=cfg.sae_site)
     if cfg.coder_checkpoint == "small":  # the default coder's recipe (passes over each buffer, decay), smaller
-        recipe = {**DEFAULT_CODER_RECIPE, "width": cfg.width, "tokens": cfg.train_tokens}
-        return train(TrainConfig(model=model_name(model), layer=cfg.layer, kind=cfg.coder, sae_site=cfg.sae_site,
-                                 seed=cfg.seed, **recipe), model=model)  # cached in a folder named by its settings
+        recipe = TrainConfig(model=model_name(model), layer=cfg.layer, kind=cfg.coder, sae_site=cfg.sae_site,
+                             seed=cfg.seed, **DEFAULT_CODER_RECIPE)
+        small = dataclasses.replace(recipe, width=cfg.width, tokens=cfg.train_tokens)
+        return train(small, model=model)  # cached in a folder named by its settings
     coder = load_coder(cfg.coder_checkpoint, model=model)
     if coder.cfg.kind != cfg.coder or coder.cfg.write_site != coder_site(cfg):
         raise CheckpointError(f"{cfg.coder_checkpoint} is a {coder.cfg.kind} writing {coder.cfg.write_site}, but "
