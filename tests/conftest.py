@@ -123,17 +123,10 @@ def shared_run(root: Path, argv: list[str]) -> SmokeRun:
     from nl_rewrite.cli.main import main
 
     cache, out = empty_cache(root / "cache"), root / "run"
-    saved = os.environ.get("NL_REWRITE_CACHE")
-    os.environ["NL_REWRITE_CACHE"] = str(cache)
-    try:
-        with warnings.catch_warnings(record=True) as raised:
-            warnings.simplefilter("always")
-            code = main([*argv, "--out", str(out)])
-    finally:
-        if saved is None:
-            del os.environ["NL_REWRITE_CACHE"]
-        else:
-            os.environ["NL_REWRITE_CACHE"] = saved
+    with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings(record=True) as raised:
+        patch.setenv("NL_REWRITE_CACHE", str(cache))
+        warnings.simplefilter("always")
+        code = main([*argv, "--out", str(out)])
     assert code == 0, f"the shared run {argv} failed; see its log above"
     return SmokeRun(out, cache, json.loads((out / "results.json").read_text()),
                     [f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in raised])

@@ -249,8 +249,8 @@ def start_cli(argv: list[str], env: dict[str, str], log: Path):
     """``nl-rewrite <argv>`` in a child process forked from a server that has imported :data:`PRELOADED`, with
     ``env`` as its environment (what the preloaded modules read at import stays as the server saw it) and its stderr
     (the run's log) written to ``log``. Returns the started ``multiprocessing.Process``: ``.kill()`` is a kill -9;
-    ``.exitcode`` is the command's exit code (-9 when killed). The server is one per test process, started on first use (torch must not run a thread pool before a
-    fork, which a test process's has)."""
+    ``.exitcode`` is the command's exit code (-9 when killed). The server is one per test process, started on first
+    use (torch must not run a thread pool before a fork, which a test process's has)."""
     import multiprocessing
 
     context = multiprocessing.get_context("forkserver")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 from dataclasses import asdict
@@ -49,15 +48,10 @@ def copy_run(source: Path, target: Path) -> Path:
 
 
 def with_cache(root: Path, fn):
-    saved = os.environ.get("NL_REWRITE_CACHE")
-    os.environ["NL_REWRITE_CACHE"] = str(root / "cache")
-    try:
+    """``fn()`` with ``root``'s cache as the user cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NL_REWRITE_CACHE", str(root / "cache"))
         return fn()
-    finally:
-        if saved is None:
-            del os.environ["NL_REWRITE_CACHE"]
-        else:
-            os.environ["NL_REWRITE_CACHE"] = saved
 
 
 def argv(root: Path) -> list[str]:
