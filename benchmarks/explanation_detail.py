@@ -28,6 +28,7 @@ import json
 import math
 import random
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -40,12 +41,13 @@ from nl_rewrite.interp.lexical import LexicalSimulator, candidate_items, lexical
 from nl_rewrite.latents.cache import LatentCache
 from nl_rewrite.model.loading import load_model
 from nl_rewrite.pipeline.config import RunConfig
-from nl_rewrite.pipeline.detail import (arm_scores, context_lookup, dense_values, firing_auroc, output_error, swaps,
-                                        values_condition)
+from nl_rewrite.pipeline.detail import (arm_scores, context_lookup, dense_values, firing_auroc, firing_errors,
+                                        needs_work as worst_explained, values_condition)
 from nl_rewrite.pipeline.run_context import load_run_coder, windows_for
 from nl_rewrite.pipeline.ladder import TOKENS_AS_ROWS, lexical_condition, simulated_arm
 from nl_rewrite.replacements.coders import TranscoderReplacement, ZeroLatentsReplacement
 from nl_rewrite.replacements.oracles import OracleReplacement, mean_pearson
+from nl_rewrite.replacements.swaps import SWAPS, SwapReplacement
 
 
 def finite(obj):
@@ -163,16 +165,12 @@ def main() -> None:
                       "unparseable": arm.fallbacks}
         conditions.append(condition)
         if name == f"chars{args.headline}":
-            sw = swaps(dense_values(condition, n_eval, n_pos), true, coder.cfg.k)
-            conditions += [values_condition(coder, sw.simulated_firing, "swap_simulated_firing"),
-                           values_condition(coder, sw.true_firing, "swap_true_firing")]
-            swap_info = {"arm": name, "false_positive_rate": sw.false_positive_rate,
-                         "false_negative_rate": sw.false_negative_rate}
-            cost = output_error(dense_values(condition, n_eval, n_pos), true, weights)
-            worst = torch.argsort(cost, descending=True)[:args.worst].tolist()
-            needs_work = [{"latent": lat, "estimated_share": float(cost[lat] / cost.sum()), "text": arm_texts[lat]}
-                          for lat in worst]
-            conditions += [lexical_condition(coder, arm, [lat], f"alone_{lat}") for lat in worst[:args.check]]
+            simulated = dense_values(condition, n_eval, n_pos)
+            conditions += [SwapReplacement(condition, keep, f"swap_{keep}") for keep in SWAPS]
+            swap_info = {"arm": name, **asdict(firing_errors(simulated, true, coder.cfg.k))}
+            needs_work = [asdict(row) for row in worst_explained(simulated, true, weights, arm_texts, args.worst)]
+            conditions += [lexical_condition(coder, arm, [row["latent"]], f"alone_{row['latent']}")
+                           for row in needs_work[:args.check]]
     ceilings = {}
     for name, pairs in (("lookup_current", False), ("lookup_previous_current", True)):
         values = context_lookup(cache, sorted(pool), eval_windows.tokens, pairs)
@@ -184,7 +182,7 @@ def main() -> None:
     for table in (arms, ceilings):
         for name, entry in table.items():
             entry.update({f"recovered_{m}": fraction(recovered(res, name, m)) for m in ("kl", "ce")})
-    for name in ("swap_simulated_firing", "swap_true_firing", "oracle_binary"):
+    for name in [f"swap_{keep}" for keep in SWAPS] + ["oracle_binary"]:
         swap_info[name] = {f"recovered_{m}": fraction(recovered(res, name, m)) for m in ("kl", "ce")}
     for entry in needs_work[:args.check]:
         delta, (lo, hi) = res.difference(f"alone_{entry['latent']}", "transcoder", "kl")
@@ -198,7 +196,7 @@ def main() -> None:
     for entry in needs_work:
         alone = f", alone ΔKL {entry['kl_alone'][0]:+.4f}" if "kl_alone" in entry else ""
         print(f"latent {entry['latent']:>5} ({100 * entry['estimated_share']:.1f}% of the estimated cost{alone}): "
-              f"{entry['text'][:150]}")
+              f"{entry['explanation'][:150]}")
     for name, a in arms.items():
         print(f"{name:>16}: {a['mean_chars']:6.0f} chars, r {a['pearson']:.3f}, AUROC {a['firing_auroc']:.3f}, "
               f"KL {a['recovered_kl']}, CE {a['recovered_ce']}")

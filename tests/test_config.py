@@ -26,7 +26,7 @@ from nl_rewrite.pipeline.config import PRESETS, STAGE_PRESETS, Calibration, Posi
 BEFORE_COMMON = dict(model="smollm2-135m", layer=10, out="runs/nl_rewrite", llm="embedded", simulator_mode="all_at_once",
                      calibrations=("linear", "quantile", "isotonic"), order="explanation_score", pool_selection="mass",
                      lexical_budget=12, lexical_budgets=(3, 6, 12, 24), noise_targets=(0.9, 0.7, 0.5, 0.3),
-                     sweep_fractions=(0.001, 0.01, 0.1, 0.5), window=32, seed=0, batch_size=8,
+                     sweep_fractions=(0.01, 0.1, 0.5), window=32, seed=0, batch_size=8,
                      coder="transcoder", sae_site="resid_post",  # added with the SAE runs; defaults keep the old run
                      trained_simulator="none", trained_eval_windows=8, trained_calib_windows=16,  # off by default
                      device="auto", dtype="float32")  # --device/--dtype: CUDA where it exists, float32 as before

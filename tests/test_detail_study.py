@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from nl_rewrite.coders.sparse_coder import CoderConfig, SparseCoder
-from nl_rewrite.pipeline.detail import (context_lookup, dense_values, firing_auroc, output_error, swaps, top_k_mask,
-                                        values_condition)
+from nl_rewrite.pipeline.detail import (FiringErrors, context_lookup, dense_values, firing_auroc, firing_errors,
+                                        needs_work, output_error, values_condition)
 from helpers import INCOME, RATE, TAX, THE, synthetic
 
 
@@ -43,14 +43,21 @@ def test_firing_auroc_is_one_for_a_perfect_score_and_a_half_for_a_constant():
     assert firing_auroc(true, torch.zeros(50, 3)) != firing_auroc(true, torch.zeros(50, 3))  # NaN: nothing fires
 
 
-def test_swaps_put_true_values_on_the_simulated_pattern_and_simulated_values_on_the_true_one():
+def test_firing_errors_count_false_positives_and_misses_after_topk():
     true = torch.tensor([[[3.0, 0.0, 0.0, 1.0]]])
     simulated = torch.tensor([[[0.5, 2.0, 0.1, 0.0]]])  # with k=2 it fires on latents 0 and 1
-    assert top_k_mask(simulated, 2).tolist() == [[[True, True, False, False]]]
-    sw = swaps(simulated, true, k=2)
-    assert sw.simulated_firing.tolist() == [[[3.0, 0.0, 0.0, 0.0]]]
-    assert sw.true_firing.tolist() == [[[0.5, 0.0, 0.0, 0.0]]]
-    assert sw.false_positive_rate == pytest.approx(0.5) and sw.false_negative_rate == pytest.approx(0.5)
+    errors = firing_errors(simulated, true, k=2)
+    assert errors.false_positive_rate == pytest.approx(0.5) and errors.false_negative_rate == pytest.approx(0.5)
+    assert firing_errors(true, true, k=2) == FiringErrors(0.0, 0.0)
+
+
+def test_the_explanations_that_most_need_work_are_the_costliest_first():
+    true = torch.zeros(2, 3, 3)
+    simulated = true.clone()
+    simulated[0, 0] = torch.tensor([1.0, 2.0, 0.0])
+    rows = needs_work(simulated, true, torch.tensor([4.0, 1.0, 9.0]), {0: "zero", 1: "one"}, 2)
+    assert [(r.latent, r.explanation) for r in rows] == [(0, "zero"), (1, "one")]
+    assert [r.estimated_share for r in rows] == pytest.approx([0.5, 0.5])
 
 
 def test_a_values_condition_writes_exactly_the_values_given():

@@ -145,3 +145,23 @@ def test_the_tiny_run_raises_no_warning_of_its_own(tiny_run):
     # dependency's deprecation notices are not the run's to fix
     ours = [w for w in tiny_run.warnings if ("/nl_rewrite/" in w or "/pydantic/" in w) and not w.startswith("Beartype")]
     assert not ours, "\n".join(ours)
+
+
+def test_the_run_says_where_its_explanations_lose_the_gap(tiny_run):
+    """The headline arm's swaps are main conditions; its firing errors and costliest explanations are in results.json,
+    the answer and the report."""
+    results = load_results(tiny_run.out)
+    for name in ("swap_simulated_firing", "swap_true_firing"):
+        assert name in results.all_positions.conditions and results.conditions_info[name].family == "diagnostic"
+        assert name in results.recovery
+    diagnostics = results.diagnostics
+    assert diagnostics is not None and diagnostics.condition == "lexical"
+    assert 0 < diagnostics.firing.false_positive_rate < 1 and 0 < diagnostics.firing.false_negative_rate < 1
+    shares = [row.estimated_share for row in diagnostics.needs_work]
+    assert len(shares) == 20 and shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
+    headline = {e["latent"]: e["text"] for e in map(json.loads, (tiny_run.out / "explanations_lexical_b12.jsonl")
+                                                    .read_text().splitlines())}
+    assert all(row.explanation == headline.get(row.latent, "") for row in diagnostics.needs_work)
+    assert any(line.startswith("Where the lexical explanations lose the gap") for line in results.answer)
+    html = (tiny_run.out / "report.html").read_text()
+    assert "explanations that most need work" in html and html.count("<tr><td>") >= 20

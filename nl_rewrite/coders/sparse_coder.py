@@ -66,6 +66,11 @@ class SparseLatents(NamedTuple):
     values: Float[Tensor, "... k"]
     indices: Int[Tensor, "... k"]
 
+    def dense(self, n_latents: int) -> Float[Tensor, "... n_latents"]:
+        """Every latent's value: the active ones', 0 for the rest."""
+        out = self.values.new_zeros(*self.values.shape[:-1], n_latents)
+        return out.scatter_(-1, self.indices, self.values)
+
 
 class SparseCoder(nn.Module):
     """See the module docstring. All methods accept any number of leading dimensions."""
@@ -159,8 +164,7 @@ class SparseCoder(nn.Module):
             dense = dense.clone()
             dense[..., ids] = values
             return self.decode(self.topk(dense)) + self.skip(x)
-        top = self.topk(dense)
-        kept = torch.zeros_like(dense).scatter_(-1, top.indices, top.values)
+        kept = self.topk(dense).dense(self.cfg.n_latents)
         kept[..., ids] = values
         return self.decode(kept) + self.skip(x)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 from nl_rewrite.evaluation.recovery import METRICS, Gap, Metric, Recovery, describe, format_p
+from nl_rewrite.pipeline.main_arm import SWAP_PREFIX
 from nl_rewrite.pipeline.results import RunResults, TrainedRun
 
 HALF = 0.5
@@ -85,6 +86,9 @@ def answer_lines(results: RunResults) -> list[str]:
     lines.append(f"By the noisy-oracle ladder, a simulator would need Pearson r "
                  f"{r_for_half(ladder_points(results, 'kl'))} to recover half of the KL gap, and r "
                  f"{r_for_half(ladder_points(results, 'ce'))} for half of the CE gap.")
+    swaps = _swap_sentence(results)
+    if swaps:
+        lines.append(swaps)
     if "binary_oracle" in rec:
         lines.append("The binary oracle (true firing pattern at each latent's mean value) recovers "
                      + condition_sentence(rec["binary_oracle"]) + ".")
@@ -112,3 +116,31 @@ def _trained_sentence(results: RunResults, trained: TrainedRun) -> str:
             f"(r {info['trained'].pearson:.2f}), on the first {trained.n_windows} eval windows (gap "
             f"{_gap_brackets(trained.gap)}), recovers {condition_sentence(rec['trained'])}; the lexical reader on the "
             f"same windows (r {info['lexical'].pearson:.2f}) recovers {condition_sentence(rec['lexical'])}.")
+
+
+def _swap_sentence(results: RunResults) -> str | None:
+    """Where the headline arm loses the gap: its swaps (main conditions) and firing errors, with the KL verdict."""
+    rec = results.recovery
+    fires, values = rec.get(SWAP_PREFIX + "simulated_firing"), rec.get(SWAP_PREFIX + "true_firing")
+    if fires is None or values is None:
+        return None
+    line = (f"Where the lexical explanations lose the gap: their firing pattern carrying the true values recovers "
+            f"{describe(fires.kl)} of the KL gap and {describe(fires.ce)} of the CE gap; the true firing pattern "
+            f"carrying their values recovers {describe(values.kl)} and {describe(values.ce)}")
+    a, b = fires.kl.fraction, values.kl.fraction
+    if a is None or b is None:
+        pass  # an undefined fraction is said in words above; there is nothing to compare
+    elif a.lo > b.hi:
+        line += ", so by KL the values they write lose more of it than the firings they miss"
+    elif b.lo > a.hi:
+        line += ", so by KL the firings they miss lose more of it than the values they write"
+    else:
+        line += "; by KL the two CIs overlap, so neither part is shown to lose more"
+    diagnostics = results.diagnostics
+    if diagnostics is not None:
+        fp, fn = diagnostics.firing.false_positive_rate, diagnostics.firing.false_negative_rate
+        missed = ("they miss as many of the true firings (TopK keeps k latents per token)"
+                  if round(100 * fp) == round(100 * fn) else f"they miss {100 * fn:.0f}% of the true firings")
+        line += (f". Of their firings {100 * fp:.0f}% are false positives, and {missed}; the report lists the "
+                 f"{len(diagnostics.needs_work)} explanations whose errors cost the most")
+    return line + "."

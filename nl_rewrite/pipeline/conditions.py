@@ -54,6 +54,9 @@ def build_condition(name: str, model, layer: int, coder: Callable[[], SparseCode
 
 
 M = TypeVar("M")
+UNMEASURED = ("baseline", "diagnostic")
+"""Families whose written values have no Pearson r of their own: baselines write none, and a swap writes true values
+on part of its tokens."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,7 @@ class Planned(Generic[M]):
 
     name: str
     family: str
-    """baseline, oracle, lexical, llm or trained."""
+    """baseline, oracle, lexical, llm, trained or diagnostic (a swap: part simulated, part true)."""
     fraction: float
     """The share of the coder's latents it simulates."""
     label: str
@@ -120,8 +123,9 @@ class ConditionInfo:
     """What a condition is, for tables, plots and the answer: its family and how much it simulates."""
 
     family: str
-    """baseline, oracle, lexical, llm or trained."""
+    """baseline, oracle, lexical, llm, trained or diagnostic."""
     fraction_of_latents: float
     pearson: float
-    """Mean per-latent Pearson r of the written values with the true activations on the evaluated windows."""
+    """Mean per-latent Pearson r of the written values with the true activations on the evaluated windows (NaN for
+    the families in :data:`UNMEASURED`)."""
     label: str = ""

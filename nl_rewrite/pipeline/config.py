@@ -97,7 +97,7 @@ class RunConfig(Placement):
     """explanation budgets evaluated at 100%% of latents (the length curve)"""
     noise_targets: tuple[float, ...] = (0.9, 0.7, 0.5, 0.3)
     """target Pearson r of the noise-degraded oracles"""
-    sweep_fractions: tuple[float, ...] = (0.001, 0.01, 0.1, 0.5)
+    sweep_fractions: tuple[float, ...] = (0.01, 0.1, 0.5)
     """fractions of all latents (below 1) for the lexical and binary-oracle sweeps, best explained first"""
     window: int = 32
     """tokens per window (paper: 32)"""

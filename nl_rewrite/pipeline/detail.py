@@ -5,9 +5,10 @@
   from the same statistics windows as the explanations, with no length limit. They show what the statistics
   themselves carry. They are not calibrated, so they are no upper bound for a calibrated arm: at MLP 10 the
   calibrated 400-character explanations recovered more than the pair lookup (docs/results.md).
-- **Swaps**: true values where the simulation fires (what the firings it misses cost), and simulated values where
-  the latent truly fires (what its magnitudes cost, false positives removed).
+- **Swaps** (:mod:`nl_rewrite.replacements.swaps`): true values where the simulation fires (what the firings it
+  misses cost), and simulated values where the latent truly fires (what its magnitudes cost, false positives removed).
 - **Firing AUROC** per latent (raw simulated score against "truly fires") and firing error rates.
+- **The explanations that most need work**: latents ranked by the estimated output cost of their simulation errors.
 
 Everything here *measures* on eval windows; statistics and calibration come from explain windows only.
 """
@@ -28,6 +29,7 @@ from nl_rewrite.interp.calibrate import Uncalibrated
 from nl_rewrite.interp.lexical import TokenActivations
 from nl_rewrite.replacements.oracles import MIN_FIRES
 from nl_rewrite.replacements.simulated import NLSimulatorReplacement
+from nl_rewrite.replacements.swaps import firing
 
 LOOKUP_MIN_COUNT = 3
 """A (previous, current) pair seen fewer times backs off to the current token's mean."""
@@ -84,30 +86,21 @@ def dense_values(condition: NLSimulatorReplacement, n_windows: int, n_pos: int) 
     return out
 
 
-def top_k_mask(values: Float[Tensor, "... n_latents"], k: int) -> Tensor:
-    """The latents that TopK keeps (and that are positive): the firing pattern a condition produces."""
-    top = values.topk(k, dim=-1)
-    return torch.zeros_like(values, dtype=torch.bool).scatter_(-1, top.indices, top.values > 0)
-
-
 @dataclass(frozen=True)
-class Swaps:
-    simulated_firing: Float[Tensor, "n pos n_latents"]
-    """Where the simulation fires (after TopK): the true value (0 at a false positive); 0 elsewhere. What is lost
-    here is the true firings the simulation misses."""
-    true_firing: Float[Tensor, "n pos n_latents"]
-    """Where the latent truly fires: the simulation's calibrated value."""
+class FiringErrors:
+    """How a simulation's firing pattern (after TopK) differs from the latents' true one."""
+
     false_positive_rate: float
     """Of the simulated firings, the share where the latent does not truly fire."""
     false_negative_rate: float
     """Of the true firings, the share the simulation misses."""
 
 
-def swaps(simulated: Float[Tensor, "n pos n_latents"], true: Float[Tensor, "n pos n_latents"], k: int) -> Swaps:
-    fires, truly = top_k_mask(simulated, k), true > 0
-    return Swaps(torch.where(fires, true, torch.zeros(())), torch.where(truly, simulated, torch.zeros(())),
-                 float((fires & ~truly).sum() / fires.sum().clamp_min(1)),
-                 float((truly & ~fires).sum() / truly.sum().clamp_min(1)))
+def firing_errors(simulated: Float[Tensor, "... n_latents"], true: Float[Tensor, "... n_latents"], k: int
+                  ) -> FiringErrors:
+    fires, truly = firing(simulated, k), true > 0
+    return FiringErrors(float((fires & ~truly).sum() / fires.sum().clamp_min(1)),
+                        float((truly & ~fires).sum() / truly.sum().clamp_min(1)))
 
 
 def firing_auroc(scores: Float[Tensor, "tokens n_latents"], true: Float[Tensor, "tokens n_latents"],
@@ -137,3 +130,33 @@ def output_error(simulated: Float[Tensor, "n pos n_latents"], true: Float[Tensor
     """Each latent's estimated cost at the coder's output: its summed squared simulation error times its squared
     decoder-row norm (cross terms between latents ignored). Patching the top latents alone checks the estimate."""
     return (simulated.double() - true.double()).pow(2).sum((0, 1)) * weights.double()
+
+
+@dataclass(frozen=True)
+class NeedsWork:
+    """A latent whose simulation errors cost the most at the coder's output, with its explanation."""
+
+    latent: int
+    estimated_share: float
+    """Its share of the summed estimated cost of every latent (:func:`output_error`)."""
+    explanation: str
+
+
+def needs_work(simulated: Float[Tensor, "n pos n_latents"], true: Float[Tensor, "n pos n_latents"],
+               weights: Float[Tensor, " n_latents"], texts: Mapping[int, str], n: int) -> list[NeedsWork]:
+    """The ``n`` latents of largest estimated output cost, the costliest first."""
+    cost = output_error(simulated, true, weights)
+    total = float(cost.sum()) or 1.0
+    return [NeedsWork(lat, float(cost[lat]) / total, texts.get(lat, ""))
+            for lat in torch.argsort(cost, descending=True)[:n].tolist()]
+
+
+@dataclass(frozen=True)
+class Diagnostics:
+    """Where a simulation of every latent loses the gap, beside its swap conditions' recovery (in results.json)."""
+
+    condition: str
+    """The diagnosed condition (the run's headline lexical arm)."""
+    firing: FiringErrors
+    needs_work: list[NeedsWork]
+    """The explanations that most need work, the costliest first."""

@@ -24,7 +24,7 @@ import torch
 from nl_rewrite import io
 from nl_rewrite.interp.calibrate import count_fallbacks
 from nl_rewrite.errors import CheckpointError
-from nl_rewrite.pipeline.conditions import ConditionInfo, Planned, build_condition
+from nl_rewrite.pipeline.conditions import UNMEASURED, ConditionInfo, Planned, build_condition
 from nl_rewrite.data.windows import TokenWindows
 from nl_rewrite.evaluation.evaluator import EvalResults, Evaluator
 from nl_rewrite.interp.explain import Explanation
@@ -50,7 +50,8 @@ from nl_rewrite.coders.checkpoint import is_checkpoint
 from nl_rewrite.pipeline.run_context import (Context, coder_site, load_run_coder, windows_for, heldout_windows,
                                              window_strings, result_options, code_version)
 from nl_rewrite.pipeline.pool_arm import PoolArm, llm_stage, output_mass, pool_conditions
-from nl_rewrite.pipeline.main_arm import lexical_stage, main_conditions, arm_digest
+from nl_rewrite.pipeline.detail import Diagnostics
+from nl_rewrite.pipeline.main_arm import arm_digest, diagnose, lexical_stage, main_conditions
 
 
 CONFIG_FILE = "config.toml"
@@ -90,6 +91,8 @@ class Artifacts:
     windows (None unless ``--trained-simulator`` is set)."""
     trained_info: dict[str, ConditionInfo] = field(default_factory=dict)
     """What each condition of the trained block is (empty without it)."""
+    diagnostics: Diagnostics | None = None
+    """Where the headline lexical arm loses the gap (its swaps are main conditions)."""
 
 
 def evaluate_cached(model, windows: TokenWindows, build: Callable[[], list[Replacement]], path: Path, mode: str,
@@ -118,7 +121,7 @@ def measured_info(planned: list[Planned], conditions: Callable[[], list[Replacem
     """Each planned condition's info with its Pearson r measured on the evaluated windows (cached by fingerprint)."""
     def measure() -> dict[str, ConditionInfo]:
         return {p.name: ConditionInfo(p.family, float(p.fraction), eval_pearson(rep, eval_cache, window_ids)
-                                      if p.family != "baseline" else float("nan"), p.label)
+                                      if p.family not in UNMEASURED else float("nan"), p.label)
                 for p, rep in zip(planned, conditions(), strict=True)}
 
     return cached(path, fingerprint, dict[str, ConditionInfo], measure)
@@ -182,6 +185,8 @@ def run_experiment(cfg: RunConfig, runner: ShardRunner | None = None) -> Artifac
 
     base_fp, main_fp = run_fingerprints(ctx, eval_windows, arms)
     results, info = main_block(ctx, arms, eval_windows, eval_cache, main_fp)
+    with ctx.stages.timer("diagnose"):
+        diagnostics = diagnose(ctx, headline, eval_cache, main_fp)
     pool_results, pool_info = pool_block(ctx, pool, headline, eval_windows, eval_cache, base_fp, main_fp)
     trained_results, trained_info = trained_stage(ctx, headline, explain_windows.doc_ids, eval_windows, eval_cache,
                                                   eval_strings, [result_options(cfg), main_fp])
@@ -195,7 +200,7 @@ def run_experiment(cfg: RunConfig, runner: ShardRunner | None = None) -> Artifac
         n_latents=ctx.cache.n_latents, chosen=pool.chosen,
         fallbacks={k: count_fallbacks(v.values()) for k, v in pool.calibrators.items()},
         counts=run_counts(ctx, arms, pool, calls), stages=ctx.stages.seconds, decode=ctx.cache.token_strings,
-        generations=generations, trained_results=trained_results, trained_info=trained_info)
+        generations=generations, trained_results=trained_results, trained_info=trained_info, diagnostics=diagnostics)
 
 
 def run_fingerprints(ctx: Context, eval_windows: TokenWindows, arms: dict[int, LexicalArm]) -> tuple[list, str]:

@@ -1,25 +1,36 @@
 """The conditions over all latents on every eval window: the coder and the baselines, the oracle ladder, one lexical
-arm per budget, and per sweep fraction the best-explained latents, lexically and as binary oracle."""
+arm per budget, the headline arm's two swaps (:mod:`nl_rewrite.replacements.swaps`), and per sweep fraction the
+best-explained latents, lexically and as binary oracle."""
 
 from __future__ import annotations
 
 import functools
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
+from nl_rewrite.latents.cache import LatentCache
 from nl_rewrite.pipeline.conditions import Planned, planned_baseline
+from nl_rewrite.pipeline.detail import Diagnostics, dense_values, firing_errors, needs_work
+from nl_rewrite.pipeline.stage import cached
 from nl_rewrite.pipeline.ladder import (LexicalArm, NoiseTargets, fit_noise, lexical_arm, lexical_condition,
                                         mean_active, noisy_name)
 from nl_rewrite.interp.lexical import candidate_items
 from nl_rewrite.replacements.base import Replacement
 from nl_rewrite.replacements.oracles import OracleReplacement
+from nl_rewrite.replacements.simulated import NLSimulatorReplacement
+from nl_rewrite.replacements.swaps import SWAPS, Swap, SwapReplacement
 from nl_rewrite.pipeline.config import RunConfig
 from nl_rewrite.hashing import digest
 from nl_rewrite.pipeline.run_context import Context, RunMaterials, coder_site, heldout_windows, reference_planned
 
 
 HEADLINE_LEXICAL = "lexical"
+NEEDS_WORK = 20
+"""Explanations listed in the report as those whose simulation errors cost the most."""
+SWAP_PREFIX = "swap_"
+"""``swap_simulated_firing`` and ``swap_true_firing``: the headline arm's swaps."""
 
 
 def arm_digest(arm: LexicalArm) -> str:
@@ -59,6 +70,11 @@ class MainMaterials(RunMaterials):
     def top(self, fraction: float) -> list[int]:
         return self.ranking[:max(1, round(fraction * len(self.ranking)))]
 
+    @cached_property
+    def headline_condition(self) -> NLSimulatorReplacement:
+        """The headline arm over every latent, built once for itself and its swaps (its table is the largest)."""
+        return lexical_condition(self.coder, self.headline, range(len(self.ranking)), HEADLINE_LEXICAL)
+
 
 def _true_oracle(m: MainMaterials, name: str) -> Replacement:
     return OracleReplacement(m.coder, "true", None, name=name)
@@ -75,13 +91,24 @@ def _noisy_oracle(m: MainMaterials, name: str, target: float) -> Replacement:
 
 
 def _lexical(m: MainMaterials, name: str, budget: int, fraction: float = 1.0) -> Replacement:
+    if name == HEADLINE_LEXICAL:
+        return m.headline_condition
     latents = range(len(m.ranking)) if fraction == 1.0 else m.top(fraction)
     return lexical_condition(m.coder, m.arms[budget], latents, name)
 
 
+def _swap(m: MainMaterials, name: str, keep: Swap) -> Replacement:
+    return SwapReplacement(m.headline_condition, keep, name)
+
+
+SWAP_LABELS: dict[Swap, str] = {"simulated_firing": "its firing pattern, true values",
+                                "true_firing": "true firing pattern, its values"}
+
+
 def main_planned(cfg: RunConfig) -> list[Planned[MainMaterials]]:
     """Every condition evaluated on all eval windows, in order: the coder and the baselines, the oracle ladder, one
-    lexical arm per budget, and per sweep fraction the best-explained latents lexically and as binary oracle."""
+    lexical arm per budget, the headline arm's swaps, and per sweep fraction the best-explained latents lexically and
+    as binary oracle."""
     site = coder_site(cfg)
     planned: list[Planned[MainMaterials]] = [
         *reference_planned(cfg, site), planned_baseline("zero", cfg.layer, cfg.seed, site, 0.0, f"{site} zero-ablated"),
@@ -94,7 +121,9 @@ def main_planned(cfg: RunConfig) -> list[Planned[MainMaterials]]:
         Planned(HEADLINE_LEXICAL, "lexical", 1.0, f"lexical, ≤{cfg.lexical_budget} items",
                 functools.partial(_lexical, budget=cfg.lexical_budget)),
         *[Planned(f"lexical_b{b}", "lexical", 1.0, f"lexical, ≤{b} items", functools.partial(_lexical, budget=b))
-          for b in sorted(set(cfg.lexical_budgets) - {cfg.lexical_budget})]]
+          for b in sorted(set(cfg.lexical_budgets) - {cfg.lexical_budget})],
+        *[Planned(SWAP_PREFIX + keep, "diagnostic", 1.0, f"lexical ≤{cfg.lexical_budget} items: {SWAP_LABELS[keep]}",
+                  functools.partial(_swap, keep=keep)) for keep in SWAPS]]
     for f in cfg.sweep_fractions:
         planned += [Planned(f"lexical_f{f:g}", "lexical", f, f"lexical, {100 * f:g}% of latents",
                             functools.partial(_lexical, budget=cfg.lexical_budget, fraction=f)),
@@ -122,3 +151,18 @@ def main_conditions(ctx: Context, arms: dict[int, LexicalArm]
 
 def _finite_or(value: float | None, default: float) -> float:
     return value if value is not None and value == value else default
+
+
+def diagnose(ctx: Context, headline: LexicalArm, eval_cache: LatentCache, fingerprint: str) -> Diagnostics:
+    """The headline arm's firing errors on the eval windows and its explanations that most need work (cached by
+    fingerprint; its swaps are conditions of the main block)."""
+    def compute() -> Diagnostics:
+        n_windows, n_latents = len(eval_cache), ctx.coder.cfg.n_latents
+        true = eval_cache.dense_windows(range(n_windows))
+        condition = lexical_condition(ctx.coder, headline, range(n_latents), HEADLINE_LEXICAL)
+        simulated = dense_values(condition, n_windows, true.shape[1])
+        weights = ctx.coder.W_dec.detach().norm(dim=-1).cpu() ** 2
+        return Diagnostics(HEADLINE_LEXICAL, firing_errors(simulated, true, ctx.coder.cfg.k),
+                           needs_work(simulated, true, weights, headline.texts, NEEDS_WORK))
+
+    return cached(ctx.out / "diagnostics.json", fingerprint, Diagnostics, compute)

@@ -23,6 +23,7 @@ from nl_rewrite.evaluation.recovery import Recovered, Recovery, format_p, gaps, 
 from nl_rewrite.interp.explain import Explanation
 from nl_rewrite.pipeline.answer import answer_lines
 from nl_rewrite.pipeline.conditions import ConditionInfo
+from nl_rewrite.pipeline.detail import Diagnostics
 from nl_rewrite.pipeline.experiment import Artifacts
 from nl_rewrite.pipeline.report_plots import PLOTS
 from nl_rewrite.pipeline.results import (RESULTS_FILE, SCHEMA, ZERO_LATENTS, ConditionBlock, LatentRow,
@@ -109,7 +110,7 @@ def run_results(art: Artifacts) -> RunResults:
         recovery=recovery_table(main, _simulated(main, coder), better=coder), conditions_info=art.info,
         pool_run=pool_run(art), trained_run=trained_run(art), lexical=_lexical_summary(art),
         latents=latent_rows(art), counts=art.counts, calibration_fallbacks=art.fallbacks, stage_seconds=art.stages,
-        generations=art.generations)
+        generations=art.generations, diagnostics=art.diagnostics)
     return replace(results, answer=answer_lines(results))
 
 
@@ -238,6 +239,19 @@ def _trained_html(trained: TrainedRun | None, coder: str) -> str:
             + _summary_table(trained.conditions, trained.recovery, trained.conditions_info, coder))
 
 
+def _needs_work_html(diagnostics: Diagnostics | None) -> str:
+    if diagnostics is None or not diagnostics.needs_work:
+        return ""
+    rows = "".join(f"<tr><td>{row.latent}</td><td>{100 * row.estimated_share:.1f}%</td>"
+                   f"<td class=ex>{html.escape(row.explanation)}</td></tr>" for row in diagnostics.needs_work)
+    return (f"<h2>The {len(diagnostics.needs_work)} explanations that most need work</h2><p>Latents of the "
+            f"{html.escape(diagnostics.condition)} condition ranked by the estimated output cost of their simulation "
+            "errors on the eval windows (squared error × squared decoder-row norm; cross terms between latents "
+            "ignored). <code>benchmarks/explanation_detail.py</code> checks such estimates by patching latents "
+            "alone.</p><table><tr><th>latent</th><th>share of the estimated cost</th><th>explanation</th></tr>"
+            f"{rows}</table>")
+
+
 def _modes_html(results: RunResults) -> str:
     coder = results.settings.coder
     return "".join(f"<h2>All conditions, positions: {mode} ({m.conditions['clean'].n_tokens} tokens)</h2>"
@@ -262,7 +276,7 @@ white-space: pre-wrap; background: #f7f7f7; padding: 4px}} .answer li {{margin: 
 <h2>The answer</h2><ul class=answer>{answer}</ul>
 <h2>What quality a simulator needs</h2><img src="ladder.png" width="100%">
 <h2>Fraction of latents simulated</h2><img src="fractions.png" width="100%">
-<h2>Explanation length</h2><img src="budgets.png">
+<h2>Explanation length</h2><img src="budgets.png">{_needs_work_html(results.diagnostics)}
 {_modes_html(results)}
 <h2>LLM pool run: first {pool.n_windows} eval windows</h2>
 <p>Recovery here is of the gap between zeroing only the pool's latents and the {settings.coder} (every other latent

@@ -19,6 +19,8 @@ The layout (schema ``nl_rewrite.run/2``; every name below is a field of the data
      "lexical": {budget: {"explained", "mean_pearson_explain", "parse_fallbacks", "linear_calibrations"}},
      "latents": [...LLM pool latents...], "counts": {...}, "calibration_fallbacks": {...}, "stage_seconds": {...},
      "answer": [sentences], "generations": [{"prompt", "continuations": {model: text}}],
+     "diagnostics": null | {"condition", "firing": {"false_positive_rate", "false_negative_rate"},
+                            "needs_work": [{"latent", "estimated_share", "explanation"}]},
      "complete": true}        (results.json is the last file a run writes, and a rerun removes it first)
 
 KL is KL(clean || patched) per token, averaged; CE in nats; CIs are 95% paired window-bootstrap intervals.
@@ -46,6 +48,7 @@ from nl_rewrite.evaluation.generate import Generation
 from nl_rewrite.evaluation.recovery import Gap, Recovery
 from nl_rewrite.interp.simulation_store import SimulationQuality
 from nl_rewrite.pipeline.conditions import ConditionInfo
+from nl_rewrite.pipeline.detail import Diagnostics
 from nl_rewrite.typed_json import adapter, validated
 
 SCHEMA = "nl_rewrite.run/2"
@@ -186,6 +189,8 @@ class RunResults:
     answer: list[str] = field(default_factory=list)
     """The answer in words (``answer.answer_lines`` of the rest of the tree)."""
     generations: list[Generation] = field(default_factory=list)
+    diagnostics: Diagnostics | None = None
+    """Where the headline lexical arm loses the gap (absent from results written before it existed)."""
     complete: Literal[True] = True
 
     @cached_property

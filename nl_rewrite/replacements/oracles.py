@@ -48,9 +48,7 @@ class OracleReplacement(CoderReplacement):
 
     def true_values(self, x: Float[Tensor, "batch pos d_in"]) -> Float[Tensor, "batch pos m"]:
         """The transcoder's post-TopK activations of the chosen latents (0 where not in the top k)."""
-        top = self.coder.encode(x)
-        dense = torch.zeros(*x.shape[:-1], self.coder.cfg.n_latents, dtype=top.values.dtype, device=x.device)
-        return dense.scatter_(-1, top.indices, top.values)[..., self.ids]
+        return self.coder.encode(x).dense(self.coder.cfg.n_latents)[..., self.ids]
 
     def degrade(self, true: Float[Tensor, "batch pos m"], window_ids: Tensor) -> Float[Tensor, "batch pos m"]:
         """What this oracle reports, given the true values of the chosen latents on windows ``window_ids``."""
