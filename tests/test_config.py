@@ -302,6 +302,7 @@ def test_run_experiment_writes_its_resolved_config_first(tmp_path, monkeypatch):
     ("[explain]\nthreshold = 2.0", "explain: Value error, ExplainConfig.threshold must be in (0, 1], got 2.0"),
     ("fractions = [1, 0.5, true]", "fractions[2]: Input should be a valid number, got True (bool)"),
     ("eval_windows = ", "is not valid TOML"),
+    ('coder_checkpoint = "small"\ntrain_tokens = 0', "give --train-tokens and --width of at least 1"),
 ])
 def test_config_file_errors_name_the_key(tmp_path, capsys, no_model, text, message):
     path = tmp_path / "bad.toml"
@@ -344,7 +345,7 @@ def test_a_renamed_option_keys_cached_results_under_its_old_name():
     """A run finished before ``transcoder`` became ``coder_checkpoint`` reruns from its cached results."""
     from nl_rewrite.pipeline.run_context import result_options
 
-    options = result_options(RunConfig(coder_checkpoint="small"))
+    options = result_options(RunConfig(coder_checkpoint="small", train_tokens=1000))
     assert options["transcoder"] == "small" and "coder_checkpoint" not in options
 
 

@@ -246,3 +246,6 @@ def _validate(v: dict[str, Any]) -> None:
     for name in ("train_tokens", "width", "pool", "layer"):
         if v[name] < 0:
             raise ValueError(f"{name} must be >= 0, got {v[name]}")
+    if v["coder_checkpoint"] == "small" and (v["train_tokens"] < 1 or v["width"] < 1):
+        raise ValueError(f"coder_checkpoint 'small' trains a coder of width {v['width']} on {v['train_tokens']} tokens; "
+                         "give --train-tokens and --width of at least 1")
