@@ -42,7 +42,7 @@ from nl_rewrite.latents.cache import LatentCache
 from nl_rewrite.model.loading import load_model
 from nl_rewrite.pipeline.config import RunConfig
 from nl_rewrite.pipeline.detail import (arm_scores, context_lookup, dense_values, firing_auroc, firing_errors,
-                                        needs_work as worst_explained, values_condition)
+                                        needs_work as worst_explained, output_error, values_condition)
 from nl_rewrite.pipeline.run_context import load_run_coder, windows_for
 from nl_rewrite.pipeline.ladder import TOKENS_AS_ROWS, lexical_condition, simulated_arm
 from nl_rewrite.replacements.coders import TranscoderReplacement, ZeroLatentsReplacement
@@ -165,10 +165,11 @@ def main() -> None:
                       "unparseable": arm.fallbacks}
         conditions.append(condition)
         if name == f"chars{args.headline}":
-            simulated = dense_values(condition, n_eval, n_pos)
+            simulated = dense_values(condition, range(n_eval), n_pos)
             conditions += [SwapReplacement(condition, keep, f"swap_{keep}") for keep in SWAPS]
             swap_info = {"arm": name, **asdict(firing_errors(simulated, true, coder.cfg.k))}
-            needs_work = [asdict(row) for row in worst_explained(simulated, true, weights, arm_texts, args.worst)]
+            cost = output_error(simulated, true, weights)
+            needs_work = [asdict(row) for row in worst_explained(cost, arm_texts, args.worst)]
             conditions += [lexical_condition(coder, arm, [row["latent"]], f"alone_{row['latent']}")
                            for row in needs_work[:args.check]]
     ceilings = {}

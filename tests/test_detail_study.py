@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from nl_rewrite.coders.sparse_coder import CoderConfig, SparseCoder
-from nl_rewrite.pipeline.detail import (FiringErrors, context_lookup, dense_values, firing_auroc, firing_errors,
-                                        needs_work, output_error, values_condition)
+from nl_rewrite.pipeline.results import FiringErrors
+from nl_rewrite.pipeline.detail import (context_lookup, dense_values, firing_auroc, firing_errors, needs_work,
+                                        output_error, values_condition)
 from helpers import INCOME, RATE, TAX, THE, synthetic
 
 
@@ -55,16 +56,18 @@ def test_the_explanations_that_most_need_work_are_the_costliest_first():
     true = torch.zeros(2, 3, 3)
     simulated = true.clone()
     simulated[0, 0] = torch.tensor([1.0, 2.0, 0.0])
-    rows = needs_work(simulated, true, torch.tensor([4.0, 1.0, 9.0]), {0: "zero", 1: "one"}, 2)
-    assert [(r.latent, r.explanation) for r in rows] == [(0, "zero"), (1, "one")]
-    assert [r.estimated_share for r in rows] == pytest.approx([0.5, 0.5])
+    simulated[1, 2, 2] = 1.0
+    rows = needs_work(output_error(simulated, true, torch.tensor([4.0, 1.0, 9.0])), {0: "zero", 1: "one"}, 2)
+    assert [(r.latent, r.explanation) for r in rows] == [(2, ""), (0, "zero")]  # no text: an empty one
+    assert [r.estimated_share for r in rows] == pytest.approx([9 / 17, 4 / 17])  # latents 0 and 1 tie: 0 first
 
 
 def test_a_values_condition_writes_exactly_the_values_given():
     coder = SparseCoder(CoderConfig(d_in=8, d_out=8, n_latents=6, k=2, read_site="mlp_in.0", write_site="mlp_out.0",
                                     model="tiny"), seed=0)
     values = torch.rand(3, 5, 6) * 4
-    assert torch.equal(dense_values(values_condition(coder, values, "v"), 3, 5), values)
+    assert torch.equal(dense_values(values_condition(coder, values, "v"), range(3), 5), values)
+    assert torch.equal(dense_values(values_condition(coder, values, "v"), [2, 0], 5), values[[2, 0]])
 
 
 def test_the_output_cost_weighs_squared_errors_by_the_decoder_row():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from nl_rewrite.coders.sparse_coder import CoderConfig, SparseCoder
+from nl_rewrite.coders.sparse_coder import CoderConfig, SparseCoder, SparseLatents
 from nl_rewrite.interp.calibrate import LinearCalibrator
 from nl_rewrite.replacements.base import BatchInfo
 from nl_rewrite.replacements.simulated import NLSimulatorReplacement
@@ -36,6 +36,10 @@ def test_swapped_keeps_one_part_of_the_simulation_and_takes_the_other_from_the_t
     true = torch.tensor([[[3.0, 0.0, 0.0, 1.0]]])
     simulated = torch.tensor([[[0.5, 2.0, 0.1, 0.0]]])  # with k=2 it fires on latents 0 and 1
     assert firing(simulated, 2).tolist() == [[[True, True, False, False]]]
+    # the pattern a coder's TopK gives these values, as the simulated condition decodes them
+    values = torch.rand(4, 7, 12, generator=torch.Generator().manual_seed(3)) - 0.3
+    kept = SparseLatents(*values.topk(5, dim=-1)).dense(12)
+    assert torch.equal(firing(values, 5), kept > 0)
     assert swapped(simulated, true, 2, "simulated_firing").tolist() == [[[3.0, 0.0, 0.0, 0.0]]]
     assert swapped(simulated, true, 2, "true_firing").tolist() == [[[0.5, 0.0, 0.0, 0.0]]]
     with pytest.raises((ValueError, TypeError), match="differ|n_latents"):  # the suite's shape checks come first

@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 
 from nl_rewrite.evaluation.recovery import METRICS, Gap, Metric, Recovery, describe, format_p
-from nl_rewrite.pipeline.main_arm import SWAP_PREFIX
 from nl_rewrite.pipeline.results import RunResults, TrainedRun
+from nl_rewrite.replacements.swaps import SWAP_PREFIX
 
 HALF = 0.5
 
@@ -119,28 +119,29 @@ def _trained_sentence(results: RunResults, trained: TrainedRun) -> str:
 
 
 def _swap_sentence(results: RunResults) -> str | None:
-    """Where the headline arm loses the gap: its swaps (main conditions) and firing errors, with the KL verdict."""
+    """Where the headline arm loses the gap: its two swaps (main conditions; both drop its false positives) and its
+    firing errors. The verdict needs the swaps' KL CIs apart."""
     rec = results.recovery
     fires, values = rec.get(SWAP_PREFIX + "simulated_firing"), rec.get(SWAP_PREFIX + "true_firing")
     if fires is None or values is None:
         return None
-    line = (f"Where the lexical explanations lose the gap: their firing pattern carrying the true values recovers "
-            f"{describe(fires.kl)} of the KL gap and {describe(fires.ce)} of the CE gap; the true firing pattern "
-            f"carrying their values recovers {describe(values.kl)} and {describe(values.ce)}")
+    line = (f"Where the lexical explanations lose the gap (their false positives dropped in both swaps): the true "
+            f"values written where they fire recover {describe(fires.kl)} of the KL gap and {describe(fires.ce)} of "
+            f"the CE gap (lost: the firings they miss); their own values written where the latent truly fires recover "
+            f"{describe(values.kl)} and {describe(values.ce)} (lost: their magnitudes, the missed firings' included)")
     a, b = fires.kl.fraction, values.kl.fraction
     if a is None or b is None:
         pass  # an undefined fraction is said in words above; there is nothing to compare
     elif a.lo > b.hi:
-        line += ", so by KL the values they write lose more of it than the firings they miss"
+        line += ", so by KL their magnitudes cost more than the firings they miss (the CIs are apart)"
     elif b.lo > a.hi:
-        line += ", so by KL the firings they miss lose more of it than the values they write"
+        line += ", so by KL the firings they miss cost more than their magnitudes (the CIs are apart)"
     else:
-        line += "; by KL the two CIs overlap, so neither part is shown to lose more"
+        line += "; by KL the two CIs overlap, so neither is shown to cost more"
     diagnostics = results.diagnostics
     if diagnostics is not None:
-        fp, fn = diagnostics.firing.false_positive_rate, diagnostics.firing.false_negative_rate
-        missed = ("they miss as many of the true firings (TopK keeps k latents per token)"
-                  if round(100 * fp) == round(100 * fn) else f"they miss {100 * fn:.0f}% of the true firings")
-        line += (f". Of their firings {100 * fp:.0f}% are false positives, and {missed}; the report lists the "
+        errors = diagnostics.firing
+        line += (f". Of their firings {100 * errors.false_positive_rate:.0f}% are false positives, and they miss "
+                 f"{100 * errors.false_negative_rate:.0f}% of the true firings; the report lists the "
                  f"{len(diagnostics.needs_work)} explanations whose errors cost the most")
     return line + "."

@@ -27,6 +27,7 @@ from torch import Tensor
 from nl_rewrite.coders.sparse_coder import SparseCoder
 from nl_rewrite.interp.calibrate import Uncalibrated
 from nl_rewrite.interp.lexical import TokenActivations
+from nl_rewrite.pipeline.results import FiringErrors, NeedsWork
 from nl_rewrite.replacements.oracles import MIN_FIRES
 from nl_rewrite.replacements.simulated import NLSimulatorReplacement
 from nl_rewrite.replacements.swaps import firing
@@ -78,29 +79,26 @@ def values_condition(coder: SparseCoder, values: Float[Tensor, "n pos n_latents"
     return NLSimulatorReplacement(coder, simulations, calibrators, list(range(values.shape[-1])), name)
 
 
-def dense_values(condition: NLSimulatorReplacement, n_windows: int, n_pos: int) -> Float[Tensor, "n pos n_latents"]:
-    """What ``condition`` writes for all its latents (calibrated), in latent order."""
-    values = condition.values(torch.arange(n_windows), n_pos)
+def dense_values(condition: NLSimulatorReplacement, window_ids: Sequence[int], n_pos: int
+                 ) -> Float[Tensor, "n pos n_latents"]:
+    """What ``condition`` writes for all its latents (calibrated) on ``window_ids``, in latent order."""
+    values = condition.values(torch.as_tensor(list(window_ids), dtype=torch.long), n_pos)
     out = torch.zeros(*values.shape[:2], max(condition.latents) + 1)
     out[..., condition.latents] = values
     return out
 
 
-@dataclass(frozen=True)
-class FiringErrors:
-    """How a simulation's firing pattern (after TopK) differs from the latents' true one."""
-
-    false_positive_rate: float
-    """Of the simulated firings, the share where the latent does not truly fire."""
-    false_negative_rate: float
-    """Of the true firings, the share the simulation misses."""
+def firing_counts(simulated: Float[Tensor, "... n_latents"], true: Float[Tensor, "... n_latents"], k: int
+                  ) -> Int[Tensor, " 4"]:
+    """(simulated firings, false positives among them, true firings, misses among them), after TopK: summed over
+    chunks of windows, they give :meth:`FiringErrors.of`."""
+    fires, truly = firing(simulated, k), true > 0
+    return torch.stack([fires.sum(), (fires & ~truly).sum(), truly.sum(), (truly & ~fires).sum()])
 
 
 def firing_errors(simulated: Float[Tensor, "... n_latents"], true: Float[Tensor, "... n_latents"], k: int
                   ) -> FiringErrors:
-    fires, truly = firing(simulated, k), true > 0
-    return FiringErrors(float((fires & ~truly).sum() / fires.sum().clamp_min(1)),
-                        float((truly & ~fires).sum() / truly.sum().clamp_min(1)))
+    return FiringErrors.of(firing_counts(simulated, true, k))
 
 
 def firing_auroc(scores: Float[Tensor, "tokens n_latents"], true: Float[Tensor, "tokens n_latents"],
@@ -132,31 +130,8 @@ def output_error(simulated: Float[Tensor, "n pos n_latents"], true: Float[Tensor
     return (simulated.double() - true.double()).pow(2).sum((0, 1)) * weights.double()
 
 
-@dataclass(frozen=True)
-class NeedsWork:
-    """A latent whose simulation errors cost the most at the coder's output, with its explanation."""
-
-    latent: int
-    estimated_share: float
-    """Its share of the summed estimated cost of every latent (:func:`output_error`)."""
-    explanation: str
-
-
-def needs_work(simulated: Float[Tensor, "n pos n_latents"], true: Float[Tensor, "n pos n_latents"],
-               weights: Float[Tensor, " n_latents"], texts: Mapping[int, str], n: int) -> list[NeedsWork]:
-    """The ``n`` latents of largest estimated output cost, the costliest first."""
-    cost = output_error(simulated, true, weights)
+def needs_work(cost: Float[Tensor, " n_latents"], texts: Mapping[int, str], n: int) -> list[NeedsWork]:
+    """The ``n`` latents of largest estimated output cost (:func:`output_error`), the costliest first (ties by id)."""
     total = float(cost.sum()) or 1.0
     return [NeedsWork(lat, float(cost[lat]) / total, texts.get(lat, ""))
-            for lat in torch.argsort(cost, descending=True)[:n].tolist()]
-
-
-@dataclass(frozen=True)
-class Diagnostics:
-    """Where a simulation of every latent loses the gap, beside its swap conditions' recovery (in results.json)."""
-
-    condition: str
-    """The diagnosed condition (the run's headline lexical arm)."""
-    firing: FiringErrors
-    needs_work: list[NeedsWork]
-    """The explanations that most need work, the costliest first."""
+            for lat in torch.argsort(cost, descending=True, stable=True)[:n].tolist()]

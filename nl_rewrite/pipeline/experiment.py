@@ -39,7 +39,7 @@ from nl_rewrite.paths import cache_dir
 from nl_rewrite.replacements.base import Replacement
 from nl_rewrite.replacements.live import LiveSimulatorReplacement
 from nl_rewrite.pipeline.config import RunConfig
-from nl_rewrite.pipeline.results import RESULTS_FILE
+from nl_rewrite.pipeline.results import RESULTS_FILE, Diagnostics
 from nl_rewrite.pipeline.stage import StageTimes, cached
 from nl_rewrite.pipeline.trained_arm import (TrainedMaterials, check_trained_simulator, get_simulator, trained_arm,
                                              trained_conditions, trained_windows)
@@ -50,8 +50,7 @@ from nl_rewrite.coders.checkpoint import is_checkpoint
 from nl_rewrite.pipeline.run_context import (Context, coder_site, load_run_coder, windows_for, heldout_windows,
                                              window_strings, result_options, code_version)
 from nl_rewrite.pipeline.pool_arm import PoolArm, llm_stage, output_mass, pool_conditions
-from nl_rewrite.pipeline.detail import Diagnostics
-from nl_rewrite.pipeline.main_arm import arm_digest, diagnose, lexical_stage, main_conditions
+from nl_rewrite.pipeline.main_arm import arm_digest, diagnose, lexical_stage, main_conditions, main_planned
 
 
 CONFIG_FILE = "config.toml"
@@ -209,8 +208,10 @@ def run_fingerprints(ctx: Context, eval_windows: TokenWindows, arms: dict[int, L
     # the trained simulator's options key only its own block (adding it to a finished run evaluates nothing else)
     run_options = {k: v for k, v in result_options(ctx.cfg).items() if not k.startswith("trained")}
     base_fp = [run_options, eval_windows.fingerprint(), ctx.cache.meta.coder_fingerprint, code_version()]
+    # the conditions' names too: a run made before a condition was added to the block is evaluated again
     main_fp = json.dumps(base_fp + [LexicalSimulator().identity, LEXICAL_CALIBRATION,
-                                    {b: arm_digest(a) for b, a in arms.items()}], default=str)
+                                    {b: arm_digest(a) for b, a in arms.items()},
+                                    [p.name for p in main_planned(ctx.cfg)]], default=str)
     return base_fp, main_fp
 
 

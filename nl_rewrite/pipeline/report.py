@@ -23,10 +23,9 @@ from nl_rewrite.evaluation.recovery import Recovered, Recovery, format_p, gaps, 
 from nl_rewrite.interp.explain import Explanation
 from nl_rewrite.pipeline.answer import answer_lines
 from nl_rewrite.pipeline.conditions import ConditionInfo
-from nl_rewrite.pipeline.detail import Diagnostics
 from nl_rewrite.pipeline.experiment import Artifacts
 from nl_rewrite.pipeline.report_plots import PLOTS
-from nl_rewrite.pipeline.results import (RESULTS_FILE, SCHEMA, ZERO_LATENTS, ConditionBlock, LatentRow,
+from nl_rewrite.pipeline.results import (RESULTS_FILE, SCHEMA, ZERO_LATENTS, ConditionBlock, Diagnostics, LatentRow,
                                          LexicalSummary, ModeResults, PoolChoice, PoolRun, RunResults, RunSettings,
                                          SimulationScores, TrainedRun, write_results)
 

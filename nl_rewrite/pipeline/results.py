@@ -48,7 +48,6 @@ from nl_rewrite.evaluation.generate import Generation
 from nl_rewrite.evaluation.recovery import Gap, Recovery
 from nl_rewrite.interp.simulation_store import SimulationQuality
 from nl_rewrite.pipeline.conditions import ConditionInfo
-from nl_rewrite.pipeline.detail import Diagnostics
 from nl_rewrite.typed_json import adapter, validated
 
 SCHEMA = "nl_rewrite.run/2"
@@ -164,6 +163,43 @@ class LatentRow:
     detection_balanced_accuracy: float | None
     detection_auroc: float | None
     simulation: dict[str, SimulationScores]
+
+
+@dataclass(frozen=True)
+class FiringErrors:
+    """How a simulation's firing pattern (after TopK) differs from the latents' true one."""
+
+    false_positive_rate: float
+    """Of the simulated firings, the share where the latent does not truly fire."""
+    false_negative_rate: float
+    """Of the true firings, the share the simulation misses."""
+
+    @classmethod
+    def of(cls, counts) -> FiringErrors:
+        """From (simulated firings, false positives, true firings, misses)."""
+        fires, false_positives, truly, misses = (int(c) for c in counts)
+        return cls(false_positives / max(fires, 1), misses / max(truly, 1))
+
+
+@dataclass(frozen=True)
+class NeedsWork:
+    """A latent whose simulation errors cost the most at the coder's output, with its explanation."""
+
+    latent: int
+    estimated_share: float
+    """Its share of the summed estimated cost of every latent (squared error × squared decoder-row norm)."""
+    explanation: str
+
+
+@dataclass(frozen=True)
+class Diagnostics:
+    """Where a simulation of every latent loses the gap, beside its swap conditions' recovery."""
+
+    condition: str
+    """The diagnosed condition (the run's headline lexical arm)."""
+    firing: FiringErrors
+    needs_work: list[NeedsWork]
+    """The explanations that most need work, the costliest first."""
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,8 @@ from nl_rewrite.replacements.simulated import NLSimulatorReplacement
 
 Swap = Literal["simulated_firing", "true_firing"]
 SWAPS: tuple[Swap, ...] = get_args(Swap)
+SWAP_PREFIX = "swap_"
+"""A swap's condition in a run is named ``swap_<part kept>``: ``swap_simulated_firing``, ``swap_true_firing``."""
 
 
 def firing(values: Float[Tensor, "... n_latents"], k: int) -> Bool[Tensor, "... n_latents"]:
@@ -40,7 +42,7 @@ def swapped(simulated: Float[Tensor, "... n_latents"], true: Float[Tensor, "... 
     if simulated.shape != true.shape:
         raise ValueError(f"simulated values {tuple(simulated.shape)} and true values {tuple(true.shape)} differ")
     fires = firing(simulated, k) if keep == "simulated_firing" else true > 0
-    return torch.where(fires, true if keep == "simulated_firing" else simulated, torch.zeros((), dtype=true.dtype))
+    return torch.where(fires, true if keep == "simulated_firing" else simulated, true.new_zeros(()))
 
 
 class SwapReplacement(CoderReplacement):
