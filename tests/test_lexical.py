@@ -9,6 +9,7 @@ from nl_rewrite.interp.lexical import (LexicalItem, LexicalSimulator, candidate_
                                 parse_explanation, read_scores, write_explanation)
 from nl_rewrite.interp.simulate import SimulationItem
 from nl_rewrite.coders.sparse_coder import CoderConfig, SparseCoder
+from helpers import SyntheticCache, VOCAB
 
 
 def test_reader_recovers_exact_strengths_from_a_hand_written_explanation():
@@ -46,7 +47,8 @@ def test_reading_all_windows_at_once_equals_reading_them_one_by_one():
     windows = [[vocab[i] for i in torch.randint(0, 6, (9,), generator=gen)] for _ in range(5)]
     texts = {0: 'Fires on " tax" (9); weakly on " duty" (2). After " the" (4), "\\n" (3).',
              3: write_explanation([LexicalItem('say "hi"', 5), LexicalItem("x", 2, True), LexicalItem(" never", 7)]),
-             7: "no items at all", 8: "Fires on no particular token."}
+             7: "no items at all", 8: "Fires on no particular token.",
+             9: write_explanation([LexicalItem(" tax", 4), LexicalItem(" the", 2, True)], start=8)}
     sim = LexicalSimulator()
     at_once = sim.simulate_windows(texts, windows)
     for latent, text in texts.items():
@@ -70,7 +72,7 @@ def tiny_cache(tiny, tmp_path_factory):
 
 def test_explainer_picks_the_token_explaining_most_squared_activation(tiny_cache):
     ids = list(range(len(tiny_cache)))
-    cands = candidate_items(tiny_cache, ids, max_per_latent=6)
+    cands = candidate_items(tiny_cache, ids, max_per_latent=6, first_position=0)
     rows = tiny_cache.rows(ids)
     tokens = tiny_cache.tokens
     latent = int(torch.mode(rows["latent_ids"]).values)
@@ -94,27 +96,33 @@ def test_explanations_respect_the_budget_and_parse_cleanly(tiny_cache):
             if int(tiny_cache.stats.count[latent]) == 0:
                 assert text == "Fires on no particular token." and not parsed.current
                 continue
-            assert 1 <= len(parsed.current) + len(parsed.previous) <= budget
-            assert max([*parsed.current.values(), *parsed.previous.values()]) == 9
+            assert 1 <= len(parsed.current) + len(parsed.previous) + bool(parsed.start) <= budget
+            assert max([*parsed.current.values(), *parsed.previous.values(), parsed.start]) == 9
 
 
-@pytest.mark.parametrize("chunk", [4_000_000, 7])
-def test_previous_token_items_measure_what_the_current_token_table_leaves(tiny_cache, chunk, monkeypatch):
+@pytest.mark.parametrize("chunk, first", [(4_000_000, 0), (7, 0), (4_000_000, 1)])
+def test_previous_token_items_measure_what_the_current_token_table_leaves(tiny_cache, chunk, first, monkeypatch):
     """Brute force on dense activations: mean over positions after token u of (act − E[act | current token]).
-    A tiny join chunk exercises the chunked path."""
+    A tiny join chunk exercises the chunked path. With start items (``first`` 1) the current-token table and both
+    means leave out the first token, whose mean per latent is the start item's."""
     import nl_rewrite.interp.lexical as lexical
 
     monkeypatch.setattr(lexical, "JOIN_CHUNK", chunk)
     ids = list(range(len(tiny_cache)))
-    cands = candidate_items(tiny_cache, ids, max_per_latent=10_000)
+    cands = candidate_items(tiny_cache, ids, max_per_latent=10_000, first_position=first)
     dense = tiny_cache.dense_windows(ids)  # [n, pos, latents]
     tokens = tiny_cache.tokens
     vocab = int(tokens.max()) + 1
-    flat_tok, flat_act = tokens.reshape(-1), dense.reshape(-1, dense.shape[-1]).double()
+    flat_tok, flat_act = tokens[:, first:].reshape(-1), dense[:, first:].reshape(-1, dense.shape[-1]).double()
     counts = torch.bincount(flat_tok, minlength=vocab).double()
     cur_mean = torch.zeros(vocab, dense.shape[-1], dtype=torch.float64).index_add_(0, flat_tok, flat_act) / \
         counts.clamp_min(1)[:, None]
     resid = dense.double() - cur_mean[tokens]  # [n, pos, latents]
+    if first:  # the start item: what the current-token means leave on the first token
+        assert torch.allclose(cands.start.double(), resid[:, 0].mean(0).clamp_min(0), atol=1e-5)
+        assert cands.windows == len(ids) and (cands.start > 0).any()
+    else:
+        assert cands.start is None
     prev, after = tokens[:, :-1].reshape(-1), resid[:, 1:].reshape(-1, dense.shape[-1])
     prev_counts = torch.bincount(prev, minlength=vocab).double()
     prev_mean = torch.zeros(vocab, dense.shape[-1], dtype=torch.float64).index_add_(0, prev, after) / \
@@ -128,3 +136,55 @@ def test_previous_token_items_measure_what_the_current_token_table_leaves(tiny_c
         lat, tok = int(cands.latent[i]), int(cands.token[i])
         assert float(cands.mean[i]) == pytest.approx(float(cur_mean[tok, lat]), abs=1e-4)
     assert checked > 0
+
+
+def test_the_start_item_round_trips_and_adds_its_strength_on_the_first_token():
+    text = write_explanation([LexicalItem(" tax", 9), LexicalItem(" the", 4, True)], start=6)
+    assert text.startswith("At the start of the text (6). Fires on")
+    parsed = parse_explanation(text)
+    assert (parsed.start, parsed.current, parsed.previous, parsed.problems) == (6, {" tax": 9}, {" the": 4}, ())
+    assert read_scores(parsed, [" tax", " the", " tax"]).tolist() == [9 + 6, 0, 4 + 9]
+    assert parse_explanation("at the start of the text (3).").start == 3 and not parse_explanation("x").start
+    assert parse_explanation('Fires on " tax" (2).').start == 0, "without the item the first token reads as before"
+
+
+def first_token_cache(n: int = 200, pos: int = 8) -> SyntheticCache:
+    """Latent 0 fires (6.0) on every window's first token, whatever it is; latent 1 fires (3.0) on VOCAB[2]
+    anywhere, the first token included; latent 2 fires (1.0) on VOCAB[3] and (0.5) on the first token, whatever it
+    is."""
+    tokens = torch.randint(1, len(VOCAB), (n, pos), generator=torch.Generator().manual_seed(5))
+    values = torch.zeros(n, pos, 3)
+    values[:, 0, 0] = 6.0
+    values[..., 1] = 3.0 * (tokens == 2)
+    values[..., 2] = 1.0 * (tokens == 3)
+    values[:, 0, 2] = 0.5
+    return SyntheticCache(tokens, values)
+
+
+def test_a_first_token_latent_gets_one_start_item_and_reads_back_exactly():
+    cache = first_token_cache()
+    texts = lexical_explanations(cache, range(len(cache)), 12)
+    assert texts[0] == "At the start of the text (9).", texts[0]
+    assert parse_explanation(texts[1]).start == 0 and parse_explanation(texts[1]).current == {VOCAB[2]: 9}, texts[1]
+    windows = [cache.token_strings(row.tolist()) for row in cache.tokens]
+    read = LexicalSimulator().simulate_windows(texts, windows)
+    assert torch.equal(read[0] > 0, cache.values[..., 0] > 0)
+    # latent 1's token item still covers the first token: the first token is no start item of its own
+    assert torch.equal(read[1] > 0, cache.values[..., 1] > 0)
+    # latent 2's start item states what its token item leaves on the first token: 0.5 there, less the 1.0 its
+    # token item predicts where the first token is VOCAB[3]. It competes for the budget by its gain (200·residual²,
+    # against the token item's n·1²), so with one item latent 2 keeps only its token
+    first_is_3 = float((cache.tokens[:, 0] == 3).float().mean())
+    residual = 0.5 - first_is_3
+    assert candidate_items(cache, range(len(cache))).start[2] == pytest.approx(residual)
+    assert parse_explanation(lexical_explanations(cache, range(len(cache)), 1)[2]).start == 0
+    assert parse_explanation(lexical_explanations(cache, range(len(cache)), 2)[2]).start == round(9 * residual)
+
+
+def test_without_start_items_the_first_token_is_counted_in_the_token_items():
+    cache = first_token_cache()
+    old = lexical_explanations(cache, range(len(cache)), 12, candidate_items(cache, range(len(cache)),
+                                                                          first_position=0))
+    assert "start" not in old[0] and parse_explanation(old[0]).current, old[0]
+    with pytest.raises(ValueError, match="first_position"):
+        candidate_items(cache, range(len(cache)), first_position=2)

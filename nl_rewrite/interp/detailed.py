@@ -135,7 +135,9 @@ def candidates(cache: TokenActivations, window_ids: Sequence[int]) -> Items:
     """Every kind of candidate item of every latent, from ``window_ids`` of the cache."""
     toks = cache.tokens[torch.as_tensor(list(window_ids), dtype=torch.long)].long()
     counts = torch.bincount(toks.reshape(-1), minlength=int(cache.tokens.max()) + 1)
-    plain = _from_lexical(candidate_items(cache, window_ids, max_per_latent=PLAIN_PER_LATENT), counts)
+    # no start items here yet: the first token's statistics stay in the token items
+    plain = _from_lexical(candidate_items(cache, window_ids, max_per_latent=PLAIN_PER_LATENT, first_position=0),
+                          counts)
     return Items.cat([plain, pair_items(cache, window_ids, plain)])
 
 

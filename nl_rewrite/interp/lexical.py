@@ -14,6 +14,14 @@ Token strings are JSON-quoted, so any token (quotes, newlines, spaces) round-tri
 The language also has *pair items*, which :mod:`.detailed` writes: ``On " rate" after " tax" (7).`` states the
 strength on " rate" right after " tax", and an exception ``Not on " tax" after " the".`` states 0 there.
 
+And a *start item*: ``At the start of the text (9).`` adds its strength on the text's first token, whatever that
+token is (as a previous-token item adds to the current token's). The first token of a window has no context, and
+some latents fire on it far above anything else (at SmolLM2's MLP 10, 31 latents fire on the first token of more
+than half the windows, up to 17 where they reach 1-2 elsewhere; docs/results.md): without this item their
+explanations list the rare words that happened to start windows. With ``first_position=1`` (the default),
+:func:`candidate_items` counts token statistics from the second token on, and a latent's start item states what
+they leave unexplained on the first.
+
 The reader (:class:`LexicalSimulator`) parses only the text, never the cache, and predicts per token the strength
 of its pair item where the token before matches one, else the strength of the current token's item plus that of
 the previous token's item; calibrators map that score to an activation, exactly as for the LLM simulator. It has the LLM simulator's interface (``identity``, ``stats``,
@@ -39,18 +47,21 @@ from nl_rewrite.interp.simulate import SimulationItem, SimulatorStats
 
 log = logging.getLogger(__name__)
 
-LEXICAL_VERSION = 1
-"""Pair items and exceptions extend the language; a text without them reads exactly as before, so results cached
-under this version stay valid."""
+LEXICAL_VERSION = 2
+"""2: the start item. Pair items, exceptions and the start item extend the language; a text without them reads
+exactly as before."""
 DEFAULT_BUDGET = 12
 """Items per explanation: the headline lexical condition's, and so what the trained simulator learns to read."""
 WEAK_BELOW = 3
 """Items with strength below this are listed after "weakly on"."""
 _STRING = r'"(?:[^"\\]|\\.)*"'
+START = "At the start of the text"
+"""The start item's words, followed by its strength in parentheses."""
 _ITEM = re.compile(rf'({_STRING})\s+after\s+({_STRING})(?:\s*\((\d+)\))?|({_STRING})\s*\((\d+)\)|\b([Aa]fter)\b'
-                   r'|\b(Fires|On|Not on)\b')
-"""A pair item (``"x" after "y" (s)``, or without a strength: an exception), a plain item (``"x" (s)``), or a
-section word: plain items after ``After`` fire on the next token; ``Fires``, ``On`` and ``Not on`` switch back."""
+                   rf'|\b(Fires|On|Not on)\b|\b[Aa]{START[1:]}\s*\((\d+)\)')
+"""A pair item (``"x" after "y" (s)``, or without a strength: an exception), a plain item (``"x" (s)``), a
+section word (plain items after ``After`` fire on the next token; ``Fires``, ``On`` and ``Not on`` switch back), or
+the start item."""
 
 
 @dataclass(frozen=True)
@@ -71,10 +82,12 @@ class ParsedExplanation:
     problems: tuple[str, ...] = ()
     pairs: dict[tuple[str, str], int] = field(default_factory=dict)
     """(token before, token) → strength; it overrides ``current`` and ``previous`` at those positions."""
+    start: int = 0
+    """The start item's strength, added on the text's first token (0: no start item)."""
 
     @property
     def empty(self) -> bool:
-        return not (self.current or self.previous or self.pairs)
+        return not (self.current or self.previous or self.pairs or self.start)
 
 
 # Module-level, not nested in write_explanation: the test session's type-check hook decorates a nested def each time
@@ -89,11 +102,12 @@ def _listed(group: list[LexicalItem]) -> str:
                      + (f" ({i.strength})" if i.strength else "") for i in group)
 
 
-def write_explanation(items: Sequence[LexicalItem]) -> str:
-    """The English sentence for ``items`` (order kept within each group)::
+def write_explanation(items: Sequence[LexicalItem], start: int = 0) -> str:
+    """The English sentence for ``items`` (order kept within each group) and a start item of strength ``start``
+    (none if 0)::
 
-        Fires on " tax" (9); weakly on " duty" (2). On " rate" after " tax" (7). Not on " tax" after " the".
-        After " income" (3).
+        At the start of the text (9). Fires on " tax" (9); weakly on " duty" (2). On " rate" after " tax" (7).
+        Not on " tax" after " the". After " income" (3).
     """
     plain = [i for i in items if not i.previous and i.before is None]
     strong = [i for i in plain if i.strength >= WEAK_BELOW]
@@ -101,7 +115,7 @@ def write_explanation(items: Sequence[LexicalItem]) -> str:
     pairs = [i for i in items if i.before is not None and i.strength > 0]
     exceptions = [i for i in items if i.before is not None and i.strength == 0]
     after = [i for i in items if i.previous and i.before is None]
-    parts = []
+    parts = [f"{START} ({start})."] if start else []
     if strong:
         parts.append(f"Fires on {_listed(strong)}" + (f"; weakly on {_listed(weak)}" if weak else "") + ".")
     elif weak:
@@ -137,10 +151,12 @@ def parse_explanation(text: str) -> ParsedExplanation:
     previous: dict[str, int] = {}
     pairs: dict[tuple[str, str], int] = {}
     problems: list[str] = []
-    table = current
+    table, start = current, 0
     for match in _ITEM.finditer(text):
-        pair_token, before, pair_strength, token, strength, after, other = match.groups()
-        if after or other:
+        pair_token, before, pair_strength, token, strength, after, other, start_strength = match.groups()
+        if start_strength is not None:
+            start = max(start, _strength(start_strength, START, problems))
+        elif after or other:
             table = previous if after else current
         elif pair_token is not None:
             x, y = _token(pair_token, problems), _token(before, problems)
@@ -148,9 +164,9 @@ def parse_explanation(text: str) -> ParsedExplanation:
                 pairs[(y, x)] = _strength(pair_strength, x, problems) if pair_strength else 0
         elif (t := _token(token, problems)) is not None:
             table[t] = max(table.get(t, 0), _strength(strength, t, problems))
-    if not (current or previous or pairs) and "no particular token" not in text:
+    if not (current or previous or pairs or start) and "no particular token" not in text:
         problems.append("no '\"token\" (strength)' items found")
-    return ParsedExplanation(current, previous, tuple(problems), pairs)
+    return ParsedExplanation(current, previous, tuple(problems), pairs, start)
 
 
 def explanation_problems(texts: dict[int, str]) -> tuple[int, int]:
@@ -162,7 +178,8 @@ def explanation_problems(texts: dict[int, str]) -> tuple[int, int]:
 
 def read_scores(parsed: ParsedExplanation, tokens: Sequence[str]) -> Float[Tensor, " pos"]:
     """Per token: its pair item's strength where the token before matches one; else strength of its own item +
-    strength of the previous token's item (0 where none). The first token has no token before it."""
+    strength of the previous token's item (0 where none). The first token has no token before it; the start item's
+    strength is added to it."""
     # a loop, not a helper function: under the tests' runtime type checks a nested function is decorated anew on
     # every call, which made this the plumbing run's most expensive line
     scores = []
@@ -172,6 +189,8 @@ def read_scores(parsed: ParsedExplanation, tokens: Sequence[str]) -> Float[Tenso
             scores.append(parsed.pairs[pair])
         else:
             scores.append(parsed.current.get(t, 0) + (parsed.previous.get(tokens[i - 1], 0) if i else 0))
+    if scores:
+        scores[0] += parsed.start
     return torch.tensor(scores, dtype=torch.float32)
 
 
@@ -234,6 +253,8 @@ class LexicalSimulator:
             for (y, x), strength in parsed.pairs.items():
                 if x in vocabulary and y in vocabulary:
                     scores[(ids == vocabulary[x]) & (before == vocabulary[y])] = float(strength)
+            if parsed.start and scores.shape[1]:
+                scores[:, 0] += float(parsed.start)
             out[latent] = scores
         self.stats.windows += len(windows) * len(explanations)
         self.stats.predictions += ids.numel() * len(explanations)
@@ -277,6 +298,12 @@ class Candidates:
     """bool [c]: a previous-token item."""
     mean: Float[Tensor, " c"]
     gain: Float[Tensor, " c"]
+    start: Float[Tensor, " n_latents"] | None = None
+    """Each latent's start item: its mean activation on the windows' first token beyond what its current-token items
+    predict there, 0 where not positive (None: no start items; the first token's statistics are then in the token
+    items)."""
+    windows: int = 0
+    """Statistics windows: the start item's number of occurrences."""
 
 
 def _grouped_sums(keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
@@ -285,22 +312,34 @@ def _grouped_sums(keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def candidate_items(cache: TokenActivations, window_ids: Sequence[int], max_per_latent: int = 64,
-                    min_count: int = 1) -> Candidates:
+                    min_count: int = 1, first_position: int = 1) -> Candidates:
     """Current- and previous-token candidate items of every latent, from ``window_ids`` of the cache.
     A token seen fewer than ``min_count`` times is no candidate. (2 instead of 1 lowered held-out Pearson
-    slightly, 0.441 vs 0.452, on SmolLM2's MLP 10, so single occurrences are kept by default.)"""
+    slightly, 0.441 vs 0.452, on SmolLM2's MLP 10, so single occurrences are kept by default.) With
+    ``first_position=1`` (the default) token items are counted from the second token on, and ``start`` holds what
+    they leave unexplained on the first; with 0, the language before start items."""
+    if first_position not in (0, 1):
+        raise ValueError(f"first_position is 0 (token items everywhere) or 1 (start items), got {first_position}")
     rows = cache.rows(window_ids)
     tokens = cache.tokens.long()
     vocab = int(tokens.max()) + 1
     chosen = torch.as_tensor(list(window_ids), dtype=torch.long)
     toks = tokens[chosen]
-    n_cur = torch.bincount(toks.reshape(-1), minlength=vocab).double()
+    n_cur = torch.bincount(toks[:, first_position:].reshape(-1), minlength=vocab).double()
     n_prev = torch.bincount(toks[:, :-1].reshape(-1), minlength=vocab).double()
     w, p, lat, val = rows["window_ids"].long(), rows["positions"].long(), rows["latent_ids"].long(), rows["values"]
+    first = p < first_position
+    on_first = torch.zeros(cache.n_latents, dtype=torch.float64).index_add_(0, lat[first], val[first].double())
+    w, p, lat, val = w[~first], p[~first], lat[~first], val[~first]
     cur = tokens[w, p]
     keys, sums = _grouped_sums(lat * vocab + cur, val)
     c_lat, c_tok = keys // vocab, keys % vocab
     c_mean = sums / n_cur[c_tok]
+    start = None
+    if first_position:  # what the current-token items leave unexplained on the first token
+        n_first = torch.bincount(toks[:, 0], minlength=vocab).double()
+        expected = torch.zeros(cache.n_latents, dtype=torch.float64).index_add_(0, c_lat, n_first[c_tok] * c_mean)
+        start = ((on_first - expected) / max(len(chosen), 1)).clamp_min(0).float()
     # previous-token items explain what is left after the current-token table
     has_prev = p > 0
     prev_tok = tokens[w[has_prev], p[has_prev] - 1]
@@ -316,7 +355,8 @@ def candidate_items(cache: TokenActivations, window_ids: Sequence[int], max_per_
     previous = torch.cat([torch.zeros(len(c_lat), dtype=torch.bool), torch.ones(int(keep.sum()), dtype=torch.bool)])
     mean = torch.cat([c_mean, p_mean[keep]])
     gain = torch.cat([n_cur[c_tok] * c_mean ** 2, n_prev[p_tok][keep] * p_mean[keep] ** 2])
-    return _top_per_latent(Candidates(latent, token, previous, mean.float(), gain.float()), max_per_latent)
+    return _top_per_latent(Candidates(latent, token, previous, mean.float(), gain.float(), start, len(chosen)),
+                           max_per_latent)
 
 
 def _expected_by_previous(c_lat: Tensor, c_tok: Tensor, c_mean: Tensor, toks: Tensor, vocab: int,
@@ -370,21 +410,31 @@ def top_per_latent(latent: Int[Tensor, " c"], gain: Float[Tensor, " c"], limit: 
 
 def _top_per_latent(c: Candidates, limit: int) -> Candidates:
     keep = top_per_latent(c.latent, c.gain, limit)
-    return Candidates(c.latent[keep], c.token[keep], c.previous[keep], c.mean[keep], c.gain[keep])
+    return Candidates(c.latent[keep], c.token[keep], c.previous[keep], c.mean[keep], c.gain[keep], c.start, c.windows)
 
 
 def lexical_explanations(cache: TokenActivations, window_ids: Sequence[int], budget: int,
                          candidates: Candidates | None = None) -> dict[int, str]:
     """latent → explanation with at most ``budget`` items, for *every* latent: one that never fires in
-    ``window_ids`` is explained as firing on no particular token (simulated as silence, never left true)."""
+    ``window_ids`` is explained as firing on no particular token (simulated as silence, never left true). With start
+    items (``candidates.start``), a latent's start item competes for the budget by the same gain (occurrences ×
+    mean²) as its token items."""
     c = candidates if candidates is not None else candidate_items(cache, window_ids, max_per_latent=budget)
     strings = cache.token_strings(list(range(int(c.token.max()) + 1))) if len(c.token) else []
     out: dict[int, str] = {lat: write_explanation([]) for lat in range(cache.n_latents)}
-    bounds = torch.searchsorted(c.latent, torch.unique(c.latent), right=False).tolist() + [len(c.latent)]
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        hi = min(hi, lo + budget)
-        scale = float(c.mean[lo:hi].max())
+    ids, counts = torch.unique_consecutive(c.latent, return_counts=True)  # candidates are sorted by latent
+    ends = torch.cumsum(counts, 0)
+    ranges = {int(lat): (int(end - n), int(end)) for lat, n, end in zip(ids, counts, ends)}
+    start = c.start if c.start is not None else torch.zeros(cache.n_latents)
+    for latent in sorted(set(ranges) | set(torch.nonzero(start > 0).flatten().tolist())):
+        lo, hi = ranges.get(latent, (0, 0))
+        s = float(start[latent])
+        # the start item takes the place of the token items of smaller gain (theirs are sorted, largest first)
+        with_start = s > 0 and int((c.gain[lo:hi] > c.windows * s ** 2).sum()) < budget
+        hi = min(hi, lo + budget - int(with_start))
+        scale = max(c.mean[lo:hi].tolist() + ([s] if with_start else []))
         items = [LexicalItem(strings[int(t)], int(round(9 * float(m) / scale)), bool(prev))
                  for t, m, prev in zip(c.token[lo:hi], c.mean[lo:hi], c.previous[lo:hi])]
-        out[int(c.latent[lo])] = write_explanation([i for i in items if i.strength >= 1])
+        out[latent] = write_explanation([i for i in items if i.strength >= 1],
+                                        int(round(9 * s / scale)) if with_start else 0)
     return out
