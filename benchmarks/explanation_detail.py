@@ -5,8 +5,8 @@ On the default run's layer and coder (trained first if absent) and its eval wind
 - explain-split statistics from ``--stat-windows`` windows (plus the run's held-out calibration windows, whose
   activations calibrate every arm per latent, isotonic, as in the run); ``--sizes`` repeat the 12-item and the
   headline detailed arm on fewer statistics windows, to show what data buys;
-- arms ``items<B>`` (the old language, at most B items) and ``chars<C>`` (the detailed language, C characters on
-  average across latents, spent where the output cost is largest);
+- arms ``items<B>`` (the default run's language, at most B items) and ``chars<C>`` (the detailed language, C
+  characters on average across latents, spent where the output cost is largest);
 - ceilings: the unlimited current-token and (previous, current)-token lookups on the same statistics;
 - the explanations that most need work: the headline arm's latents ranked by estimated output cost (squared error
   × squared decoder-row norm), the top ``--worst`` listed with their explanations, the top ``--check`` of them
@@ -95,7 +95,8 @@ def plot(path: Path, arms: dict, ceilings: dict) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, metric in zip(axes, ("kl", "ce")):
-        for prefix, label in (("items", "items (old language)"), ("chars", "detailed (pairs, global budget)")):
+        for prefix, label in (("items", "items per latent (plain, previous-token, start)"),
+                              ("chars", "detailed (also pairs; one global budget)")):
             pts = sorted((a["mean_chars"], a[f"recovered_{metric}"]) for name, a in arms.items()
                          if name.startswith(prefix) and "_n" not in name and isinstance(a[f"recovered_{metric}"], list))
             if pts:

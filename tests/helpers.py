@@ -234,6 +234,21 @@ def synthetic(n: int = 300, pos: int = 16, seed: int = 0) -> SyntheticCache:
     return SyntheticCache(tokens, values)
 
 
+def first_token_cache(n: int = 200, pos: int = 8) -> SyntheticCache:
+    """Latent 0 fires (6.0) on every window's first token, whatever it is; latent 1 fires (3.0) on VOCAB[2]
+    anywhere, the first token included; latent 2 fires (1.0) on VOCAB[3] and (0.5) on the first token, whatever it
+    is; latent 3 fires (0.3) on VOCAB[1], VOCAB[2] and VOCAB[4], and (2.0) on the first token."""
+    tokens = torch.randint(1, len(VOCAB), (n, pos), generator=torch.Generator().manual_seed(5))
+    values = torch.zeros(n, pos, 4)
+    values[..., 3] = 0.3 * ((tokens == 1) | (tokens == 2) | (tokens == 4))
+    values[:, 0, 3] = 2.0
+    values[:, 0, 0] = 6.0
+    values[..., 1] = 3.0 * (tokens == 2)
+    values[..., 2] = 1.0 * (tokens == 3)
+    values[:, 0, 2] = 0.5
+    return SyntheticCache(tokens, values)
+
+
 # ---- whole runs in child processes that may be killed -9 -------------------------------------------------------
 
 PRELOADED = ("torch", "transformer_lens", "transformer_lens.model_bridge", "transformers",

@@ -6,7 +6,7 @@ import torch
 from nl_rewrite.interp import detailed
 from nl_rewrite.interp.lexical import LexicalItem, LexicalSimulator, parse_explanation, write_explanation
 
-from helpers import INCOME, RATE, TAX, SyntheticCache, synthetic
+from helpers import INCOME, RATE, TAX, SyntheticCache, first_token_cache, synthetic
 
 def read_back(cache: SyntheticCache, texts: dict[int, str]) -> dict[int, torch.Tensor]:
     windows = [cache.token_strings(w.tolist()) for w in cache.tokens]
@@ -72,8 +72,8 @@ def test_pair_means_shrink_towards_the_token_mean_and_rare_pairs_are_no_candidat
     pairs = items.take(torch.nonzero((items.kind == detailed.PAIR) & (items.latent == 0)).flatten())
     assert (pairs.count >= detailed.MIN_PAIR_COUNT).all()
     i = int(torch.nonzero((pairs.token == TAX) & (pairs.before == INCOME)).flatten()[0])
-    tax = cache.tokens == TAX
-    m_token = float(cache.values[..., 0][tax].mean())
+    tax = cache.tokens[:, 1:] == TAX  # the token's mean from the second token on (the first is the start item's)
+    m_token = float(cache.values[:, 1:, 0][tax].mean())
     n = float(pairs.count[i])
     assert float(pairs.mean[i]) == pytest.approx((5.0 * n + detailed.PAIR_PRIOR * m_token) / (n + detailed.PAIR_PRIOR),
                                                  rel=1e-5)
@@ -94,3 +94,13 @@ def test_the_exception_join_gives_the_same_keys_in_small_chunks(monkeypatch):
     chunked = detailed.candidates(cache, range(len(cache)))
     assert torch.equal(whole.latent, chunked.latent) and torch.equal(whole.before, chunked.before)
     assert torch.equal(whole.mean, chunked.mean)
+
+
+def test_a_first_token_latent_gets_a_start_item_in_the_detailed_language_too():
+    cache = first_token_cache()
+    texts = detailed.detailed_explanations(cache, range(len(cache)), 60, torch.ones(cache.n_latents))
+    assert texts[0] == "At the start of the text (9).", texts[0]
+    assert not parse_explanation(texts[1]).start and parse_explanation(texts[1]).current, texts[1]
+    assert torch.equal(read_back(cache, texts)[0] > 0, cache.values[..., 0] > 0)
+    chars = detailed.item_chars(detailed.candidates(cache, range(len(cache))), cache.token_strings(range(8)))
+    assert len(chars) and (chars > 0).all()

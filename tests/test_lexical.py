@@ -6,10 +6,10 @@ import torch
 from nl_rewrite.data.windows import TokenWindows
 from nl_rewrite.latents.cache import LatentCache
 from nl_rewrite.interp.lexical import (LexicalItem, LexicalSimulator, candidate_items, lexical_explanations,
-                                parse_explanation, read_scores, write_explanation)
+                                parse_explanation, read_scores, start_mean, write_explanation)
 from nl_rewrite.interp.simulate import SimulationItem
 from nl_rewrite.coders.sparse_coder import CoderConfig, SparseCoder
-from helpers import SyntheticCache, VOCAB
+from helpers import VOCAB, first_token_cache
 
 
 def test_reader_recovers_exact_strengths_from_a_hand_written_explanation():
@@ -118,11 +118,17 @@ def test_previous_token_items_measure_what_the_current_token_table_leaves(tiny_c
     cur_mean = torch.zeros(vocab, dense.shape[-1], dtype=torch.float64).index_add_(0, flat_tok, flat_act) / \
         counts.clamp_min(1)[:, None]
     resid = dense.double() - cur_mean[tokens]  # [n, pos, latents]
-    if first:  # the start item: what the current-token means leave on the first token
-        assert torch.allclose(cands.start.double(), resid[:, 0].mean(0).clamp_min(0), atol=1e-5)
-        assert cands.windows == len(ids) and (cands.start > 0).any()
+    if first:  # the start item beside every current-token item: what their means leave on the first token
+        assert cands.windows == len(ids)
+        assert torch.allclose(cands.first_sum.double(), dense[:, 0].sum(0).double(), atol=1e-4)
+        for lat in range(dense.shape[-1]):
+            span = torch.nonzero(cands.latent == lat).flatten()
+            if len(span):
+                lo, hi = int(span[0]), int(span[-1]) + 1
+                assert start_mean(cands, lo, hi, lat) == pytest.approx(float(resid[:, 0, lat].mean().clamp_min(0)),
+                                                                      abs=1e-4)
     else:
-        assert cands.start is None
+        assert cands.first_sum is None and cands.first_count is None
     prev, after = tokens[:, :-1].reshape(-1), resid[:, 1:].reshape(-1, dense.shape[-1])
     prev_counts = torch.bincount(prev, minlength=vocab).double()
     prev_mean = torch.zeros(vocab, dense.shape[-1], dtype=torch.float64).index_add_(0, prev, after) / \
@@ -146,19 +152,9 @@ def test_the_start_item_round_trips_and_adds_its_strength_on_the_first_token():
     assert read_scores(parsed, [" tax", " the", " tax"]).tolist() == [9 + 6, 0, 4 + 9]
     assert parse_explanation("at the start of the text (3).").start == 3 and not parse_explanation("x").start
     assert parse_explanation('Fires on " tax" (2).').start == 0, "without the item the first token reads as before"
-
-
-def first_token_cache(n: int = 200, pos: int = 8) -> SyntheticCache:
-    """Latent 0 fires (6.0) on every window's first token, whatever it is; latent 1 fires (3.0) on VOCAB[2]
-    anywhere, the first token included; latent 2 fires (1.0) on VOCAB[3] and (0.5) on the first token, whatever it
-    is."""
-    tokens = torch.randint(1, len(VOCAB), (n, pos), generator=torch.Generator().manual_seed(5))
-    values = torch.zeros(n, pos, 3)
-    values[:, 0, 0] = 6.0
-    values[..., 1] = 3.0 * (tokens == 2)
-    values[..., 2] = 1.0 * (tokens == 3)
-    values[:, 0, 2] = 0.5
-    return SyntheticCache(tokens, values)
+    assert parse_explanation('AT  THE START\nOF THE TEXT (5). Fires on " x" (1).').start == 5
+    bare = parse_explanation('At the start of the text. Fires on " x" (1).')
+    assert bare.start == 0 and any("without a strength" in p for p in bare.problems)
 
 
 def test_a_first_token_latent_gets_one_start_item_and_reads_back_exactly():
@@ -176,9 +172,11 @@ def test_a_first_token_latent_gets_one_start_item_and_reads_back_exactly():
     # against the token item's n·1²), so with one item latent 2 keeps only its token
     first_is_3 = float((cache.tokens[:, 0] == 3).float().mean())
     residual = 0.5 - first_is_3
-    assert candidate_items(cache, range(len(cache))).start[2] == pytest.approx(residual)
     assert parse_explanation(lexical_explanations(cache, range(len(cache)), 1)[2]).start == 0
     assert parse_explanation(lexical_explanations(cache, range(len(cache)), 2)[2]).start == round(9 * residual)
+    # latent 3 fires weakly on three tokens and strongly on the first token: the start item displaces a token item
+    two = parse_explanation(lexical_explanations(cache, range(len(cache)), 2)[3])
+    assert two.start == 9 and len(two.current) == 1, two
 
 
 def test_without_start_items_the_first_token_is_counted_in_the_token_items():

@@ -6,7 +6,9 @@ the squared norm of its latent's decoder row, so an error is counted by what it 
 
 - a plain item ("fires on x") predicts the mean activation ``m(x)`` on x: it removes ``n(x)·m(x)²``;
 - a previous-token item, as in :func:`.lexical.candidate_items`;
-- a pair item ("x" after "y") predicts ``m(y, x)`` there instead of ``m(x)``: it removes ``n(y, x)·(m(y, x) − m(x))²``.
+- a pair item ("x" after "y") predicts ``m(y, x)`` there instead of ``m(x)``: it removes ``n(y, x)·(m(y, x) − m(x))²``;
+- a start item ("at the start of the text") adds what the plain items leave on the first token, as in
+  :func:`.lexical.candidate_items` (token statistics count from the second token on).
   ``m(y, x)`` is shrunk towards ``m(x)`` by ``PAIR_PRIOR`` pseudo-counts, so a pair seen twice says less than one
   seen twenty times. A pair whose mean rounds to strength 0 is an exception ("not on x after y").
 
@@ -42,8 +44,11 @@ MAX_FITS = 8
 SENTENCE_CHARS = 14
 """Estimated characters of sentence words per latent with items ("Fires on", "On", full stops)."""
 
-PLAIN, AFTER, PAIR = 0, 1, 2
-"""Item kinds: fires on the token; fires on the token after it; fires on the token right after ``before``."""
+PLAIN, AFTER, PAIR, START = 0, 1, 2, 3
+"""Item kinds: fires on the token; fires on the token after it; fires on the token right after ``before``; fires on
+the text's first token (its ``token`` and ``before`` are -1)."""
+START_CHARS = len(write_explanation([], start=9)) + 1
+"""Characters a start item adds (its sentence and a space)."""
 
 
 @dataclass(frozen=True)
@@ -57,7 +62,7 @@ class Items:
     before: Int[Tensor, " c"]
     """The pair's preceding token id (-1 for the other kinds)."""
     kind: Int[Tensor, " c"]
-    """PLAIN, AFTER or PAIR."""
+    """PLAIN, AFTER, PAIR or START."""
     mean: Float[Tensor, " c"]
     """The value the item would state: a pair's shrunk mean; a plain or previous-token item's mean."""
     gain: Float[Tensor, " c"]
@@ -99,9 +104,12 @@ def pair_items(cache: TokenActivations, window_ids: Sequence[int], plain: Items,
     vocab = int(tokens.max()) + 1
     toks = tokens[torch.as_tensor(list(window_ids), dtype=torch.long)]
     bigrams, bigram_counts = torch.unique(toks[:, :-1] * vocab + toks[:, 1:], return_counts=True)
-    n_cur = torch.bincount(toks.reshape(-1), minlength=vocab).double()
+    # a token's mean from the second token on, as the plain items state it (the first is the start item's)
+    n_cur = torch.bincount(toks[:, 1:].reshape(-1), minlength=vocab).double()
     rows = cache.rows(window_ids)
     w, p, lat, val = rows["window_ids"].long(), rows["positions"].long(), rows["latent_ids"].long(), rows["values"]
+    later = p > 0
+    w, p, lat, val = w[later], p[later], lat[later], val[later]
     unigram_keys, inverse = torch.unique(lat * vocab + tokens[w, p], return_inverse=True)
     unigram_sums = torch.zeros(len(unigram_keys), dtype=torch.float64).index_add_(0, inverse, val.double())
     has = p > 0
@@ -134,17 +142,29 @@ def _exception_keys(plain: Items, bigrams: Tensor, counts: Tensor, vocab: int, m
 def candidates(cache: TokenActivations, window_ids: Sequence[int]) -> Items:
     """Every kind of candidate item of every latent, from ``window_ids`` of the cache."""
     toks = cache.tokens[torch.as_tensor(list(window_ids), dtype=torch.long)].long()
-    counts = torch.bincount(toks.reshape(-1), minlength=int(cache.tokens.max()) + 1)
-    # no start items here yet: the first token's statistics stay in the token items
-    plain = _from_lexical(candidate_items(cache, window_ids, max_per_latent=PLAIN_PER_LATENT, first_position=0),
-                          counts)
-    return Items.cat([plain, pair_items(cache, window_ids, plain)])
+    counts = torch.bincount(toks[:, 1:].reshape(-1), minlength=int(cache.tokens.max()) + 1)
+    lexical = candidate_items(cache, window_ids, max_per_latent=PLAIN_PER_LATENT)
+    plain = _from_lexical(lexical, counts)
+    return Items.cat([plain, pair_items(cache, window_ids, plain), _start_items(lexical)])
+
+
+def _start_items(c: Candidates) -> Items:
+    """Start items: what *all* of a latent's plain candidates leave on the first token (which of them the global
+    budget keeps is decided later, so this is an estimate where some are dropped)."""
+    expected = torch.zeros_like(c.first_sum).index_add_(0, c.latent, c.first_count * c.mean)
+    start = ((c.first_sum - expected) / max(c.windows, 1)).clamp_min(0)
+    latent = torch.nonzero(start > 0).flatten()
+    mean = start[latent]
+    none = torch.full_like(latent, -1)
+    zero = torch.zeros_like(mean)
+    return Items(latent, none, none, torch.full_like(latent, START), mean, c.windows * mean ** 2, zero, zero)
 
 
 def item_chars(items: Items, strings: Sequence[str]) -> Tensor:
     """Characters each item adds to its sentence (quoted tokens, strength, separator)."""
     quoted = torch.tensor([len(s.encode("unicode_escape")) + 2 for s in strings], dtype=torch.float32)
-    chars = quoted[items.token] + len(" (9), ")
+    start = items.kind == START
+    chars = torch.where(start, torch.tensor(float(START_CHARS)), quoted[items.token.clamp_min(0)] + len(" (9), "))
     pair = items.kind == PAIR
     chars[pair] += quoted[items.before[pair]] + len(" after ")
     return chars
@@ -196,12 +216,13 @@ def _write_all(ranked: Items, n: int, strings: Sequence[str], n_latents: int) ->
     out = {lat: write_explanation([]) for lat in range(n_latents)}
     bounds = torch.searchsorted(chosen.latent, torch.unique(chosen.latent)).tolist() + [len(chosen)]
     for lo, hi in zip(bounds[:-1], bounds[1:]):
-        out[int(chosen.latent[lo])] = write_explanation(_latent_items(chosen.take(torch.arange(lo, hi)), strings))
+        out[int(chosen.latent[lo])] = write_explanation(*_latent_items(chosen.take(torch.arange(lo, hi)), strings))
     return out
 
 
-def _latent_items(items: Items, strings: Sequence[str]) -> list[LexicalItem]:
-    """One latent's chosen items as text items, strengths 0-9 relative to its strongest. A plain item states its
+def _latent_items(items: Items, strings: Sequence[str]) -> tuple[list[LexicalItem], int]:
+    """One latent's chosen items as text items and its start item's strength (0: none), strengths 0-9 relative to
+    its strongest. A plain item states its
     token's mean over the positions no chosen pair covers (a pair overrides it there); an exception (a pair of
     strength 0) is kept only where it changes a prediction: beside a plain item of its token, or a previous-token
     item of its token before."""
@@ -216,11 +237,13 @@ def _latent_items(items: Items, strings: Sequence[str]) -> list[LexicalItem]:
     kept = [(int(items.token[i]), int(items.kind[i])) for i in range(len(items)) if strength[i] >= 1]
     plain = {t for t, k in kept if k == PLAIN}
     after = {t for t, k in kept if k == AFTER}
-    out = []
+    out, start = [], 0
     for t, b, k, st in zip(items.token.tolist(), items.before.tolist(), items.kind.tolist(), strength):
-        if k == PAIR:
+        if k == START:
+            start = st
+        elif k == PAIR:
             if st > 0 or t in plain or b in after:
                 out.append(LexicalItem(strings[t], st, before=strings[b]))
         elif st >= 1:
             out.append(LexicalItem(strings[t], st, previous=k == AFTER))
-    return out
+    return out, start

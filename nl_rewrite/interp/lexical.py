@@ -24,7 +24,7 @@ they leave unexplained on the first.
 
 The reader (:class:`LexicalSimulator`) parses only the text, never the cache, and predicts per token the strength
 of its pair item where the token before matches one, else the strength of the current token's item plus that of
-the previous token's item; calibrators map that score to an activation, exactly as for the LLM simulator. It has the LLM simulator's interface (``identity``, ``stats``,
+the previous token's item (plus the start item's on the first token); calibrators map that score to an activation, exactly as for the LLM simulator. It has the LLM simulator's interface (``identity``, ``stats``,
 ``simulate_many``) so it can fill a :class:`SimulationStore`, and ``simulate_windows`` reads every latent on a set
 of windows by table lookups: every latent of a coder in seconds, so the pipeline recomputes it instead of storing
 it. A text it cannot parse is a counted, logged fallback (score 0 for that latent), never a crash.
@@ -47,9 +47,12 @@ from nl_rewrite.interp.simulate import SimulationItem, SimulatorStats
 
 log = logging.getLogger(__name__)
 
-LEXICAL_VERSION = 2
-"""2: the start item. Pair items, exceptions and the start item extend the language; a text without them reads
-exactly as before."""
+LEXICAL_VERSION = 1
+"""The reader's version. Pair items, exceptions and the start item extend the language; a text without them reads
+exactly as before, so results cached under this version stay valid."""
+EXPLAINER_VERSION = 2
+"""The explainer's: 2 counts token statistics from the second token on and writes start items. What is trained on
+its texts (the trained simulator) is keyed by it; evaluations are keyed by the texts themselves."""
 DEFAULT_BUDGET = 12
 """Items per explanation: the headline lexical condition's, and so what the trained simulator learns to read."""
 WEAK_BELOW = 3
@@ -57,8 +60,10 @@ WEAK_BELOW = 3
 _STRING = r'"(?:[^"\\]|\\.)*"'
 START = "At the start of the text"
 """The start item's words, followed by its strength in parentheses."""
+_START = r"(?i:\bat\s+the\s+start\s+of\s+the\s+text\b)"
 _ITEM = re.compile(rf'({_STRING})\s+after\s+({_STRING})(?:\s*\((\d+)\))?|({_STRING})\s*\((\d+)\)|\b([Aa]fter)\b'
-                   rf'|\b(Fires|On|Not on)\b|\b[Aa]{START[1:]}\s*\((\d+)\)')
+                   rf'|\b(Fires|On|Not on)\b|{_START}\s*\((\d+)\)')
+_BARE_START = re.compile(rf"{_START}(?!\s*\(\d)")
 """A pair item (``"x" after "y" (s)``, or without a strength: an exception), a plain item (``"x" (s)``), a
 section word (plain items after ``After`` fire on the next token; ``Fires``, ``On`` and ``Not on`` switch back), or
 the start item."""
@@ -164,6 +169,8 @@ def parse_explanation(text: str) -> ParsedExplanation:
                 pairs[(y, x)] = _strength(pair_strength, x, problems) if pair_strength else 0
         elif (t := _token(token, problems)) is not None:
             table[t] = max(table.get(t, 0), _strength(strength, t, problems))
+    if _BARE_START.search(text):
+        problems.append(f"'{START}' without a strength")
     if not (current or previous or pairs or start) and "no particular token" not in text:
         problems.append("no '\"token\" (strength)' items found")
     return ParsedExplanation(current, previous, tuple(problems), pairs, start)
@@ -298,10 +305,12 @@ class Candidates:
     """bool [c]: a previous-token item."""
     mean: Float[Tensor, " c"]
     gain: Float[Tensor, " c"]
-    start: Float[Tensor, " n_latents"] | None = None
-    """Each latent's start item: its mean activation on the windows' first token beyond what its current-token items
-    predict there, 0 where not positive (None: no start items; the first token's statistics are then in the token
-    items)."""
+    first_sum: Float[Tensor, " n_latents"] | None = None
+    """Each latent's summed activation on the windows' first token (None: no start items; the first token's
+    statistics are then in the token items)."""
+    first_count: Float[Tensor, " c"] | None = None
+    """Per candidate: how many windows start with its token (0 for previous-token items), so that a start item
+    states what the items an explanation keeps leave on the first token."""
     windows: int = 0
     """Statistics windows: the start item's number of occurrences."""
 
@@ -316,8 +325,9 @@ def candidate_items(cache: TokenActivations, window_ids: Sequence[int], max_per_
     """Current- and previous-token candidate items of every latent, from ``window_ids`` of the cache.
     A token seen fewer than ``min_count`` times is no candidate. (2 instead of 1 lowered held-out Pearson
     slightly, 0.441 vs 0.452, on SmolLM2's MLP 10, so single occurrences are kept by default.) With
-    ``first_position=1`` (the default) token items are counted from the second token on, and ``start`` holds what
-    they leave unexplained on the first; with 0, the language before start items."""
+    ``first_position=1`` (the default) token items are counted from the second token on, and ``first_sum`` and
+    ``first_count`` let :func:`lexical_explanations` state what the kept items leave on the first token; with 0,
+    the language before start items."""
     if first_position not in (0, 1):
         raise ValueError(f"first_position is 0 (token items everywhere) or 1 (start items), got {first_position}")
     rows = cache.rows(window_ids)
@@ -335,11 +345,6 @@ def candidate_items(cache: TokenActivations, window_ids: Sequence[int], max_per_
     keys, sums = _grouped_sums(lat * vocab + cur, val)
     c_lat, c_tok = keys // vocab, keys % vocab
     c_mean = sums / n_cur[c_tok]
-    start = None
-    if first_position:  # what the current-token items leave unexplained on the first token
-        n_first = torch.bincount(toks[:, 0], minlength=vocab).double()
-        expected = torch.zeros(cache.n_latents, dtype=torch.float64).index_add_(0, c_lat, n_first[c_tok] * c_mean)
-        start = ((on_first - expected) / max(len(chosen), 1)).clamp_min(0).float()
     # previous-token items explain what is left after the current-token table
     has_prev = p > 0
     prev_tok = tokens[w[has_prev], p[has_prev] - 1]
@@ -355,8 +360,12 @@ def candidate_items(cache: TokenActivations, window_ids: Sequence[int], max_per_
     previous = torch.cat([torch.zeros(len(c_lat), dtype=torch.bool), torch.ones(int(keep.sum()), dtype=torch.bool)])
     mean = torch.cat([c_mean, p_mean[keep]])
     gain = torch.cat([n_cur[c_tok] * c_mean ** 2, n_prev[p_tok][keep] * p_mean[keep] ** 2])
-    return _top_per_latent(Candidates(latent, token, previous, mean.float(), gain.float(), start, len(chosen)),
-                           max_per_latent)
+    first_sum = first_count = None
+    if first_position:
+        n_first = torch.bincount(toks[:, 0], minlength=vocab).float()
+        first_sum, first_count = on_first.float(), torch.where(previous, torch.zeros(()), n_first[token])
+    return _top_per_latent(Candidates(latent, token, previous, mean.float(), gain.float(), first_sum, first_count,
+                                      len(chosen)), max_per_latent)
 
 
 def _expected_by_previous(c_lat: Tensor, c_tok: Tensor, c_mean: Tensor, toks: Tensor, vocab: int,
@@ -410,14 +419,25 @@ def top_per_latent(latent: Int[Tensor, " c"], gain: Float[Tensor, " c"], limit: 
 
 def _top_per_latent(c: Candidates, limit: int) -> Candidates:
     keep = top_per_latent(c.latent, c.gain, limit)
-    return Candidates(c.latent[keep], c.token[keep], c.previous[keep], c.mean[keep], c.gain[keep], c.start, c.windows)
+    first_count = c.first_count[keep] if c.first_count is not None else None
+    return Candidates(c.latent[keep], c.token[keep], c.previous[keep], c.mean[keep], c.gain[keep], c.first_sum,
+                      first_count, c.windows)
+
+
+def start_mean(c: Candidates, lo: int, hi: int, latent: int) -> float:
+    """The start item of ``latent`` beside its candidates ``lo:hi``: its mean activation on the first token beyond
+    what those items' tokens predict there (0 if not positive, or without start items)."""
+    if c.first_sum is None or c.first_count is None:
+        return 0.0
+    expected = float((c.first_count[lo:hi] * c.mean[lo:hi]).sum())
+    return max(float(c.first_sum[latent]) - expected, 0.0) / max(c.windows, 1)
 
 
 def lexical_explanations(cache: TokenActivations, window_ids: Sequence[int], budget: int,
                          candidates: Candidates | None = None) -> dict[int, str]:
     """latent → explanation with at most ``budget`` items, for *every* latent: one that never fires in
     ``window_ids`` is explained as firing on no particular token (simulated as silence, never left true). With start
-    items (``candidates.start``), a latent's start item competes for the budget by the same gain (occurrences ×
+    items (``candidates.first_sum``), a latent's start item competes for the budget by the same gain (occurrences ×
     mean²) as its token items."""
     c = candidates if candidates is not None else candidate_items(cache, window_ids, max_per_latent=budget)
     strings = cache.token_strings(list(range(int(c.token.max()) + 1))) if len(c.token) else []
@@ -425,12 +445,16 @@ def lexical_explanations(cache: TokenActivations, window_ids: Sequence[int], bud
     ids, counts = torch.unique_consecutive(c.latent, return_counts=True)  # candidates are sorted by latent
     ends = torch.cumsum(counts, 0)
     ranges = {int(lat): (int(end - n), int(end)) for lat, n, end in zip(ids, counts, ends)}
-    start = c.start if c.start is not None else torch.zeros(cache.n_latents)
-    for latent in sorted(set(ranges) | set(torch.nonzero(start > 0).flatten().tolist())):
+    starts = c.first_sum if c.first_sum is not None else torch.zeros(cache.n_latents)
+    for latent in sorted(set(ranges) | set(torch.nonzero(starts > 0).flatten().tolist())):
         lo, hi = ranges.get(latent, (0, 0))
-        s = float(start[latent])
-        # the start item takes the place of the token items of smaller gain (theirs are sorted, largest first)
+        # the start item takes the place of the token item of smallest gain (they are sorted, largest first), and
+        # states what the kept items leave on the first token; it must rank within the budget and round to >= 1
+        s = start_mean(c, lo, min(hi, lo + budget - 1), latent)
         with_start = s > 0 and int((c.gain[lo:hi] > c.windows * s ** 2).sum()) < budget
+        if with_start:
+            scale = max(c.mean[lo:min(hi, lo + budget - 1)].tolist() + [s])
+            with_start = round(9 * s / scale) >= 1
         hi = min(hi, lo + budget - int(with_start))
         scale = max(c.mean[lo:hi].tolist() + ([s] if with_start else []))
         items = [LexicalItem(strings[int(t)], int(round(9 * float(m) / scale)), bool(prev))

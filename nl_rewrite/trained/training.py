@@ -26,6 +26,7 @@ from torch import Tensor
 
 from nl_rewrite import io
 from nl_rewrite.errors import CheckpointError, NLRewriteError
+from nl_rewrite.interp.lexical import EXPLAINER_VERSION
 from nl_rewrite.latents.cache import LatentCache
 from nl_rewrite.llm.embedded import right_padded
 from nl_rewrite.trained.data import DataConfig, Item, SimulatorData, build_data, targets
@@ -250,8 +251,9 @@ def train_simulator(cfg: TrainSimulatorConfig, cache: LatentCache, doc_ids: list
 
 
 def data_fingerprint(cache: LatentCache, doc_ids: list[str], llm_explanations: dict[int, str] | None) -> str:
+    # the lexical explainer's version: its texts are the training data
     payload = json.dumps([cache.meta.coder_fingerprint, cache.meta.windows_fingerprint, doc_ids,
-                          sorted((llm_explanations or {}).items())])
+                          sorted((llm_explanations or {}).items()), EXPLAINER_VERSION])
     return digest(payload)
 
 
