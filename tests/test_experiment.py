@@ -163,6 +163,8 @@ def test_the_run_says_where_its_explanations_lose_the_gap(tiny_run):
                                                     .read_text().splitlines())}
     assert all(row.explanation == headline.get(row.latent, "") for row in diagnostics.needs_work)
     assert any(line.startswith("Where the lexical explanations lose the gap") for line in results.answer)
+    chars = results.lexical["12"].mean_chars
+    assert chars and f"(≤ 12 items, {chars:.0f} characters on average)" in results.answer[1]
     html = (tiny_run.out / "report.html").read_text()
     section = html[html.index("explanations that most need work"):]
     assert section[:section.index("</table>")].count("<td class=ex>") == 20

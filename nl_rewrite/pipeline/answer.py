@@ -73,12 +73,13 @@ def answer_lines(results: RunResults) -> list[str]:
     lines = [gap_sentence(results.gap, results.n_tokens, better=settings.coder)]
     lex = info.get("lexical")
     if lex:
-        lines.append(f"Lexical explanations (≤ {settings.lexical_budget} items) of all {results.pool.n_latents} "
+        lines.append(f"Lexical explanations (≤ {settings.lexical_budget} items{_chars(results, settings.lexical_budget)})"
+                     f" of all {results.pool.n_latents} "
                      f"latents (Pearson r {lex.pearson:.2f} with the true activations on eval) recover "
                      + condition_sentence(rec["lexical"]) + ".")
     budgets = sorted(int(n.split("_b")[1]) for n in rec if n.startswith("lexical_b"))
     if budgets:
-        curve = ", ".join(f"≤{b} items: {describe(rec[f'lexical_b{b}'].kl)}" for b in budgets)
+        curve = ", ".join(f"≤{b} items{_chars(results, b)}: {describe(rec[f'lexical_b{b}'].kl)}" for b in budgets)
         lines.append(f"Explanation length (KL gap recovered): {curve}; ≤{settings.lexical_budget} is the headline.")
     lines.append(_pool_sentence(results))
     if results.trained_run is not None:
@@ -116,6 +117,12 @@ def _trained_sentence(results: RunResults, trained: TrainedRun) -> str:
             f"(r {info['trained'].pearson:.2f}), on the first {trained.n_windows} eval windows (gap "
             f"{_gap_brackets(trained.gap)}), recovers {condition_sentence(rec['trained'])}; the lexical reader on the "
             f"same windows (r {info['lexical'].pearson:.2f}) recovers {condition_sentence(rec['lexical'])}.")
+
+
+def _chars(results: RunResults, budget: int) -> str:
+    """``, 158 characters on average`` for a lexical budget whose length was recorded (nothing otherwise)."""
+    summary = results.lexical.get(str(budget))
+    return "" if summary is None or summary.mean_chars is None else f", {summary.mean_chars:.0f} characters on average"
 
 
 def _swap_sentence(results: RunResults) -> str | None:

@@ -93,7 +93,8 @@ def _lexical_summary(art: Artifacts) -> dict[str, LexicalSummary]:
     for budget, arm in art.lexical.items():
         rs = [q.pearson for q in arm.quality.values() if math.isfinite(q.pearson)]
         out[str(budget)] = LexicalSummary(explained=len(arm.texts), mean_pearson_explain=sum(rs) / len(rs) if rs else None,
-                                          parse_fallbacks=arm.fallbacks, linear_calibrations=arm.linear_calibrations)
+                                          parse_fallbacks=arm.fallbacks, linear_calibrations=arm.linear_calibrations,
+                                          mean_chars=sum(map(len, arm.texts.values())) / max(len(arm.texts), 1))
     return out
 
 

@@ -16,7 +16,8 @@ The layout (schema ``nl_rewrite.run/2``; every name below is a field of the data
      "pool_run": {"n_windows", "llm_condition", "conditions", "conditions_info", "gap", "recovery",
                   "gap_vs_pool_zeroed", "recovery_vs_pool_zeroed"},   (pool_zeroed: only the pool's latents set to 0)
      "trained_run": null | {"n_windows", "simulator", "conditions", "conditions_info", "gap", "recovery"},
-     "lexical": {budget: {"explained", "mean_pearson_explain", "parse_fallbacks", "linear_calibrations"}},
+     "lexical": {budget: {"explained", "mean_pearson_explain", "parse_fallbacks", "linear_calibrations",
+                          "mean_chars"}},
      "latents": [...LLM pool latents...], "counts": {...}, "calibration_fallbacks": {...}, "stage_seconds": {...},
      "answer": [sentences], "generations": [{"prompt", "continuations": {model: text}}],
      "diagnostics": null | {"condition", "firing": {"false_positive_rate", "false_negative_rate"},
@@ -135,6 +136,8 @@ class LexicalSummary:
     mean_pearson_explain: float | None
     parse_fallbacks: int
     linear_calibrations: int
+    mean_chars: float | None = None
+    """Mean explanation length in characters (absent from results written before it existed)."""
 
 
 @dataclass(frozen=True)
