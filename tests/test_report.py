@@ -122,7 +122,9 @@ def test_answer_and_summary_text(artifacts):
     answer = results.answer
     assert answer[0].startswith(f"The gap zero-latents − transcoder, over {N_WINDOWS * TOKENS} eval tokens: CE +")
     assert "(significant)" in answer[0] and "NOT significantly" not in answer[0]
-    assert any(line.startswith("Lexical explanations (≤ 12 items) of all 64 latents (Pearson r 0.60") and
+    # the arm's two texts, "i, j" and "k", are 2.5 characters long on average
+    assert any(line.startswith("Lexical explanations (≤ 12 items, 2 characters on average) of all 64 latents "
+                               "(Pearson r 0.60") and
                "recover 50% [50%, 50%] of the KL gap" in line for line in answer)
     assert any("≤3 items: 40% [40%, 40%]" in line for line in answer)
     ladder = next(line for line in answer if line.startswith("By the noisy-oracle ladder"))
