@@ -29,7 +29,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from nl_rewrite.interp.lexical import (Candidates, LexicalItem, TokenActivations, candidate_items, joined_on_second,
-                                      top_per_latent, write_explanation)
+                                      start_means, top_per_latent, write_explanation)
 
 PAIR_PRIOR = 2.0
 """Pseudo-counts of a pair's mean towards its token's mean."""
@@ -151,8 +151,7 @@ def candidates(cache: TokenActivations, window_ids: Sequence[int]) -> Items:
 def _start_items(c: Candidates) -> Items:
     """Start items: what *all* of a latent's plain candidates leave on the first token (which of them the global
     budget keeps is decided later, so this is an estimate where some are dropped)."""
-    expected = torch.zeros_like(c.first_sum).index_add_(0, c.latent, c.first_count * c.mean)
-    start = ((c.first_sum - expected) / max(c.windows, 1)).clamp_min(0)
+    start = start_means(c)
     latent = torch.nonzero(start > 0).flatten()
     mean = start[latent]
     none = torch.full_like(latent, -1)

@@ -424,6 +424,14 @@ def _top_per_latent(c: Candidates, limit: int) -> Candidates:
                       first_count, c.windows)
 
 
+def start_means(c: Candidates) -> Float[Tensor, " n_latents"]:
+    """Every latent's start item beside *all* its candidates (see :func:`start_mean`; zeros without start items)."""
+    if c.first_sum is None or c.first_count is None:
+        return torch.zeros(0)
+    expected = torch.zeros_like(c.first_sum).index_add_(0, c.latent, c.first_count * c.mean)
+    return ((c.first_sum - expected) / max(c.windows, 1)).clamp_min(0)
+
+
 def start_mean(c: Candidates, lo: int, hi: int, latent: int) -> float:
     """The start item of ``latent`` beside its candidates ``lo:hi``: its mean activation on the first token beyond
     what those items' tokens predict there (0 if not positive, or without start items)."""
