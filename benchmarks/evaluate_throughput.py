@@ -1,23 +1,29 @@
-"""Evaluator throughput at the default layer: full recompute, the clean pass's residual reused from the patch point,
-and that plus several conditions stacked along the batch in one forward pass (``--stack``; the Evaluator's default is 1).
+"""Evaluator throughput at the default layer, mode against mode:
+
+- ``full``: full recompute, each condition run from the embedding to the model's logits, one at a time (the baseline);
+- ``reuse``: the clean pass's residual reused from the patch point;
+- ``stacked``: that, plus ``--stack`` conditions along the batch in one forward pass;
+- ``chunked``: that, plus scoring from the last hidden state with the unembedding applied a vocabulary chunk at a time
+  (nl_rewrite/evaluation/scoring.py): the Evaluator's defaults;
+- ``full_chunked``: full recompute with the chunked scoring, to separate the two gains.
 
 The conditions mirror a run's: two ablations of the MLP's output and ``--conditions - 2`` transcoder-shaped
 replacements reading the MLP's input (a random 4096-latent TopK coder; its cost is the blocks after it, not its
 weights). All modes evaluate the same conditions on the same windows in one process, interleaved, taking the minimum
 of ``--repeats`` wall times (the machine is shared), and must give the same numbers. Peak RSS is read after each
-mode's first repeat, in the order full → reuse → stacked, so each increase is what that mode added.
+mode's first repeat, in the order of the list above, so each increase is what that mode added.
 
-It also times the per-condition scoring alone on one batch of the model's logits: ``token_ce_and_kl`` against the
-textbook form the Evaluator used before (a log-softmax of the patched logits, subtracted from the clean
-log-probabilities computed once), with each one's largest and mean error against a float64 KL.
+It also times the per-condition unembedding and scoring alone on one batch (``scoring_seconds``), with each way's
+largest and mean error against a float64 KL.
 
-Usage: python benchmarks/evaluate_throughput.py [--windows 32] [--layer 10] [--conditions 24] [--stack 4]
+Usage: python benchmarks/evaluate_throughput.py [--windows 32] [--layer 10] [--conditions 24] [--stack 2]
 Last line of stdout: one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import time
@@ -28,7 +34,8 @@ import torch.nn.functional as F
 from nl_rewrite.coders.sparse_coder import CoderConfig, SparseCoder
 from nl_rewrite.coders.train import DEFAULT_LAYER
 from nl_rewrite.data.windows import token_windows
-from nl_rewrite.evaluation.evaluator import CleanPrediction, Evaluator, token_ce_and_kl
+from nl_rewrite.evaluation.evaluator import DEFAULT_STACK, Evaluator
+from nl_rewrite.evaluation.scoring import CleanPrediction, Unembedding, token_ce_and_kl, unembedding_deferred
 from nl_rewrite.model.loading import load_model
 from nl_rewrite.replacements import MeanReplacement, TranscoderReplacement, ZeroReplacement
 
@@ -48,18 +55,25 @@ def textbook_ce_and_kl(logits: torch.Tensor, clean_logprobs: torch.Tensor, clean
 
 @torch.no_grad()
 def scoring_seconds(model, tokens: torch.Tensor, repeats: int = 10) -> dict[str, float]:
-    """Both scorings of one batch, with the clean side of each computed once beforehand, as the Evaluator does. The
-    patched logits are the clean ones scaled, shifted and nudged: a replacement moves logits by nats, not only by
-    noise, and the weighted logit change is where a scoring's rounding shows."""
-    clean_logits = model(tokens)[:, :-1]
-    noise = torch.randn(clean_logits.shape, generator=torch.Generator().manual_seed(0))
-    patched = 0.98 * clean_logits + 0.3 * noise + 1.0
+    """Unembedding and scoring one batch three ways, with the clean side of each computed once beforehand, as the
+    Evaluator does: the model's logits scored the textbook way (a log-softmax of the patched logits) or as the
+    Evaluator did before (``token_ce_and_kl`` on logits), and from the hidden state a vocabulary chunk at a time (the
+    Evaluator's default). The patched hidden states are the clean ones nudged: scaled, shifted along the clean
+    state and noised, so the logits move by nats, which is where a scoring's rounding shows."""
+    with unembedding_deferred(model):
+        clean_hidden = model(tokens)[:, :-1]
+    unembedding = Unembedding.of(model)
+    noise = torch.randn(clean_hidden.shape, generator=torch.Generator().manual_seed(0))
+    patched = 0.9 * clean_hidden + 0.3 * clean_hidden.std() * noise
     targets = tokens[:, 1:]
+    clean_logits = unembedding.logits(clean_hidden)
     clean = CleanPrediction.of(clean_logits)
+    chunked_clean = CleanPrediction.of(clean_hidden, unembedding)
     clean_logprobs = F.log_softmax(clean_logits, -1)
     clean_probs = clean_logprobs.exp()
-    scorers = {"textbook": lambda: textbook_ce_and_kl(patched, clean_logprobs, clean_probs, targets),
-               "ours": lambda: token_ce_and_kl(patched, clean, targets)}
+    scorers = {"textbook": lambda: textbook_ce_and_kl(unembedding.logits(patched), clean_logprobs, clean_probs, targets),
+               "logits": lambda: token_ce_and_kl(unembedding.logits(patched), clean, targets),
+               "chunked": lambda: token_ce_and_kl(patched, chunked_clean, targets)}
     best = {}
     for name, fn in scorers.items():
         fn()
@@ -67,14 +81,22 @@ def scoring_seconds(model, tokens: torch.Tensor, repeats: int = 10) -> dict[str,
         for _ in range(repeats):
             fn()
         best[name] = (time.perf_counter() - start) / repeats
-    exact_logprobs = clean_logprobs.double()
-    exact = (exact_logprobs.exp() * (exact_logprobs - F.log_softmax(patched.double(), -1))).sum(-1)
-    errors = {name: scorers[name]()[1].double() - exact for name in scorers}
-    return {"seconds_score_textbook": round(best["textbook"], 4), "seconds_score": round(best["ours"], 4),
-            "score_speedup": round(best["textbook"] / best["ours"], 3), "kl_mean_scored": float(exact.mean()),
-            "max_abs_kl_error_textbook": float(errors["textbook"].abs().max()),
-            "max_abs_kl_error": float(errors["ours"].abs().max()),
-            "mean_kl_error_textbook": float(errors["textbook"].mean()), "mean_kl_error": float(errors["ours"].mean())}
+    exact_logprobs = clean_logits.double().log_softmax(-1)
+    patched_logprobs = unembedding.logits(patched).double().log_softmax(-1)
+    exact = (exact_logprobs.exp() * (exact_logprobs - patched_logprobs)).sum(-1)
+    exact_ce = -patched_logprobs.gather(-1, targets[..., None]).squeeze(-1)
+    scored = {name: fn() for name, fn in scorers.items()}
+    for chunk in (1024, 2048, 4096, 8192, unembedding.weight.shape[0]):  # the chunk size: CHUNK in scoring.py
+        sized = CleanPrediction.of(clean_hidden, dataclasses.replace(unembedding, chunk=chunk))
+        start = time.perf_counter()
+        for _ in range(repeats):
+            token_ce_and_kl(patched, sized, targets)
+        best[f"chunk_{chunk}"] = (time.perf_counter() - start) / repeats
+    return {**{f"seconds_score_{name}": round(seconds, 4) for name, seconds in best.items()},
+            "score_speedup_chunked_vs_logits": round(best["logits"] / best["chunked"], 3), "kl_mean_scored": float(exact.mean()),
+            **{f"max_abs_kl_error_{name}": float((kl.double() - exact).abs().max()) for name, (_, kl) in scored.items()},
+            **{f"mean_kl_error_{name}": float((kl.double() - exact).mean()) for name, (_, kl) in scored.items()},
+            **{f"max_abs_ce_error_{name}": float((ce.double() - exact_ce).abs().max()) for name, (ce, _) in scored.items()}}
 
 
 def main() -> None:
@@ -83,7 +105,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=32)
     parser.add_argument("--layer", type=int, default=DEFAULT_LAYER)
     parser.add_argument("--conditions", type=int, default=24, help="replacements per run (the clean pass is shared)")
-    parser.add_argument("--stack", type=int, default=4, help="conditions per forward pass when stacked")
+    parser.add_argument("--stack", type=int, default=DEFAULT_STACK, help="conditions per forward pass when stacked")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -95,8 +117,10 @@ def main() -> None:
                                     write_site=site, model="smollm2-135m"), seed=0)
     reps = [ZeroReplacement(site, name="zero"), MeanReplacement(site, torch.full((d,), 0.01), name="mean")]
     reps += [TranscoderReplacement(coder, name=f"tc{i}") for i in range(args.conditions - 2)]
-    modes = {"full": dict(reuse_prefix=False, stack=1), "reuse": dict(reuse_prefix=True, stack=1),
-             "stacked": dict(reuse_prefix=True, stack=args.stack)}
+    logits = dict(chunked_unembedding=False)
+    modes = {"full": dict(reuse_prefix=False, stack=1, **logits), "reuse": dict(reuse_prefix=True, stack=1, **logits),
+             "stacked": dict(reuse_prefix=True, stack=args.stack, **logits),
+             "chunked": dict(reuse_prefix=True, stack=args.stack), "full_chunked": dict(reuse_prefix=False, stack=1)}
     best = {mode: float("inf") for mode in modes}
     results, rss = {}, {"start": peak_rss_mb()}
     for repeat in range(args.repeats):
@@ -118,11 +142,12 @@ def main() -> None:
         "benchmark": "evaluate_throughput", "model": "smollm2-135m", "layer": args.layer,
         "threads": torch.get_num_threads(), "windows": len(windows), "tokens": n_tokens, "conditions": len(reps),
         "stack": args.stack, **{f"seconds_{mode}": round(s, 2) for mode, s in best.items()},
-        "speedup_reuse_vs_full": round(best["full"] / best["reuse"], 3),
-        "speedup_stacked_vs_full": round(best["full"] / best["stacked"], 3),
+        **{f"speedup_{mode}_vs_full": round(best["full"] / best[mode], 3) for mode in modes if mode != "full"},
         "speedup_stacked_vs_reuse": round(best["reuse"] / best["stacked"], 3),
-        "max_abs_ce_difference_reuse": max_diff("reuse", "ce"), "max_abs_ce_difference_stacked": max_diff("stacked", "ce"),
-        "max_abs_kl_difference_stacked": max_diff("stacked", "kl"),
+        "speedup_chunked_vs_stacked": round(best["stacked"] / best["chunked"], 3),
+        "speedup_chunked_vs_full_chunked": round(best["full_chunked"] / best["chunked"], 3),
+        **{f"max_abs_{metric}_difference_{mode}": max_diff(mode, metric) for mode in modes if mode != "full"
+           for metric in ("ce", "kl")},
         "peak_rss_mb": {k: round(v) for k, v in rss.items()}, **scoring,
     }))
 

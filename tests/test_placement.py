@@ -11,7 +11,8 @@ import torch
 
 from helpers import make_coder, make_windows
 from nl_rewrite.cli.main import COMMANDS, build_parser, command_name, main
-from nl_rewrite.evaluation.evaluator import CleanPrediction, Evaluator, token_ce_and_kl
+from nl_rewrite.evaluation.evaluator import Evaluator
+from nl_rewrite.evaluation.scoring import CleanPrediction, token_ce_and_kl
 from nl_rewrite.model.loading import TINY_HF, load_model
 from nl_rewrite.placement import DeviceError, Placement, module_device, resolve_device
 from nl_rewrite.replacements import TranscoderReplacement, ZeroReplacement

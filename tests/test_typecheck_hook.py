@@ -13,7 +13,7 @@ import pytest
 import torch
 from jaxtyping import TypeCheckError
 
-from nl_rewrite.evaluation.evaluator import CleanPrediction, token_ce_and_kl
+from nl_rewrite.evaluation.scoring import CleanPrediction, token_ce_and_kl
 from nl_rewrite.evaluation.stats import bootstrap_indices
 from nl_rewrite.replacements.base import BatchInfo
 
@@ -33,7 +33,7 @@ def test_a_function_rejects_the_wrong_dtype_and_rank():
     logits = torch.randn(2, 3, 10)
     with pytest.raises(TypeCheckError, match="targets"):
         token_ce_and_kl(logits, CleanPrediction.of(logits), torch.zeros(2, 3))  # float targets
-    with pytest.raises(TypeCheckError, match="logits"):
+    with pytest.raises(TypeCheckError, match="hidden"):
         CleanPrediction.of(torch.randn(6, 10))
 
 

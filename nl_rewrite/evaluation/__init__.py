@@ -1,7 +1,7 @@
 """Measuring a replacement: the :class:`Evaluator` (CE and KL(clean‖patched) per window, against the clean model, with
 window-bootstrap CIs in :class:`EvalResults`), the statistics behind it (:mod:`.stats`), recovered fractions of a
-gap with their undefined cases (:mod:`.recovery`), the per-layer ablation sweep, side-by-side generation, and the
-clean-prefix reuse that makes patched runs cheaper.
+gap with their undefined cases (:mod:`.recovery`), CE and KL from the last hidden state (:mod:`.scoring`), the
+per-layer ablation sweep, side-by-side generation, and the clean-prefix reuse that makes patched runs cheaper.
 """
 
 from nl_rewrite._lazy import by_module, lazy_exports

@@ -12,6 +12,7 @@ Modes:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -20,15 +21,14 @@ from pathlib import Path
 from typing import Literal, Sequence, get_args
 
 import torch
-import torch.nn.functional as F
-from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from nl_rewrite import io
 from nl_rewrite.data.windows import TokenWindows
-from nl_rewrite.errors import ShapeMismatchError
 from nl_rewrite.evaluation.prefix import capture_block_inputs, first_layer, resume_reproduces, resumed_at
+from nl_rewrite.evaluation.scoring import (LOGITS, CleanPrediction, Unembedding, token_ce_and_kl, unembedding_deferred,
+                                          unembedding_reproduces)
 from nl_rewrite.parallel.runner import InProcess, ShardRunner
 from nl_rewrite.replacements.base import BatchInfo, Replacement, attached_together, replacement_names
 from nl_rewrite.evaluation.stats import CIBounds, RatioCI, bootstrap_indices, mean_ci, paired_wilcoxon, ratio_ci
@@ -150,50 +150,12 @@ class EvalResults:
         return "\n".join(rows)
 
 
-@dataclass(frozen=True)
-class CleanPrediction:
-    """What every condition's KL on one batch is measured against, computed once from the clean logits: the logits,
-    their softmax ``probs``, its sum ``mass`` (1 up to rounding, kept so that logits equal to the clean ones give a KL
-    of exactly 0) and their ``logsumexp``, ``log_normaliser``."""
-
-    logits: Float[Tensor, "batch pos vocab"]
-    probs: Float[Tensor, "batch pos vocab"]
-    mass: Float[Tensor, "batch pos"]
-    log_normaliser: Float[Tensor, "batch pos"]
-
-    @classmethod
-    def of(cls, logits: Float[Tensor, "batch pos vocab"]) -> "CleanPrediction":
-        logits = logits.float().contiguous()
-        probs = F.softmax(logits, dim=-1)
-        return cls(logits, probs, probs.sum(-1), torch.logsumexp(logits, dim=-1))
-
-
-def token_ce_and_kl(logits: Float[Tensor, "batch pos vocab"], clean: CleanPrediction, targets: Int[Tensor, "batch pos"]
-                    ) -> tuple[Float[Tensor, "batch pos"], Float[Tensor, "batch pos"]]:
-    """Per-token cross-entropy of ``targets`` and KL(clean || patched), in float32 whatever the logits' dtype.
-
-    With ``z`` the patched logits and ``p``, ``z_c`` the clean ones' probabilities and logits,
-    ``KL = Σ p·(log p − log softmax z) = Σ p·(z_c − z) + (logsumexp z − logsumexp z_c)·Σ p``: no log-softmax of the
-    patched logits is written, and the difference of two close logits is exact, so the KL keeps float32's precision
-    where it is small (a vocabulary-sized tensor per token is the largest thing an evaluation allocates)."""
-    if logits.shape != clean.logits.shape:
-        raise ShapeMismatchError(f"patched logits {tuple(logits.shape)} and clean logits {tuple(clean.logits.shape)} "
-                                 "differ: score a condition on the clean pass's own batch and positions")
-    logits = logits.float()
-    log_normaliser = torch.logsumexp(logits, dim=-1)
-    ce = log_normaliser - logits.gather(-1, targets[..., None]).squeeze(-1)
-    # summed by torch.sum (pairwise), not einsum's matmul: the logit change weighted here can be several nats, and a
-    # plain running sum over 49k entries would leave an error of the size of a near-clean condition's KL
-    kl = (clean.logits - logits).mul_(clean.probs).sum(-1)
-    return ce, (kl + (log_normaliser - clean.log_normaliser) * clean.mass).clamp_min(0.0)
-
-
 class Evaluator:
     """Measures how far each replacement moves the model's next-token predictions on ``windows``."""
 
     def __init__(self, model, windows: TokenWindows, batch_size: int = 8, positions: str = "all",
                  n_bootstrap: int = 1000, seed: int = 0, progress: bool = True, reuse_prefix: bool = True,
-                 stack: int = DEFAULT_STACK):
+                 stack: int = DEFAULT_STACK, chunked_unembedding: bool = True):
         if positions not in POSITION_MODES:
             raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
         if batch_size < 1 or stack < 1:
@@ -207,6 +169,12 @@ class Evaluator:
         self.broken_starts: frozenset[int] = frozenset()
         """Blocks where resuming was found not to reproduce the clean logits: :meth:`run` checks before any work (and
         the Evaluator travels to workers with it); conditions patching there are recomputed from the embedding."""
+        self.chunked_unembedding = chunked_unembedding
+        """Score from the model's last hidden state, unembedding a vocabulary chunk at a time and writing no logits
+        (:mod:`nl_rewrite.evaluation.scoring`; the same numbers to float32's rounding, less work)."""
+        self.defer_unembedding = False
+        """Whether the model runs without its unembedding: :meth:`run` sets it when ``chunked_unembedding`` is asked
+        for and reproduces this model's logits (a soft-capped model is scored from its logits)."""
 
     def _scored(self, tokens: Tensor) -> tuple[slice, Tensor | None]:
         """Which logits are scored, and which positions get patched (None: all)."""
@@ -237,16 +205,20 @@ class Evaluator:
         scored, patch_positions = self._scored(tokens)
         targets = tokens[:, 1:][:, scored]
         starts = {self._start_layer(rep) for rep in replacements} - {0}
-        with capture_block_inputs(self.model, starts) as resid:
-            clean_logits = self.model(tokens)[:, scored]
-        clean = CleanPrediction.of(clean_logits)
-        out = {CLEAN: token_ce_and_kl(clean_logits, clean, targets)}
-        batch = BatchInfo(tokens=tokens, window_ids=ids)
-        for group in self._stacks(replacements):
-            logits = self._patched_logits(group, tokens, batch, patch_positions, resid)
-            for rep, part in zip(group, logits.split(len(tokens))):
-                out[rep.name] = token_ce_and_kl(part[:, scored], clean, targets)
+        with self._unembedding_deferred():
+            with capture_block_inputs(self.model, starts) as resid:
+                clean_out = self.model(tokens)[:, scored]
+            clean = CleanPrediction.of(clean_out, Unembedding.of(self.model) if self.defer_unembedding else LOGITS)
+            out = {CLEAN: token_ce_and_kl(clean_out, clean, targets)}
+            batch = BatchInfo(tokens=tokens, window_ids=ids)
+            for group in self._stacks(replacements):
+                patched = self._patched_run(group, tokens, batch, patch_positions, resid)
+                for rep, part in zip(group, patched.split(len(tokens))):
+                    out[rep.name] = token_ce_and_kl(part[:, scored], clean, targets)
         return {name: out[name] for name in [CLEAN, *(rep.name for rep in replacements)]}
+
+    def _unembedding_deferred(self):
+        return unembedding_deferred(self.model) if self.defer_unembedding else contextlib.nullcontext()
 
     def _stacks(self, replacements: Sequence[Replacement]) -> list[list[Replacement]]:
         """Replacements that can share a forward pass (same start layer and sites), at most ``stack`` per pass."""
@@ -255,9 +227,10 @@ class Evaluator:
             groups.setdefault((self._start_layer(rep), rep.read_site, rep.write_site), []).append(rep)
         return [group[i:i + self.stack] for group in groups.values() for i in range(0, len(group), self.stack)]
 
-    def _patched_logits(self, group: list[Replacement], tokens: Tensor, batch: BatchInfo, positions: Tensor | None,
-                        resid: dict[int, Tensor]) -> Tensor:
-        """The logits of every replacement in ``group`` on ``tokens``, stacked along the batch in group order."""
+    def _patched_run(self, group: list[Replacement], tokens: Tensor, batch: BatchInfo, positions: Tensor | None,
+                     resid: dict[int, Tensor]) -> Tensor:
+        """The model's output (hidden states or logits) with every replacement in ``group`` on ``tokens``, stacked
+        along the batch in group order."""
         start = self._start_layer(group[0])
         copies = len(group)  # one condition (the default) runs on the batch itself, not a copy of it
         stacked = tokens if copies == 1 else tokens.repeat(copies, 1)
@@ -276,6 +249,8 @@ class Evaluator:
         if CLEAN in names[1:]:
             raise ValueError(f"{CLEAN!r} is reserved for the unpatched model")
         self._check_prefix_reuse(replacements)
+        self.defer_unembedding = self.chunked_unembedding and unembedding_reproduces(
+            self.model, self.windows.tokens[:2].to(module_device(self.model)))
         runner = runner or InProcess()
         spans = self._spans(SHARD_BATCHES if runner.parallel else None)
         tables: dict[int, WindowTable] = {}
