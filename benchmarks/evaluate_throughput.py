@@ -1,11 +1,12 @@
 """Evaluator throughput at the default layer, mode against mode:
 
-- ``full``: full recompute, each condition run from the embedding to the model's logits, one at a time (the baseline);
-- ``reuse``: the clean pass's residual reused from the patch point;
-- ``stacked``: that, plus ``--stack`` conditions along the batch in one forward pass;
-- ``chunked``: that, plus scoring from the last hidden state with the unembedding applied a vocabulary chunk at a time
-  (nl_rewrite/evaluation/scoring.py): the Evaluator's defaults;
-- ``full_chunked``: full recompute with the chunked scoring, to separate the two gains.
+- ``chunked``: the Evaluator's defaults: the clean pass's residual reused from the patch point, ``--stack``
+  conditions along the batch in one forward pass, and scoring from the last hidden state with the unembedding
+  applied a vocabulary chunk at a time (nl_rewrite/evaluation/scoring.py);
+- ``full_chunked``: full recompute (each condition from the embedding, one at a time) with the chunked scoring;
+- ``full``: full recompute to the model's logits, scored from them (the baseline);
+- ``reuse``: that, with the clean pass's residual reused from the patch point;
+- ``stacked``: that, plus ``--stack`` conditions per forward pass.
 
 The conditions mirror a run's: two ablations of the MLP's output and ``--conditions - 2`` transcoder-shaped
 replacements reading the MLP's input (a random 4096-latent TopK coder; its cost is the blocks after it, not its
@@ -23,7 +24,6 @@ Last line of stdout: one JSON object.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import resource
 import time
@@ -35,7 +35,7 @@ from nl_rewrite.coders.sparse_coder import CoderConfig, SparseCoder
 from nl_rewrite.coders.train import DEFAULT_LAYER
 from nl_rewrite.data.windows import token_windows
 from nl_rewrite.evaluation.evaluator import DEFAULT_STACK, Evaluator
-from nl_rewrite.evaluation.scoring import CleanPrediction, Unembedding, token_ce_and_kl, unembedding_deferred
+from nl_rewrite.evaluation.scoring import CleanPrediction, LinearUnembedding, token_ce_and_kl, unembedding_deferred
 from nl_rewrite.model.loading import load_model
 from nl_rewrite.replacements import MeanReplacement, TranscoderReplacement, ZeroReplacement
 
@@ -53,50 +53,55 @@ def textbook_ce_and_kl(logits: torch.Tensor, clean_logprobs: torch.Tensor, clean
     return ce, torch.einsum("bpv,bpv->bp", clean_probs, clean_logprobs - logprobs).clamp_min(0.0)
 
 
+def best_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
 @torch.no_grad()
 def scoring_seconds(model, tokens: torch.Tensor, repeats: int = 10) -> dict[str, float]:
-    """Unembedding and scoring one batch three ways, with the clean side of each computed once beforehand, as the
-    Evaluator does: the model's logits scored the textbook way (a log-softmax of the patched logits) or as the
-    Evaluator did before (``token_ce_and_kl`` on logits), and from the hidden state a vocabulary chunk at a time (the
-    Evaluator's default). The patched hidden states are the clean ones nudged: scaled, shifted along the clean
-    state and noised, so the logits move by nats, which is where a scoring's rounding shows."""
+    """Unembedding and scoring one batch three ways, each with its clean side computed once beforehand, as the
+    Evaluator does: the model's logits scored the textbook way (a log-softmax of the patched logits) or by
+    ``token_ce_and_kl`` (``Logits``), and from the hidden state a vocabulary chunk at a time (``LinearUnembedding``,
+    the Evaluator's default), at several chunk sizes. Errors are against a float64 KL, for hidden states nudged by
+    30% of their spread (KLs of nats) and by 0.1% (small KLs, where rounding shows)."""
     with unembedding_deferred(model):
         clean_hidden = model(tokens)[:, :-1]
-    unembedding = Unembedding.of(model)
-    noise = torch.randn(clean_hidden.shape, generator=torch.Generator().manual_seed(0))
-    patched = 0.9 * clean_hidden + 0.3 * clean_hidden.std() * noise
-    targets = tokens[:, 1:]
-    clean_logits = unembedding.logits(clean_hidden)
-    clean = CleanPrediction.of(clean_logits)
-    chunked_clean = CleanPrediction.of(clean_hidden, unembedding)
+    unembedding, targets = LinearUnembedding.of(model), tokens[:, 1:]
+    whole = slice(None)
+    clean_logits = unembedding.logits(clean_hidden, whole)
+    clean, chunked_clean = CleanPrediction.of(clean_logits), CleanPrediction.of(clean_hidden, unembedding)
     clean_logprobs = F.log_softmax(clean_logits, -1)
     clean_probs = clean_logprobs.exp()
-    scorers = {"textbook": lambda: textbook_ce_and_kl(unembedding.logits(patched), clean_logprobs, clean_probs, targets),
-               "logits": lambda: token_ce_and_kl(unembedding.logits(patched), clean, targets),
-               "chunked": lambda: token_ce_and_kl(patched, chunked_clean, targets)}
-    best = {}
-    for name, fn in scorers.items():
-        fn()
-        start = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        best[name] = (time.perf_counter() - start) / repeats
+    noise = torch.randn(clean_hidden.shape, generator=torch.Generator().manual_seed(0)) * clean_hidden.std()
+    scorers = {
+        "textbook": lambda h: textbook_ce_and_kl(unembedding.logits(h, whole), clean_logprobs, clean_probs, targets),
+        "logits": lambda h: token_ce_and_kl(unembedding.logits(h, whole), clean, targets),
+        "chunked": lambda h: token_ce_and_kl(h, chunked_clean, targets)}
+    patched = clean_hidden + 0.3 * noise
+    out: dict[str, float] = {f"seconds_score_{name}": round(best_seconds(lambda: fn(patched), repeats), 4)
+                             for name, fn in scorers.items()}
+    for chunk in (1024, 2048, 4096, 8192, unembedding.weight.shape[0]):  # CHUNK in nl_rewrite/evaluation/scoring.py
+        sized = CleanPrediction.of(clean_hidden, unembedding, chunk=chunk)
+        out[f"seconds_score_chunk_{chunk}"] = round(
+            best_seconds(lambda: token_ce_and_kl(patched, sized, targets, chunk=chunk), repeats), 4)
+    out["score_speedup_chunked_vs_logits"] = round(out["seconds_score_logits"] / out["seconds_score_chunked"], 3)
     exact_logprobs = clean_logits.double().log_softmax(-1)
-    patched_logprobs = unembedding.logits(patched).double().log_softmax(-1)
-    exact = (exact_logprobs.exp() * (exact_logprobs - patched_logprobs)).sum(-1)
-    exact_ce = -patched_logprobs.gather(-1, targets[..., None]).squeeze(-1)
-    scored = {name: fn() for name, fn in scorers.items()}
-    for chunk in (1024, 2048, 4096, 8192, unembedding.weight.shape[0]):  # the chunk size: CHUNK in scoring.py
-        sized = CleanPrediction.of(clean_hidden, dataclasses.replace(unembedding, chunk=chunk))
-        start = time.perf_counter()
-        for _ in range(repeats):
-            token_ce_and_kl(patched, sized, targets)
-        best[f"chunk_{chunk}"] = (time.perf_counter() - start) / repeats
-    return {**{f"seconds_score_{name}": round(seconds, 4) for name, seconds in best.items()},
-            "score_speedup_chunked_vs_logits": round(best["logits"] / best["chunked"], 3), "kl_mean_scored": float(exact.mean()),
-            **{f"max_abs_kl_error_{name}": float((kl.double() - exact).abs().max()) for name, (_, kl) in scored.items()},
-            **{f"mean_kl_error_{name}": float((kl.double() - exact).mean()) for name, (_, kl) in scored.items()},
-            **{f"max_abs_ce_error_{name}": float((ce.double() - exact_ce).abs().max()) for name, (ce, _) in scored.items()}}
+    for nudge, size in (("large", 0.3), ("small", 1e-3)):
+        hidden = clean_hidden + size * noise
+        patched_logprobs = unembedding.logits(hidden, whole).double().log_softmax(-1)
+        exact = (exact_logprobs.exp() * (exact_logprobs - patched_logprobs)).sum(-1)
+        exact_ce = -patched_logprobs.gather(-1, targets[..., None]).squeeze(-1)
+        out[f"kl_mean_{nudge}"] = float(exact.mean())
+        for name, fn in scorers.items():
+            ce, kl = fn(hidden)
+            out[f"max_abs_kl_error_{nudge}_{name}"] = float((kl.double() - exact).abs().max())
+            out[f"mean_kl_error_{nudge}_{name}"] = float((kl.double() - exact).mean())
+            out[f"max_abs_ce_error_{nudge}_{name}"] = float((ce.double() - exact_ce).abs().max())
+    return out
 
 
 def main() -> None:
@@ -118,9 +123,10 @@ def main() -> None:
     reps = [ZeroReplacement(site, name="zero"), MeanReplacement(site, torch.full((d,), 0.01), name="mean")]
     reps += [TranscoderReplacement(coder, name=f"tc{i}") for i in range(args.conditions - 2)]
     logits = dict(chunked_unembedding=False)
-    modes = {"full": dict(reuse_prefix=False, stack=1, **logits), "reuse": dict(reuse_prefix=True, stack=1, **logits),
-             "stacked": dict(reuse_prefix=True, stack=args.stack, **logits),
-             "chunked": dict(reuse_prefix=True, stack=args.stack), "full_chunked": dict(reuse_prefix=False, stack=1)}
+    # the chunked modes first: peak RSS only grows, and they are the ones expected to need less
+    modes = {"chunked": dict(reuse_prefix=True, stack=args.stack), "full_chunked": dict(reuse_prefix=False, stack=1),
+             "full": dict(reuse_prefix=False, stack=1, **logits), "reuse": dict(reuse_prefix=True, stack=1, **logits),
+             "stacked": dict(reuse_prefix=True, stack=args.stack, **logits)}
     best = {mode: float("inf") for mode in modes}
     results, rss = {}, {"start": peak_rss_mb()}
     for repeat in range(args.repeats):

@@ -9,7 +9,8 @@ import torch
 from nl_rewrite.data.windows import TokenWindows, token_windows
 from nl_rewrite.errors import ShapeMismatchError
 from nl_rewrite.evaluation.evaluator import EvalResults, Evaluator
-from nl_rewrite.evaluation.scoring import CleanPrediction, Unembedding, token_ce_and_kl, unembedding_reproduces
+from nl_rewrite.evaluation.scoring import (CleanPrediction, LinearUnembedding, token_ce_and_kl,
+                                          unembedding_reproduces)
 from nl_rewrite.evaluation.stats import bootstrap_indices
 from nl_rewrite.replacements import IdentityReplacement, MeanReplacement, Replacement, ZeroReplacement
 
@@ -42,45 +43,71 @@ def test_ce_and_kl_equal_their_definitions_in_float64():
     with pytest.raises(ShapeMismatchError, match="clean pass's own batch"):
         token_ce_and_kl(clean_logits[:, 1:], clean, targets[:, 1:])
 
-def test_the_chunked_unembedding_scores_like_its_logits_in_float64():
-    """From hidden states, a condition is scored through ``(h_c − h)·Σp·W`` and a chunked log-normaliser, never
-    writing logits: CE and KL must still equal their definitions on the logits ``h·Wᵀ + b``, chunk boundaries included,
-    and the clean states must score a KL of exactly 0."""
-    gen = torch.Generator().manual_seed(1)
-    vocab, d = 5000, 24  # several chunks, the last one ragged
-    unembedding = Unembedding(torch.randn(vocab, d, generator=gen), torch.randn(vocab, generator=gen), chunk=1024)
-    # logits of a few nats, as a model's: float32 rounds the product h·Wᵀ at their size, whichever way it is scored
-    clean_hidden = 0.6 * torch.randn(2, 5, d, generator=gen)
-    targets = torch.randint(0, vocab, (2, 5), generator=gen)
-    clean = CleanPrediction.of(clean_hidden, unembedding)
+def _exact_ce_and_kl(unembedding: LinearUnembedding, clean_hidden, hidden, targets):
     weight, bias = unembedding.weight.double(), unembedding.bias.double()
     logp = (clean_hidden.double() @ weight.T + bias).log_softmax(-1)
-    for scale in (0.003, 0.1, 1.0):
-        hidden = clean_hidden + scale * torch.randn(clean_hidden.shape, generator=gen)
-        ce, kl = token_ce_and_kl(hidden, clean, targets)
-        logq = (hidden.double() @ weight.T + bias).log_softmax(-1)
-        torch.testing.assert_close(kl.double(), (logp.exp() * (logp - logq)).sum(-1), rtol=1e-4, atol=2e-6)
-        torch.testing.assert_close(ce.double(), -logq.gather(-1, targets[..., None]).squeeze(-1), rtol=1e-6, atol=1e-5)
+    logq = (hidden.double() @ weight.T + bias).log_softmax(-1)
+    return -logq.gather(-1, targets[..., None]).squeeze(-1), (logp.exp() * (logp - logq)).sum(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_chunked_unembedding_scores_like_its_logits_in_float64(dtype):
+    """From hidden states, a condition is scored through the logit change (h − h_c)·Wᵀ a chunk at a time, never
+    writing logits: CE and KL must equal their definitions on the logits h·Wᵀ + b, with logits of a real model's size
+    (tens of nats), KLs from 1e-7 to nats, chunk boundaries included, and in bf16 too; the clean states score 0."""
+    gen = torch.Generator().manual_seed(1)
+    vocab, d = 5000, 24  # several chunks, the last one ragged
+    weight = torch.randn(vocab, d, generator=gen).to(dtype)
+    unembedding = LinearUnembedding(weight, torch.randn(vocab, generator=gen).to(dtype))
+    clean_hidden = (3 * torch.randn(2, 5, d, generator=gen)).to(dtype)  # logits of ±15-40 nats
+    targets = torch.randint(0, vocab, (2, 5), generator=gen)
+    clean = CleanPrediction.of(clean_hidden, unembedding, chunk=1024)
+    for scale in (1e-4, 1e-2, 0.3):
+        hidden = (clean_hidden.float() + scale * torch.randn(clean_hidden.shape, generator=gen)).to(dtype)
+        ce, kl = token_ce_and_kl(hidden, clean, targets, chunk=1024)
+        exact_ce, exact_kl = _exact_ce_and_kl(unembedding, clean_hidden, hidden, targets)
+        assert exact_kl.min() < 1e-5 or scale > 1e-4  # the smallest scale does reach the small KLs
+        torch.testing.assert_close(kl.double(), exact_kl, rtol=1e-4, atol=1e-8, msg=f"KL at {scale}")
+        torch.testing.assert_close(ce.double(), exact_ce, rtol=1e-6, atol=2e-5, msg=f"CE at {scale}")
     assert token_ce_and_kl(clean_hidden, clean, targets)[1].eq(0).all()
 
 
-def test_the_evaluator_unembeds_in_chunks_only_where_that_reproduces_the_logits(tiny, windows):
+def test_a_logit_change_beyond_float32s_exponential_is_scored_in_float64():
+    unembedding = LinearUnembedding(torch.eye(4), torch.zeros(4))
+    clean_hidden = torch.tensor([[[0.0, 0.0, 0.0, -30.0]]])
+    hidden = torch.tensor([[[0.0, 0.0, 0.0, 100.0]]])  # a token of p ≈ 1e-13 gains 130 nats
+    targets = torch.tensor([[0]])
+    ce, kl = token_ce_and_kl(hidden, CleanPrediction.of(clean_hidden, unembedding), targets)
+    exact_ce, exact_kl = _exact_ce_and_kl(unembedding, clean_hidden, hidden, targets)
+    assert torch.isfinite(kl).all()
+    torch.testing.assert_close(kl.double(), exact_kl, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ce.double(), exact_ce, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("positions", ["all", "last"])
+def test_the_evaluator_unembeds_in_chunks_only_where_that_reproduces_the_logits(tiny, windows, positions):
     reps = [ZeroReplacement("mlp_out.1"), IdentityReplacement("mlp_out.1")]
-    chunked = Evaluator(tiny, windows, batch_size=4, progress=False)
-    from_logits = Evaluator(tiny, windows, batch_size=4, progress=False, chunked_unembedding=False)
-    a, b = chunked.run(reps), from_logits.run(reps)
-    assert chunked.defer_unembedding and not from_logits.defer_unembedding
-    for name in a.conditions:
-        np.testing.assert_allclose(a.ce[name], b.ce[name], rtol=0, atol=1e-5)
-        np.testing.assert_allclose(a.kl[name], b.kl[name], rtol=0, atol=1e-6)
-    # logits changed after the unembedding (as a soft cap would) are not one linear map of the hidden state
+
+    def both() -> tuple[Evaluator, EvalResults, EvalResults]:
+        chunked = Evaluator(tiny, windows, batch_size=4, positions=positions, progress=False)
+        from_logits = Evaluator(tiny, windows, batch_size=4, positions=positions, progress=False,
+                                chunked_unembedding=False)
+        a, b = chunked.run(reps), from_logits.run(reps)
+        assert not from_logits.defer_unembedding
+        for name in a.conditions:
+            np.testing.assert_allclose(a.ce[name], b.ce[name], rtol=0, atol=1e-5)
+            np.testing.assert_allclose(a.kl[name], b.kl[name], rtol=1e-4, atol=1e-9)
+        return chunked, a, b
+
+    chunked, *_ = both()
+    assert chunked.defer_unembedding
+    # logits changed after the unembedding (as a soft cap would) are not one linear map of the hidden state: the
+    # check finds it, and the cap is scored, as from the logits, not bypassed
     handle = tiny.unembed.register_forward_hook(lambda module, args, out: 5 * torch.tanh(out / 5))
     try:
         assert not unembedding_reproduces(tiny, windows.tokens[:2])
-        capped = Evaluator(tiny, windows, batch_size=4, progress=False)
-        c = capped.run(reps)
+        capped, *_ = both()
         assert not capped.defer_unembedding
-        assert c.ce["zero"] != a.ce["zero"]  # the cap is scored, not bypassed
     finally:
         handle.remove()
 

@@ -33,7 +33,7 @@ def test_a_function_rejects_the_wrong_dtype_and_rank():
     logits = torch.randn(2, 3, 10)
     with pytest.raises(TypeCheckError, match="targets"):
         token_ce_and_kl(logits, CleanPrediction.of(logits), torch.zeros(2, 3))  # float targets
-    with pytest.raises(TypeCheckError, match="hidden"):
+    with pytest.raises(TypeCheckError, match="output"):
         CleanPrediction.of(torch.randn(6, 10))
 
 

@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 from nl_rewrite import io
 from nl_rewrite.data.windows import TokenWindows
 from nl_rewrite.evaluation.prefix import capture_block_inputs, first_layer, resume_reproduces, resumed_at
-from nl_rewrite.evaluation.scoring import (LOGITS, CleanPrediction, Unembedding, token_ce_and_kl, unembedding_deferred,
-                                          unembedding_reproduces)
+from nl_rewrite.evaluation.scoring import (CleanPrediction, LinearUnembedding, Logits, token_ce_and_kl,
+                                          unembedding_deferred, unembedding_reproduces)
 from nl_rewrite.parallel.runner import InProcess, ShardRunner
 from nl_rewrite.replacements.base import BatchInfo, Replacement, attached_together, replacement_names
 from nl_rewrite.evaluation.stats import CIBounds, RatioCI, bootstrap_indices, mean_ci, paired_wilcoxon, ratio_ci
@@ -208,7 +208,8 @@ class Evaluator:
         with self._unembedding_deferred():
             with capture_block_inputs(self.model, starts) as resid:
                 clean_out = self.model(tokens)[:, scored]
-            clean = CleanPrediction.of(clean_out, Unembedding.of(self.model) if self.defer_unembedding else LOGITS)
+            readout = LinearUnembedding.of(self.model) if self.defer_unembedding else Logits()
+            clean = CleanPrediction.of(clean_out, readout)
             out = {CLEAN: token_ce_and_kl(clean_out, clean, targets)}
             batch = BatchInfo(tokens=tokens, window_ids=ids)
             for group in self._stacks(replacements):
@@ -217,7 +218,7 @@ class Evaluator:
                     out[rep.name] = token_ce_and_kl(part[:, scored], clean, targets)
         return {name: out[name] for name in [CLEAN, *(rep.name for rep in replacements)]}
 
-    def _unembedding_deferred(self):
+    def _unembedding_deferred(self) -> contextlib.AbstractContextManager:
         return unembedding_deferred(self.model) if self.defer_unembedding else contextlib.nullcontext()
 
     def _stacks(self, replacements: Sequence[Replacement]) -> list[list[Replacement]]:

@@ -20,6 +20,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from nl_rewrite.errors import ShapeMismatchError
+from nl_rewrite.model.surgery import forward_replaced
 from nl_rewrite.placement import module_device
 
 
@@ -52,19 +53,8 @@ def resumed_at(model, layer: int, resid: Float[Tensor, "batch pos d_model"]) -> 
                                      f"the run has {tuple(hidden.shape)}: resume only on the clean pass's tokens")
         return resid
 
-    previous = [block.__dict__.get("forward") for block in skipped]  # e.g. a wrapper someone else installed
-    for block in skipped:
-        # an instance attribute shadows the class's forward; set through __dict__ because the bridge's
-        # components forward attribute writes to the module they wrap
-        block.__dict__["forward"] = stored_residual
-    try:
+    with forward_replaced(skipped, stored_residual):
         yield
-    finally:
-        for block, before in zip(skipped, previous):
-            if before is None:
-                block.__dict__.pop("forward", None)
-            else:
-                block.__dict__["forward"] = before
 
 
 def first_layer(sites: Iterable) -> int:
