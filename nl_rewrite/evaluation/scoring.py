@@ -1,7 +1,8 @@
 """Per-token CE and KL(clean || patched) from the model's last hidden state, unembedded a vocabulary chunk at a time.
 
 With ``Δz = z − z_c`` the change of every logit, ``p`` the clean probabilities, any shift ``μ`` (the KL is blind to
-it; the code takes ``Σ p·Δz``, so that no two large terms cancel where a KL is small) and ``A = Σ p·expm1(Δz − μ)``,
+it; the code takes ``Σ p·Δz``, so that no two large terms cancel where a KL is small) and
+``A = Σ p·expm1(Δz − μ)``,
 
     KL = Σ p·(log p − log q) = log1p A − Σ p·(Δz − μ),    CE = logsumexp z_c + μ + log1p A − z_target,
 
