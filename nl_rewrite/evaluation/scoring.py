@@ -33,8 +33,6 @@ from nl_rewrite.model.surgery import forward_replaced
 
 CHUNK = 2048
 """Vocabulary entries scored at a time (see benchmarks/evaluate_throughput.py's chunk sizes)."""
-EXP_LIMIT = 60.0
-"""A logit change above this (e^60 ≈ 1e26) is scored in float64, where float32's exponential could overflow."""
 
 
 @runtime_checkable
@@ -141,17 +139,26 @@ def token_ce_and_kl(output: Float[Tensor, "batch pos width"], clean: CleanPredic
     # every logit's change less their p-weighted mean μ, which the KL does not see (a softmax ignores a shift): a
     # condition that shifts all logits alike would otherwise cancel two large terms
     mean = (difference * clean.expected_row).sum(-1, keepdim=True)
-    excess = torch.zeros(output.shape[:-1], dtype=torch.float64, device=output.device)  # A = Σ p·expm1(Δz − μ)
-    centred = torch.zeros_like(excess)  # Σ p·(Δz − μ): 0 but for rounding, which it carries to the KL exactly
-    for part in chunks(clean.readout.vocab(output), chunk):
-        change, probs = clean.readout.change(difference, part) - mean, clean.probs[..., part]
-        if float(change.max()) > EXP_LIMIT:  # rare: a condition that moves some logit by over 60 nats
-            change, probs = change.double(), probs.double()
-        excess += (probs * torch.expm1(change)).sum(-1)
-        centred += (probs * change).sum(-1)
+    excess, centred = _sums(difference, mean, clean, chunk, torch.float32)
+    if not bool(torch.isfinite(excess).all()):  # rare: a logit gained over ~88 nats, past float32's exponential
+        excess, centred = _sums(difference, mean, clean, chunk, torch.float64)
     log_normaliser = clean.log_normaliser + mean.squeeze(-1).double() + torch.log1p(excess)
     ce = log_normaliser - clean.readout.target_logits(output, targets)
     return ce.float(), (torch.log1p(excess) - centred).float().clamp_min(0.0)
+
+
+def _sums(difference: Tensor, mean: Tensor, clean: CleanPrediction, chunk: int, dtype: torch.dtype
+          ) -> tuple[Tensor, Tensor]:
+    """``A = Σ p·expm1(Δz − μ)`` and ``Σ p·(Δz − μ)`` (0 but for rounding, which it carries into the KL exactly), each
+    chunk in ``dtype``, summed in float64."""
+    excess = torch.zeros(difference.shape[:-1], dtype=torch.float64, device=difference.device)
+    centred = torch.zeros_like(excess)
+    for part in chunks(clean.readout.vocab(difference), chunk):
+        change = (clean.readout.change(difference, part) - mean).to(dtype)
+        probs = clean.probs[..., part].to(dtype)
+        excess += (probs * torch.expm1(change)).sum(-1)
+        centred += (probs * change).sum(-1)
+    return excess, centred
 
 
 def unembedding_deferred(model):
