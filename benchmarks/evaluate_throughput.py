@@ -53,6 +53,18 @@ def textbook_ce_and_kl(logits: torch.Tensor, clean_logprobs: torch.Tensor, clean
     return ce, torch.einsum("bpv,bpv->bp", clean_probs, clean_logprobs - logprobs).clamp_min(0.0)
 
 
+def mode_options(stack: int) -> dict[str, dict]:
+    """Each mode's Evaluator options (the module docstring's list)."""
+    logits = dict(chunked_unembedding=False)
+    # the chunked modes first: peak RSS only grows, and they are the ones expected to need less
+    return {"chunked": dict(reuse_prefix=True, stack=stack), "full_chunked": dict(reuse_prefix=False, stack=1),
+            "full": dict(reuse_prefix=False, stack=1, **logits), "reuse": dict(reuse_prefix=True, stack=1, **logits),
+            "stacked": dict(reuse_prefix=True, stack=stack, **logits)}
+
+
+MODES = tuple(mode_options(1))
+
+
 def best_seconds(fn, repeats: int) -> float:
     fn()  # warm-up
     start = time.perf_counter()
@@ -112,9 +124,14 @@ def main() -> None:
     parser.add_argument("--conditions", type=int, default=24, help="replacements per run (the clean pass is shared)")
     parser.add_argument("--stack", type=int, default=DEFAULT_STACK, help="conditions per forward pass when stacked")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--modes", default="chunked,full_chunked,full,reuse,stacked",
+    parser.add_argument("--modes", default=",".join(MODES),
                         help="comma-separated modes to time (full, the baseline, always runs)")
+    parser.add_argument("--compare-stack", type=int, default=0,
+                        help="also time the chunked mode at this many conditions per pass (mode chunked_stackN)")
     args = parser.parse_args()
+    unknown = set(args.modes.split(",")) - set(MODES)
+    if unknown:  # before the model loads
+        parser.error(f"unknown modes {sorted(unknown)}; choose from {', '.join(MODES)}")
     torch.set_num_threads(2)
     model = load_model("smollm2-135m")
     windows = token_windows(model, "eval", window=args.window, max_windows=args.windows)
@@ -124,15 +141,10 @@ def main() -> None:
                                     write_site=site, model="smollm2-135m"), seed=0)
     reps = [ZeroReplacement(site, name="zero"), MeanReplacement(site, torch.full((d,), 0.01), name="mean")]
     reps += [TranscoderReplacement(coder, name=f"tc{i}") for i in range(args.conditions - 2)]
-    logits = dict(chunked_unembedding=False)
-    # the chunked modes first: peak RSS only grows, and they are the ones expected to need less
-    modes = {"chunked": dict(reuse_prefix=True, stack=args.stack), "full_chunked": dict(reuse_prefix=False, stack=1),
-             "full": dict(reuse_prefix=False, stack=1, **logits), "reuse": dict(reuse_prefix=True, stack=1, **logits),
-             "stacked": dict(reuse_prefix=True, stack=args.stack, **logits)}
-    unknown = set(args.modes.split(",")) - set(modes)
-    if unknown:
-        parser.error(f"unknown modes {sorted(unknown)}; choose from {', '.join(modes)}")
+    modes = mode_options(args.stack)
     modes = {mode: options for mode, options in modes.items() if mode == "full" or mode in args.modes.split(",")}
+    if args.compare_stack:
+        modes[f"chunked_stack{args.compare_stack}"] = dict(reuse_prefix=True, stack=args.compare_stack)
     best = {mode: float("inf") for mode in modes}
     results, rss = {}, {"start": peak_rss_mb()}
     for repeat in range(args.repeats):
@@ -156,7 +168,8 @@ def main() -> None:
         "stack": args.stack, **{f"seconds_{mode}": round(s, 2) for mode, s in best.items()},
         **{f"speedup_{mode}_vs_full": round(best["full"] / best[mode], 3) for mode in modes if mode != "full"},
         **{f"speedup_{fast}_vs_{slow}": round(best[slow] / best[fast], 3)
-           for fast, slow in (("stacked", "reuse"), ("chunked", "stacked"), ("chunked", "full_chunked"))
+           for fast, slow in (("stacked", "reuse"), ("chunked", "stacked"), ("chunked", "full_chunked"),
+                              (f"chunked_stack{args.compare_stack}", "chunked"))
            if fast in best and slow in best},
         **{f"max_abs_{metric}_difference_{mode}": max_diff(mode, metric) for mode in modes if mode != "full"
            for metric in ("ce", "kl")},
