@@ -107,6 +107,11 @@ def chunks(vocab: int, size: int = CHUNK) -> Iterator[slice]:
     return (slice(start, min(start + size, vocab)) for start in range(0, vocab, size))
 
 
+def all_logits(readout: Readout, output: Tensor, chunk: int = CHUNK) -> Tensor:
+    """Every logit, in float32, by chunks: a bf16 model's unembedding is cast a chunk at a time, never whole."""
+    return torch.cat([readout.logits(output, part) for part in chunks(readout.vocab(output), chunk)], dim=-1)
+
+
 @dataclass(frozen=True)
 class CleanPrediction:
     """What every condition on one batch is measured against, from the clean pass's ``output`` (hidden states or
@@ -121,8 +126,7 @@ class CleanPrediction:
     @classmethod
     def of(cls, output: Float[Tensor, "batch pos width"], readout: Readout = Logits(), chunk: int = CHUNK
            ) -> "CleanPrediction":
-        # by chunks: a bf16 model's unembedding is cast to float32 a chunk at a time, never whole
-        logits = torch.cat([readout.logits(output, part) for part in chunks(readout.vocab(output), chunk)], dim=-1)
+        logits = all_logits(readout, output, chunk)
         probs = torch.softmax(logits, dim=-1)
         return cls(output, probs, readout.expected_row(probs, chunk), torch.logsumexp(logits, dim=-1).double(), readout)
 
@@ -174,7 +178,7 @@ def unembedding_reproduces(model, tokens: Int[Tensor, "batch pos"]) -> bool:
         logits = model(tokens)
         with unembedding_deferred(model):
             hidden = model(tokens)
-        ours = LinearUnembedding.of(model).logits(hidden, slice(None))
+        ours = all_logits(LinearUnembedding.of(model), hidden)
     except Exception:  # noqa: BLE001 - any failure only means "score this model from its logits"
         return False
     tolerance = max(1e-5, 4 * torch.finfo(logits.dtype).eps)
