@@ -17,6 +17,11 @@ mode's first repeat, in the order of the list above, so each increase is what th
 It also times the per-condition unembedding and scoring alone on one batch (``scoring_seconds``), with each way's
 largest and mean error against a float64 KL.
 
+Where the time goes (``flop_accounting``): each mode's matrix-multiply FLOPs over the whole run (counted by
+``torch.utils.flop_counter`` on one and two batches, then scaled to the run's batches), the GFLOP/s each mode then reached, and a
+2048³ float32 GEMM's GFLOP/s in the same process: a mode near that rate is bound by its FLOPs, and its speedup over
+full recompute can then exceed the FLOP ratio only by what it saves outside the multiplies.
+
 Usage: python benchmarks/evaluate_throughput.py [--windows 32] [--layer 10] [--conditions 24] [--stack 2]
 Last line of stdout: one JSON object.
 """
@@ -30,6 +35,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from nl_rewrite.coders.sparse_coder import CoderConfig, SparseCoder
 from nl_rewrite.coders.train import DEFAULT_LAYER
@@ -116,6 +122,35 @@ def scoring_seconds(model, tokens: torch.Tensor, repeats: int = 10) -> dict[str,
     return out
 
 
+def gemm_gflops(size: int = 2048, repeats: int = 10) -> float:
+    """This machine's float32 GEMM rate at the benchmark's thread count: the ceiling for FLOP-bound work."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    return 2 * size ** 3 / best_seconds(lambda: a @ b, repeats) / 1e9
+
+
+def counted_flops(model, windows, reps, options: dict, batch_size: int) -> int:
+    with FlopCounterMode(display=False) as counter:
+        Evaluator(model, windows, batch_size=batch_size, progress=False, **options).run(reps)
+    return counter.get_total_flops()
+
+
+def run_flops(model, windows, reps, options: dict, batch_size: int) -> int:
+    """Matrix-multiply FLOPs of one Evaluator run of ``options`` over all of ``windows``, from runs on one and two
+    batches: their difference is a batch's work, the rest is once per run (the checks before the first batch)."""
+    one, two = (counted_flops(model, windows.subset(range(n * batch_size)), reps, options, batch_size)
+                for n in (1, 2))
+    return one + (two - one) * (len(windows) // batch_size - 1)
+
+
+def flop_accounting(model, windows, reps, modes: dict[str, dict], seconds: dict[str, float],
+                    batch_size: int) -> dict:
+    flops = {mode: run_flops(model, windows, reps, options, batch_size) for mode, options in modes.items()}
+    return {"gemm_gflops_2048": round(gemm_gflops(), 1),
+            **{f"gflop_{mode}": round(f / 1e9, 1) for mode, f in flops.items()},
+            **{f"gflops_per_second_{mode}": round(f / 1e9 / seconds[mode], 1) for mode, f in flops.items()},
+            **{f"flop_ratio_full_vs_{mode}": round(flops["full"] / f, 3) for mode, f in flops.items() if mode != "full"}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--windows", type=int, default=32)
@@ -162,6 +197,7 @@ def main() -> None:
 
     n_tokens = windows.tokens.numel()
     scoring = scoring_seconds(model, windows.tokens[:8])
+    accounting = flop_accounting(model, windows, reps, modes, best, batch_size=8)
     print(json.dumps({
         "benchmark": "evaluate_throughput", "model": "smollm2-135m", "layer": args.layer,
         "threads": torch.get_num_threads(), "windows": len(windows), "tokens": n_tokens, "conditions": len(reps),
@@ -173,7 +209,7 @@ def main() -> None:
            if fast in best and slow in best},
         **{f"max_abs_{metric}_difference_{mode}": max_diff(mode, metric) for mode in modes if mode != "full"
            for metric in ("ce", "kl")},
-        "peak_rss_mb": {k: round(v) for k, v in rss.items()}, **scoring,
+        "peak_rss_mb": {k: round(v) for k, v in rss.items()}, **scoring, **accounting,
     }))
 
 

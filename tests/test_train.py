@@ -112,8 +112,8 @@ def test_decay_makes_the_token_count_part_of_the_result(tiny, tmp_path):
 @pytest.mark.acceptance
 def test_the_acceptance_runs_coder_was_trained_on_the_real_model(smoke_run):
     """The smoke run's small transcoder (16k tokens of SmolLM2 at MLP 10, three passes each, trained by `train` from an
-    empty cache): a finished folder with one log row per step and a mean FVU below 1 over the last ten steps; that it
-    beats zero ablation is checked on the run's results (test_experiment.py). Resuming and the config are checked on
+    empty cache): a finished folder with one log row per step, and a mean FVU over the last ten steps below 1 and below
+    the first ten's (it learned: about 0.16 against 0.20 after its least-squares start); that it beats zero ablation is checked on the run's results (test_experiment.py). Resuming and the config are checked on
     the tiny model above."""
     folders = [f for f in (smoke_run.cache / "coders" / "smollm2-135m").iterdir() if (f / DONE_FILE).is_file()]
     assert len(folders) == 1, folders
@@ -122,7 +122,8 @@ def test_the_acceptance_runs_coder_was_trained_on_the_real_model(smoke_run):
     log = [json.loads(line) for line in (folders[0] / "train_log.jsonl").read_text().splitlines()]
     done = json.loads((folders[0] / DONE_FILE).read_text())
     assert [row["step"] for row in log] == list(range(1, done["steps"] + 1))
-    assert sum(row["fvu"] for row in log[-10:]) / 10 < 1.0
+    first, last = (sum(row["fvu"] for row in rows) / len(rows) for rows in (log[:10], log[-10:]))
+    assert last < min(first, 1.0), (first, last)
 
 
 def test_cli_parses_train_command():
