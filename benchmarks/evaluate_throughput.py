@@ -18,9 +18,9 @@ It also times the per-condition unembedding and scoring alone on one batch (``sc
 largest and mean error against a float64 KL.
 
 Where the time goes (``flop_accounting``): each mode's matrix-multiply FLOPs over the whole run (counted by
-``torch.utils.flop_counter`` on one and two batches, then scaled to the run's batches), the GFLOP/s each mode then reached, and a
-2048³ float32 GEMM's GFLOP/s in the same process: a mode near that rate is bound by its FLOPs, and its speedup over
-full recompute can then exceed the FLOP ratio only by what it saves outside the multiplies.
+``torch.utils.flop_counter`` on one and two batches, then scaled to the run's windows), the GFLOP/s each mode then
+reached, and a 2048³ float32 GEMM's GFLOP/s in the same process: a mode near that rate is bound by its FLOPs, and
+its speedup over full recompute can then exceed the FLOP ratio only by what it saves outside the multiplies.
 
 Usage: python benchmarks/evaluate_throughput.py [--windows 32] [--layer 10] [--conditions 24] [--stack 2]
 Last line of stdout: one JSON object.
@@ -123,9 +123,11 @@ def scoring_seconds(model, tokens: torch.Tensor, repeats: int = 10) -> dict[str,
 
 
 def gemm_gflops(size: int = 2048, repeats: int = 10) -> float:
-    """This machine's float32 GEMM rate at the benchmark's thread count: the ceiling for FLOP-bound work."""
+    """This machine's float32 GEMM rate at the benchmark's thread count (the best of ``repeats``, as the modes'
+    times are): the ceiling for FLOP-bound work."""
     a, b = torch.randn(size, size), torch.randn(size, size)
-    return 2 * size ** 3 / best_seconds(lambda: a @ b, repeats) / 1e9
+    a @ b  # warm-up
+    return 2 * size ** 3 / min(best_seconds(lambda: a @ b, 1) for _ in range(repeats)) / 1e9
 
 
 def counted_flops(model, windows, reps, options: dict, batch_size: int) -> int:
@@ -135,20 +137,24 @@ def counted_flops(model, windows, reps, options: dict, batch_size: int) -> int:
 
 
 def run_flops(model, windows, reps, options: dict, batch_size: int) -> int:
-    """Matrix-multiply FLOPs of one Evaluator run of ``options`` over all of ``windows``, from runs on one and two
-    batches: their difference is a batch's work, the rest is once per run (the checks before the first batch)."""
+    """Matrix-multiply FLOPs of one Evaluator run of ``options`` over all of ``windows``. Beyond two batches, from
+    runs on one and two: their difference is a batch's work, linear in its windows (they all have one length), and
+    the rest is once per run (the checks before the first batch)."""
+    if len(windows) <= 2 * batch_size:
+        return counted_flops(model, windows, reps, options, batch_size)
     one, two = (counted_flops(model, windows.subset(range(n * batch_size)), reps, options, batch_size)
                 for n in (1, 2))
-    return one + (two - one) * (len(windows) // batch_size - 1)
+    return one + (two - one) * (len(windows) - batch_size) // batch_size
 
 
 def flop_accounting(model, windows, reps, modes: dict[str, dict], seconds: dict[str, float],
                     batch_size: int) -> dict:
     flops = {mode: run_flops(model, windows, reps, options, batch_size) for mode, options in modes.items()}
-    return {"gemm_gflops_2048": round(gemm_gflops(), 1),
+    return {"gemm_gflop_per_second_2048": round(gemm_gflops(), 1),
             **{f"gflop_{mode}": round(f / 1e9, 1) for mode, f in flops.items()},
-            **{f"gflops_per_second_{mode}": round(f / 1e9 / seconds[mode], 1) for mode, f in flops.items()},
-            **{f"flop_ratio_full_vs_{mode}": round(flops["full"] / f, 3) for mode, f in flops.items() if mode != "full"}}
+            **{f"gflop_per_second_{mode}": round(f / 1e9 / seconds[mode], 1) for mode, f in flops.items()},
+            **{f"flop_ratio_full_vs_{mode}": round(flops["full"] / f, 3) for mode, f in flops.items()
+               if mode != "full"}}
 
 
 def main() -> None:

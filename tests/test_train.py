@@ -113,8 +113,9 @@ def test_decay_makes_the_token_count_part_of_the_result(tiny, tmp_path):
 def test_the_acceptance_runs_coder_was_trained_on_the_real_model(smoke_run):
     """The smoke run's small transcoder (16k tokens of SmolLM2 at MLP 10, three passes each, trained by `train` from an
     empty cache): a finished folder with one log row per step, and a mean FVU over the last ten steps below 1 and below
-    the first ten's (it learned: about 0.16 against 0.20 after its least-squares start); that it beats zero ablation is checked on the run's results (test_experiment.py). Resuming and the config are checked on
-    the tiny model above."""
+    the first ten's (it learned: about 0.16 against 0.20 after its least-squares start); that it beats zero ablation
+    is checked on the run's results (test_experiment.py). Resuming and the config are checked on the tiny model
+    above."""
     folders = [f for f in (smoke_run.cache / "coders" / "smollm2-135m").iterdir() if (f / DONE_FILE).is_file()]
     assert len(folders) == 1, folders
     coder = load_coder(folders[0])
