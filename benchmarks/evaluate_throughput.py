@@ -126,8 +126,7 @@ def gemm_gflops(size: int = 2048, repeats: int = 10) -> float:
     """This machine's float32 GEMM rate at the benchmark's thread count (the best of ``repeats``, as the modes'
     times are): the ceiling for FLOP-bound work."""
     a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b  # warm-up
-    return 2 * size ** 3 / min(best_seconds(lambda: a @ b, 1) for _ in range(repeats)) / 1e9
+    return 2 * size ** 3 / min(best_seconds(lambda: a @ b, 1) for _ in range(repeats)) / 1e9  # each one warmed up
 
 
 def counted_flops(model, windows, reps, options: dict, batch_size: int) -> int:
