@@ -71,7 +71,8 @@ def mode_options(stack: int) -> dict[str, dict]:
 MODES = tuple(mode_options(1))
 
 
-def best_seconds(fn, repeats: int) -> float:
+def mean_seconds(fn, repeats: int) -> float:
+    """Mean wall time of ``repeats`` calls after one warm-up call."""
     fn()  # warm-up
     start = time.perf_counter()
     for _ in range(repeats):
@@ -100,12 +101,12 @@ def scoring_seconds(model, tokens: torch.Tensor, repeats: int = 10) -> dict[str,
         "logits": lambda h: token_ce_and_kl(unembedding.logits(h, whole), clean, targets),
         "chunked": lambda h: token_ce_and_kl(h, chunked_clean, targets)}
     patched = clean_hidden + 0.3 * noise
-    out: dict[str, float] = {f"seconds_score_{name}": round(best_seconds(lambda: fn(patched), repeats), 4)
+    out: dict[str, float] = {f"seconds_score_{name}": round(mean_seconds(lambda: fn(patched), repeats), 4)
                              for name, fn in scorers.items()}
     for chunk in (1024, 2048, 4096, 8192, unembedding.weight.shape[0]):  # CHUNK in nl_rewrite/evaluation/scoring.py
         sized = CleanPrediction.of(clean_hidden, unembedding, chunk=chunk)
         out[f"seconds_score_chunk_{chunk}"] = round(
-            best_seconds(lambda: token_ce_and_kl(patched, sized, targets, chunk=chunk), repeats), 4)
+            mean_seconds(lambda: token_ce_and_kl(patched, sized, targets, chunk=chunk), repeats), 4)
     out["score_speedup_chunked_vs_logits"] = round(out["seconds_score_logits"] / out["seconds_score_chunked"], 3)
     exact_logprobs = clean_logits.double().log_softmax(-1)
     for nudge, size in (("large", 0.3), ("small", 1e-3)):
@@ -126,7 +127,13 @@ def gemm_gflops(size: int = 2048, repeats: int = 10) -> float:
     """This machine's float32 GEMM rate at the benchmark's thread count (the best of ``repeats``, as the modes'
     times are): the ceiling for FLOP-bound work."""
     a, b = torch.randn(size, size), torch.randn(size, size)
-    return 2 * size ** 3 / min(best_seconds(lambda: a @ b, 1) for _ in range(repeats)) / 1e9  # each one warmed up
+    a @ b  # warm-up, once
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        seconds.append(time.perf_counter() - start)
+    return 2 * size ** 3 / min(seconds) / 1e9
 
 
 def counted_flops(model, windows, reps, options: dict, batch_size: int) -> int:
