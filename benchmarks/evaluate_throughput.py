@@ -20,7 +20,9 @@ largest and mean error against a float64 KL.
 Where the time goes (``flop_accounting``): each mode's matrix-multiply FLOPs over the whole run (counted by
 ``torch.utils.flop_counter`` on one and two batches, then scaled to the run's windows), the GFLOP/s each mode then
 reached, and a 2048³ float32 GEMM's GFLOP/s in the same process: a mode near that rate is bound by its FLOPs, and
-its speedup over full recompute can then exceed the FLOP ratio only by what it saves outside the multiplies.
+its speedup over full recompute can then exceed the FLOP ratio only by what it saves outside the multiplies. And
+the defaults' ceiling: the share of their time spent inside matrix multiplies (``torch.profiler`` on two batches),
+and the speedup they would reach if that were all the time they took (``speedup_chunked_vs_full_if_only_matmuls``).
 
 Usage: python benchmarks/evaluate_throughput.py [--windows 32] [--layer 10] [--conditions 24] [--stack 2]
 Last line of stdout: one JSON object.
@@ -35,6 +37,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from nl_rewrite.coders.sparse_coder import CoderConfig, SparseCoder
@@ -136,6 +139,22 @@ def gemm_gflops(size: int = 2048, repeats: int = 10) -> float:
     return 2 * size ** 3 / min(seconds) / 1e9
 
 
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")
+
+
+def matmul_share(model, windows, reps, options: dict, batch_size: int) -> float:
+    """The share of an Evaluator run's wall time spent inside matrix multiplies, by ``torch.profiler`` on its first
+    two batches (the share is the same batch after batch). The profiler's own overhead counts as time outside them,
+    so the share errs low and the ceiling built on it high."""
+    sample = windows.subset(range(min(len(windows), 2 * batch_size)))
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        start = time.perf_counter()
+        Evaluator(model, sample, batch_size=batch_size, progress=False, **options).run(reps)
+        wall_us = (time.perf_counter() - start) * 1e6
+    self_us = {event.key: event.self_cpu_time_total for event in profiler.key_averages()}
+    return sum(self_us.get(op, 0) for op in MATMULS) / wall_us
+
+
 def counted_flops(model, windows, reps, options: dict, batch_size: int) -> int:
     with FlopCounterMode(display=False) as counter:
         Evaluator(model, windows, batch_size=batch_size, progress=False, **options).run(reps)
@@ -156,7 +175,12 @@ def run_flops(model, windows, reps, options: dict, batch_size: int) -> int:
 def flop_accounting(model, windows, reps, modes: dict[str, dict], seconds: dict[str, float],
                     batch_size: int) -> dict:
     flops = {mode: run_flops(model, windows, reps, options, batch_size) for mode, options in modes.items()}
-    return {"gemm_gflop_per_second_2048": round(gemm_gflops(), 1),
+    ceiling = {}
+    if "chunked" in modes:  # the defaults' speedup, were their matrix multiplies all the time they took
+        share = matmul_share(model, windows, reps, modes["chunked"], batch_size)
+        ceiling = {"matmul_share_chunked": round(share, 3),
+                   "speedup_chunked_vs_full_if_only_matmuls": round(seconds["full"] / (seconds["chunked"] * share), 3)}
+    return {"gemm_gflop_per_second_2048": round(gemm_gflops(), 1), **ceiling,
             **{f"gflop_{mode}": round(f / 1e9, 1) for mode, f in flops.items()},
             **{f"gflop_per_second_{mode}": round(f / 1e9 / seconds[mode], 1) for mode, f in flops.items()},
             **{f"flop_ratio_full_vs_{mode}": round(flops["full"] / f, 3) for mode, f in flops.items()
