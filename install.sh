@@ -9,15 +9,17 @@ LOG=.venv/pip-install.log
 
 # pip with the torch pin, tried three times: a download that fails its hash check or breaks off (seen here on a
 # flaky network) passes on a retry; pip's own --retries covers only connection errors.
+pip_output() { grep -v "is ignored: it is neither" "$LOG" || true; }  # without the pin's noise on --no-deps wheels
+
 pip_install() {
   for attempt in 1 2 3; do
     if pip install -q -c constraints.txt "$@" > "$LOG" 2>&1; then
-      grep -v "is ignored: it is neither" "$LOG" || true
+      pip_output
       return 0
     fi
     echo "pip install $* failed (attempt $attempt of 3): $(grep -m1 ERROR "$LOG" || tail -1 "$LOG")" >&2
   done
-  grep -v "is ignored: it is neither" "$LOG" | tail -20 >&2
+  pip_output | tail -20 >&2
   echo "install.sh: pip failed three times; its full output is in $LOG. Fix the cause it names and run ./install.sh" \
        "again (it reuses .venv)." >&2
   return 1

@@ -139,6 +139,11 @@ def gemm_gflops(size: int = 2048, repeats: int = 10) -> float:
     return 2 * size ** 3 / min(seconds) / 1e9
 
 
+def evaluated(model, windows, reps, options: dict, batch_size: int):
+    """One Evaluator run of a mode's ``options`` over ``windows``, without a progress bar."""
+    return Evaluator(model, windows, batch_size=batch_size, progress=False, **options).run(reps)
+
+
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")
 
 
@@ -149,7 +154,7 @@ def matmul_share(model, windows, reps, options: dict, batch_size: int) -> float:
     sample = windows.subset(range(min(len(windows), 2 * batch_size)))
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
         start = time.perf_counter()
-        Evaluator(model, sample, batch_size=batch_size, progress=False, **options).run(reps)
+        evaluated(model, sample, reps, options, batch_size)
         wall_us = (time.perf_counter() - start) * 1e6
     self_us = {event.key: event.self_cpu_time_total for event in profiler.key_averages()}
     return sum(self_us.get(op, 0) for op in MATMULS) / wall_us
@@ -157,7 +162,7 @@ def matmul_share(model, windows, reps, options: dict, batch_size: int) -> float:
 
 def counted_flops(model, windows, reps, options: dict, batch_size: int) -> int:
     with FlopCounterMode(display=False) as counter:
-        Evaluator(model, windows, batch_size=batch_size, progress=False, **options).run(reps)
+        evaluated(model, windows, reps, options, batch_size)
     return counter.get_total_flops()
 
 
@@ -220,9 +225,8 @@ def main() -> None:
     results, rss = {}, {"start": peak_rss_mb()}
     for repeat in range(args.repeats):
         for mode, options in modes.items():  # interleaved, so drift in machine load hits every mode alike
-            evaluator = Evaluator(model, windows, batch_size=8, progress=False, **options)
             start = time.perf_counter()
-            results[mode] = evaluator.run(reps)
+            results[mode] = evaluated(model, windows, reps, options, batch_size=8)
             best[mode] = min(best[mode], time.perf_counter() - start)
             if repeat == 0:
                 rss[mode] = peak_rss_mb()
